@@ -1,0 +1,230 @@
+"""LinkedImage → PE32+ EFI runtime driver, built with lief.
+
+The PE file is what OVMF loads and what the guest owner measures, so it must be (1) acceptable to
+EDK2's PE/COFF loader (AMD64, subsystem EFI_RUNTIME_DRIVER, page-aligned sections because runtime
+images are remapped page by page at SetVirtualAddressMap, DIR64 base relocations) and (2)
+byte-for-byte reproducible (no timestamp, deterministic checksum).
+
+Section RVAs are copied verbatim from the LinkedImage, so every symbol RVA in the link map is also
+an RVA in the PE file; the emulator and `helperfw inspect` rely on that.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import lief
+import pefile
+
+from helperfw.codegen.image import PAGE, LinkedImage, Section, Symbol
+
+# PE/COFF constants (Microsoft PE Format specification, "Optional Header Windows-Specific Fields").
+IMAGE_FILE_MACHINE_AMD64 = 0x8664
+IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER = 12
+IMAGE_REL_BASED_DIR64 = 10
+SECTION_ALIGNMENT = PAGE  # EDK2 requires 4 KiB alignment for runtime drivers on X64
+FILE_ALIGNMENT = 0x200
+MAP_FORMAT = "helperfw-map/1"
+
+_SCN = lief.PE.Section.CHARACTERISTICS
+_DLL = lief.PE.OptionalHeader.DLL_CHARACTERISTICS
+_HDR = lief.PE.Header.CHARACTERISTICS
+
+# DYNAMIC_BASE: the image is relocatable (it is, fully); NX_COMPAT: data pages may be mapped NX
+# (newer EDK2 only applies its NX memory-protection policy to images that say so).
+DLL_CHARACTERISTICS = int(_DLL.DYNAMIC_BASE) | int(_DLL.HIGH_ENTROPY_VA) | int(_DLL.NX_COMPAT)
+FILE_CHARACTERISTICS = int(_HDR.EXECUTABLE_IMAGE) | int(_HDR.LARGE_ADDRESS_AWARE)
+
+
+class PackagingError(ValueError):
+    """The LinkedImage cannot be turned into a valid EFI runtime driver."""
+
+
+def _characteristics(sec: Section) -> int:
+    """Section flags from the linker's permission string; refuses W+X outright."""
+    if sec.perms == "rx":
+        return int(_SCN.CNT_CODE) | int(_SCN.MEM_READ) | int(_SCN.MEM_EXECUTE)
+    if sec.perms == "r":
+        return int(_SCN.CNT_INITIALIZED_DATA) | int(_SCN.MEM_READ)
+    if sec.perms == "rw":
+        kind = _SCN.CNT_INITIALIZED_DATA if sec.data else _SCN.CNT_UNINITIALIZED_DATA
+        return int(kind) | int(_SCN.MEM_READ) | int(_SCN.MEM_WRITE)
+    raise PackagingError(f"section {sec.name}: unsupported permissions {sec.perms!r}")
+
+
+def _check_layout(image: LinkedImage) -> None:
+    """Reject images whose layout would not survive a PE round trip unchanged."""
+    prev_end = 0
+    for sec in sorted(image.sections, key=lambda s: s.rva):
+        if sec.rva % SECTION_ALIGNMENT or sec.rva < PAGE:
+            raise PackagingError(f"section {sec.name} at {sec.rva:#x} is not page aligned")
+        if sec.rva < prev_end:
+            raise PackagingError(f"section {sec.name} at {sec.rva:#x} overlaps its predecessor")
+        if len(sec.data) > sec.vsize:
+            raise PackagingError(f"section {sec.name}: {len(sec.data)} bytes exceed vsize")
+        if len(sec.name.encode()) > 8:
+            raise PackagingError(f"section name {sec.name!r} longer than 8 bytes")
+        prev_end = sec.end
+
+
+def _patched_sections(image: LinkedImage, image_base: int) -> dict[str, bytearray]:
+    """Section contents with `image_base` added to every relocated u64 (the PE preferred base)."""
+    out = {s.name: bytearray(s.data) for s in image.sections}
+    for rva in image.relocs:
+        sec = next(
+            (s for s in image.sections if s.rva <= rva and rva + 8 <= s.rva + len(s.data)), None
+        )
+        if sec is None:
+            raise PackagingError(f"relocation at {rva:#x} is not inside initialised data")
+        if "x" in sec.perms:
+            raise PackagingError(f"relocation at {rva:#x} patches code in {sec.name}")
+        off = rva - sec.rva
+        (val,) = struct.unpack_from("<Q", out[sec.name], off)
+        struct.pack_into("<Q", out[sec.name], off, (val + image_base) & 0xFFFF_FFFF_FFFF_FFFF)
+    return out
+
+
+def _reloc_blocks(relocs: Iterable[int]) -> list[lief.PE.Relocation]:
+    """One base-relocation block per 4 KiB page, entries sorted, as the PE format requires."""
+    pages: dict[int, list[int]] = {}
+    for rva in sorted(set(relocs)):
+        pages.setdefault(rva & ~(PAGE - 1), []).append(rva & (PAGE - 1))
+    blocks = []
+    for page, offsets in sorted(pages.items()):
+        block = lief.PE.Relocation()
+        block.virtual_address = page
+        for off in offsets:
+            entry = lief.PE.RelocationEntry()
+            entry.position = off
+            entry.type = lief.PE.RelocationEntry.BASE_TYPES.DIR64
+            block.add_entry(entry)
+        blocks.append(block)
+    return blocks
+
+
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) & ~(to - 1)
+
+
+def _finish_headers(raw: bytes, image: LinkedImage) -> bytes:
+    """Fix the header fields lief leaves at defaults, then the checksum (over the final bytes)."""
+    pe = pefile.PE(data=raw, fast_load=True)
+    oh = pe.OPTIONAL_HEADER
+    code = [s for s in pe.sections if s.Characteristics & int(_SCN.CNT_CODE)]
+    idata = [s for s in pe.sections if s.Characteristics & int(_SCN.CNT_INITIALIZED_DATA)]
+    udata = [s for s in pe.sections if s.Characteristics & int(_SCN.CNT_UNINITIALIZED_DATA)]
+    oh.SizeOfCode = sum(s.SizeOfRawData for s in code)
+    oh.SizeOfInitializedData = sum(s.SizeOfRawData for s in idata)
+    oh.SizeOfUninitializedData = sum(_align(s.Misc_VirtualSize, FILE_ALIGNMENT) for s in udata)
+    oh.BaseOfCode = min((s.VirtualAddress for s in code), default=0)
+    pe.FILE_HEADER.TimeDateStamp = 0
+    for s in pe.sections:
+        if s.SizeOfRawData == 0:
+            s.PointerToRawData = 0  # nothing to read from the file for .bss
+    last = max(s.VirtualAddress + s.Misc_VirtualSize for s in pe.sections)
+    oh.SizeOfImage = _align(max(last, image.size), SECTION_ALIGNMENT)
+    oh.CheckSum = 0
+    data = bytearray(pe.write())
+    pe = pefile.PE(data=bytes(data), fast_load=True)
+    pe.OPTIONAL_HEADER.CheckSum = pe.generate_checksum()
+    return bytes(pe.write())
+
+
+def package_pe(image: LinkedImage, *, entry: str, image_base: int = 0) -> bytes:
+    """Build the PE32+ EFI runtime driver for `image`, entered at symbol `entry`.
+
+    `image_base` is the preferred load address written to the header; relocated pointers are
+    biased by it so the file is correct even if a loader skips relocation at that base."""
+    if image_base % 0x10000:
+        raise PackagingError(f"image base {image_base:#x} must be 64 KiB aligned")
+    _check_layout(image)
+    sym = image.symbol(entry)
+    text = next((s for s in image.sections if s.rva <= sym.rva < s.end), None)
+    if text is None or "x" not in text.perms:
+        raise PackagingError(f"entry {entry!r} at {sym.rva:#x} is not in an executable section")
+    contents = _patched_sections(image, image_base)
+
+    binary = lief.PE.Factory.create(lief.PE.PE_TYPE.PE32_PLUS).get()
+    for sec in sorted(image.sections, key=lambda s: s.rva):
+        if sec.vsize == 0:
+            continue
+        pes = lief.PE.Section(sec.name)
+        pes.content = list(contents[sec.name])
+        pes.virtual_address = sec.rva
+        pes.virtual_size = sec.vsize
+        pes.characteristics = _characteristics(sec)
+        added = binary.add_section(pes)
+        if added.virtual_address != sec.rva:
+            raise PackagingError(f"lief moved {sec.name} to {added.virtual_address:#x}")
+    for block in _reloc_blocks(image.relocs):
+        binary.add_relocation(block)
+
+    hdr = binary.header
+    hdr.machine = lief.PE.Header.MACHINE_TYPES.AMD64
+    hdr.characteristics = FILE_CHARACTERISTICS
+    hdr.time_date_stamps = 0
+    oh = binary.optional_header
+    oh.imagebase = image_base
+    oh.addressof_entrypoint = sym.rva
+    oh.subsystem = lief.PE.OptionalHeader.SUBSYSTEM.EFI_RUNTIME_DRIVER
+    oh.dll_characteristics = DLL_CHARACTERISTICS
+    oh.section_alignment = SECTION_ALIGNMENT
+    oh.file_alignment = FILE_ALIGNMENT
+    oh.major_subsystem_version = 0
+    oh.minor_subsystem_version = 0
+    oh.major_operating_system_version = 0
+    oh.minor_operating_system_version = 0
+    oh.major_linker_version = 0
+    oh.minor_linker_version = 0
+
+    config = lief.PE.Builder.config_t()
+    config.relocations = True
+    config.imports = False
+    config.exports = False
+    config.resources = False
+    config.tls = False
+    config.debug = False
+    config.load_configuration = False
+    config.overlay = False
+    raw = bytes(binary.write_to_bytes(config))
+    return _finish_headers(raw, image)
+
+
+def write_symbol_map(image: LinkedImage, path: str | Path) -> None:
+    """Write the sidecar link map (`X.map` next to `X.efi`) that `helperfw inspect/disasm` read.
+
+    JSON rather than a text map so tools need no parser; keys sorted for reproducible output."""
+    doc = {
+        "format": MAP_FORMAT,
+        "entry": image.entry,
+        "image_size": image.size,
+        "sections": [
+            {"name": s.name, "rva": s.rva, "vsize": s.vsize, "perms": s.perms}
+            for s in sorted(image.sections, key=lambda s: s.rva)
+        ],
+        "symbols": {
+            name: {"rva": s.rva, "size": s.size, "section": s.section, "kind": s.kind}
+            for name, s in sorted(image.symbols.items())
+        },
+        "relocs": sorted(image.relocs),
+    }
+    Path(path).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def read_symbol_map(path: str | Path) -> dict[str, Symbol]:
+    """Symbols from a map written by `write_symbol_map`."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("format") != MAP_FORMAT:
+        raise ValueError(f"{path}: not a {MAP_FORMAT} symbol map")
+    return {
+        name: Symbol(name, s["rva"], s["size"], s["section"], s["kind"])
+        for name, s in doc["symbols"].items()
+    }
+
+
+def map_path_for(efi: str | Path) -> Path:
+    """The sidecar map path for an .efi file (same stem, `.map`)."""
+    return Path(efi).with_suffix(".map")
