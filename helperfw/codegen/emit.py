@@ -1,0 +1,71 @@
+"""LLVM IR → x86-64 ELF object, with the one target configuration the firmware uses."""
+
+from __future__ import annotations
+
+import functools
+
+import llvmlite.binding as llvm
+
+TRIPLE = "x86_64-unknown-none-elf"
+# SSE up to 4.1 plus AES-NI/PCLMULQDQ; no AVX so the image runs on any x86-64 with AES-NI.
+FEATURES = "+sse2,+ssse3,+sse4.1,+aes,+pclmul,-avx,-avx2,-avx512f"
+CPU = "x86-64"
+
+
+@functools.cache
+def _init() -> None:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    llvm.initialize_native_asmparser()  # without it, inline asm aborts the process
+
+
+@functools.cache
+def target_machine(opt: int = 2):
+    _init()
+    target = llvm.Target.from_triple(TRIPLE)
+    return target.create_target_machine(
+        cpu=CPU, features=FEATURES, opt=opt, reloc="pic", codemodel="small"
+    )
+
+
+def data_layout() -> str:
+    return str(target_machine().target_data)
+
+
+def assemble(asm: str) -> bytes:
+    """Assemble AT&T-syntax x86-64 text to raw .text bytes (for hand-written test snippets).
+
+    Only position-independent code with no external references makes sense here."""
+    _init()
+    lines = "\n".join(
+        'module asm "' + line.replace("\\", "\\\\").replace('"', '\\22') + '"'
+        for line in [".text", *asm.strip().splitlines()]
+    )
+    mod = llvm.parse_assembly(f'target triple = "{TRIPLE}"\n{lines}\n')
+    obj = target_machine().emit_object(mod)
+    import lief
+
+    elf = lief.ELF.parse(list(obj))
+    return bytes(elf.get_section(".text").content)
+
+
+def optimize(ir_text: str, opt: int = 2) -> llvm.ModuleRef:
+    """Parse, verify and optimise IR with LLVM's standard -O pipeline for our target."""
+    _init()
+    mod = llvm.parse_assembly(ir_text)
+    mod.verify()
+    if opt:
+        tm = target_machine(opt)
+        pto = llvm.create_pipeline_tuning_options(speed_level=opt)
+        pb = llvm.create_pass_builder(tm, pto)
+        pb.getModulePassManager().run(mod, pb)
+        mod.verify()
+    return mod
+
+
+def emit_object(mod: llvm.ModuleRef, opt: int = 2) -> bytes:
+    return target_machine(opt).emit_object(mod)
+
+
+def emit_assembly(mod: llvm.ModuleRef, opt: int = 2) -> str:
+    return target_machine(opt).emit_assembly(mod)

@@ -1,0 +1,82 @@
+"""The linked image: the one data structure every later stage consumes.
+
+The linker (link.py) produces it; the PE packager (ovmf_glue), the emulator's loaders and the
+native runner read it. Addresses are RVAs: the image is linked at base 0 with the first section at
+``FIRST_SECTION_RVA`` so a PE header page fits in front. Absolute 64-bit pointers in the image hold
+the target's RVA and are listed in ``relocs``; a loader adds its base to each.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+PAGE = 0x1000
+FIRST_SECTION_RVA = 0x1000  # room for the PE headers at RVA 0
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # ".text", ".rodata", ".data" or ".bss"
+    rva: int  # page aligned
+    data: bytes  # initialised bytes; len(data) <= vsize (b"" for .bss)
+    vsize: int
+    perms: str  # "rx", "r" or "rw": never both writable and executable
+
+    @property
+    def end(self) -> int:
+        return self.rva + self.vsize
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    rva: int
+    size: int
+    section: str
+    kind: str  # "func" or "object"
+
+
+@dataclass(frozen=True)
+class LinkedImage:
+    sections: tuple[Section, ...]
+    relocs: tuple[int, ...]  # RVAs of u64 fields holding an RVA; add the load base to each
+    symbols: dict[str, Symbol] = field(hash=False)
+    entry: str | None = None  # name of the EFI entry symbol, if any
+
+    @property
+    def size(self) -> int:
+        """Size of the loaded image (SizeOfImage), page aligned."""
+        end = max(s.end for s in self.sections)
+        return (end + PAGE - 1) & ~(PAGE - 1)
+
+    def section(self, name: str) -> Section:
+        for s in self.sections:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def symbol(self, name: str) -> Symbol:
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise KeyError(f"no symbol {name!r} in image") from None
+
+    def symbolize(self, rva: int) -> str:
+        """'name+0xoff' for an RVA inside a function or object, else hex."""
+        best = None
+        for s in self.symbols.values():
+            if s.rva <= rva < s.rva + max(s.size, 1) and (best is None or s.rva >= best.rva):
+                best = s
+        return f"{best.name}+{rva - best.rva:#x}" if best else f"{rva:#x}"
+
+    def flat(self, base: int = 0) -> bytearray:
+        """The image as loaded at `base` (headers page zero, bss zero, relocations applied)."""
+        img = bytearray(self.size)
+        for s in self.sections:
+            img[s.rva : s.rva + len(s.data)] = s.data
+        if base:
+            for r in self.relocs:
+                (v,) = struct.unpack_from("<Q", img, r)
+                struct.pack_into("<Q", img, r, (v + base) & 0xFFFFFFFFFFFFFFFF)
+        return img

@@ -1,0 +1,30 @@
+"""The whole compile: DSL functions → IR → optimised module → ELF object → LinkedImage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..dsl import Function
+from . import emit, link, lower
+from .image import LinkedImage
+
+
+@dataclass
+class Build:
+    ir: str  # unoptimised IR as lowered
+    optimized_ir: str
+    obj: bytes
+    image: LinkedImage
+
+
+def build(roots: list[Function], entry: str | None = None, opt: int = 2,
+          name: str = "helper") -> Build:
+    mod = lower.lower_functions(roots, name)
+    ir_text = str(mod)
+    opt_mod = emit.optimize(ir_text, opt)
+    obj = emit.emit_object(opt_mod, opt)
+    return Build(ir_text, str(opt_mod), obj, link.link(obj, entry))
+
+
+def compile_image(roots: list[Function], entry: str | None = None, opt: int = 2) -> LinkedImage:
+    return build(roots, entry, opt).image

@@ -1,0 +1,194 @@
+"""DSL types: the single description of every value the helper handles.
+
+Each type knows its size/alignment (the x86-64 SysV C layout), its LLVM type, its C spelling and
+its `construct` parser, so a struct declared once serves the compiler, the host model and the C
+header alike. Integer types are also callable: `u32(x)` is the DSL cast and, in Python, wraps `x`
+to the type's range (the reference interpreter relies on that).
+"""
+
+from __future__ import annotations
+
+import construct as cs
+from llvmlite import ir
+
+
+class Type:
+    name: str = "?"
+    size: int = 0
+    align: int = 1
+
+    def llvm(self) -> ir.Type:
+        raise NotImplementedError
+
+    def c_name(self) -> str:
+        raise NotImplementedError
+
+    def construct(self) -> cs.Construct:
+        raise NotImplementedError
+
+    @property
+    def is_scalar(self) -> bool:
+        return isinstance(self, (IntType, BoolType, PtrType, V128Type))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class VoidType(Type):
+    name = "void"
+
+    def llvm(self) -> ir.Type:
+        return ir.VoidType()
+
+    def c_name(self) -> str:
+        return "void"
+
+
+class IntType(Type):
+    def __init__(self, bits: int, signed: bool) -> None:
+        self.bits = bits
+        self.signed = signed
+        self.size = self.align = bits // 8
+        self.name = f"{'i' if signed else 'u'}{bits}"
+        self.mask = (1 << bits) - 1
+        self.min = -(1 << (bits - 1)) if signed else 0
+        self.max = (1 << (bits - 1)) - 1 if signed else self.mask
+
+    def llvm(self) -> ir.Type:
+        return ir.IntType(self.bits)
+
+    def c_name(self) -> str:
+        return f"{'' if self.signed else 'u'}int{self.bits}_t"
+
+    def construct(self) -> cs.Construct:
+        return cs.BytesInteger(self.size, signed=self.signed, swapped=True)
+
+    def wrap(self, value: int) -> int:
+        """Two's-complement wrap of a Python int into this type's range."""
+        v = int(value) & self.mask
+        if self.signed and v > self.max:
+            v -= 1 << self.bits
+        return v
+
+    def fits(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+    def __call__(self, value: int) -> int:  # the cast, executed in Python
+        return self.wrap(value)
+
+
+class BoolType(Type):
+    name = "bool"
+    size = align = 1
+
+    def llvm(self) -> ir.Type:
+        return ir.IntType(1)
+
+    def c_name(self) -> str:
+        return "uint8_t"
+
+    def construct(self) -> cs.Construct:
+        return cs.Flag
+
+
+class V128Type(Type):
+    """A 128-bit SSE value (AES block, GHASH element). Stored little-endian like movdqu."""
+
+    name = "v128"
+    size = align = 16
+
+    def llvm(self) -> ir.Type:
+        return ir.VectorType(ir.IntType(64), 2)
+
+    def c_name(self) -> str:
+        return "uint8_t"  # declared as uint8_t x[16] by the header writer
+
+    def construct(self) -> cs.Construct:
+        return cs.Bytes(16)
+
+
+class PtrType(Type):
+    size = align = 8
+
+    def __init__(self, pointee: Type) -> None:
+        self.pointee = pointee
+        self.name = f"Ptr[{pointee.name}]"
+
+    def llvm(self) -> ir.Type:
+        return ir.PointerType()
+
+    def c_name(self) -> str:
+        return "uint64_t"  # host-visible pointers are opaque 64-bit values in the ABI
+
+    def construct(self) -> cs.Construct:
+        return cs.Int64ul
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PtrType) and other.pointee == self.pointee
+
+    def __hash__(self) -> int:
+        return hash(("ptr", self.pointee))
+
+    def __call__(self, value: int) -> int:  # Python-side cast: a pointer is an address
+        return int(value) & 0xFFFFFFFFFFFFFFFF
+
+
+class ArrayType(Type):
+    def __init__(self, elem: Type, count: int) -> None:
+        if not isinstance(count, int) or count <= 0:
+            raise TypeError(f"array length must be a positive int, got {count!r}")
+        self.elem = elem
+        self.count = count
+        self.size = elem.size * count
+        self.align = elem.align
+        self.name = f"Array[{elem.name}, {count}]"
+
+    def llvm(self) -> ir.Type:
+        return ir.ArrayType(self.elem.llvm(), self.count)
+
+    def c_name(self) -> str:
+        return self.elem.c_name()
+
+    def construct(self) -> cs.Construct:
+        if self.elem == u8:
+            return cs.Bytes(self.count)
+        return cs.Array(self.count, self.elem.construct())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArrayType) and (other.elem, other.count) == (
+            self.elem,
+            self.count,
+        )
+
+    def __hash__(self) -> int:
+        return hash(("arr", self.elem, self.count))
+
+
+class _PtrFactory:
+    """`Ptr[T]` spells a pointer type."""
+
+    def __getitem__(self, pointee: Type) -> PtrType:
+        if not isinstance(pointee, Type):
+            raise TypeError(f"Ptr[...] needs a DSL type, got {pointee!r}")
+        return PtrType(pointee)
+
+
+class _ArrayFactory:
+    """`Array[T, N]` spells a fixed array type."""
+
+    def __getitem__(self, args: tuple[Type, int]) -> ArrayType:
+        elem, count = args
+        return ArrayType(elem, count)
+
+
+u8, u16, u32, u64 = (IntType(b, False) for b in (8, 16, 32, 64))
+i8, i16, i32, i64 = (IntType(b, True) for b in (8, 16, 32, 64))
+bool_ = BoolType()
+v128 = V128Type()
+void = VoidType()
+Ptr = _PtrFactory()
+Array = _ArrayFactory()
+
+INT_TYPES = {t.name: t for t in (u8, u16, u32, u64, i8, i16, i32, i64)}
+# The type an unannotated integer literal takes when nothing else decides it.
+DEFAULT_INT = u64
