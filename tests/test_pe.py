@@ -1,0 +1,146 @@
+"""PE32+ packaging: what EDK2's loader and the launch measurement need from the file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lief
+import pefile
+import pytest
+
+from helperfw.codegen.image import LinkedImage, Section
+from ovmf_glue.pe import (
+    IMAGE_FILE_MACHINE_AMD64,
+    IMAGE_REL_BASED_DIR64,
+    IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER,
+    PackagingError,
+    map_path_for,
+    package_pe,
+    read_symbol_map,
+    write_symbol_map,
+)
+from ovmf_glue.sample import DATA_RVA, MSG_OFF, TEXT_RVA, sample_image
+
+SCN_MEM_WRITE = 0x8000_0000
+SCN_MEM_EXECUTE = 0x2000_0000
+
+
+@pytest.fixture(scope="module")
+def image() -> LinkedImage:
+    return sample_image()
+
+
+@pytest.fixture(scope="module")
+def raw(image: LinkedImage) -> bytes:
+    return package_pe(image, entry="efi_main")
+
+
+@pytest.fixture(scope="module")
+def pe(raw: bytes) -> pefile.PE:
+    return pefile.PE(data=raw)
+
+
+def test_headers_pefile(pe: pefile.PE, image: LinkedImage) -> None:
+    fh, oh = pe.FILE_HEADER, pe.OPTIONAL_HEADER
+    assert fh.Machine == IMAGE_FILE_MACHINE_AMD64
+    assert oh.Magic == 0x20B  # PE32+
+    assert oh.Subsystem == IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER
+    assert fh.Characteristics & 0x0002 and fh.Characteristics & 0x0020  # EXECUTABLE, LARGE_ADDR
+    assert not fh.Characteristics & 0x0001  # relocations not stripped
+    assert fh.TimeDateStamp == 0
+    assert oh.SectionAlignment == 0x1000
+    assert oh.FileAlignment in (0x200, 0x1000)
+    assert oh.DllCharacteristics & 0x0040  # DYNAMIC_BASE
+    assert oh.DllCharacteristics & 0x0100  # NX_COMPAT
+    assert oh.AddressOfEntryPoint == image.symbol("efi_main").rva
+    assert oh.ImageBase == 0
+    text = image.section(".text")
+    assert oh.BaseOfCode == text.rva
+    assert oh.SizeOfCode == pe.sections[0].SizeOfRawData > 0
+    assert oh.SizeOfInitializedData > 0
+    assert oh.SizeOfUninitializedData >= image.section(".bss").vsize
+    last = max(s.VirtualAddress + s.Misc_VirtualSize for s in pe.sections)
+    assert oh.SizeOfImage == (last + 0xFFF) & ~0xFFF
+    assert oh.SizeOfImage >= image.size
+    assert oh.CheckSum == pe.generate_checksum() != 0
+
+
+def test_sections_keep_link_rvas_and_wx(pe: pefile.PE, image: LinkedImage) -> None:
+    by_name = {s.Name.rstrip(b"\0").decode(): s for s in pe.sections}
+    for sec in image.sections:
+        got = by_name[sec.name]
+        assert got.VirtualAddress == sec.rva
+        assert got.Misc_VirtualSize == sec.vsize
+        assert got.get_data()[: len(sec.data)] == sec.data
+        assert bool(got.Characteristics & SCN_MEM_EXECUTE) == ("x" in sec.perms)
+        assert bool(got.Characteristics & SCN_MEM_WRITE) == ("w" in sec.perms)
+    for s in pe.sections:
+        assert not (s.Characteristics & SCN_MEM_WRITE and s.Characteristics & SCN_MEM_EXECUTE)
+        assert s.VirtualAddress % 0x1000 == 0
+
+
+def test_base_relocations(pe: pefile.PE, image: LinkedImage) -> None:
+    entries = [
+        (e.rva, e.type) for block in pe.DIRECTORY_ENTRY_BASERELOC for e in block.entries if e.type
+    ]
+    assert entries == [(r, IMAGE_REL_BASED_DIR64) for r in sorted(image.relocs)]
+    assert pe.get_qword_at_rva(DATA_RVA) == TEXT_RVA + MSG_OFF
+    relocated = pefile.PE(data=pe.__data__)
+    relocated.relocate_image(0x7700_0000)
+    assert relocated.get_qword_at_rva(DATA_RVA) == 0x7700_0000 + TEXT_RVA + MSG_OFF
+
+
+def test_lief_reads_it_back(raw: bytes, image: LinkedImage) -> None:
+    b = lief.PE.parse(list(raw))
+    assert b is not None
+    assert b.header.machine == lief.PE.Header.MACHINE_TYPES.AMD64
+    assert b.optional_header.subsystem == lief.PE.OptionalHeader.SUBSYSTEM.EFI_RUNTIME_DRIVER
+    assert b.optional_header.addressof_entrypoint == image.symbol("efi_main").rva
+    assert b.has_relocations
+    got = [
+        rel.virtual_address + e.position
+        for rel in b.relocations
+        for e in rel.entries
+        if e.type == lief.PE.RelocationEntry.BASE_TYPES.DIR64
+    ]
+    assert got == sorted(image.relocs)
+    assert {s.name: s.virtual_address for s in b.sections if s.name != ".reloc"} == {
+        s.name: s.rva for s in image.sections
+    }
+
+
+def test_reproducible(image: LinkedImage, raw: bytes) -> None:
+    assert package_pe(sample_image(), entry="efi_main") == raw
+    assert package_pe(image, entry="efi_main") == raw
+
+
+def test_image_base_biases_pointers(image: LinkedImage) -> None:
+    pe = pefile.PE(data=package_pe(image, entry="efi_main", image_base=0x1_0000_0000))
+    assert pe.OPTIONAL_HEADER.ImageBase == 0x1_0000_0000
+    assert pe.get_qword_at_rva(DATA_RVA) == 0x1_0000_0000 + TEXT_RVA + MSG_OFF
+
+
+def test_rejects_bad_images(image: LinkedImage) -> None:
+    with pytest.raises(KeyError):
+        package_pe(image, entry="nope")
+    with pytest.raises(PackagingError, match="not in an executable section"):
+        package_pe(image, entry="msg_ptr")
+    wx = dataclasses.replace(
+        image, sections=(*image.sections[:-1], Section(".bss", 0x4000, b"", 0x2000, "rwx"))
+    )
+    with pytest.raises(PackagingError, match="permissions"):
+        package_pe(wx, entry="efi_main")
+    with pytest.raises(PackagingError, match="not inside initialised data"):
+        package_pe(dataclasses.replace(image, relocs=(0x4000,)), entry="efi_main")
+    with pytest.raises(PackagingError, match="patches code"):
+        package_pe(dataclasses.replace(image, relocs=(0x1000,)), entry="efi_main")
+
+
+def test_symbol_map_round_trip(image: LinkedImage, tmp_path) -> None:
+    efi = tmp_path / "MigrationHelper.efi"
+    write_symbol_map(image, map_path_for(efi))
+    assert map_path_for(efi).name == "MigrationHelper.map"
+    assert read_symbol_map(map_path_for(efi)) == image.symbols
+    first = map_path_for(efi).read_bytes()
+    write_symbol_map(image, map_path_for(efi))
+    assert map_path_for(efi).read_bytes() == first
