@@ -81,9 +81,11 @@ class Function:
                 if a.annotation is None:
                     raise self.error(a, f"parameter {a.arg!r} needs a type annotation")
                 params.append((a.arg, self.eval_type(a.annotation)))
-            ret = void if self.tree.returns is None else self.eval_type(self.tree.returns)
-            if self.tree.returns is not None and isinstance(self.tree.returns, ast.Constant):
-                ret = void  # "-> None"
+            r = self.tree.returns
+            if r is None or (isinstance(r, ast.Constant) and r.value is None):
+                ret = void  # no annotation or "-> None"
+            else:
+                ret = self.eval_type(r)
             self._sig = (params, ret)
         return self._sig
 

@@ -16,6 +16,13 @@ from llvmlite import ir
 from .types import ArrayType, BoolType, IntType, PtrType, Type, V128Type
 
 
+C_KEYWORDS = frozenset(
+    "auto break case char const continue default do double else enum extern float for goto if "
+    "inline int long register restrict return short signed sizeof static struct switch typedef "
+    "union unsigned void volatile while _Bool _Alignas _Alignof _Atomic _Static_assert".split()
+)
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -32,6 +39,9 @@ class StructType(Type):
         off = 0
         align = 1
         for fname, ftype in fields:
+            if fname in C_KEYWORDS:
+                raise TypeError(f"struct {name}: field {fname!r} is a C keyword (the header "
+                                "would not compile)")
             if not isinstance(ftype, Type) or ftype.size == 0:
                 raise TypeError(f"struct {name}: field {fname!r} has no DSL type ({ftype!r})")
             a = 1 if packed else ftype.align
@@ -140,7 +150,7 @@ def _c_field(t: Type, name: str) -> str:
             t = t.elem
         return f"{_c_field(t, name + dims)}"
     if isinstance(t, V128Type):
-        return f"uint8_t {name}[16]"
+        return f"_Alignas(16) uint8_t {name}[16]"
     return f"{t.c_name()} {name}"
 
 

@@ -1,0 +1,223 @@
+"""`helperfw` command line: look inside a built MigrationHelper.efi.
+
+`inspect` and `disasm` read the PE file plus the sidecar link map (`X.map` next to `X.efi`,
+written by ovmf_glue.pe.write_symbol_map), so a reviewer or integrator can check what the
+measured image contains without rebuilding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import capstone
+import pefile
+
+from helperfw.codegen.image import LinkedImage, Symbol
+from ovmf_glue.pe import map_path_for, read_symbol_map
+
+DEFAULT_IMAGE = Path("out/MigrationHelper.efi")  # where build.py writes it
+DESCRIPTOR_SYMBOL = "mh_descriptor"
+
+_SCN_EXECUTE, _SCN_READ, _SCN_WRITE = 0x2000_0000, 0x4000_0000, 0x8000_0000
+_RELOC_TYPES = {0: "ABSOLUTE", 3: "HIGHLOW", 10: "DIR64"}
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _load_pe(path: Path) -> pefile.PE:
+    try:
+        return pefile.PE(str(path))
+    except (OSError, pefile.PEFormatError) as exc:
+        raise CliError(f"{path}: cannot read PE image: {exc}") from exc
+
+
+def _load_map(efi: Path, map_file: Path | None, *, required: bool) -> dict[str, Symbol] | None:
+    path = map_file or map_path_for(efi)
+    if not path.exists():
+        if required:
+            raise CliError(f"{path}: symbol map not found (written next to the .efi by the build)")
+        return None
+    try:
+        return read_symbol_map(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"{path}: bad symbol map: {exc}") from exc
+
+
+def _perms(characteristics: int) -> str:
+    return "".join(
+        c if characteristics & bit else "-"
+        for c, bit in (("r", _SCN_READ), ("w", _SCN_WRITE), ("x", _SCN_EXECUTE))
+    )
+
+
+def _hexdump(data: bytes, base: int, out: TextIO) -> None:
+    for off in range(0, len(data), 16):
+        chunk = data[off : off + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        print(f"  {base + off:08x}  {chunk.hex(' '):<47}  {text}", file=out)
+
+
+def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    """Headers, sections, relocations, symbols and the descriptor of one image."""
+    efi: Path = args.file
+    pe = _load_pe(efi)
+    raw = efi.read_bytes()
+    fh, oh = pe.FILE_HEADER, pe.OPTIONAL_HEADER
+    print(f"{efi}: {len(raw)} bytes", file=out)
+    print(f"  sha256 {hashlib.sha256(raw).hexdigest()}", file=out)
+    print(f"  sha384 {hashlib.sha384(raw).hexdigest()}", file=out)
+    print("headers:", file=out)
+    machine = pefile.MACHINE_TYPE.get(fh.Machine, hex(fh.Machine))
+    subsystem = pefile.SUBSYSTEM_TYPE.get(oh.Subsystem, str(oh.Subsystem))
+    rows = [
+        ("machine", f"{fh.Machine:#06x} {machine}"),
+        ("characteristics", f"{fh.Characteristics:#06x}"),
+        ("timestamp", f"{fh.TimeDateStamp:#x}"),
+        ("magic", f"{oh.Magic:#x} {'PE32+' if oh.Magic == 0x20B else 'PE32'}"),
+        ("subsystem", f"{oh.Subsystem} {subsystem}"),
+        ("entry point", f"{oh.AddressOfEntryPoint:#x}"),
+        ("image base", f"{oh.ImageBase:#x}"),
+        ("size of image", f"{oh.SizeOfImage:#x}"),
+        ("size of headers", f"{oh.SizeOfHeaders:#x}"),
+        ("section align", f"{oh.SectionAlignment:#x}"),
+        ("file align", f"{oh.FileAlignment:#x}"),
+        ("size of code", f"{oh.SizeOfCode:#x}"),
+        ("init data", f"{oh.SizeOfInitializedData:#x}"),
+        ("uninit data", f"{oh.SizeOfUninitializedData:#x}"),
+        ("dll chars", f"{oh.DllCharacteristics:#06x}"),
+        ("checksum", f"{oh.CheckSum:#x} ({'ok' if pe.verify_checksum() else 'BAD'})"),
+    ]
+    for key, val in rows:
+        print(f"  {key:<16} {val}", file=out)
+    print("sections:", file=out)
+    print(f"  {'name':<8} {'rva':>8} {'vsize':>8} {'rawsize':>8} perms", file=out)
+    for s in pe.sections:
+        name = s.Name.rstrip(b"\0").decode("ascii", "replace")
+        print(
+            f"  {name:<8} {s.VirtualAddress:>#8x} {s.Misc_VirtualSize:>#8x} "
+            f"{s.SizeOfRawData:>#8x} {_perms(s.Characteristics)}",
+            file=out,
+        )
+    print("base relocations:", file=out)
+    pe.parse_data_directories(
+        directories=[pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_BASERELOC"]]
+    )
+    count = 0
+    for block in getattr(pe, "DIRECTORY_ENTRY_BASERELOC", []):
+        for e in block.entries:
+            if e.type == 0:
+                continue  # ABSOLUTE: block padding
+            count += 1
+            print(f"  {e.rva:#010x} {_RELOC_TYPES.get(e.type, str(e.type))}", file=out)
+    if not count:
+        print("  (none)", file=out)
+    symbols = _load_map(efi, args.map, required=False)
+    if symbols is None:
+        print(f"symbols: (no map at {args.map or map_path_for(efi)})", file=out)
+        return 0
+    print("symbols:", file=out)
+    for sym in sorted(symbols.values(), key=lambda s: (s.rva, s.name)):
+        print(
+            f"  {sym.rva:#010x} {sym.size:>#8x} {sym.kind:<6} {sym.section:<8} {sym.name}", file=out
+        )
+    desc = symbols.get(DESCRIPTOR_SYMBOL)
+    if desc is None:
+        print(f"descriptor: (no {DESCRIPTOR_SYMBOL} symbol)", file=out)
+    else:
+        print(f"descriptor ({DESCRIPTOR_SYMBOL}, {desc.size} bytes at {desc.rva:#x}):", file=out)
+        _hexdump(pe.get_data(desc.rva, desc.size), desc.rva, out)
+    return 0
+
+
+def cmd_disasm(args: argparse.Namespace, out: TextIO) -> int:
+    """Disassemble one function of the image, with call/jump targets named from the map."""
+    efi: Path = args.image
+    pe = _load_pe(efi)
+    symbols = _load_map(efi, args.map, required=True)
+    assert symbols is not None
+    sym = symbols.get(args.function)
+    if sym is None:
+        raise CliError(f"no symbol {args.function!r} in {args.map or map_path_for(efi)}")
+    if sym.kind != "func":
+        raise CliError(f"{sym.name} is an {sym.kind} symbol, not a function")
+    code = pe.get_data(sym.rva, sym.size)
+    names = LinkedImage(sections=(), relocs=(), symbols=symbols)
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.syntax = capstone.CS_OPT_SYNTAX_ATT if args.syntax == "att" else capstone.CS_OPT_SYNTAX_INTEL
+    md.detail = True
+    print(f"{sym.name} ({sym.size:#x} bytes at {sym.rva:#x}, section {sym.section}):", file=out)
+    end = sym.rva
+    padding = 0
+    for ins in md.disasm(code, sym.rva):
+        end = ins.address + ins.size
+        if ins.mnemonic == "int3":  # inter-function padding: summarise, don't list
+            padding += 1
+            continue
+        if padding:
+            print(f"  ({padding} bytes of int3)", file=out)
+            padding = 0
+        note = ""
+        if ins.group(capstone.CS_GRP_JUMP) or ins.group(capstone.CS_GRP_CALL):
+            ops = ins.operands
+            if len(ops) == 1 and ops[0].type == capstone.x86.X86_OP_IMM:
+                note = f"  <{names.symbolize(ops[0].imm)}>"
+        print(
+            f"  {ins.address:08x}:  {ins.bytes.hex(' '):<30} {ins.mnemonic} {ins.op_str}{note}",
+            file=out,
+        )
+    if padding:
+        print(f"  ({padding} bytes of int3)", file=out)
+    if end < sym.rva + sym.size:
+        print(f"  ({sym.rva + sym.size - end} trailing bytes not decoded)", file=out)
+    return 0
+
+
+def register_migrate(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """HOOK for the `migrate` subcommand (owned by the emulate/ engineer, not yet written).
+
+    Register it here: `p = subparsers.add_parser("migrate", ...)`, add its arguments, and
+    `p.set_defaults(func=<handler taking (args, out) and returning an exit status>)`."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; subcommands set `func(args, out) -> int`."""
+    parser = argparse.ArgumentParser(
+        prog="helperfw", description="Inspect the SEV migration helper firmware image."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="PE headers, sections, relocations, symbols, descriptor")
+    p.add_argument("file", type=Path, metavar="FILE.efi")
+    p.add_argument("--map", type=Path, help="symbol map (default: FILE.map next to FILE.efi)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("disasm", help="disassemble one function using the symbol map")
+    p.add_argument("function", metavar="FUNCTION")
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help=f"default {DEFAULT_IMAGE}")
+    p.add_argument("--map", type=Path, help="symbol map (default: IMAGE.map next to IMAGE)")
+    p.add_argument("--syntax", choices=("att", "intel"), default="att")
+    p.set_defaults(func=cmd_disasm)
+
+    register_migrate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Entry point of the `helperfw` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, out or sys.stdout))
+    except CliError as exc:
+        print(f"helperfw: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

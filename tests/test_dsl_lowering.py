@@ -1,0 +1,169 @@
+"""Compiler front end: struct layouts three ways, DSL errors with file:line, link checks,
+reproducibility."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+import textwrap
+from pathlib import Path
+
+import llvmlite.binding as llvm
+import pytest
+
+from helperfw import DslError
+from helperfw.codegen import emit, link
+from helperfw.codegen.pipeline import build
+from helperfw.native import NativeImage
+from tests import dsl_samples as S
+
+STRUCTS = [S.Inner, S.Mixed, S.Packed]
+
+
+def _llvm_offsets(t):
+    td = llvm.create_target_data(emit.data_layout())
+    mod = llvm.parse_assembly(f"%T = type {t.llvm()}\n@g = external global %T\n")
+    ty = mod.get_global_variable("g").global_value_type
+    return td.get_abi_size(ty), {
+        name: td.get_element_offset(ty, t.field_index(name)) for name in t.fields
+    }
+
+
+@pytest.mark.parametrize("t", STRUCTS, ids=lambda t: t.name)
+def test_struct_offsets_agree_llvm_construct_and_gcc(t, tmp_path: Path):
+    # 1. LLVM's data layout
+    size, offs = _llvm_offsets(t)
+    assert size == t.size
+    assert offs == {n: f.offset for n, f in t.fields.items()}
+    # 2. construct: build a struct with distinct values, check each lands at its offset
+    values = {}
+    for n, f in t.fields.items():
+        if n in ("inner",):
+            values[n] = {"a": 0x11, "b": 0x2233445566778899}
+        elif f.type.name.startswith("Array"):
+            values[n] = bytes(range(1, f.type.count + 1)) if f.type.elem.size == 1 and \
+                f.type.elem.name == "u8" else list(range(1, f.type.count + 1))
+        elif f.type.name == "v128":
+            values[n] = bytes(range(16))
+        else:
+            values[n] = 5
+    raw = t.build(**values)
+    assert len(raw) == t.size
+    assert t.construct().sizeof() == t.size
+    parsed = t.parse(raw)
+    for n in t.fields:
+        assert parsed[n] == values[n] or dict(parsed[n]) == values[n]
+    # 3. gcc: the generated C declaration carries static_asserts on size and offsets
+    decls = "\n\n".join(s.c_decl() for s in STRUCTS if s is not t and s is S.Inner) + "\n\n"
+    src = "#include <stdint.h>\n#include <stddef.h>\n" + (
+        decls if t is not S.Inner else "") + t.c_decl() + "\nint main(void){return 0;}\n"
+    c = tmp_path / "h.c"
+    c.write_text(src)
+    r = subprocess.run(["gcc", "-std=c11", "-Wall", "-Werror", "-c", str(c), "-o",
+                        str(tmp_path / "h.o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + src
+
+
+def test_struct_c_decl_catches_a_wrong_offset(tmp_path: Path):
+    """The static_asserts are live: a tampered offset must fail to compile."""
+    decl = S.Packed.c_decl().replace("== 9,", "== 10,")
+    c = tmp_path / "bad.c"
+    c.write_text("#include <stdint.h>\n#include <stddef.h>\n" + decl + "\n")
+    r = subprocess.run(["gcc", "-std=c11", "-c", str(c), "-o", str(tmp_path / "b.o")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Packed.small" in r.stderr
+
+
+def test_struct_access_compiled_matches_construct_layout():
+    img = NativeImage(build([S.sum_words, S.touch_packed]).image)
+    raw = bytearray(S.Mixed.build(tag=3, inner={"a": 1, "b": 1000}, words=[1, 2, 3, 4, 5]))
+    buf = (ctypes.c_uint8 * len(raw)).from_buffer(raw)
+    assert img.call("sum_words", ctypes.addressof(buf)) == 15 + 1000 + 3
+    praw = bytearray(S.Packed.build(tag=1, value=0xDEADBEEF, small=41, arr=[1, 2, 3]))
+    pbuf = (ctypes.c_uint8 * len(praw)).from_buffer(praw)
+    assert img.call("touch_packed", ctypes.addressof(pbuf)) == 0xDEADBEEF
+    p = S.Packed.parse(bytes(praw))
+    assert p.small == 42 and list(p.arr) == [1, 2, -7]
+
+
+# -- errors point at the DSL source ----------------------------------------------------------
+
+def _compile_snippet(tmp_path: Path, body: str):
+    """Write a DSL module to a real file (so inspect finds its source) and compile it."""
+    import importlib.util
+
+    path = tmp_path / "snippet_mod.py"
+    path.write_text("from helperfw import *\n\n" + textwrap.dedent(body))
+    spec = importlib.util.spec_from_file_location(f"snip_{abs(hash(body))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    build([mod.f])
+
+
+@pytest.mark.parametrize(
+    "body, line, reason",
+    [
+        ("@function\ndef f(a: u32, b: u64) -> u64:\n    x = a\n    return x + b\n",
+         6, r"type mismatch: u32 and u64"),
+        ("@function\ndef f(a: u32) -> u32:\n    return a + nope\n", 5, r"unknown name 'nope'"),
+        ("@function\ndef f(a: u32) -> u32:\n    return [a][0]\n", 5,
+         r"unsupported expression: List"),
+        ("@function\ndef f(a: u32) -> u32:\n    with a:\n        pass\n    return a\n", 5,
+         r"unsupported statement: With"),
+        ("@function\ndef f(a: u8) -> u8:\n    return a + 300\n", 5, r"literal 300 does not fit u8"),
+        ("@function\ndef f(a: u32) -> u32:\n    if a:\n        return a\n", 5,
+         r"can reach its end without return"),
+        ("@function\ndef f(a: u32) -> u32:\n    return a / 2\n", 5, r"use '//'"),
+    ],
+    ids=["mismatch", "unknown-name", "list", "with", "literal-range", "no-return", "div"],
+)
+def test_errors_carry_file_line_and_reason(tmp_path, body, line, reason):
+    with pytest.raises(DslError) as ei:
+        _compile_snippet(tmp_path, body)
+    msg = str(ei.value)
+    assert msg.startswith(f"{tmp_path / 'snippet_mod.py'}:{line}: "), msg
+    assert re.search(reason, msg), msg
+    assert "\n" not in msg
+
+
+# -- link ------------------------------------------------------------------------------------
+
+def _obj_calling(name: str) -> bytes:
+    ir_text = f"""
+target triple = "{emit.TRIPLE}"
+declare void @{name}(ptr, i32, i64)
+define void @f(ptr %p) {{
+  call void @{name}(ptr %p, i32 0, i64 8)
+  ret void
+}}
+"""
+    return emit.emit_object(emit.optimize(ir_text, 0), 0)
+
+
+@pytest.mark.parametrize("sym", ["memset", "memcpy", "__chkstk"])
+def test_link_refuses_undefined_symbols(sym):
+    with pytest.raises(link.LinkError, match=sym):
+        link.link(_obj_calling(sym))
+
+
+def test_no_memset_from_zeroing_loops():
+    """-O2 would turn this loop into a memset call without "no-builtins"."""
+    from tests import dsl_loops
+
+    img = build([dsl_loops.zero_page, dsl_loops.copy_page]).image
+    assert img.symbols.keys() >= {"zero_page", "copy_page"}
+
+
+def test_function_attributes_present():
+    ir = build([S.sum_words]).optimized_ir
+    attrs = re.search(r"attributes #\d+ = \{([^}]*)\}", ir).group(1)
+    for a in ("noredzone", '"no-builtins"', '"no-stack-arg-probe"'):
+        assert a in attrs
+
+
+def test_reproducible_builds():
+    a = build([S.sum_words, S.touch_packed, S.entry_like])
+    b = build([S.sum_words, S.touch_packed, S.entry_like])
+    assert a.obj == b.obj
+    assert a.image.flat() == b.image.flat() and a.image.relocs == b.image.relocs
