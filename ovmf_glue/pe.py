@@ -147,7 +147,9 @@ def package_pe(image: LinkedImage, *, entry: str, image_base: int = 0) -> bytes:
         raise PackagingError(f"entry {entry!r} at {sym.rva:#x} is not in an executable section")
     contents = _patched_sections(image, image_base)
 
-    binary = lief.PE.Factory.create(lief.PE.PE_TYPE.PE32_PLUS).get()
+    # The factory warns "Section not found for RVA 0x0" while it has no sections yet; harmless.
+    with lief.logging.level_scope(lief.logging.LEVEL.ERROR):
+        binary = lief.PE.Factory.create(lief.PE.PE_TYPE.PE32_PLUS).get()
     for sec in sorted(image.sections, key=lambda s: s.rva):
         if sec.vsize == 0:
             continue
