@@ -87,8 +87,20 @@ def _patched_sections(image: LinkedImage, image_base: int) -> dict[str, bytearra
     return out
 
 
-def _reloc_blocks(relocs: Iterable[int]) -> list[lief.PE.Relocation]:
-    """One base-relocation block per 4 KiB page, entries sorted, as the PE format requires."""
+def _reloc_blocks(relocs: Iterable[int], first_page: int = PAGE) -> list[lief.PE.Relocation]:
+    """One base-relocation block per 4 KiB page, entries sorted, as the PE format requires.
+
+    An image without pointers still gets one block holding a single ABSOLUTE (no-op) entry: the
+    .reloc section then always exists, which says "relocatable" to every loader, and it avoids a
+    lief 1.0 layout bug that writes a lone section's data over the section table."""
+    if not relocs:
+        block = lief.PE.Relocation()
+        block.virtual_address = first_page
+        entry = lief.PE.RelocationEntry()
+        entry.position = 0
+        entry.type = lief.PE.RelocationEntry.BASE_TYPES.ABS
+        block.add_entry(entry)
+        return [block]
     pages: dict[int, list[int]] = {}
     for rva in sorted(set(relocs)):
         pages.setdefault(rva & ~(PAGE - 1), []).append(rva & (PAGE - 1))
@@ -133,23 +145,11 @@ def _finish_headers(raw: bytes, image: LinkedImage) -> bytes:
     return bytes(pe.write())
 
 
-def package_pe(image: LinkedImage, *, entry: str, image_base: int = 0) -> bytes:
-    """Build the PE32+ EFI runtime driver for `image`, entered at symbol `entry`.
-
-    `image_base` is the preferred load address written to the header; relocated pointers are
-    biased by it so the file is correct even if a loader skips relocation at that base."""
-    if image_base % 0x10000:
-        raise PackagingError(f"image base {image_base:#x} must be 64 KiB aligned")
-    _check_layout(image)
-    sym = image.symbol(entry)
-    text = next((s for s in image.sections if s.rva <= sym.rva < s.end), None)
-    if text is None or "x" not in text.perms:
-        raise PackagingError(f"entry {entry!r} at {sym.rva:#x} is not in an executable section")
-    contents = _patched_sections(image, image_base)
-
-    # The factory warns "Section not found for RVA 0x0" while it has no sections yet; harmless.
-    with lief.logging.level_scope(lief.logging.LEVEL.ERROR):
-        binary = lief.PE.Factory.create(lief.PE.PE_TYPE.PE32_PLUS).get()
+def _lief_build(
+    image: LinkedImage, contents: dict[str, bytearray], entry_rva: int, image_base: int
+) -> bytes:
+    """The lief part: sections at their link RVAs, base relocations, EFI header fields."""
+    binary = lief.PE.Factory.create(lief.PE.PE_TYPE.PE32_PLUS).get()
     for sec in sorted(image.sections, key=lambda s: s.rva):
         if sec.vsize == 0:
             continue
@@ -161,7 +161,7 @@ def package_pe(image: LinkedImage, *, entry: str, image_base: int = 0) -> bytes:
         added = binary.add_section(pes)
         if added.virtual_address != sec.rva:
             raise PackagingError(f"lief moved {sec.name} to {added.virtual_address:#x}")
-    for block in _reloc_blocks(image.relocs):
+    for block in _reloc_blocks(image.relocs, min(s.rva for s in image.sections)):
         binary.add_relocation(block)
 
     hdr = binary.header
@@ -170,7 +170,7 @@ def package_pe(image: LinkedImage, *, entry: str, image_base: int = 0) -> bytes:
     hdr.time_date_stamps = 0
     oh = binary.optional_header
     oh.imagebase = image_base
-    oh.addressof_entrypoint = sym.rva
+    oh.addressof_entrypoint = entry_rva
     oh.subsystem = lief.PE.OptionalHeader.SUBSYSTEM.EFI_RUNTIME_DRIVER
     oh.dll_characteristics = DLL_CHARACTERISTICS
     oh.section_alignment = SECTION_ALIGNMENT
@@ -191,8 +191,48 @@ def package_pe(image: LinkedImage, *, entry: str, image_base: int = 0) -> bytes:
     config.debug = False
     config.load_configuration = False
     config.overlay = False
-    raw = bytes(binary.write_to_bytes(config))
-    return _finish_headers(raw, image)
+    return bytes(binary.write_to_bytes(config))
+
+
+def package_pe(image: LinkedImage, *, entry: str, image_base: int = 0) -> bytes:
+    """Build the PE32+ EFI runtime driver for `image`, entered at symbol `entry`.
+
+    `image_base` is the preferred load address written to the header; relocated pointers are
+    biased by it so the file is correct even if a loader skips relocation at that base."""
+    if image_base % 0x10000:
+        raise PackagingError(f"image base {image_base:#x} must be 64 KiB aligned")
+    _check_layout(image)
+    sym = image.symbol(entry)
+    text = next((s for s in image.sections if s.rva <= sym.rva < s.end), None)
+    if text is None or "x" not in text.perms:
+        raise PackagingError(f"entry {entry!r} at {sym.rva:#x} is not in an executable section")
+    contents = _patched_sections(image, image_base)
+
+    # lief 1.0 logs "Section not found for RVA 0x0" (at ERROR) from Factory.get() while the
+    # binary has no sections yet; harmless, and _verify() checks the result independently.
+    with lief.logging.level_scope(lief.logging.LEVEL.CRITICAL):
+        raw = _lief_build(image, contents, sym.rva, image_base)
+    out = _finish_headers(raw, image)
+    _verify(out, image, contents)
+    return out
+
+
+def _verify(raw: bytes, image: LinkedImage, contents: dict[str, bytearray]) -> None:
+    """Re-read the file and check every section landed where the link put it, byte for byte.
+
+    Cheap insurance: lief's layout code has had bugs, and a silently shifted section would only
+    show up as a crash inside OVMF."""
+    pe = pefile.PE(data=raw, fast_load=True)
+    found = {s.Name.rstrip(b"\0").decode(): s for s in pe.sections}
+    for sec in image.sections:
+        if sec.vsize == 0:
+            continue
+        got = found.get(sec.name)
+        if got is None or got.VirtualAddress != sec.rva or got.Misc_VirtualSize != sec.vsize:
+            raise PackagingError(f"lief wrote section {sec.name} wrongly")
+        data = raw[got.PointerToRawData : got.PointerToRawData + len(sec.data)] if sec.data else b""
+        if got.SizeOfRawData < len(sec.data) or data != bytes(contents[sec.name]):
+            raise PackagingError(f"lief wrote the contents of {sec.name} wrongly")
 
 
 def write_symbol_map(image: LinkedImage, path: str | Path) -> None:

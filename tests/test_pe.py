@@ -8,7 +8,7 @@ import lief
 import pefile
 import pytest
 
-from helperfw.codegen.image import LinkedImage, Section
+from helperfw.codegen.image import LinkedImage, Section, Symbol
 from ovmf_glue.pe import (
     IMAGE_FILE_MACHINE_AMD64,
     IMAGE_REL_BASED_DIR64,
@@ -144,3 +144,18 @@ def test_symbol_map_round_trip(image: LinkedImage, tmp_path) -> None:
     first = map_path_for(efi).read_bytes()
     write_symbol_map(image, map_path_for(efi))
     assert map_path_for(efi).read_bytes() == first
+
+
+def test_single_section_without_relocations() -> None:
+    """Position-independent code alone still gets a (no-op) .reloc and an intact section."""
+    code = bytes.fromhex("31c0c3")  # xor eax, eax; ret
+    image = LinkedImage(
+        (Section(".text", 0x1000, code, len(code), "rx"),),
+        (),
+        {"efi_main": Symbol("efi_main", 0x1000, 3, ".text", "func")},
+        entry="efi_main",
+    )
+    pe = pefile.PE(data=package_pe(image, entry="efi_main"))
+    assert [s.Name.rstrip(b"\0") for s in pe.sections] == [b".text", b".reloc"]
+    assert pe.sections[0].get_data()[:3] == code
+    assert all(e.type == 0 for b in pe.DIRECTORY_ENTRY_BASERELOC for e in b.entries)
