@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .types import Type, void
+from .types import Type, bool_, void
 
 ABIS = ("internal", "c", "efi")
 
@@ -66,6 +66,8 @@ class Function:
             t = eval(compile(ast.Expression(node), self.file, "eval"), self.globals)
         except Exception as e:  # noqa: BLE001 - any failure is a DSL type error
             raise self.error(node, f"bad type expression: {e}") from None
+        if t is bool:
+            t = bool_  # `-> bool` reads naturally; it is the DSL's 1-bit bool
         if not isinstance(t, Type):
             raise self.error(node, f"{ast.unparse(node)} is not a DSL type")
         return t

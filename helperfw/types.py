@@ -8,6 +8,8 @@ to the type's range (the reference interpreter relies on that).
 
 from __future__ import annotations
 
+import ast
+
 import construct as cs
 from llvmlite import ir
 
@@ -192,3 +194,60 @@ Array = _ArrayFactory()
 INT_TYPES = {t.name: t for t in (u8, u16, u32, u64, i8, i16, i32, i64)}
 # The type an unannotated integer literal takes when nothing else decides it.
 DEFAULT_INT = u64
+
+
+# -- integer rules shared by the compiler (codegen/lower.py) and the interpreter (interp.py) ----
+
+def trunc_div(a: int, b: int) -> int:
+    """C division: the quotient truncates toward zero (Python's `//` floors)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def trunc_rem(a: int, b: int) -> int:
+    """C remainder: takes the sign of the dividend, so a == trunc_div(a, b) * b + rem."""
+    return a - trunc_div(a, b) * b
+
+
+def fold_literals(op: ast.operator, a: int, b: int) -> int:
+    """Combine two untyped literals with unbounded integers and C-style division.
+
+    Raises ZeroDivisionError for a zero divisor and ValueError (with a reason) for an operator
+    the DSL has no literal meaning for."""
+    if isinstance(op, ast.Add):
+        return a + b
+    if isinstance(op, ast.Sub):
+        return a - b
+    if isinstance(op, ast.Mult):
+        return a * b
+    if isinstance(op, (ast.FloorDiv, ast.Mod)):
+        if b == 0:
+            raise ZeroDivisionError("division by zero in a constant expression")
+        return trunc_div(a, b) if isinstance(op, ast.FloorDiv) else trunc_rem(a, b)
+    if isinstance(op, ast.BitAnd):
+        return a & b
+    if isinstance(op, ast.BitOr):
+        return a | b
+    if isinstance(op, ast.BitXor):
+        return a ^ b
+    if isinstance(op, ast.LShift):
+        return a << b
+    if isinstance(op, ast.RShift):
+        return a >> b
+    raise ValueError(f"unsupported operator {type(op).__name__}")
+
+
+def literal_value(value: int, t: Type) -> int:
+    """The value an untyped integer literal takes when context gives it type `t`.
+
+    A literal never wraps silently: it must fit an integer type; only 0 is a pointer (null) and
+    only 0/1 are bools. Raises ValueError with the one-line reason otherwise."""
+    if isinstance(t, IntType):
+        if not t.fits(value):
+            raise ValueError(f"literal {value} does not fit {t}")
+        return value
+    if isinstance(t, PtrType) and value == 0:
+        return 0
+    if isinstance(t, BoolType) and value in (0, 1):
+        return value
+    raise ValueError(f"cannot use integer literal {value} as {t}")

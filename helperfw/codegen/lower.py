@@ -28,6 +28,9 @@ from ..types import (
     Type,
     V128Type,
     bool_,
+    fold_literals,
+    i64,
+    literal_value,
     u8,
     u16,
     u32,
@@ -143,21 +146,15 @@ class ModuleLowerer:
             n += 1
             name = f"{s.name}.{n}"
         self._names[name] = s
-        g = ir.GlobalVariable(self.module, s.type.llvm(), name)
+        if s.init is None:
+            g = ir.GlobalVariable(self.module, s.type.llvm(), name)
+            g.initializer = ir.Constant(s.type.llvm(), None)
+        else:  # initialised from raw bytes: the global is a byte array of the same size
+            arr = ir.ArrayType(I8, len(s.init))
+            g = ir.GlobalVariable(self.module, arr, name)
+            g.initializer = ir.Constant(arr, bytearray(s.init))
         g.linkage = "internal"
         g.align = s.align
-        if s.init is None:
-            g.initializer = ir.Constant(s.type.llvm(), None)
-        else:
-            arr = ir.ArrayType(I8, len(s.init))
-            g2 = g
-            # initialise from raw bytes: declare the global as a byte array instead
-            self.module.globals.pop(name)
-            g2 = ir.GlobalVariable(self.module, arr, name)
-            g2.linkage = "internal"
-            g2.align = s.align
-            g2.initializer = ir.Constant(arr, bytearray(s.init))
-            g = g2
         g.global_constant = s.readonly
         self.statics[key] = g
         return g
@@ -480,13 +477,10 @@ class FunctionLowerer:
             idx = self.expr(node.slice)
             if idx.ty is not None and not isinstance(idx.ty, IntType):
                 raise self.err(node, f"index must be an integer, not {idx.ty}")
-            # pointer indexing: p[i]
-            try_ptr = self.maybe_pointer(node.value)
-            if try_ptr is not None:
-                ptr = try_ptr
+            ptr, base = self.place(node.value)
+            if ptr is not None:  # pointer indexing: p[i]
                 elem = ptr.ty.pointee
                 return LV(self.gep_elem(ptr.v, elem, idx, node), elem)
-            base = self.aggregate(node.value)
             if not isinstance(base.ty, ArrayType):
                 raise self.err(node, f"cannot index {base.ty}")
             if idx.ty is None and not 0 <= idx.v < base.ty.count:
@@ -497,30 +491,25 @@ class FunctionLowerer:
             return LV(ptr, base.ty.elem)
         raise self.err(node, f"cannot assign to or take the address of {ast.unparse(node)}")
 
-    def maybe_pointer(self, node: ast.expr) -> TV | None:
-        """If `node` is a pointer-valued expression, evaluate it; aggregates return None."""
+    def place(self, node: ast.expr) -> tuple[TV | None, LV | None]:
+        """Evaluate `node` exactly once: a pointer value, or else the lvalue of an aggregate.
+
+        (Evaluating it twice, once to see whether it is a pointer and again for its lvalue,
+        would repeat side effects in index expressions: `p.es[next()].f`.)"""
         if isinstance(node, (ast.Name, ast.Attribute, ast.Subscript)):
-            try:
-                lv = self.lvalue(node)
-            except DslError:
-                if isinstance(node, ast.Name):
-                    raise
-                lv = None
-            if lv is not None:
-                if isinstance(lv.ty, PtrType):
-                    return self.load(lv)
-                return None
+            lv = self.lvalue(node)
+            if isinstance(lv.ty, PtrType):
+                return self.load(lv), None
+            return None, lv
         v = self.expr(node)
         if isinstance(v.ty, PtrType):
-            return v
+            return v, None
         raise self.err(node, f"cannot index or access fields of {v.ty or 'an integer literal'}")
 
     def aggregate(self, node: ast.expr) -> LV:
         """The lvalue of a struct/array, following one pointer: `p.f` means `(*p).f`."""
-        p = self.maybe_pointer(node)
-        if p is not None:
-            return LV(p.v, p.ty.pointee)
-        return self.lvalue(node)
+        p, lv = self.place(node)
+        return LV(p.v, p.ty.pointee) if p is not None else lv
 
     def index64(self, idx: TV, node: ast.AST) -> ir.Value:
         if idx.ty is None:
@@ -616,8 +605,9 @@ class FunctionLowerer:
         if isinstance(lhs.ty, PtrType) and isinstance(op, (ast.Add, ast.Sub)):
             if rhs.ty is not None and not isinstance(rhs.ty, IntType):
                 raise self.err(node, f"cannot add {rhs.ty} to a pointer")
-            if isinstance(op, ast.Sub):
-                rhs = TV(-rhs.v, None) if rhs.ty is None else TV(self.b.neg(rhs.v), rhs.ty)
+            if isinstance(op, ast.Sub):  # widen first: p - u32(1) steps back, not 4G forward
+                rhs = TV(-rhs.v, None) if rhs.ty is None else TV(
+                    self.b.neg(self.index64(rhs, node)), i64)
             return TV(self.gep_elem(lhs.v, lhs.ty.pointee, rhs, node), lhs.ty)
         if isinstance(op, (ast.LShift, ast.RShift)) and lhs.ty is not None and rhs.ty is not None:
             if not isinstance(lhs.ty, IntType) or not isinstance(rhs.ty, IntType):
@@ -678,15 +668,15 @@ class FunctionLowerer:
 
     def coerce(self, v: TV, t: Type, node: ast.AST) -> ir.Value:
         if v.ty is None:
+            try:
+                lit = literal_value(v.v, t)
+            except ValueError as e:
+                raise self.err(node, str(e)) from None
             if isinstance(t, IntType):
-                if not t.fits(v.v):
-                    raise self.err(node, f"literal {v.v} does not fit {t}")
-                return ir.Constant(t.llvm(), v.v & t.mask)
-            if isinstance(t, PtrType) and v.v == 0:
+                return ir.Constant(t.llvm(), lit & t.mask)
+            if isinstance(t, PtrType):
                 return ir.Constant(ir.PointerType(), None)
-            if isinstance(t, BoolType) and v.v in (0, 1):
-                return ir.Constant(I1, v.v)
-            raise self.err(node, f"cannot use integer literal {v.v} as {t}")
+            return ir.Constant(I1, lit)
         if v.ty != t:
             raise self.err(node, f"type mismatch: expected {t}, got {v.ty}")
         return v.v
@@ -1086,7 +1076,7 @@ class FunctionLowerer:
             raise self.err(node, "v128_store takes a pointer and a v128")
         p = self.ptr_arg(node, 0)
         v = self.coerce(self.expr(node.args[1]), v128, node.args[1])
-        self.b.store(v, p.v, align=1)
+        self.store(v, LV(p.v, v128))  # builder.store rejects GEP pointers typed i8
         return TV(None, void)
 
     def _lane_shift(self, node: ast.Call, left: bool) -> TV:
@@ -1125,29 +1115,11 @@ class FunctionLowerer:
 
 
 def _fold(op: ast.operator, a: int, b: int, node: ast.AST, fl: FunctionLowerer) -> int:
-    """Constant-fold two untyped literals with Python's unbounded integers (C-style division)."""
-    if isinstance(op, ast.Add):
-        return a + b
-    if isinstance(op, ast.Sub):
-        return a - b
-    if isinstance(op, ast.Mult):
-        return a * b
-    if isinstance(op, (ast.FloorDiv, ast.Mod)):
-        if b == 0:
-            raise fl.err(node, "division by zero in a constant expression")
-        q = abs(a) // abs(b) * (1 if (a >= 0) == (b >= 0) else -1)
-        return q if isinstance(op, ast.FloorDiv) else a - q * b
-    if isinstance(op, ast.BitAnd):
-        return a & b
-    if isinstance(op, ast.BitOr):
-        return a | b
-    if isinstance(op, ast.BitXor):
-        return a ^ b
-    if isinstance(op, ast.LShift):
-        return a << b
-    if isinstance(op, ast.RShift):
-        return a >> b
-    raise fl.err(node, f"unsupported operator {type(op).__name__}")
+    """Constant-fold two untyped literals (rules in types.fold_literals, shared with interp)."""
+    try:
+        return fold_literals(op, a, b)
+    except (ZeroDivisionError, ValueError) as e:
+        raise fl.err(node, str(e)) from None
 
 
 def lower_functions(roots: list[Function], name: str = "helper") -> ir.Module:
