@@ -148,6 +148,8 @@ def boot_efi(
         raise RuntimeError(reason or "OVMF firmware not found")
     with tempfile.TemporaryDirectory(prefix="ovmf-boot-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
+        if any(c in str(root.resolve()) for c in ",:"):
+            raise ValueError(f"{root}: QEMU's fat: drive syntax cannot take ',' or ':' in paths")
         root.mkdir(parents=True, exist_ok=True)
         fat_dir = root / "esp"
         fat_dir.mkdir(exist_ok=True)
