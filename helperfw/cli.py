@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -217,6 +218,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except CliError as exc:
         print(f"helperfw: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `helperfw disasm f | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
