@@ -19,6 +19,7 @@ from ovmf_glue.ovmf_run import boot_efi, missing_requirements
 ROOT = Path(__file__).resolve().parent.parent
 SELFTEST_LINES = [
     "MigrationHelper: loaded (protocol v1)",
+    "MigrationHelper: selftest AES-256-GCM known answers ok",
     "MigrationHelper: selftest page tables ok",
     "MigrationHelper: selftest passed",
     "MigrationHelper: SEV not active, helper stays inactive",

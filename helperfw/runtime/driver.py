@@ -6,7 +6,7 @@ and ConOut) and returns EFI_SUCCESS, inactive.
 
 from __future__ import annotations
 
-from helperfw import Ptr, addr, cpuid, efi_call, function, u32, u64
+from helperfw import Array, Ptr, addr, cpuid, efi_call, function, static, u8, u32, u64
 
 from .console import con_hex, con_puts, con_set_conout, text
 from .efi import (
@@ -29,7 +29,29 @@ from .pagetables import (
     pt_lookup,
     pt_map,
 )
+from .aesgcm import GcmCtx, gcm_init, gcm_open, gcm_seal
 from .protocol import CPUID_SEV_LEAF
+
+
+def _gcm_kat() -> bytes:
+    """Inputs and expected output of the AES-256-GCM known-answer self-test.
+
+    The expected ciphertext and tag come from an independent implementation (`cryptography`,
+    i.e. OpenSSL) at build time; tests/test_aesgcm.py checks the same code against NIST data.
+    Layout: key 32 | iv 12 | aad 48 | pt 64 | ct 64 | tag 16."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key = bytes(range(32))
+    iv = bytes(range(0xA0, 0xAC))
+    aad = b"MHP1" + bytes(range(4, 48))
+    pt = bytes((7 * i + 3) & 0xFF for i in range(64))
+    sealed = AESGCM(key).encrypt(iv, pt, aad)
+    return key + iv + aad + pt + sealed
+
+
+KAT = _gcm_kat()
+KAT_DATA = static(Array[u8, len(KAT)], KAT, readonly=True)
+K_KEY, K_IV, K_AAD, K_PT, K_CT, K_TAG = 0, 32, 44, 92, 156, 220
 
 EFI_BOOT_SERVICES_DATA = 4
 SELFTEST_POOL_PAGES = 8
@@ -41,6 +63,9 @@ MSG_PT_OK = text("MigrationHelper: selftest page tables ok\n")
 MSG_PT_FAIL = text("MigrationHelper: selftest page tables FAILED at check ")
 MSG_ALLOC_FAIL = text("MigrationHelper: AllocatePages failed ")
 MSG_NL = text("\n")
+MSG_GCM_OK = text("MigrationHelper: selftest AES-256-GCM known answers ok\n")
+MSG_GCM_FAIL = text("MigrationHelper: selftest AES-256-GCM FAILED at check ")
+MSG_NO_AESNI = text("MigrationHelper: CPU lacks AES-NI/PCLMULQDQ, helper disabled\n")
 MSG_SELFTEST_OK = text("MigrationHelper: selftest passed\n")
 MSG_NO_SEV = text("MigrationHelper: SEV not active, helper stays inactive\n")
 MSG_SEV = text("MigrationHelper: SEV active, C-bit ")
@@ -90,7 +115,64 @@ def selftest_pagetables(pool: u64) -> u32:
 
 
 @function
+def bytes_eq(a: Ptr[u8], b: Ptr[u8], n: u64) -> bool:
+    diff: u8 = 0
+    for i in range(n):
+        diff |= a[i] ^ b[i]
+    return diff == 0
+
+
+@function
+def selftest_gcm() -> u32:
+    """Seal the known answer, compare, open it back, and check a flipped bit is refused
+    without touching the output. Returns 0 or the failing check."""
+    k = addr(KAT_DATA[0])
+    ctx: GcmCtx
+    buf: Array[u8, 64]
+    out: Array[u8, 64]
+    scratch: Array[u8, 64]
+    tag: Array[u8, 16]
+    gcm_init(addr(ctx), k + K_KEY)
+    gcm_seal(addr(ctx), k + K_IV, k + K_AAD, 48, k + K_PT, addr(buf[0]), 64, addr(tag[0]))
+    if not bytes_eq(addr(buf[0]), k + K_CT, 64):
+        return 1
+    if not bytes_eq(addr(tag[0]), k + K_TAG, 16):
+        return 2
+    if not gcm_open(addr(ctx), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
+                    addr(tag[0]), addr(scratch[0])):
+        return 3
+    if not bytes_eq(addr(out[0]), k + K_PT, 64):
+        return 4
+    for i in range(64):
+        out[i] = 0xEE
+    buf[17] = buf[17] ^ 4
+    if gcm_open(addr(ctx), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
+                addr(tag[0]), addr(scratch[0])):
+        return 5
+    for i in range(64):
+        if out[i] != 0xEE:
+            return 6
+    return 0
+
+
+@function
+def cpu_has_aesni() -> bool:
+    a, b, c, d = cpuid(1, 0)
+    return (c & (1 << 25)) != 0 and (c & (1 << 1)) != 0
+
+
+@function
 def selftest(bs: Ptr[EfiBootServices]) -> bool:
+    if not cpu_has_aesni():
+        con_puts(addr(MSG_NO_AESNI[0]))
+        return False
+    g = selftest_gcm()
+    if g != 0:
+        con_puts(addr(MSG_GCM_FAIL[0]))
+        con_hex(u64(g))
+        con_puts(addr(MSG_NL[0]))
+        return False
+    con_puts(addr(MSG_GCM_OK[0]))
     pool: u64 = 0
     st = efi_call(bs.AllocatePages, ALLOCATE_ANY_PAGES, EFI_BOOT_SERVICES_DATA,
                   SELFTEST_POOL_PAGES, addr(pool))
