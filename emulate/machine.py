@@ -508,6 +508,35 @@ class VCpu:
         sym = self.symbolize(rip) if self.symbolize else ""
         return GuestFault(kind, rip, reason, disasm=disasm, symbol=sym, **kw)  # type: ignore[arg-type]
 
+    def _cr2(self, pf: PageFault, rip: int) -> int:
+        """The exact faulting address: unicorn hands the fill hook only the page, so recompute it
+        from the faulting instruction's memory operand (falls back to the page address)."""
+        page = pf.va & ~(PAGE - 1)
+        if pf.access == ACCESS_FETCH:
+            return rip if rip & ~(PAGE - 1) == page else pf.va
+        try:
+            code = self.read_virt(rip, 15)
+        except PageFault:
+            return pf.va
+        for insn in _CS.disasm(code, rip, 1):
+            for op in insn.operands:
+                if op.type != capstone.x86.X86_OP_MEM:
+                    continue
+                m = op.mem
+                ea = m.disp
+                if m.base == capstone.x86.X86_REG_RIP:
+                    ea += rip + insn.size
+                elif m.base:
+                    ea += self.get(insn.reg_name(m.base))
+                if m.index:
+                    ea += self.get(insn.reg_name(m.index)) * m.scale
+                ea &= 2**64 - 1
+                if ea & ~(PAGE - 1) == page:
+                    return ea
+                if (ea + op.size - 1) & ~(PAGE - 1) == page:
+                    return page  # access straddling into the faulting page
+        return pf.va
+
     def run(self, budget: int | None = DEFAULT_BUDGET) -> Exit:
         """Run from the current RIP. budget: max instructions (None = unlimited)."""
         if self._code_dirty:
@@ -533,7 +562,7 @@ class VCpu:
             if err.errno == UC_ERR_EXCEPTION and self._pending_pf is not None:
                 pf = self._pending_pf
                 kind = "NPF" if pf.gpa_missing is not None else "#PF"
-                f = self._make_fault(kind, rip, pf.reason, cr2=pf.va, access=pf.access,
+                f = self._make_fault(kind, rip, pf.reason, cr2=self._cr2(pf, rip), access=pf.access,
                                      error_code=pf.error_code)
             elif err.errno == UC_ERR_INSN_INVALID:
                 f = self._make_fault("#UD", rip, "invalid instruction")
