@@ -70,6 +70,7 @@ class GcmCtx:
 
     key: Aes256Key
     h: Array[v128, 8]
+    hk: Array[v128, 8]  # Karatsuba: hk[i] = lo64(h[i]) ^ hi64(h[i]) in both lanes
 
 
 # -- AES-256 ----------------------------------------------------------------------------------
@@ -230,6 +231,8 @@ def gcm_init(ctx: Ptr[GcmCtx], key32: Ptr[u8]) -> None:
     # H^(i+1) x^-1 = (H^i x^-1) * H: multiply R form by the stored H
     for i in range(1, GCM_BLOCKS):
         ctx.h[i] = _gmul(ctx.h[i - 1], h1)
+    for i in range(GCM_BLOCKS):
+        ctx.hk[i] = ctx.h[i] ^ pshufd(ctx.h[i], 0x4E)
 
 
 # -- CTR + GHASH ------------------------------------------------------------------------------
@@ -254,108 +257,232 @@ def _lens_block(aad_len: u64, n: u64) -> v128:
 
 
 @function
+def _ctr8(s: Ptr[v128], k0: v128, ivlo: u64, ivhi: u64, c: u32) -> None:
+    """s[0..7] = counter blocks c..c+7 whitened with round key 0, for c = 2 (mod 8).
+
+    Then c+1..c+5 differ from c only in the low 3 bits of the last byte and c+7 from c+6 only
+    in bit 0 (c+6 = 0 mod 8 takes any carry), so six blocks are one XOR with a constant."""
+    b = _ctr_block(ivlo, ivhi, c) ^ k0
+    e = _ctr_block(ivlo, ivhi, c + 6) ^ k0
+    s[0] = b
+    s[1] = b ^ v128_make(0, 0x01 << 56)  # 2 ^ 3
+    s[2] = b ^ v128_make(0, 0x06 << 56)  # 2 ^ 4
+    s[3] = b ^ v128_make(0, 0x07 << 56)  # 2 ^ 5
+    s[4] = b ^ v128_make(0, 0x04 << 56)  # 2 ^ 6
+    s[5] = b ^ v128_make(0, 0x05 << 56)  # 2 ^ 7
+    s[6] = e
+    s[7] = e ^ v128_make(0, 0x01 << 56)
+
+
+@function
+def _round8(s: Ptr[v128], k: v128) -> None:
+    s[0] = aesenc(s[0], k)
+    s[1] = aesenc(s[1], k)
+    s[2] = aesenc(s[2], k)
+    s[3] = aesenc(s[3], k)
+    s[4] = aesenc(s[4], k)
+    s[5] = aesenc(s[5], k)
+    s[6] = aesenc(s[6], k)
+    s[7] = aesenc(s[7], k)
+
+
+@function
+def _last8(s: Ptr[v128], k: v128, d: Ptr[v128], out: Ptr[u8]) -> None:
+    """Final round, XOR with the data blocks d[0..7], store to out; s[j] = the output block."""
+    s[0] = aesenclast(s[0], k) ^ d[0]
+    s[1] = aesenclast(s[1], k) ^ d[1]
+    s[2] = aesenclast(s[2], k) ^ d[2]
+    s[3] = aesenclast(s[3], k) ^ d[3]
+    s[4] = aesenclast(s[4], k) ^ d[4]
+    s[5] = aesenclast(s[5], k) ^ d[5]
+    s[6] = aesenclast(s[6], k) ^ d[6]
+    s[7] = aesenclast(s[7], k) ^ d[7]
+    v128_store(out, s[0])
+    v128_store(out + 16, s[1])
+    v128_store(out + 32, s[2])
+    v128_store(out + 48, s[3])
+    v128_store(out + 64, s[4])
+    v128_store(out + 80, s[5])
+    v128_store(out + 96, s[6])
+    v128_store(out + 112, s[7])
+
+
+@function
+def _load8(d: Ptr[v128], p: Ptr[u8]) -> None:
+    d[0] = v128_load(p)
+    d[1] = v128_load(p + 16)
+    d[2] = v128_load(p + 32)
+    d[3] = v128_load(p + 48)
+    d[4] = v128_load(p + 64)
+    d[5] = v128_load(p + 80)
+    d[6] = v128_load(p + 96)
+    d[7] = v128_load(p + 112)
+
+
+@function
+def _mul_acc(acc: Ptr[v128], x: v128, h: v128, hk: v128) -> None:
+    """acc += unreduced Karatsuba product of R(x) and a stored key power: acc[0] = lo,
+    acc[2] = hi, acc[1] = (x.lo ^ x.hi)(h.lo ^ h.hi) (the middle term before lo/hi removal)."""
+    acc[0] = acc[0] ^ pclmulqdq(x, h, 0x00)
+    acc[2] = acc[2] ^ pclmulqdq(x, h, 0x11)
+    acc[1] = acc[1] ^ pclmulqdq(pshufd(x, 0x4E) ^ x, hk, 0x00)
+
+
+@function
+def _mul_first(acc: Ptr[v128], x: v128, h: v128, hk: v128) -> None:
+    acc[0] = pclmulqdq(x, h, 0x00)
+    acc[2] = pclmulqdq(x, h, 0x11)
+    acc[1] = pclmulqdq(pshufd(x, 0x4E) ^ x, hk, 0x00)
+
+
+@function
+def _reduce_k(acc: Ptr[v128]) -> v128:
+    return _reduce(acc[0], acc[1] ^ acc[0] ^ acc[2], acc[2])
+
+
+@function
+def _hash8(ctx: Ptr[GcmCtx], y: v128, d: Ptr[v128]) -> v128:
+    """Absorb the 8 blocks d[0..7] (as stored, not yet byte-reflected) with one reduction."""
+    bswap = _bswap_mask()
+    acc: Array[v128, 3]
+    a = addr(acc[0])
+    _mul_first(a, pshufb(d[0], bswap) ^ y, ctx.h[7], ctx.hk[7])
+    _mul_acc(a, pshufb(d[1], bswap), ctx.h[6], ctx.hk[6])
+    _mul_acc(a, pshufb(d[2], bswap), ctx.h[5], ctx.hk[5])
+    _mul_acc(a, pshufb(d[3], bswap), ctx.h[4], ctx.hk[4])
+    _mul_acc(a, pshufb(d[4], bswap), ctx.h[3], ctx.hk[3])
+    _mul_acc(a, pshufb(d[5], bswap), ctx.h[2], ctx.hk[2])
+    _mul_acc(a, pshufb(d[6], bswap), ctx.h[1], ctx.hk[1])
+    _mul_acc(a, pshufb(d[7], bswap), ctx.h[0], ctx.hk[0])
+    return _reduce_k(a)
+
+
+@function
+def _seal_bulk(ctx: Ptr[GcmCtx], ivlo: u64, ivhi: u64, y: v128, pt: Ptr[u8], ct: Ptr[u8],
+               nblk8: u64) -> v128:
+    """Encrypt nblk8 >= 1 groups of 8 blocks (counters from 2) and hash them into y.
+
+    Stitched: while the AES rounds of group i run, GHASH absorbs the ciphertext of group i-1
+    (kept in `g`), so both units stay busy and the hash never waits for the AES chain."""
+    bswap = _bswap_mask()
+    st: Array[v128, 8]
+    g: Array[v128, 8]
+    d: Array[v128, 8]
+    acc: Array[v128, 3]
+    s = addr(st[0])
+    gp = addr(g[0])
+    dp = addr(d[0])
+    a = addr(acc[0])
+    k = addr(ctx.key.rk[0])
+    h = addr(ctx.h[0])
+    hk = addr(ctx.hk[0])
+    # group 0: AES only
+    _ctr8(s, k[0], ivlo, ivhi, 2)
+    for r in range(1, 14):
+        _round8(s, k[r])
+    _load8(dp, pt)
+    _last8(s, k[14], dp, ct)
+    for j in range(8):
+        g[j] = st[j]
+    c: u32 = 10
+    i: u64 = 1
+    while i < nblk8:
+        off = i * 128
+        _ctr8(s, k[0], ivlo, ivhi, c)
+        _round8(s, k[1])
+        _mul_first(a, pshufb(g[0], bswap) ^ y, h[7], hk[7])
+        _round8(s, k[2])
+        _mul_acc(a, pshufb(g[1], bswap), h[6], hk[6])
+        _round8(s, k[3])
+        _mul_acc(a, pshufb(g[2], bswap), h[5], hk[5])
+        _round8(s, k[4])
+        _mul_acc(a, pshufb(g[3], bswap), h[4], hk[4])
+        _round8(s, k[5])
+        _mul_acc(a, pshufb(g[4], bswap), h[3], hk[3])
+        _round8(s, k[6])
+        _mul_acc(a, pshufb(g[5], bswap), h[2], hk[2])
+        _round8(s, k[7])
+        _mul_acc(a, pshufb(g[6], bswap), h[1], hk[1])
+        _round8(s, k[8])
+        _mul_acc(a, pshufb(g[7], bswap), h[0], hk[0])
+        _round8(s, k[9])
+        y = _reduce_k(a)
+        _round8(s, k[10])
+        _round8(s, k[11])
+        _round8(s, k[12])
+        _round8(s, k[13])
+        _load8(dp, pt + off)
+        _last8(s, k[14], dp, ct + off)
+        for j in range(8):
+            g[j] = st[j]
+        c += 8
+        i += 1
+    return _hash8(ctx, y, gp)
+
+
+@function
+def _open_bulk(ctx: Ptr[GcmCtx], ivlo: u64, ivhi: u64, y: v128, ct: Ptr[u8], pt: Ptr[u8],
+               nblk8: u64) -> v128:
+    """Decrypt nblk8 groups of 8 blocks, hashing each ciphertext block as loaded (once)."""
+    bswap = _bswap_mask()
+    st: Array[v128, 8]
+    d: Array[v128, 8]
+    acc: Array[v128, 3]
+    s = addr(st[0])
+    dp = addr(d[0])
+    a = addr(acc[0])
+    k = addr(ctx.key.rk[0])
+    h = addr(ctx.h[0])
+    hk = addr(ctx.hk[0])
+    c: u32 = 2
+    for i in range(nblk8):
+        off = i * 128
+        _load8(dp, ct + off)
+        _ctr8(s, k[0], ivlo, ivhi, c)
+        _round8(s, k[1])
+        _mul_first(a, pshufb(d[0], bswap) ^ y, h[7], hk[7])
+        _round8(s, k[2])
+        _mul_acc(a, pshufb(d[1], bswap), h[6], hk[6])
+        _round8(s, k[3])
+        _mul_acc(a, pshufb(d[2], bswap), h[5], hk[5])
+        _round8(s, k[4])
+        _mul_acc(a, pshufb(d[3], bswap), h[4], hk[4])
+        _round8(s, k[5])
+        _mul_acc(a, pshufb(d[4], bswap), h[3], hk[3])
+        _round8(s, k[6])
+        _mul_acc(a, pshufb(d[5], bswap), h[2], hk[2])
+        _round8(s, k[7])
+        _mul_acc(a, pshufb(d[6], bswap), h[1], hk[1])
+        _round8(s, k[8])
+        _mul_acc(a, pshufb(d[7], bswap), h[0], hk[0])
+        _round8(s, k[9])
+        y = _reduce_k(a)
+        _round8(s, k[10])
+        _round8(s, k[11])
+        _round8(s, k[12])
+        _round8(s, k[13])
+        _last8(s, k[14], dp, pt + off)
+        c += 8
+    return y
+
+
+@function
 def _gcm_crypt(ctx: Ptr[GcmCtx], iv12: Ptr[u8], aad: Ptr[u8], aad_len: u64, inp: Ptr[u8],
                out: Ptr[u8], n: u64, decrypt: bool_) -> v128:
     """CTR-crypt n bytes inp -> out and return the tag (E_K(J0) ^ GHASH). Every input byte is
-    read once; GHASH runs over the ciphertext as held in registers (never re-read from memory)."""
+    read once; GHASH runs over the ciphertext as held in registers (never re-read from `out`)."""
     bswap = _bswap_mask()
     ivlo = Ptr[u64](iv12)[0]
     ivhi = u64(Ptr[u32](iv12 + 8)[0])
     y = _ghash(ctx, v128_make(0, 0), aad, aad_len)
-    c: u32 = 2
-    off: u64 = 0
-    while n - off >= 128:
-        p = inp + off
-        d0 = v128_load(p)
-        d1 = v128_load(p + 16)
-        d2 = v128_load(p + 32)
-        d3 = v128_load(p + 48)
-        d4 = v128_load(p + 64)
-        d5 = v128_load(p + 80)
-        d6 = v128_load(p + 96)
-        d7 = v128_load(p + 112)
-        k = ctx.key.rk[0]
-        b0 = _ctr_block(ivlo, ivhi, c) ^ k
-        b1 = _ctr_block(ivlo, ivhi, c + 1) ^ k
-        b2 = _ctr_block(ivlo, ivhi, c + 2) ^ k
-        b3 = _ctr_block(ivlo, ivhi, c + 3) ^ k
-        b4 = _ctr_block(ivlo, ivhi, c + 4) ^ k
-        b5 = _ctr_block(ivlo, ivhi, c + 5) ^ k
-        b6 = _ctr_block(ivlo, ivhi, c + 6) ^ k
-        b7 = _ctr_block(ivlo, ivhi, c + 7) ^ k
-        for r in range(1, 14):
-            k = ctx.key.rk[r]
-            b0 = aesenc(b0, k)
-            b1 = aesenc(b1, k)
-            b2 = aesenc(b2, k)
-            b3 = aesenc(b3, k)
-            b4 = aesenc(b4, k)
-            b5 = aesenc(b5, k)
-            b6 = aesenc(b6, k)
-            b7 = aesenc(b7, k)
-        k = ctx.key.rk[14]
-        b0 = aesenclast(b0, k) ^ d0
-        b1 = aesenclast(b1, k) ^ d1
-        b2 = aesenclast(b2, k) ^ d2
-        b3 = aesenclast(b3, k) ^ d3
-        b4 = aesenclast(b4, k) ^ d4
-        b5 = aesenclast(b5, k) ^ d5
-        b6 = aesenclast(b6, k) ^ d6
-        b7 = aesenclast(b7, k) ^ d7
-        q = out + off
-        v128_store(q, b0)
-        v128_store(q + 16, b1)
-        v128_store(q + 32, b2)
-        v128_store(q + 48, b3)
-        v128_store(q + 64, b4)
-        v128_store(q + 80, b5)
-        v128_store(q + 96, b6)
-        v128_store(q + 112, b7)
-        if not decrypt:
-            d0 = b0
-            d1 = b1
-            d2 = b2
-            d3 = b3
-            d4 = b4
-            d5 = b5
-            d6 = b6
-            d7 = b7
-        # aggregated GHASH of the 8 ciphertext blocks: one reduction
-        x = pshufb(d0, bswap) ^ y
-        lo = pclmulqdq(x, ctx.h[7], 0x00)
-        hi = pclmulqdq(x, ctx.h[7], 0x11)
-        mid = pclmulqdq(x, ctx.h[7], 0x01) ^ pclmulqdq(x, ctx.h[7], 0x10)
-        x = pshufb(d1, bswap)
-        lo = lo ^ pclmulqdq(x, ctx.h[6], 0x00)
-        hi = hi ^ pclmulqdq(x, ctx.h[6], 0x11)
-        mid = mid ^ pclmulqdq(x, ctx.h[6], 0x01) ^ pclmulqdq(x, ctx.h[6], 0x10)
-        x = pshufb(d2, bswap)
-        lo = lo ^ pclmulqdq(x, ctx.h[5], 0x00)
-        hi = hi ^ pclmulqdq(x, ctx.h[5], 0x11)
-        mid = mid ^ pclmulqdq(x, ctx.h[5], 0x01) ^ pclmulqdq(x, ctx.h[5], 0x10)
-        x = pshufb(d3, bswap)
-        lo = lo ^ pclmulqdq(x, ctx.h[4], 0x00)
-        hi = hi ^ pclmulqdq(x, ctx.h[4], 0x11)
-        mid = mid ^ pclmulqdq(x, ctx.h[4], 0x01) ^ pclmulqdq(x, ctx.h[4], 0x10)
-        x = pshufb(d4, bswap)
-        lo = lo ^ pclmulqdq(x, ctx.h[3], 0x00)
-        hi = hi ^ pclmulqdq(x, ctx.h[3], 0x11)
-        mid = mid ^ pclmulqdq(x, ctx.h[3], 0x01) ^ pclmulqdq(x, ctx.h[3], 0x10)
-        x = pshufb(d5, bswap)
-        lo = lo ^ pclmulqdq(x, ctx.h[2], 0x00)
-        hi = hi ^ pclmulqdq(x, ctx.h[2], 0x11)
-        mid = mid ^ pclmulqdq(x, ctx.h[2], 0x01) ^ pclmulqdq(x, ctx.h[2], 0x10)
-        x = pshufb(d6, bswap)
-        lo = lo ^ pclmulqdq(x, ctx.h[1], 0x00)
-        hi = hi ^ pclmulqdq(x, ctx.h[1], 0x11)
-        mid = mid ^ pclmulqdq(x, ctx.h[1], 0x01) ^ pclmulqdq(x, ctx.h[1], 0x10)
-        x = pshufb(d7, bswap)
-        lo = lo ^ pclmulqdq(x, ctx.h[0], 0x00)
-        hi = hi ^ pclmulqdq(x, ctx.h[0], 0x11)
-        mid = mid ^ pclmulqdq(x, ctx.h[0], 0x01) ^ pclmulqdq(x, ctx.h[0], 0x10)
-        y = _reduce(lo, mid, hi)
-        c += 8
-        off += 128
+    nblk8 = n // 128
+    if nblk8 != 0:
+        if decrypt:
+            y = _open_bulk(ctx, ivlo, ivhi, y, inp, out, nblk8)
+        else:
+            y = _seal_bulk(ctx, ivlo, ivhi, y, inp, out, nblk8)
+    off = nblk8 * 128
+    c = u32(2 + nblk8 * 8)
     # remaining full blocks, one at a time
     while n - off >= 16:
         d = v128_load(inp + off)
