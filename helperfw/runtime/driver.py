@@ -84,7 +84,7 @@ def selftest_pagetables(pool: u64) -> u32:
     """Build a small mirror address space and walk it back: returns 0 or the failing check."""
     b: PtBuilder
     c = u64(1) << SELFTEST_C_BIT
-    if pt_init(addr(b), pool, SELFTEST_POOL_PA, SELFTEST_POOL_PAGES, SELFTEST_C_BIT, 52) != PT_OK:
+    if pt_init(addr(b), pool, SELFTEST_POOL_PA, SELFTEST_POOL_PAGES, SELFTEST_C_BIT, 43) != PT_OK:
         return 1
     if pt_map(addr(b), 0x100000, 0x7E00000000, 0x3000, MAP_X | MAP_ENC) != PT_OK:
         return 2
@@ -109,7 +109,7 @@ def selftest_pagetables(pool: u64) -> u32:
     if pt_lookup(addr(b), 0x800000, addr(bits)) != ~u64(0):
         return 11
     # the tables' own entries must point at the pool's mirror GPA, not at its VA
-    if (Ptr[u64](pool)[0] & ~u64(0xFFF) & ~c & ((u64(1) << 52) - 1)) != SELFTEST_POOL_PA + 0x1000:
+    if (Ptr[u64](pool)[0] & ~u64(0xFFF) & ~c & ((u64(1) << 43) - 1)) != SELFTEST_POOL_PA + 0x1000:
         return 12
     return 0
 

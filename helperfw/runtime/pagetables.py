@@ -22,6 +22,8 @@ MAP_W = 1  # writable
 MAP_X = 2  # executable
 MAP_ENC = 4  # private (C-bit set)
 
+NEXT_IS_LEAF = const(u64, 0xFFFFFFFFFFFFFFFF)
+
 PAGE_4K = 0x1000
 PAGE_2M = 0x200000
 PAGE_1G = 0x40000000
@@ -31,6 +33,7 @@ PT_E_WX = -1  # asked for a writable+executable mapping
 PT_E_ALIGN = -2  # va/pa/size not 4 KiB aligned, or va not canonical
 PT_E_POOL = -3  # table pool exhausted
 PT_E_OVERLAP = -4  # range already mapped
+PT_E_RANGE = -5  # physical range beyond the usable physical-address bits
 
 
 @struct
@@ -42,6 +45,7 @@ class PtBuilder:
     c_mask: u64  # 1 << C-bit position
     addr_mask: u64  # bits of a PTE that hold the physical frame (C-bit excluded)
     pml4_va: u64
+    phys_limit: u64  # 1 << usable physical-address bits (MAXPHYADDR minus SEV's reduction)
 
 
 @function
@@ -54,7 +58,8 @@ def pt_zero_page(va: u64) -> None:
 @function
 def pt_init(b: Ptr[PtBuilder], pool_va: u64, pool_pa: u64, pool_pages: u32, c_bit: u32,
             phys_bits: u32) -> i32:
-    """Start an empty address space in the pool. phys_bits = MAXPHYADDR (frame mask)."""
+    """Start an empty address space in the pool. phys_bits: usable physical-address bits,
+    i.e. MAXPHYADDR minus the SEV reduction (CPUID 0x8000001F EBX[11:6])."""
     if pool_pages == 0 or (pool_va & 0xFFF) != 0 or (pool_pa & 0xFFF) != 0:
         return PT_E_ALIGN
     b.pool_va = pool_va
@@ -64,6 +69,9 @@ def pt_init(b: Ptr[PtBuilder], pool_va: u64, pool_pa: u64, pool_pages: u32, c_bi
     b.c_mask = u64(1) << u64(c_bit)
     b.addr_mask = ((u64(1) << u64(phys_bits)) - 1) & ~u64(0xFFF) & ~b.c_mask
     b.pml4_va = pool_va
+    b.phys_limit = u64(1) << u64(phys_bits)
+    if c_bit < phys_bits or pool_pa + u64(pool_pages) * PAGE_4K > b.phys_limit:
+        return PT_E_RANGE  # the C-bit must lie above the address field; the pool inside it
     pt_zero_page(pool_va)
     return PT_OK
 
@@ -86,13 +94,13 @@ def pt_alloc(b: Ptr[PtBuilder]) -> u64:
 
 @function
 def pt_next(b: Ptr[PtBuilder], table_va: u64, index: u64) -> u64:
-    """VA of the next-level table under entry `index`, creating it; 0 on failure
-    (pool exhausted, or the entry is a large-page leaf)."""
+    """VA of the next-level table under entry `index`, creating it. Returns 0 when the pool is
+    exhausted and NEXT_IS_LEAF when the entry is already a large-page leaf (an overlap)."""
     e = Ptr[u64](table_va) + index
     v = e[0]
     if v & PTE_P:
         if v & PTE_PS:
-            return 0
+            return NEXT_IS_LEAF
         return (v & b.addr_mask) - b.pool_pa + b.pool_va
     nva = pt_alloc(b)
     if nva == 0:
@@ -123,11 +131,15 @@ def pt_map(b: Ptr[PtBuilder], va: u64, pa: u64, size: u64, flags: u32) -> i32:
         return PT_E_ALIGN
     if size > (u64(1) << 47) - va:
         return PT_E_ALIGN
+    if pa >= b.phys_limit or size > b.phys_limit - pa:
+        return PT_E_RANGE
     bits = pt_leaf_bits(b, flags)
     while size != 0:
         pdpt = pt_next(b, b.pml4_va, (va >> 39) & 511)
         if pdpt == 0:
             return PT_E_POOL
+        if pdpt == NEXT_IS_LEAF:
+            return PT_E_OVERLAP
         e1 = Ptr[u64](pdpt) + ((va >> 30) & 511)
         if ((va | pa) & (PAGE_1G - 1)) == 0 and size >= PAGE_1G:
             if e1[0] & PTE_P:
@@ -140,6 +152,8 @@ def pt_map(b: Ptr[PtBuilder], va: u64, pa: u64, size: u64, flags: u32) -> i32:
         pd = pt_next(b, pdpt, (va >> 30) & 511)
         if pd == 0:
             return PT_E_POOL
+        if pd == NEXT_IS_LEAF:
+            return PT_E_OVERLAP
         e2 = Ptr[u64](pd) + ((va >> 21) & 511)
         if ((va | pa) & (PAGE_2M - 1)) == 0 and size >= PAGE_2M:
             if e2[0] & PTE_P:
@@ -152,6 +166,8 @@ def pt_map(b: Ptr[PtBuilder], va: u64, pa: u64, size: u64, flags: u32) -> i32:
         pt = pt_next(b, pd, (va >> 21) & 511)
         if pt == 0:
             return PT_E_POOL
+        if pt == NEXT_IS_LEAF:
+            return PT_E_OVERLAP
         e3 = Ptr[u64](pt) + ((va >> 12) & 511)
         if e3[0] & PTE_P:
             return PT_E_OVERLAP
@@ -182,9 +198,9 @@ def pt_lookup(b: Ptr[PtBuilder], va: u64, out_bits: Ptr[u64]) -> u64:
 
 @function(abi="c")
 def mh_test_pt_build(b: Ptr[PtBuilder], pool_va: u64, pool_pa: u64, pool_pages: u32,
-                     c_bit: u32, spec: Ptr[u64], nspec: u32) -> i32:
+                     c_bit: u32, phys_bits: u32, spec: Ptr[u64], nspec: u32) -> i32:
     """Test entry: init, then map `nspec` ranges given as (va, pa, size, flags) quadruples."""
-    r = pt_init(b, pool_va, pool_pa, pool_pages, c_bit, 52)
+    r = pt_init(b, pool_va, pool_pa, pool_pages, c_bit, phys_bits)
     if r != PT_OK:
         return r
     for i in range(nspec):

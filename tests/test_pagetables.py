@@ -1,0 +1,155 @@
+"""The DSL page-table builder, compiled and run natively, checked with the emulator's walker.
+
+Every mapping and permission is verified for C-bit 47 (MAXPHYADDR 48) and 51 (MAXPHYADDR 52),
+reduction 5, with a 1 TiB RAM window (tables only, no backing memory)."""
+
+from __future__ import annotations
+
+import ctypes
+import random
+
+import pytest
+
+from emulate.mmu import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PhysLayout, walk
+from helperfw.codegen.pipeline import build
+from helperfw.native import NativeImage
+from helperfw.runtime import pagetables as P
+
+POOL_PAGES = 64
+TiB = 1 << 40
+GiB = 1 << 30
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def img() -> NativeImage:
+    return NativeImage(build([P.mh_test_pt_build, P.mh_test_pt_lookup]).image)
+
+
+class Tables:
+    """Runs the builder in a native buffer posing as the pool at mirror GPA `pool_pa`."""
+
+    def __init__(self, img: NativeImage, layout: PhysLayout, pool_pa: int, specs):
+        self.layout = layout
+        self.raw = (ctypes.c_uint8 * ((POOL_PAGES + 1) * 4096))()
+        self.va = (ctypes.addressof(self.raw) + 4095) & ~4095
+        self.pool_pa = pool_pa
+        self.b = (ctypes.c_uint8 * P.PtBuilder.size)()
+        flat = [x for q in specs for x in q]
+        arr = (ctypes.c_uint64 * max(len(flat), 1))(*flat)
+        self.status = img.call("mh_test_pt_build", ctypes.addressof(self.b), self.va, pool_pa,
+                               POOL_PAGES, layout.cbit, layout.phys_bits, ctypes.addressof(arr),
+                               len(specs), restype=ctypes.c_int32)
+
+    def read_qword(self, gpa: int, encrypted: bool) -> int:
+        assert encrypted, "tables are private memory: every table reference carries the C-bit"
+        off = gpa - self.pool_pa
+        assert 0 <= off < POOL_PAGES * 4096, f"table reference {gpa:#x} outside the pool"
+        return int.from_bytes(ctypes.string_at(self.va + off, 8), "little")
+
+    @property
+    def cr3(self) -> int:
+        return self.pool_pa | self.layout.c_mask
+
+    def walk(self, va: int, access: str = ACCESS_READ):
+        return walk(self.read_qword, self.cr3, va, access, self.layout)
+
+    def leaves(self):
+        """Every leaf: (va, size, entry), by enumerating the tables."""
+        out = []
+
+        def rec(table_pa: int, shift: int, va_base: int) -> None:
+            for i in range(512):
+                e = self.read_qword(table_pa + 8 * i, True)
+                if not e & 1:
+                    continue
+                va = va_base | (i << shift)
+                if shift == 12 or e & P.PTE_PS:
+                    out.append((va, 1 << shift, e))
+                else:
+                    rec(e & self.layout.addr_mask, shift - 9, va)
+
+        rec(self.pool_pa, 39, 0)
+        return out
+
+
+LAYOUTS = [PhysLayout(maxphyaddr=48, cbit=47, reduction=5),
+           PhysLayout(maxphyaddr=52, cbit=51, reduction=5)]
+
+
+def mirror_specs(layout: PhysLayout):
+    """A `tuples`-style space: code/rodata/data regions at a high mirror GPA, a shared mailbox,
+    and a 1 TiB RAM window at 2^(phys_bits-1)."""
+    ram_base = 1 << (layout.phys_bits - 1)
+    mirror = ram_base - 64 * GiB
+    enc = P.MAP_ENC
+    return ram_base, [
+        (0x7E00000, mirror, 0x5000, P.MAP_X | enc),  # code: RX
+        (0x7E05000, mirror + 0x5000, 0x2000, enc),  # rodata: R, NX
+        (0x7E07000, mirror + 0x7000, 0x9000, P.MAP_W | enc),  # data: RW, NX
+        (0x7F00000, mirror + 0x100000, 0x43000, P.MAP_W),  # mailbox: shared, no C-bit
+        (ram_base, ram_base, TiB, P.MAP_W | enc),  # RAM window: 1 GiB pages
+    ]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"cbit{lay.cbit}")
+def test_every_mapping_and_permission(img, layout):
+    print(f"seed {SEED}")
+    rng = random.Random(SEED)
+    ram_base, specs = mirror_specs(layout)
+    t = Tables(img, layout, pool_pa=(ram_base - 65 * GiB), specs=specs)
+    assert t.status == P.PT_OK
+    for va, pa, size, flags in specs:
+        for off in [0, size - 1, *(rng.randrange(size) for _ in range(50))]:
+            tr = t.walk(va + off)
+            assert tr.gpa == pa + off
+            assert tr.encrypted == bool(flags & P.MAP_ENC)
+            assert tr.writable == bool(flags & P.MAP_W)
+            assert tr.executable == bool(flags & P.MAP_X)
+        if flags & P.MAP_X:
+            t.walk(va, ACCESS_FETCH)
+            with pytest.raises(PageFault, match="read-only"):
+                t.walk(va, ACCESS_WRITE)
+        else:
+            with pytest.raises(PageFault, match="NX"):
+                t.walk(va, ACCESS_FETCH)
+    # nothing else is mapped
+    for va in (0, 0x7E00000 - 0x1000, 0x7E10000, 0x7F43000, ram_base - 0x1000, ram_base + TiB):
+        with pytest.raises(PageFault, match="not present"):
+            t.walk(va)
+    leaves = t.leaves()
+    # W^X holds for every leaf, and the RAM window uses 1 GiB pages
+    for va, size, e in leaves:
+        assert not (e & P.PTE_RW and not e & P.PTE_NX.value), f"W+X leaf at {va:#x}"
+    assert sum(1 for va, size, _ in leaves if size == GiB) == TiB // GiB
+    assert sum(size for _, size, _ in leaves) == sum(s[2] for s in specs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"cbit{lay.cbit}")
+def test_shift_window_at_4gib_uses_large_pages(img, layout):
+    """`shift` with RAM_BASE = 4 GiB: the identity-mapped low 4 GiB and the window above it."""
+    specs = [(0, 0, 4 * GiB, P.MAP_W | P.MAP_ENC), (4 * GiB, 4 * GiB, TiB, P.MAP_W | P.MAP_ENC)]
+    t = Tables(img, layout, pool_pa=0x7000000, specs=specs)
+    assert t.status == P.PT_OK
+    assert {size for _, size, _ in t.leaves()} == {GiB}
+    assert t.walk(4 * GiB + 0x1234).gpa == 4 * GiB + 0x1234
+
+
+@pytest.mark.parametrize("spec, status", [
+    ((0x100000, 0x100000, 0x1000, P.MAP_W | P.MAP_X), P.PT_E_WX),
+    ((0x100800, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN),
+    ((1 << 47, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN),
+    ((0x100000, 1 << 43, 0x1000, P.MAP_W), P.PT_E_RANGE),  # beyond 48 - 5 physical bits
+], ids=["wx", "unaligned", "noncanonical", "phys-range"])
+def test_refusals(img, spec, status):
+    t = Tables(img, LAYOUTS[0], pool_pa=0x7000000, specs=[spec])
+    assert t.status == status
+
+
+def test_overlap_and_pool_exhaustion(img):
+    t = Tables(img, LAYOUTS[0], 0x7000000,
+               [(0x200000, 0x200000, 0x200000, P.MAP_W), (0x201000, 0x9000000, 0x1000, P.MAP_W)])
+    assert t.status == P.PT_E_OVERLAP
+    # 4 KiB pages spread 1 GiB apart need a PD and a PT each: the 64-page pool runs out
+    specs = [(i * GiB, i * GiB, 0x1000, P.MAP_W) for i in range(40)]
+    assert Tables(img, LAYOUTS[0], 0x7000000, specs).status == P.PT_E_POOL
