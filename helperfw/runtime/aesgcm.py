@@ -8,8 +8,12 @@ product we store the hash key pre-multiplied by x^-1 (`GcmCtx.h[i] = R(H^(i+1) *
 P = x^128 + x^7 + x^2 + x + 1 with two multiplications by 0xC200000000000000 (the R form of
 x^7 + x^2 + x + 1 shifted into place).
 
-Throughput design: the bulk loops run 8 counter blocks through the AES rounds at once and hash 8
-ciphertext blocks per reduction (Y' = (Y^C1)*H^8 ^ C2*H^7 ^ ... ^ C8*H, one reduction).
+Throughput design (4 KiB pages): the bulk loops run 8 counter blocks through the AES rounds at
+once and hash 8 ciphertext blocks per reduction (Y' = (Y^C1)*H^8 ^ C2*H^7 ^ ... ^ C8*H), with
+Karatsuba products (3 PCLMULQDQ per block, `GcmCtx.hk` holds lo^hi of each power). Seal is
+stitched: the GHASH of group i-1 is interleaved with the AES rounds of group i. Counter blocks of
+a group are derived from two scalar-built ones by XOR with constants (see `_ctr8`). Messages are
+limited to 2^36 - 32 bytes by SP 800-38D; callers pass pages, so this is not checked here.
 
 Open is single-fetch and verify-before-release: every ciphertext byte is read from `ct` exactly once
 (the same loaded value feeds GHASH and the CTR decryption, so a host that rewrites shared memory
