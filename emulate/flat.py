@@ -29,14 +29,15 @@ class PageAllocator:
 class FlatGuest:
     """VM with RAM at GPA `ram_gpa` (HPA `hpa`), page tables in that RAM, and helpers to place code.
 
-    With SEV the tables and all pages mapped by `map` default to C=1 (private)."""
+    With SEV the tables and all pages mapped by `map` default to C=1 (private). `skip` bytes at
+    the start of RAM are left out of the allocator (e.g. page 0, kept unmapped for NULL checks)."""
 
     def __init__(self, vm: VM, *, ram_gpa: int = 0, ram_size: int = 16 << 20, hpa: int = 0,
-                 slot: int = 0) -> None:
+                 slot: int = 0, skip: int = 0) -> None:
         self.vm = vm
         vm.set_user_memory_region(slot, ram_gpa, ram_size, hpa)
         self.ram_gpa, self.ram_size = ram_gpa, ram_size
-        self.pages = PageAllocator(vm, ram_gpa, ram_size)
+        self.pages = PageAllocator(vm, ram_gpa + skip, ram_size - skip)
         self.pt = PageTableBuilder(self.pages.alloc, vm.read_u64, vm.write_u64,
                                    cbit=vm.layout.cbit)
 

@@ -162,13 +162,14 @@ class UefiStandIn:
                  symbols: dict[str, int] | None = None) -> None:
         self.vm = vm
         self.rng = random.Random(seed)
-        self.guest = FlatGuest(vm, ram_gpa=0, ram_size=ram_size, hpa=hpa)
-        self.guest.map(0, 0, ram_size, writable=True, executable=True)
+        self.guest = FlatGuest(vm, ram_gpa=0, ram_size=ram_size, hpa=hpa, skip=PAGE)
+        # identity map, RWX like OVMF's DXE page tables, page 0 left out to catch NULL pointers
+        self.guest.map(PAGE, PAGE, ram_size - PAGE, writable=True, executable=True)
         self.guest.pages.end = self.LOW
         self.ram_size = ram_size
         self._free = [True] * (ram_size // PAGE)
         for i in range(self.LOW // PAGE):
-            self._free[i] = False
+            self._free[i] = False  # firmware area and page 0
         self.allocations: dict[int, tuple[int, int]] = {}  # base -> (pages, memory type)
         self.pools: dict[int, int] = {}  # pool buffer -> size
         self.conout: list[str] = []
