@@ -544,7 +544,8 @@ class VCpu:
             self._scanned.clear()
             self._decoded.clear()
             self._code_dirty = False
-        self.flush_tlb()
+            self.flush_tlb()
+        # No TLB flush otherwise: page-state changes and memslot updates flush every vCPU.
         self._fault = self._pending_pf = None
         self._stop_reason = self._resume_rip = self._hlt_at = None
         start = self.get("rip")

@@ -126,3 +126,37 @@ def test_two_vms_share_dram_with_mirror_at_high_gpa() -> None:
     # the main VM's view of its own page is unchanged, the host sees only ciphertext there
     assert main.read(data_gpa, 16) == b"guest-private-42"
     assert b"guest-private" not in mc.host_read(main.gpa_to_hpa(data_gpa) or 0, PAGE)
+
+
+def test_cross_vcpu_tlb_flush_on_state_change() -> None:
+    """vCPU A (key K) keeps a TLB entry for a private page; vCPU B of another VM (key K2) then
+    uses the same HPA with C=1. When A runs again it must see its own plaintext, which only
+    works if B's conversion flushed A's TLB (A's run does not flush it)."""
+    mc = _mc()
+    a_vm = VM(mc, cpuid=CpuidModel(cbit=47), name="A")
+    ga = FlatGuest(a_vm, ram_size=4 << 20)
+    page = ga.pages.alloc(1)
+    a_vm.write(page, b"A" * PAGE)
+    ga.map(0x6000_0000, page, PAGE, writable=True, executable=False)
+    a = ga.vcpu(ga.place(assemble("""
+        movabs $0x60000000, %rdi
+    1:  mov (%rdi), %rax
+        hlt
+        jmp 1b
+    """)))
+    b_vm = VM(mc, cpuid=CpuidModel(cbit=47), name="B")
+    gb = FlatGuest(b_vm, ram_gpa=0, ram_size=4 << 20, hpa=4 << 20, slot=0)  # B's own RAM ...
+    b_vm.set_user_memory_region(1, 1 << 30, PAGE, a_vm.gpa_to_hpa(page) or 0)  # ... + A's page
+    gb.map(1 << 30, 1 << 30, PAGE, writable=True, executable=False)
+    b = gb.vcpu(gb.place(assemble("""
+        movabs $0x40000000, %rdi
+    1:  mov (%rdi), %rax
+        hlt
+        jmp 1b
+    """)))
+    for _ in range(2):
+        assert a.run().reason == "hlt" and a.get("rax") == int.from_bytes(b"A" * 8, "little")
+        assert b.run().reason == "hlt" and b.get("rax") != int.from_bytes(b"A" * 8, "little")
+    fills = a.fills
+    assert a.run().reason == "hlt" and a.get("rax") == int.from_bytes(b"A" * 8, "little")
+    assert a.fills > fills, "A refilled its TLB after B converted the page"
