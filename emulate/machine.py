@@ -420,7 +420,7 @@ class VCpu:
             return
         self.set("rax", value & 0xFFFFFFFF)
         self.set("rdx", (value >> 32) & 0xFFFFFFFF)
-        self.set("rip", addr + 2)
+        self._advance(addr + 2)
 
     def _wrmsr(self, addr: int) -> None:
         msr = self.get("ecx") & 0xFFFFFFFF
@@ -432,7 +432,14 @@ class VCpu:
         else:
             self._raise_gp(addr, f"wrmsr of unknown MSR {msr:#x} value {value:#x}")
             return
-        self.set("rip", addr + 2)
+        self._advance(addr + 2)
+
+    def _advance(self, next_rip: int) -> None:
+        """Continue at next_rip, or park (ending the run) if a host callback asked to stop."""
+        if self._stop_reason is not None:
+            self._resume_rip = next_rip
+            next_rip = PARK_VA
+        self.set("rip", next_rip)
 
     def _rdrand(self, addr: int, isize: int, ops: str) -> None:
         full, bits = _SUBREG[ops.strip()]

@@ -174,3 +174,19 @@ def test_invalid_instruction_and_int3() -> None:
     _, v = guest("nop\nint3\nhlt")
     with pytest.raises(GuestFault, match="vector 3"):
         v.run_to_hlt()
+
+
+def test_msr_callback_can_stop_the_run() -> None:
+    vm, v = guest(f"""
+        mov ${MSR_KVM_MIGRATION_CONTROL}, %ecx
+        mov $1, %eax
+        xor %edx, %edx
+        wrmsr
+        mov $5, %r12
+        hlt
+    """)
+    vm.msr_write = lambda msr, val: v.request_stop(f"migration control {val}")
+    ex = v.run()
+    assert (ex.reason, ex.detail) == ("stop", "migration control 1")
+    assert v.get("r12") == 0
+    assert v.run().reason == "hlt" and v.get("r12") == 5
