@@ -1,0 +1,644 @@
+"""The mailbox protocol: one batch per doorbell, sealed/opened pages, epochs, anti-rollback.
+
+Everything the host wrote is copied into private memory (`HelperCtx.cmd`, `.env`, `.tok`)
+before any field is examined, and every field is read from that copy only, so a host rewriting
+the mailbox while the helper runs can change nothing but the ciphertext it gets back. Guest
+memory is written only after a record's tag verified (`gcm_open` decrypts into a private
+scratch page and copies out on success).
+"""
+
+from __future__ import annotations
+
+from helperfw import (
+    Array,
+    Ptr,
+    addr,
+    function,
+    hlt,
+    i32,
+    mfence,
+    rdrand64,
+    read_cr3,
+    sizeof,
+    static,
+    struct,
+    u8,
+    u32,
+    u64,
+    v128,
+    v128_hi,
+    v128_lo,
+    v128_make,
+    vload,
+    vstore,
+    write_cr3,
+)
+
+from .aesgcm import (
+    Aes256Key,
+    GcmCtx,
+    aes256_block,
+    aes256_encrypt_block,
+    aes256_expand,
+    gcm_init,
+    gcm_open,
+    gcm_seal,
+)
+from .pagetables import MAP_ENC, MAP_W, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
+from .protocol import (
+    CAP_AESNI_GCM,
+    CONTROL_OFFSET,
+    DEFAULT_SLOTS,
+    E_ABORTED,
+    E_AUTH,
+    E_BAD_ARG,
+    E_BAD_COUNT,
+    E_BAD_OP,
+    E_BAD_STATE,
+    E_EPOCH,
+    E_EXHAUSTED,
+    E_HEADER,
+    E_INCOMPLETE,
+    E_NO_KEY,
+    E_RANGE,
+    E_REPLAY,
+    E_RNG,
+    E_SELF,
+    E_SHARED,
+    E_VERSION,
+    ENTRY_F_SHARED,
+    ENVELOPE_MAGIC,
+    EPOCH_RECORDS_MAX,
+    FINISH_MAGIC,
+    KDF_LABEL,
+    MAX_REGIONS,
+    OK,
+    OP_ABORT,
+    OP_HELLO,
+    OP_RECV,
+    OP_RECV_BEGIN,
+    OP_RECV_END_EPOCH,
+    OP_RECV_FINISH,
+    OP_SEND,
+    OP_SEND_BEGIN,
+    OP_SEND_END_EPOCH,
+    OP_SEND_FINISH,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    SLOT_SIZE,
+    ST_ABORTED,
+    ST_DONE,
+    ST_IDLE,
+    ST_RECEIVING,
+    ST_SENDING,
+    TOKEN_MAGIC,
+    Command,
+    Control,
+    Envelope,
+    EpochToken,
+    HelloReply,
+    Region,
+)
+
+SEEN_WORDS = EPOCH_RECORDS_MAX // 64
+STACK_SIZE = 32768
+FINISH_EPOCH = 0xFFFFFFFF  # nonce epoch of the finish token; records and epoch tokens never use it
+RDRAND_TRIES = 16
+
+CTX_F_NO_CR3 = 1  # native tests: the page tables are never loaded, do not touch CR3
+
+
+@struct
+class HelperCtx:
+    """All of the helper's private state (in the image's .bss: private, mapped RW+NX)."""
+
+    key: Array[u8, 32]  # transport key K from the SEV secret area
+    have_key: u32
+    option: u32
+    c_bit: u32
+    phys_bits: u32
+    ram_base: u64  # mirror GPA (and VA) of ram_addr 0
+    ram_max: u64
+    window_mapped: u64  # bytes of the RAM window present in the page tables
+    mailbox: u64  # VA of mailbox page 0
+    slots: u32
+    nregions: u32
+    regions: Array[Region, MAX_REGIONS]
+    flags: u32
+    state: u32
+    last_bell: u64
+    processed: u32
+    poisoned: u32  # an epoch token disagreed: RECV_FINISH can never succeed
+    session_id: u64
+    ram_size: u64
+    epoch: u32
+    reserved: u32
+    next_seq: u64  # SEND: next seq to assign
+    epoch_first: u64  # first seq of the current epoch
+    epoch_count: u64  # records sealed/accepted in the current epoch
+    total: u64  # records in the session
+    set_hash: v128  # XOR of AES_Ka(ram_addr ‖ seq) over the epoch's records
+    gcm: GcmCtx  # K_s
+    hkey: Aes256Key  # K_a
+    cmd: Command  # private copy of the host's command
+    env: Envelope  # private copy of one envelope
+    tok: EpochToken  # private copy / draft of a token
+    seen: Array[u64, SEEN_WORDS]  # RECV: seqs of the current epoch already accepted
+    pt: PtBuilder  # the mirror's page tables
+    scratch: Array[u8, 4096]  # gcm_open decrypts here before releasing plaintext
+    kbuf: Array[u8, 64]  # derived key material, wiped after use
+
+
+CTX = static(HelperCtx, align=4096)
+STACK = static(Array[u8, STACK_SIZE], align=4096)
+
+
+# -- small helpers -----------------------------------------------------------------------------
+@function
+def copy_bytes(dst: Ptr[u8], src: Ptr[u8], n: u64) -> None:
+    i: u64 = 0
+    while n - i >= 8:
+        Ptr[u64](dst + i)[0] = Ptr[u64](src + i)[0]
+        i += 8
+    while i < n:
+        dst[i] = src[i]
+        i += 1
+
+
+@function
+def wipe_bytes(dst: Ptr[u8], n: u64) -> None:
+    for i in range(n):
+        vstore(dst + i, 0)  # volatile: the compiler may not drop a wipe of dead key material
+
+
+@function
+def overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool:
+    return a < b + blen and b < a + alen
+
+
+@function
+def make_nonce(out: Ptr[u8], epoch: u32, seq: u64) -> None:
+    """nonce = epoch (u32 LE) ‖ seq (u64 LE)."""
+    Ptr[u32](out)[0] = epoch
+    Ptr[u64](out + 4)[0] = seq
+
+
+@function
+def mailbox_slot(c: Ptr[HelperCtx], i: u64) -> u64:
+    return c.mailbox + 2 * PAGE_SIZE + i * SLOT_SIZE
+
+
+@function
+def mailbox_command(c: Ptr[HelperCtx]) -> Ptr[Command]:
+    return Ptr[Command](c.mailbox + PAGE_SIZE)
+
+
+@function
+def set_entry_status(c: Ptr[HelperCtx], i: u64, status: i32) -> None:
+    vstore(addr(mailbox_command(c).entries[i].status), status)
+
+
+# -- keys ----------------------------------------------------------------------------------------
+@function
+def wipe_session_keys(c: Ptr[HelperCtx]) -> None:
+    wipe_bytes(Ptr[u8](addr(c.gcm)), sizeof(GcmCtx))
+    wipe_bytes(Ptr[u8](addr(c.hkey)), sizeof(Aes256Key))
+
+
+@function
+def derive_session_keys(c: Ptr[HelperCtx]) -> None:
+    """K_s = AES256_K(b0) ‖ AES256_K(b1); K_a = AES256_K(b2) ‖ AES256_K(b3);
+    b_i = session_id (u64 LE) ‖ "MHK1" ‖ u32 LE i."""
+    k: Aes256Key
+    blk: Array[u8, 16]
+    aes256_expand(addr(c.key[0]), addr(k))
+    for i in range(4):
+        Ptr[u64](addr(blk[0]))[0] = c.session_id
+        Ptr[u32](addr(blk[8]))[0] = KDF_LABEL
+        Ptr[u32](addr(blk[12]))[0] = u32(i)
+        aes256_encrypt_block(addr(k), addr(blk[0]), addr(c.kbuf[16 * i]))
+    gcm_init(addr(c.gcm), addr(c.kbuf[0]))
+    aes256_expand(addr(c.kbuf[32]), addr(c.hkey))
+    wipe_bytes(addr(c.kbuf[0]), 64)
+    wipe_bytes(Ptr[u8](addr(k)), sizeof(Aes256Key))
+
+
+@function
+def set_hash_add(c: Ptr[HelperCtx], ram_addr: u64, seq: u64) -> None:
+    c.set_hash = c.set_hash ^ aes256_block(addr(c.hkey), v128_make(ram_addr, seq))
+
+
+# -- validation ------------------------------------------------------------------------------
+@function
+def check_ram_addr(c: Ptr[HelperCtx], ram_addr: u64, flags: u32) -> i32:
+    """A page the helper may seal or install: aligned, inside the window, private, not its own."""
+    if (flags & ENTRY_F_SHARED) != 0:
+        return E_SHARED
+    if flags != 0:
+        return E_BAD_ARG
+    if (ram_addr & 0xFFF) != 0 or ram_addr >= c.ram_size:
+        return E_RANGE
+    gpa = c.ram_base + ram_addr
+    for i in range(c.nregions):
+        r = addr(c.regions[i])
+        # its own pages as guest RAM (low RAM: ram_addr == GPA), and as mirror addresses
+        if overlaps(ram_addr, PAGE_SIZE, r.main_gpa, r.length):
+            return E_SELF
+        if overlaps(gpa, PAGE_SIZE, r.mirror_gpa, r.length) or overlaps(
+                gpa, PAGE_SIZE, r.main_gpa, r.length):
+            return E_SELF
+    return OK
+
+
+@function
+def setup_window(c: Ptr[HelperCtx], ram_size: u64) -> i32:
+    """Validate the RAM window and extend its mapping (2 MiB granules, 1 GiB where aligned)."""
+    if ram_size == 0 or (ram_size & (PAGE_2M - 1)) != 0 or ram_size > c.ram_max:
+        return E_BAD_ARG
+    for i in range(c.nregions):
+        r = addr(c.regions[i])
+        if overlaps(c.ram_base, ram_size, r.mirror_gpa, r.length) or overlaps(
+                c.ram_base, ram_size, r.main_gpa, r.length):
+            return E_BAD_ARG
+    if ram_size > c.window_mapped:
+        start = c.ram_base + c.window_mapped
+        if pt_map(addr(c.pt), start, start, ram_size - c.window_mapped, MAP_W | MAP_ENC) != PT_OK:
+            return E_BAD_ARG
+        c.window_mapped = ram_size
+        if (c.flags & CTX_F_NO_CR3) == 0:
+            write_cr3(read_cr3())  # new mappings only; flushing keeps the rule simple
+    c.ram_size = ram_size
+    return OK
+
+
+@function
+def begin_session(c: Ptr[HelperCtx], state: u32) -> i32:
+    if c.state == ST_SENDING or c.state == ST_RECEIVING:
+        return E_BAD_STATE
+    if c.have_key == 0:
+        return E_NO_KEY
+    st = setup_window(c, c.cmd.ram_size)
+    if st != OK:
+        return st
+    derive_session_keys(c)
+    c.epoch = 1
+    c.next_seq = 1
+    c.epoch_first = 1
+    c.epoch_count = 0
+    c.total = 0
+    c.poisoned = 0
+    c.set_hash = v128_make(0, 0)
+    for i in range(SEEN_WORDS):
+        c.seen[i] = 0
+    c.state = state
+    return OK
+
+
+@function
+def end_session(c: Ptr[HelperCtx], state: u32) -> None:
+    wipe_session_keys(c)
+    c.state = state
+
+
+# -- SEND ------------------------------------------------------------------------------------
+@function
+def op_send_begin(c: Ptr[HelperCtx]) -> i32:
+    if c.state == ST_SENDING or c.state == ST_RECEIVING:
+        return E_BAD_STATE
+    sid: u64 = 0
+    ok = False
+    for i in range(RDRAND_TRIES):
+        v, good = rdrand64()
+        if good:
+            sid = v
+            ok = True
+            break
+    if not ok:
+        return E_RNG
+    c.session_id = sid
+    st = begin_session(c, ST_SENDING)
+    if st != OK:
+        return st
+    write_hello(c)
+    return OK
+
+
+@function
+def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
+    seq = c.next_seq
+    c.next_seq = seq + 1
+    env = addr(c.env)
+    env.magic = ENVELOPE_MAGIC
+    env.flags = 0
+    env.ram_addr = ram_addr
+    env.session_id = c.session_id
+    env.epoch = c.epoch
+    env.reserved0 = 0
+    env.seq = seq
+    env.reserved1 = 0
+    nonce: Array[u8, 16]
+    make_nonce(addr(nonce[0]), c.epoch, seq)
+    gcm_seal(addr(c.gcm), addr(nonce[0]), Ptr[u8](env), 48, Ptr[u8](c.ram_base + ram_addr),
+             Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]))
+    copy_bytes(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
+    set_hash_add(c, ram_addr, seq)
+    c.epoch_count += 1
+    c.total += 1
+
+
+@function
+def op_send(c: Ptr[HelperCtx]) -> i32:
+    if c.state != ST_SENDING:
+        return E_BAD_STATE
+    n = c.cmd.count
+    if n == 0 or n > c.slots:
+        return E_BAD_COUNT
+    for i in range(n):
+        e = addr(c.cmd.entries[i])
+        st = check_ram_addr(c, e.ram_addr, e.flags)
+        if st == OK and c.epoch_count >= EPOCH_RECORDS_MAX:
+            st = E_EXHAUSTED
+        if st == OK:
+            seal_one(c, e.ram_addr, mailbox_slot(c, u64(i)))
+            c.processed += 1
+        set_entry_status(c, u64(i), st)
+    return OK
+
+
+@function
+def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64, nonce_epoch: u32,
+               slot: u64) -> None:
+    t = addr(c.tok)
+    t.magic = magic
+    t.epoch = epoch
+    t.session_id = c.session_id
+    t.count = count
+    t.first_seq = first
+    v128_store_bytes(addr(t.set_hash[0]), c.set_hash if magic == TOKEN_MAGIC else v128_make(0, 0))
+    t.total_records = c.total
+    t.reserved = 0
+    nonce: Array[u8, 16]
+    make_nonce(addr(nonce[0]), nonce_epoch, 0)
+    gcm_seal(addr(c.gcm), addr(nonce[0]), Ptr[u8](t), 64, addr(c.scratch[0]), addr(c.scratch[0]),
+             0, addr(t.tag[0]))
+    copy_bytes(Ptr[u8](slot), Ptr[u8](t), sizeof(EpochToken))
+
+
+@function
+def v128_store_bytes(p: Ptr[u8], v: v128) -> None:
+    Ptr[u64](p)[0] = v128_lo(v)
+    Ptr[u64](p + 8)[0] = v128_hi(v)
+
+
+@function
+def op_send_end_epoch(c: Ptr[HelperCtx]) -> i32:
+    if c.state != ST_SENDING:
+        return E_BAD_STATE
+    if c.epoch >= FINISH_EPOCH - 1:
+        return E_EXHAUSTED
+    seal_token(c, TOKEN_MAGIC, c.epoch, c.epoch_count, c.epoch_first, c.epoch, mailbox_slot(c, 0))
+    c.epoch += 1
+    c.epoch_first = c.next_seq
+    c.epoch_count = 0
+    c.set_hash = v128_make(0, 0)
+    return OK
+
+
+@function
+def op_send_finish(c: Ptr[HelperCtx]) -> i32:
+    if c.state != ST_SENDING:
+        return E_BAD_STATE
+    if c.epoch_count != 0:
+        return E_INCOMPLETE  # the last epoch must be closed by a token first
+    seal_token(c, FINISH_MAGIC, c.epoch - 1, 0, c.next_seq, FINISH_EPOCH, mailbox_slot(c, 0))
+    end_session(c, ST_DONE)
+    return OK
+
+
+# -- RECV ------------------------------------------------------------------------------------
+@function
+def op_recv_begin(c: Ptr[HelperCtx]) -> i32:
+    if c.state == ST_SENDING or c.state == ST_RECEIVING:
+        return E_BAD_STATE
+    c.session_id = c.cmd.session_id
+    return begin_session(c, ST_RECEIVING)
+
+
+@function
+def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
+    copy_bytes(Ptr[u8](addr(c.env)), Ptr[u8](slot), sizeof(Envelope))
+    env = addr(c.env)
+    if env.magic != ENVELOPE_MAGIC or env.flags != 0 or env.reserved0 != 0:
+        return E_HEADER
+    if env.reserved1 != 0 or env.ram_addr != ram_addr:
+        return E_HEADER
+    if env.session_id != c.session_id or env.epoch != c.epoch:
+        return E_REPLAY
+    if env.seq < c.epoch_first or env.seq - c.epoch_first >= EPOCH_RECORDS_MAX:
+        return E_REPLAY
+    off = env.seq - c.epoch_first
+    bit = u64(1) << (off & 63)
+    if (c.seen[off >> 6] & bit) != 0:
+        return E_REPLAY
+    nonce: Array[u8, 16]
+    make_nonce(addr(nonce[0]), c.epoch, env.seq)
+    if not gcm_open(addr(c.gcm), addr(nonce[0]), Ptr[u8](env), 48,
+                    Ptr[u8](slot + sizeof(Envelope)), Ptr[u8](c.ram_base + ram_addr), PAGE_SIZE,
+                    addr(env.tag[0]), addr(c.scratch[0])):
+        return E_AUTH
+    c.seen[off >> 6] = c.seen[off >> 6] | bit
+    set_hash_add(c, ram_addr, env.seq)
+    c.epoch_count += 1
+    c.total += 1
+    return OK
+
+
+@function
+def op_recv(c: Ptr[HelperCtx]) -> i32:
+    if c.state != ST_RECEIVING:
+        return E_BAD_STATE
+    n = c.cmd.count
+    if n == 0 or n > c.slots:
+        return E_BAD_COUNT
+    for i in range(n):
+        e = addr(c.cmd.entries[i])
+        st = check_ram_addr(c, e.ram_addr, e.flags)
+        if st == OK:
+            st = open_one(c, e.ram_addr, mailbox_slot(c, u64(i)))
+        if st == OK:
+            c.processed += 1
+        set_entry_status(c, u64(i), st)
+    return OK
+
+
+@function
+def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i32:
+    """Copy slot 0 into private memory and authenticate it as a token of kind `magic`."""
+    copy_bytes(Ptr[u8](addr(c.tok)), Ptr[u8](mailbox_slot(c, 0)), sizeof(EpochToken))
+    t = addr(c.tok)
+    if t.magic != magic or t.reserved != 0:
+        return E_HEADER
+    if t.session_id != c.session_id:
+        return E_REPLAY
+    nonce: Array[u8, 16]
+    make_nonce(addr(nonce[0]), FINISH_EPOCH if nonce_epoch_is_finish else t.epoch, 0)
+    if not gcm_open(addr(c.gcm), addr(nonce[0]), Ptr[u8](t), 64, addr(c.scratch[0]),
+                    addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.scratch[0])):
+        return E_AUTH
+    return OK
+
+
+@function
+def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
+    if c.state != ST_RECEIVING:
+        return E_BAD_STATE
+    st = open_token(c, TOKEN_MAGIC, False)
+    if st != OK:
+        return st
+    t = addr(c.tok)
+    if t.epoch != c.epoch:
+        return E_REPLAY  # an authentic token of another epoch: a replay, changes nothing
+    h0 = Ptr[u64](addr(t.set_hash[0]))[0]
+    h1 = Ptr[u64](addr(t.set_hash[8]))[0]
+    if t.count != c.epoch_count or t.first_seq != c.epoch_first or t.total_records != c.total or \
+            h0 != v128_lo(c.set_hash) or h1 != v128_hi(c.set_hash):
+        c.poisoned = 1
+        return E_EPOCH
+    c.epoch += 1
+    c.epoch_first += t.count
+    c.epoch_count = 0
+    c.set_hash = v128_make(0, 0)
+    for i in range(SEEN_WORDS):
+        c.seen[i] = 0
+    return OK
+
+
+@function
+def op_recv_finish(c: Ptr[HelperCtx]) -> i32:
+    if c.state != ST_RECEIVING:
+        return E_BAD_STATE
+    st = open_token(c, FINISH_MAGIC, True)
+    if st != OK:
+        return st
+    t = addr(c.tok)
+    if c.poisoned != 0 or c.epoch_count != 0 or t.epoch != c.epoch - 1 or \
+            t.total_records != c.total or t.first_seq != c.epoch_first:
+        return E_INCOMPLETE
+    end_session(c, ST_DONE)
+    return OK
+
+
+# -- HELLO / ABORT / dispatch --------------------------------------------------------------------
+@function
+def write_hello(c: Ptr[HelperCtx]) -> None:
+    r: HelloReply
+    r.version = PROTOCOL_VERSION
+    r.slots = c.slots
+    r.option = c.option
+    r.c_bit = c.c_bit
+    r.capabilities = CAP_AESNI_GCM
+    r.session_id = c.session_id
+    copy_bytes(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](addr(r)), sizeof(HelloReply))
+
+
+@function
+def op_hello(c: Ptr[HelperCtx]) -> i32:
+    if c.cmd.version != PROTOCOL_VERSION:
+        return E_VERSION
+    write_hello(c)
+    return OK
+
+
+@function
+def dispatch(c: Ptr[HelperCtx]) -> i32:
+    op = c.cmd.op
+    if op == OP_HELLO:
+        return op_hello(c)
+    if op == OP_ABORT:
+        end_session(c, ST_ABORTED)
+        return OK
+    if c.state == ST_ABORTED and op != OP_SEND_BEGIN and op != OP_RECV_BEGIN:
+        return E_ABORTED
+    if op == OP_SEND_BEGIN:
+        return op_send_begin(c)
+    if op == OP_SEND:
+        return op_send(c)
+    if op == OP_SEND_END_EPOCH:
+        return op_send_end_epoch(c)
+    if op == OP_SEND_FINISH:
+        return op_send_finish(c)
+    if op == OP_RECV_BEGIN:
+        return op_recv_begin(c)
+    if op == OP_RECV:
+        return op_recv(c)
+    if op == OP_RECV_END_EPOCH:
+        return op_recv_end_epoch(c)
+    if op == OP_RECV_FINISH:
+        return op_recv_finish(c)
+    return E_BAD_OP
+
+
+@function
+def process_batch(c: Ptr[HelperCtx]) -> None:
+    """One doorbell: copy the command, run it, publish status, then completed = doorbell."""
+    ctl = Ptr[Control](c.mailbox + CONTROL_OFFSET)
+    bell = vload(addr(ctl.doorbell))
+    c.processed = 0
+    st: i32 = E_BAD_STATE
+    if bell != c.last_bell:
+        copy_bytes(Ptr[u8](addr(c.cmd)), Ptr[u8](mailbox_command(c)), sizeof(Command))
+        st = dispatch(c)
+        c.last_bell = bell
+    vstore(addr(ctl.status), st)
+    vstore(addr(ctl.state), c.state)
+    vstore(addr(ctl.processed), c.processed)
+    mfence()
+    vstore(addr(ctl.completed), bell)
+
+
+@function(abi="c", name="mh_entry")
+def mh_entry() -> None:
+    """The mirror vCPU starts here (RIP from BootInfo) and never returns: each HLT hands the
+    batch back to the host, which re-enters after the HLT with the next doorbell."""
+    c = addr(CTX)
+    while True:
+        process_batch(c)
+        hlt()
+
+
+# -- native test entry points (the host plays both sides in-process) ----------------------------
+@function(abi="c")
+def mh_test_ctx_size() -> u64:
+    return sizeof(HelperCtx)
+
+
+@function(abi="c")
+def mh_test_process(c: Ptr[HelperCtx]) -> i32:
+    process_batch(c)
+    return Ptr[Control](c.mailbox + CONTROL_OFFSET).status
+
+
+
+@function(abi="c")
+def mh_test_ctx_init(c: Ptr[HelperCtx], key: Ptr[u8], mailbox: u64, ram_base: u64, ram_max: u64,
+                     pool: u64, pool_pages: u32, self_gpa: u64, self_len: u64) -> i32:
+    """Set up a context the way the driver does, with identity 'mirror' addresses (native)."""
+    copy_bytes(addr(c.key[0]), key, 32)
+    c.have_key = 1
+    c.c_bit = 47
+    c.phys_bits = 47
+    c.option = 1
+    c.ram_base = ram_base
+    c.ram_max = ram_max
+    c.window_mapped = 0
+    c.mailbox = mailbox
+    c.slots = DEFAULT_SLOTS
+    c.nregions = 1
+    c.regions[0].main_gpa = self_gpa
+    c.regions[0].length = self_len
+    c.regions[0].mirror_gpa = self_gpa
+    c.regions[0].kind = 3
+    c.flags = CTX_F_NO_CR3
+    c.state = ST_IDLE
+    c.last_bell = 0
+    return i32(pt_init(addr(c.pt), pool, pool, pool_pages, 47, 47))
