@@ -70,12 +70,16 @@ def link(obj: bytes, entry: str | None = None) -> LinkedImage:
             rva = _align(rva + sizes[name], PAGE)
     image_end = rva
     # 3. symbols
+    # Section bounds for the firmware's own use (e.g. its region list); an empty section gets
+    # start == end at the point where it would have been.
     linker_defined = {"__image_start": 0, "__image_end": image_end}
+    cursor = FIRST_SECTION_RVA
     for name in OUTPUT_ORDER:
-        if name in base:
-            tag = name.lstrip(".")
-            linker_defined[f"__{tag}_start"] = base[name]
-            linker_defined[f"__{tag}_end"] = _align(base[name] + sizes[name], PAGE)
+        tag = name.lstrip(".")
+        start = base.get(name, cursor)
+        end = _align(start + sizes[name], PAGE)
+        linker_defined[f"__{tag}_start"], linker_defined[f"__{tag}_end"] = start, end
+        cursor = end
 
     def sec_rva(shndx: int) -> int:
         if shndx not in placed:
@@ -134,6 +138,16 @@ def link(obj: bytes, entry: str | None = None) -> LinkedImage:
         elif rel.type == R.X86_64_64:
             struct.pack_into("<Q", buf, where, (s + a) & 0xFFFFFFFFFFFFFFFF)
             abs_relocs.append(p)
+        elif rel.type in (R.X86_64_REX_GOTPCRELX, R.X86_64_GOTPCRELX, R.X86_64_GOTPCREL):
+            # Relax `mov sym@GOTPCREL(%rip), %reg` to `lea sym(%rip), %reg` (the x86-64 psABI
+            # relaxation): every symbol is inside the image, so no GOT is ever needed.
+            if where < 2 or buf[where - 2] != 0x8B:
+                raise LinkError(f"cannot relax GOT reference at {p:#x} (not a mov)")
+            buf[where - 2] = 0x8D
+            v = s + a - p
+            if not -(1 << 31) <= v < (1 << 31):
+                raise LinkError(f"relaxed GOT reference out of range at {p:#x}")
+            struct.pack_into("<i", buf, where, v)
         elif rel.type == R.X86_64_PC64:
             struct.pack_into("<q", buf, where, s + a - p)
         else:

@@ -164,7 +164,9 @@ class ModuleLowerer:
         if name not in self.externs:
             g = ir.GlobalVariable(self.module, I8, name)
             g.linkage = "external"
-            g.visibility = "hidden"
+            # llvmlite prints no visibility on declarations; this slot is printed right after
+            # the linkage, where LLVM expects it. Hidden = dso_local: PC-relative, no GOT.
+            g.storage_class = "hidden"
             self.externs[name] = g
         return self.externs[name]
 

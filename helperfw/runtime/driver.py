@@ -11,6 +11,8 @@ from helperfw import Array, Ptr, addr, cpuid, efi_call, function, static, u8, u3
 from .console import con_hex, con_puts, con_set_conout, text
 from .efi import (
     ALLOCATE_ANY_PAGES,
+    EfiConfigurationTable,
+    guid_bytes,
     EFI_LOAD_ERROR,
     EFI_SUCCESS,
     EfiBootServices,
@@ -30,7 +32,18 @@ from .pagetables import (
     pt_map,
 )
 from .aesgcm import GcmCtx, gcm_init, gcm_open, gcm_seal
-from .protocol import CPUID_SEV_LEAF
+from .mirror import SetupParams, announce, mirror_setup
+from .protocol import (
+    CPUID_ADDR_SIZE_LEAF,
+    CPUID_SEV_LEAF,
+    DEFAULT_OPTION,
+    MH_CONFIG_GUID,
+    OK,
+    ST_IDLE,
+    MhConfig,
+)
+from .secrets import MAX_CONFIG_TABLES, guid_eq, secret_find_key
+from .session import CTX, wipe_bytes
 
 
 def _gcm_kat() -> bytes:
@@ -69,7 +82,12 @@ MSG_NO_AESNI = text("MigrationHelper: CPU lacks AES-NI/PCLMULQDQ, helper disable
 MSG_SELFTEST_OK = text("MigrationHelper: selftest passed\n")
 MSG_NO_SEV = text("MigrationHelper: SEV not active, helper stays inactive\n")
 MSG_SEV = text("MigrationHelper: SEV active, C-bit ")
-MSG_SEV_TODO = text("MigrationHelper: SEV mirror set-up not in this build; inactive\n")
+MSG_NO_KEY = text("MigrationHelper: no transport key in the SEV secret area, inactive\n")
+MSG_SETUP_FAIL = text("MigrationHelper: mirror set-up failed, inactive: ")
+MSG_ACTIVE = text("MigrationHelper: active, option ")
+MSG_BOOTINFO = text("MigrationHelper: boot info at ")
+MSG_NO_ACK = text("MigrationHelper: host did not acknowledge the announce: ")
+G_MH_CONFIG = static(Array[u8, 16], guid_bytes(MH_CONFIG_GUID), readonly=True)
 
 
 @function
@@ -221,6 +239,58 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
     con_puts(addr(MSG_SEV[0]))
     con_hex(u64(cbit))
     con_puts(addr(MSG_NL[0]))
-    con_puts(addr(MSG_SEV_TODO[0]))
+    activate(st, cbit)
     con_set_conout(0)
     return EFI_SUCCESS
+
+
+@function
+def find_config(st: Ptr[EfiSystemTable]) -> u64:
+    """VendorTable of the MH_CONFIG_GUID configuration table, or 0."""
+    n = min(st.NumberOfTableEntries, u64(MAX_CONFIG_TABLES))
+    tables = Ptr[EfiConfigurationTable](st.ConfigurationTable)
+    for i in range(n):
+        if guid_eq(addr(tables[i].VendorGuid[0]), addr(G_MH_CONFIG[0])):
+            return tables[i].VendorTable
+    return 0
+
+
+@function
+def report(msg: Ptr[u8], value: u64) -> None:
+    con_puts(msg)
+    con_hex(value)
+    con_puts(addr(MSG_NL[0]))
+
+
+@function
+def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
+    """SEV is on: fetch the key, set up the mirror's world, announce it. Any failure leaves the
+    helper inactive (the guest still boots; migration through the helper is then refused)."""
+    c = addr(CTX)
+    if secret_find_key(st, addr(c.key[0])) != OK:
+        con_puts(addr(MSG_NO_KEY[0]))
+        return
+    p: SetupParams
+    p.option = DEFAULT_OPTION
+    p.shift_high = 0
+    cfg = find_config(st)
+    if cfg != 0:
+        p.option = Ptr[MhConfig](cfg).option
+        p.shift_high = Ptr[MhConfig](cfg).shift_high
+    a, b, cc, d = cpuid(CPUID_SEV_LEAF, 0)
+    reduction = (b >> 6) & 63
+    maxphy, b2, c2, d2 = cpuid(CPUID_ADDR_SIZE_LEAF, 0)
+    p.c_bit = cbit
+    p.phys_bits = (maxphy & 0xFF) - reduction
+    r = mirror_setup(c, Ptr[EfiBootServices](st.BootServices), addr(p))
+    if r != OK:
+        wipe_bytes(addr(c.key[0]), 32)
+        report(addr(MSG_SETUP_FAIL[0]), u64(r))
+        return
+    c.have_key = 1
+    c.state = ST_IDLE
+    report(addr(MSG_ACTIVE[0]), u64(p.option))
+    report(addr(MSG_BOOTINFO[0]), c.mailbox)
+    ack = announce(c)
+    if ack != 0:
+        report(addr(MSG_NO_ACK[0]), ack)

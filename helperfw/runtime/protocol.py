@@ -27,10 +27,22 @@ DEBUG_PORT = 0x402  # QEMU isa-debugcon as OVMF configures it
 MH_HC_ANNOUNCE = 0x4D480001  # "MH" << 16 | 1
 
 # -- address-space options (SPEC §4) --------------------------------------------------------
+# Boot parameter: a UEFI configuration table with this GUID whose VendorTable points at an
+# MhConfig; without it the build's DEFAULT_OPTION applies.
+MH_CONFIG_GUID = "1c3aadd0-dc27-4e59-816d-d1593b66ba29"
 OPT_SHIFT = 0
 OPT_TUPLES = 1
 OPT_ISOLATED = 2
 OPTION_NAMES = {OPT_SHIFT: "shift", OPT_TUPLES: "tuples", OPT_ISOLATED: "isolated"}
+DEFAULT_OPTION = OPT_SHIFT
+
+
+@struct
+class MhConfig:
+    """The boot parameter (see MH_CONFIG_GUID)."""
+
+    option: u32  # OPT_*
+    shift_high: u32  # shift only: RAM_BASE = 2^(MAXPHYADDR - reduction - 1) instead of 4 GiB
 
 # Region kinds in the boot-info block: what the host must map (tuples) or copy (isolated).
 REGION_CODE = 1  # image .text: mapped RX
@@ -221,4 +233,4 @@ ST_RECEIVING = 2
 ST_DONE = 3
 ST_ABORTED = 4
 
-WIRE_STRUCTS = [Region, BootInfo, Control, Entry, Command, HelloReply, Envelope, EpochToken]
+WIRE_STRUCTS = [MhConfig, Region, BootInfo, Control, Entry, Command, HelloReply, Envelope, EpochToken]

@@ -1,0 +1,312 @@
+"""Driver-load set-up of the mirror VM: regions, the mirror's page tables, a shared mailbox,
+the BootInfo block and the announce hypercall.
+
+Runs in the main VM at driver load (boot services available, OVMF's identity map active).
+Regions keep their main-VM address as their VA in the mirror, so every pointer the image holds
+stays valid there; only their mirror GPAs differ between the options.
+"""
+
+from __future__ import annotations
+
+from helperfw import (
+    Array,
+    Ptr,
+    addr,
+    efi_call,
+    func_addr,
+    function,
+    i32,
+    read_cr3,
+    sizeof,
+    static,
+    struct,
+    symbol_addr,
+    u8,
+    u32,
+    u64,
+    vmmcall,
+    write_cr3,
+)
+
+from .efi import ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, EfiBootServices
+from .pagetables import (
+    MAP_ENC,
+    MAP_W,
+    MAP_X,
+    PAGE_1G,
+    PAGE_2M,
+    PT_OK,
+    PTE_PS,
+    pt_cr3,
+    pt_init,
+    pt_map,
+)
+from .protocol import (
+    BOOTINFO_MAGIC,
+    DEFAULT_SLOTS,
+    E_BAD_ARG,
+    KVM_HC_MAP_GPA_RANGE,
+    MAILBOX_PAGES,
+    MH_HC_ANNOUNCE,
+    OK,
+    OPT_ISOLATED,
+    OPT_SHIFT,
+    OPT_TUPLES,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    REGION_CODE,
+    REGION_DATA,
+    REGION_MAILBOX,
+    REGION_RODATA,
+    BootInfo,
+)
+from .session import STACK, STACK_SIZE, HelperCtx, mh_entry
+
+PT_POOL_PAGES = 64
+PT_POOL = static(Array[u8, PT_POOL_PAGES * 4096], align=4096)
+FOUR_GIB = 1 << 32
+CANONICAL_LIMIT = 1 << 47
+
+E_SETUP_OPTION = -100  # unknown option
+E_SETUP_HIGH_REGION = -101  # shift: a region lies above 4 GiB
+E_SETUP_TABLES = -102  # page-table pool exhausted or a mapping conflict
+E_SETUP_ALLOC = -103  # AllocatePages failed
+E_SETUP_SHARE = -104  # the guest's own page tables could not be changed
+
+
+@struct
+class SetupParams:
+    option: u32
+    shift_high: u32  # shift option: RAM at 2^(phys_bits-1) instead of 4 GiB
+    c_bit: u32
+    phys_bits: u32  # MAXPHYADDR minus the SEV reduction
+
+
+@function
+def region_flags(kind: u32) -> u32:
+    if kind == REGION_CODE:
+        return MAP_X | MAP_ENC
+    if kind == REGION_RODATA:
+        return MAP_ENC
+    if kind == REGION_MAILBOX:
+        return MAP_W
+    return MAP_W | MAP_ENC
+
+
+@function
+def add_region(c: Ptr[HelperCtx], main: u64, length: u64, kind: u32) -> None:
+    if length == 0:
+        return
+    r = addr(c.regions[c.nregions])
+    r.main_gpa = main
+    r.length = length
+    r.mirror_gpa = main
+    r.kind = kind
+    r.flags = region_flags(kind)
+    c.nregions += 1
+
+
+@function
+def place_regions(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
+    """Choose mirror GPAs and the RAM window base for the option."""
+    top = u64(1) << u64(p.phys_bits)
+    if p.option == OPT_SHIFT:
+        for i in range(c.nregions):
+            r = addr(c.regions[i])
+            if r.main_gpa + r.length > FOUR_GIB:
+                return E_SETUP_HIGH_REGION
+        if p.shift_high != 0:
+            c.ram_base = top >> 1
+            c.ram_max = top >> 1
+        else:
+            c.ram_base = FOUR_GIB
+            c.ram_max = min(top, u64(CANONICAL_LIMIT)) - FOUR_GIB
+        return OK
+    if p.option != OPT_TUPLES and p.option != OPT_ISOLATED:
+        return E_SETUP_OPTION
+    # tuples/isolated: regions packed from 2^(phys_bits-2), RAM in the top half
+    next_gpa = top >> 2
+    for i in range(c.nregions):
+        r = addr(c.regions[i])
+        r.mirror_gpa = next_gpa
+        next_gpa += (r.length + PAGE_SIZE - 1) & ~u64(PAGE_SIZE - 1)
+    c.ram_base = top >> 1
+    c.ram_max = top >> 1
+    return OK
+
+
+@function
+def mirror_of(c: Ptr[HelperCtx], va: u64) -> u64:
+    """Mirror GPA of a VA inside one of the helper's regions (0 if none)."""
+    for i in range(c.nregions):
+        r = addr(c.regions[i])
+        if va >= r.main_gpa and va - r.main_gpa < r.length:
+            return r.mirror_gpa + (va - r.main_gpa)
+    return 0
+
+
+@function
+def build_mirror_tables(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
+    pool = addr(PT_POOL[0])
+    pool_va = u64(pool)
+    if pt_init(addr(c.pt), pool_va, mirror_of(c, pool_va), PT_POOL_PAGES, p.c_bit,
+               p.phys_bits) != PT_OK:
+        return E_SETUP_TABLES
+    order: Array[u32, 8]
+    n = c.nregions
+    for i in range(n):  # insertion sort of region indexes by main GPA
+        order[i] = u32(i)
+        j = i
+        while j > 0 and c.regions[order[j - 1]].main_gpa > c.regions[order[j]].main_gpa:
+            t = order[j]
+            order[j] = order[j - 1]
+            order[j - 1] = t
+            j -= 1
+    cursor: u64 = 0
+    for i in range(n):
+        r = addr(c.regions[order[i]])
+        if p.option == OPT_SHIFT and r.main_gpa > cursor:
+            # the rest of the low 4 GiB, 1:1, private, never executable
+            if pt_map(addr(c.pt), cursor, cursor, r.main_gpa - cursor, MAP_W | MAP_ENC) != PT_OK:
+                return E_SETUP_TABLES
+        if pt_map(addr(c.pt), r.main_gpa, r.mirror_gpa, r.length, r.flags) != PT_OK:
+            return E_SETUP_TABLES
+        cursor = r.main_gpa + r.length
+    if p.option == OPT_SHIFT and cursor < FOUR_GIB:
+        if pt_map(addr(c.pt), cursor, cursor, FOUR_GIB - cursor, MAP_W | MAP_ENC) != PT_OK:
+            return E_SETUP_TABLES
+    return OK
+
+
+# -- making the mailbox shared in the guest's own (OVMF) page tables ---------------------------
+@function
+def split_large(bs: Ptr[EfiBootServices], entry: Ptr[u64], size: u64, amask: u64) -> bool:
+    """Replace a 1 GiB / 2 MiB leaf by a table of the next smaller pages, same attributes."""
+    page: u64 = FOUR_GIB - 1  # identity-mapped: the table must be addressable as is
+    if efi_call(bs.AllocatePages, ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, 1,
+                addr(page)) != 0:
+        return False
+    e = entry[0]
+    base = e & amask & ~(size - 1)
+    attrs = e & ~amask & ~u64(0x1000)  # keep C-bit, NX, RW...; drop the large-page PAT bit
+    sub = size >> 9
+    t = Ptr[u64](page)
+    for i in range(512):
+        if sub == 0x1000:
+            t[i] = (base + u64(i) * sub) | (attrs & ~u64(PTE_PS))
+        else:
+            t[i] = (base + u64(i) * sub) | attrs
+    # the new table is private memory like every OVMF table: reference it with the C-bit
+    entry[0] = page | (e & ~amask & ~u64(PTE_PS) & ~u64(0x1000) & ~(u64(1) << 63)) | 3
+    return True
+
+
+@function
+def guest_clear_cbit(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
+                     phys_bits: u32) -> bool:
+    """Clear the C-bit of `pages` 4 KiB pages at `va` in the current (identity-mapped) tables,
+    splitting large pages as needed, then flush the TLB."""
+    amask = ((u64(1) << u64(phys_bits)) - 1) & ~u64(0xFFF)
+    for k in range(pages):
+        v = va + k * PAGE_SIZE
+        table = read_cr3() & amask
+        shift: u64 = 39
+        while True:
+            entry = Ptr[u64](table) + ((v >> shift) & 511)
+            e = entry[0]
+            if (e & 1) == 0:
+                return False
+            if shift == 12:
+                entry[0] = e & ~c_mask
+                break
+            if (e & PTE_PS) != 0:
+                if shift == 39 or not split_large(bs, entry, u64(1) << shift, amask):
+                    return False
+                e = entry[0]
+            table = e & amask
+            shift -= 9
+    write_cr3(read_cr3())
+    return True
+
+
+@function
+def share_with_host(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
+                    phys_bits: u32) -> i32:
+    if not guest_clear_cbit(bs, va, pages, c_mask, phys_bits):
+        return E_SETUP_SHARE
+    # tell the host: KVM_HC_MAP_GPA_RANGE(gpa, pages, 4 KiB pages, not encrypted)
+    vmmcall(KVM_HC_MAP_GPA_RANGE, va, pages, 0, 0)
+    p = Ptr[u64](va)
+    for i in range(pages * (PAGE_SIZE // 8)):
+        p[i] = 0  # what was there was ciphertext as seen through C=0
+    return OK
+
+
+# -- the whole set-up ------------------------------------------------------------------------------
+@function
+def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams]) -> i32:
+    mailbox: u64 = FOUR_GIB - 1
+    if efi_call(bs.AllocatePages, ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, MAILBOX_PAGES,
+                addr(mailbox)) != 0:
+        return E_SETUP_ALLOC
+    c_mask = u64(1) << u64(p.c_bit)
+    st = share_with_host(bs, mailbox, MAILBOX_PAGES, c_mask, p.phys_bits)
+    if st != OK:
+        return st
+    c.option = p.option
+    c.c_bit = p.c_bit
+    c.phys_bits = p.phys_bits
+    c.mailbox = mailbox
+    c.slots = DEFAULT_SLOTS
+    c.nregions = 0
+    c.window_mapped = 0
+    c.flags = 0
+    c.last_bell = 0
+    add_region(c, symbol_addr("__text_start"), symbol_addr("__text_end") -
+               symbol_addr("__text_start"), REGION_CODE)
+    add_region(c, symbol_addr("__rodata_start"), symbol_addr("__rodata_end") -
+               symbol_addr("__rodata_start"), REGION_RODATA)
+    add_region(c, symbol_addr("__data_start"), symbol_addr("__image_end") -
+               symbol_addr("__data_start"), REGION_DATA)
+    add_region(c, mailbox, MAILBOX_PAGES * PAGE_SIZE, REGION_MAILBOX)
+    st = place_regions(c, p)
+    if st != OK:
+        return st
+    st = build_mirror_tables(c, p)
+    if st != OK:
+        return st
+    if c.ram_max == 0:
+        return E_BAD_ARG
+    bi = Ptr[BootInfo](mailbox)
+    bi.magic = BOOTINFO_MAGIC
+    bi.version = PROTOCOL_VERSION
+    bi.option = p.option
+    bi.c_bit = p.c_bit
+    bi.entry_rip = func_addr(mh_entry)
+    bi.cr3 = pt_cr3(addr(c.pt))
+    bi.rsp = u64(addr(STACK[0])) + STACK_SIZE - 8  # as if mh_entry had been called
+    bi.mailbox_gpa = mailbox
+    bi.mailbox_mirror_gpa = mirror_of(c, mailbox)
+    bi.mailbox_pages = MAILBOX_PAGES
+    bi.slots = c.slots
+    bi.ram_base = c.ram_base
+    bi.ram_max = c.ram_max
+    bi.nregions = c.nregions
+    for i in range(c.nregions):
+        d = addr(bi.regions[i])
+        s = addr(c.regions[i])
+        d.main_gpa = s.main_gpa
+        d.length = s.length
+        d.mirror_gpa = s.mirror_gpa
+        d.kind = s.kind
+        d.flags = s.flags
+    bi.active = 1
+    return OK
+
+
+@function
+def announce(c: Ptr[HelperCtx]) -> u64:
+    return vmmcall(MH_HC_ANNOUNCE, c.mailbox, u64(PROTOCOL_VERSION), 0, 0)
+
+
+_ = (sizeof, PAGE_1G, PAGE_2M)

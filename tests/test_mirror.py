@@ -1,0 +1,157 @@
+"""The driver's SEV-active path in the emulator, then its mirror VM for every option.
+
+Main VM: the UEFI stand-in loads out/MigrationHelper.efi with a launch secret; the driver makes
+its mailbox shared, builds the mirror tables and announces BootInfo. Host side: a mirror VM
+sharing the main VM's key is created the way the option says (shift: low 4 GiB 1:1; tuples:
+regions host-mapped at their mirror GPAs; isolated: regions copied into mirror-only memory),
+and one HELLO + SEND_BEGIN + SEND batch runs in it. The sealed page must open with an outside
+AES-GCM to what the main VM holds at that ram_addr."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emulate.cpuid import CpuidModel
+from emulate.machine import VM
+from emulate.memctl import MemoryController
+from emulate.uefi import UefiStandIn
+from helperfw.runtime import protocol as P
+from helperfw.runtime import secrets
+from tests.session_host import open_record
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = bytes(range(7, 39))
+RAM = 64 << 20
+MIRROR_ONLY_HPA = RAM  # isolated: mirror-only memory lives above the guest's RAM
+SEED = 31337
+
+
+@pytest.fixture(scope="module")
+def efi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fw")
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "--out", str(out)], check=True,
+                   cwd=ROOT, capture_output=True)
+    return out / "MigrationHelper.efi"
+
+
+class Announced:
+    """Captures MH_HC_ANNOUNCE (and accepts KVM_HC_MAP_GPA_RANGE) like the QEMU model would."""
+
+    def __init__(self) -> None:
+        self.bootinfo_gpa = None
+        self.shared: list[tuple[int, int]] = []
+
+    def __call__(self, vcpu, nr, a0, a1, a2, a3):
+        if nr == P.MH_HC_ANNOUNCE:
+            assert a1 == 1
+            self.bootinfo_gpa = a0
+            return 0
+        if nr == P.KVM_HC_MAP_GPA_RANGE:
+            self.shared.append((a0, a1))
+            return 0
+        return (-1000) & (2**64 - 1)
+
+
+def boot(efi: Path, cbit: int, option: int):
+    mc = MemoryController(RAM + (16 << 20))
+    vm = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), name="main")
+    host = Announced()
+    vm.hypercall = host
+    symbols = {n: s["rva"] for n, s in
+               json.loads(efi.with_suffix(".map").read_text())["symbols"].items()}
+    u = UefiStandIn(vm, ram_size=RAM, seed=SEED + option, symbols=symbols)
+    u.install_launch_secret([(secrets.KEY_ENTRY_GUID, KEY)])
+    cfg = u.allocate_pool(16, 4)  # EfiBootServicesData
+    vm.write(cfg, P.MhConfig.build(option=option, shift_high=0), encrypted=True)
+    u.install_config_table(P.MH_CONFIG_GUID, cfg)
+    r = u.start_image(efi)
+    assert r.ok, (r.exit, r.debug_log)
+    assert b"MigrationHelper: active" in r.debug_log, r.debug_log
+    assert host.bootinfo_gpa is not None
+    raw = mc.host_read(vm.gpa_to_hpa(host.bootinfo_gpa), P.BootInfo.size)
+    bi = P.BootInfo.parse(raw)  # the host reads it in plaintext: the page is shared
+    assert (bi.magic, bi.version, bi.option, bi.c_bit, bi.active) == (
+        P.BOOTINFO_MAGIC, 1, option, cbit, 1)
+    assert (host.bootinfo_gpa, P.MAILBOX_PAGES) in host.shared
+    return mc, vm, bi
+
+
+def make_mirror(mc: MemoryController, vm: VM, bi, cbit: int) -> VM:
+    mirror = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), mirror_of=vm, name="mirror")
+    slot = 0
+    regions = list(bi.regions)[: bi.nregions]
+    if bi.option == P.OPT_SHIFT:
+        mirror.set_user_memory_region(slot, 0, RAM, vm.gpa_to_hpa(0))
+        slot += 1
+    else:
+        free = MIRROR_ONLY_HPA
+        for r in regions:
+            if bi.option == P.OPT_ISOLATED and r.kind != P.REGION_MAILBOX:
+                # modelled PSP copy: private plaintext moves into mirror-only memory
+                plain = vm.read(r.main_gpa, r.length, encrypted=True)
+                mirror.set_user_memory_region(slot, r.mirror_gpa, r.length, free)
+                mirror.write(r.mirror_gpa, plain, encrypted=True)
+                free += r.length
+            else:
+                mirror.set_user_memory_region(slot, r.mirror_gpa, r.length,
+                                              vm.gpa_to_hpa(r.main_gpa))
+            slot += 1
+    mirror.set_user_memory_region(slot, bi.ram_base, RAM, vm.gpa_to_hpa(0))  # ram_addr 0 = GPA 0
+    return mirror
+
+
+def doorbell(mc, vm, bi, vcpu, bell: int, op: int, entries=(), **fields) -> int:
+    ents = [{"ram_addr": a, "flags": 0, "status": 0} for a in entries]
+    ents += [{"ram_addr": 0, "flags": 0, "status": 0}] * (P.MAX_SLOTS - len(ents))
+    mb = vm.gpa_to_hpa(bi.mailbox_gpa)
+    mc.host_write(mb + P.PAGE_SIZE, P.Command.build(op=op, count=len(entries), entries=ents,
+                                                     **fields))
+    mc.host_write(mb + P.CONTROL_OFFSET, struct.pack("<Q", bell))
+    ex = vcpu.run_to_hlt(50_000_000)
+    assert ex.reason == "hlt"
+    ctl = P.Control.parse(mc.host_read(mb + P.CONTROL_OFFSET, P.Control.size))
+    assert ctl.completed == bell
+    return ctl.status
+
+
+@pytest.mark.parametrize("cbit", [47, 51])
+@pytest.mark.parametrize("option", [P.OPT_SHIFT, P.OPT_TUPLES, P.OPT_ISOLATED],
+                         ids=lambda o: P.OPTION_NAMES[o])
+def test_mirror_runs_a_batch(efi, option, cbit):
+    print("seed", SEED)
+    mc, vm, bi = boot(efi, cbit, option)
+    regions = list(bi.regions)[: bi.nregions]
+    kinds = {r.kind for r in regions}
+    assert kinds == {P.REGION_CODE, P.REGION_RODATA, P.REGION_DATA, P.REGION_MAILBOX}
+    if option == P.OPT_SHIFT:
+        assert bi.ram_base == 1 << 32 and all(r.mirror_gpa == r.main_gpa for r in regions)
+    else:
+        assert bi.ram_base == 1 << (cbit + 1 - 5 - 1)  # 2^(MAXPHYADDR - reduction - 1)
+        assert all(r.mirror_gpa >= bi.ram_base // 2 for r in regions)
+    mirror = make_mirror(mc, vm, bi, cbit)
+    vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
+    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_HELLO, version=1) == 0
+    # a private page of the guest: write it through the main VM's C=1 view
+    page_gpa = 0x200000
+    secret = bytes((i * 13 + option) & 0xFF for i in range(P.PAGE_SIZE))
+    vm.write(page_gpa, secret, encrypted=True)
+    assert secret not in mc.host_read(vm.gpa_to_hpa(page_gpa), P.PAGE_SIZE)
+    assert doorbell(mc, vm, bi, vcpu, 2, P.OP_SEND_BEGIN, version=1, ram_size=RAM) == 0
+    mb = vm.gpa_to_hpa(bi.mailbox_gpa)
+    slot0 = mb + 2 * P.PAGE_SIZE
+    sid = P.HelloReply.parse(mc.host_read(slot0, P.HelloReply.size)).session_id
+    assert doorbell(mc, vm, bi, vcpu, 3, P.OP_SEND, entries=[page_gpa]) == 0
+    record = mc.host_read(slot0, P.SLOT_SIZE)
+    env, plain = open_record(KEY, sid, record)
+    assert env.ram_addr == page_gpa and plain == secret
+    # its own code page is refused (E_SELF), and nothing faulted
+    code = next(r for r in regions if r.kind == P.REGION_CODE)
+    assert doorbell(mc, vm, bi, vcpu, 4, P.OP_SEND, entries=[code.main_gpa]) == 0
+    cmd = P.Command.parse(mc.host_read(mb + P.PAGE_SIZE, P.Command.size))
+    assert cmd.entries[0].status == P.STATUS["E_SELF"][0]
