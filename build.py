@@ -19,7 +19,7 @@ import helperfw  # noqa: F401  (first: configures llvmlite)
 from helperfw.codegen.image import LinkedImage
 from helperfw.codegen.pipeline import build
 from helperfw.runtime import protocol
-from helperfw.runtime.driver import efi_main
+from helperfw.runtime.driver import efi_main, mh_descriptor
 from ovmf_glue import edk2
 from ovmf_glue.pe import package_pe, write_symbol_map
 
@@ -32,7 +32,7 @@ def firmware_roots() -> list:
 
 
 def link_image() -> LinkedImage:
-    return build(firmware_roots(), entry=ENTRY).image
+    return build(firmware_roots(), entry=ENTRY, keep=(("mh_descriptor", mh_descriptor),)).image
 
 
 def header_constants() -> list[tuple[str, int, str]]:

@@ -133,8 +133,29 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         print(f"descriptor: (no {DESCRIPTOR_SYMBOL} symbol)", file=out)
     else:
         print(f"descriptor ({DESCRIPTOR_SYMBOL}, {desc.size} bytes at {desc.rva:#x}):", file=out)
-        _hexdump(pe.get_data(desc.rva, desc.size), desc.rva, out)
+        raw = pe.get_data(desc.rva, desc.size)
+        _hexdump(raw, desc.rva, out)
+        _print_descriptor(raw, out)
     return 0
+
+
+def _print_descriptor(raw: bytes, out: TextIO) -> None:
+    """Decode the descriptor with the same struct the firmware was built from."""
+    import uuid
+
+    from helperfw.runtime.protocol import DESCRIPTOR_MAGIC, OPTION_NAMES, ImageDescriptor
+
+    if len(raw) < ImageDescriptor.size:
+        return
+    d = ImageDescriptor.parse(raw)
+    if d.magic != DESCRIPTOR_MAGIC:
+        print("  (bad descriptor magic)", file=out)
+        return
+    print(f"  protocol version {d.protocol_version}, default option "
+          f"{OPTION_NAMES.get(d.default_option, d.default_option)}, {d.slots} slots, "
+          f"capabilities {d.capabilities:#x}", file=out)
+    print(f"  key entry GUID   {uuid.UUID(bytes_le=bytes(d.key_entry_guid))}", file=out)
+    print(f"  config GUID      {uuid.UUID(bytes_le=bytes(d.config_guid))}", file=out)
 
 
 def cmd_disasm(args: argparse.Namespace, out: TextIO) -> int:

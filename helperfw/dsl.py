@@ -131,7 +131,7 @@ class Static:
     when `readonly`. `init` is the raw bytes of its initial value (e.g. from StructType.build)."""
 
     def __init__(self, t: Type, init: bytes | None = None, readonly: bool = False,
-                 align: int | None = None) -> None:
+                 align: int | None = None, keep: bool = False) -> None:
         if init is not None and len(init) != t.size:
             raise ValueError(f"initialiser is {len(init)} bytes, {t} needs {t.size}")
         if readonly and init is None:
@@ -140,6 +140,7 @@ class Static:
         self.init = init
         self.readonly = readonly
         self.align = align or max(t.align, 1)
+        self.keep = keep  # stays in the image (llvm.used) even if no code reads it
         self.name: str | None = None  # symbol name, assigned by the compiler
 
     def __repr__(self) -> str:
@@ -147,8 +148,8 @@ class Static:
 
 
 def static(t: Type, init: bytes | None = None, *, readonly: bool = False,
-           align: int | None = None) -> Static:
-    return Static(t, init, readonly, align)
+           align: int | None = None, keep: bool = False) -> Static:
+    return Static(t, init, readonly, align, keep)
 
 
 class Intrinsic:

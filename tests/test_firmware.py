@@ -87,3 +87,16 @@ def test_real_ovmf_loads_and_selftests_the_firmware(built):
     for line in SELFTEST_LINES:
         assert line in log, detail
         assert line in r.console, detail  # ConOut too, not only the debug port
+
+
+def test_inspect_decodes_the_descriptor(built):
+    out, _ = built
+    r = subprocess.run([sys.executable, "-m", "helperfw.cli", "inspect",
+                        str(out / "MigrationHelper.efi")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from helperfw.runtime.protocol import MH_CONFIG_GUID
+    from helperfw.runtime.secrets import KEY_ENTRY_GUID
+
+    assert "protocol version 1, default option shift, 64 slots" in r.stdout
+    assert KEY_ENTRY_GUID in r.stdout and MH_CONFIG_GUID in r.stdout
+    assert "efi_main" in r.stdout and "mh_entry" in r.stdout

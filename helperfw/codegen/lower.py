@@ -103,6 +103,7 @@ class ModuleLowerer:
         self.externs: dict[str, ir.GlobalVariable] = {}
         self.intrinsic_fns: dict[str, ir.Function] = {}
         self._queue: list[Function] = []
+        self._kept: list[tuple[Static, ir.GlobalVariable]] = []
         self._names: dict[str, object] = {}
 
     # -- declarations -------------------------------------------------------------------------
@@ -157,6 +158,8 @@ class ModuleLowerer:
         g.align = s.align
         g.global_constant = s.readonly
         self.statics[key] = g
+        if s.keep:
+            self._kept.append((s, g))
         return g
 
     def extern_symbol(self, name: str) -> ir.GlobalVariable:
@@ -176,12 +179,21 @@ class ModuleLowerer:
         return self.intrinsic_fns[name]
 
     # -- driver -------------------------------------------------------------------------------
-    def lower(self, roots: list[Function]) -> ir.Module:
+    def lower(self, roots: list[Function], keep: tuple[tuple[str, Static], ...] = ()) -> ir.Module:
         for fn in roots:
             self.declare(fn)
+        for name, s in keep:
+            self.static_global(s, name)
         while self._queue:
             fn = self._queue.pop(0)
             FunctionLowerer(self, fn).lower()
+        kept = [g for s, g in self._kept]
+        if kept:  # llvm.used: the optimiser and the object writer must keep these
+            arr = ir.ArrayType(ir.PointerType(), len(kept))
+            used = ir.GlobalVariable(self.module, arr, "llvm.used")
+            used.linkage = "appending"
+            used.section = "llvm.metadata"
+            used.initializer = ir.Constant(arr, kept)
         return self.module
 
 
@@ -1124,6 +1136,8 @@ def _fold(op: ast.operator, a: int, b: int, node: ast.AST, fl: FunctionLowerer) 
         raise fl.err(node, str(e)) from None
 
 
-def lower_functions(roots: list[Function], name: str = "helper") -> ir.Module:
-    """Lower `roots` and every DSL function they call into one LLVM module."""
-    return ModuleLowerer(name).lower(roots)
+def lower_functions(roots: list[Function], name: str = "helper",
+                    keep: tuple[tuple[str, Static], ...] = ()) -> ir.Module:
+    """Lower `roots` and every DSL function they call into one LLVM module; `keep` names
+    statics (symbol, static) that must be in the image even if no code reads them."""
+    return ModuleLowerer(name).lower(roots, keep)

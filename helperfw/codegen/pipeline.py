@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..dsl import Function
+from ..dsl import Function, Static
 from . import emit, link, lower
 from .image import LinkedImage
 
@@ -18,8 +18,8 @@ class Build:
 
 
 def build(roots: list[Function], entry: str | None = None, opt: int = 2,
-          name: str = "helper") -> Build:
-    mod = lower.lower_functions(roots, name)
+          name: str = "helper", keep: tuple[tuple[str, Static], ...] = ()) -> Build:
+    mod = lower.lower_functions(roots, name, keep)
     ir_text = str(mod)
     opt_mod = emit.optimize(ir_text, opt)
     obj = emit.emit_object(opt_mod, opt)

@@ -34,7 +34,12 @@ from .pagetables import (
 from .aesgcm import GcmCtx, gcm_init, gcm_open, gcm_seal
 from .mirror import SetupParams, announce, mirror_setup
 from .protocol import (
+    CAP_AESNI_GCM,
     CPUID_ADDR_SIZE_LEAF,
+    DEFAULT_SLOTS,
+    DESCRIPTOR_MAGIC,
+    PROTOCOL_VERSION,
+    ImageDescriptor,
     CPUID_SEV_LEAF,
     DEFAULT_OPTION,
     MH_CONFIG_GUID,
@@ -42,7 +47,7 @@ from .protocol import (
     ST_IDLE,
     MhConfig,
 )
-from .secrets import MAX_CONFIG_TABLES, guid_eq, secret_find_key
+from .secrets import KEY_ENTRY_GUID, MAX_CONFIG_TABLES, guid_eq, secret_find_key
 from .session import CTX, wipe_bytes
 
 
@@ -87,6 +92,11 @@ MSG_SETUP_FAIL = text("MigrationHelper: mirror set-up failed, inactive: ")
 MSG_ACTIVE = text("MigrationHelper: active, option ")
 MSG_BOOTINFO = text("MigrationHelper: boot info at ")
 MSG_NO_ACK = text("MigrationHelper: host did not acknowledge the announce: ")
+mh_descriptor = static(ImageDescriptor, ImageDescriptor.build(
+    magic=DESCRIPTOR_MAGIC, protocol_version=PROTOCOL_VERSION.value,
+    default_option=DEFAULT_OPTION, slots=DEFAULT_SLOTS, capabilities=CAP_AESNI_GCM,
+    key_entry_guid=guid_bytes(KEY_ENTRY_GUID), config_guid=guid_bytes(MH_CONFIG_GUID),
+), readonly=True, keep=True)
 G_MH_CONFIG = static(Array[u8, 16], guid_bytes(MH_CONFIG_GUID), readonly=True)
 
 

@@ -223,6 +223,23 @@ class HelloReply:
 
 CAP_AESNI_GCM = 1
 
+
+@struct
+class ImageDescriptor:
+    """In the image's .rodata as symbol `mh_descriptor`: what `helperfw inspect` and host tools
+    read from a .efi without running it."""
+
+    magic: u32  # "MHDS"
+    protocol_version: u32
+    default_option: u32
+    slots: u32
+    capabilities: u64
+    key_entry_guid: Array[u8, 16]  # the secret-area entry holding the transport key
+    config_guid: Array[u8, 16]  # the boot-parameter configuration table
+
+
+DESCRIPTOR_MAGIC = 0x5344484D  # "MHDS"
+
 MAILBOX_DATA_PAGES = (DEFAULT_SLOTS * SLOT_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
 MAILBOX_PAGES = 2 + MAILBOX_DATA_PAGES  # boot-info/control, command, slots
 
@@ -233,4 +250,4 @@ ST_RECEIVING = 2
 ST_DONE = 3
 ST_ABORTED = 4
 
-WIRE_STRUCTS = [MhConfig, Region, BootInfo, Control, Entry, Command, HelloReply, Envelope, EpochToken]
+WIRE_STRUCTS = [ImageDescriptor, MhConfig, Region, BootInfo, Control, Entry, Command, HelloReply, Envelope, EpochToken]
