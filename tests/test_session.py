@@ -87,7 +87,7 @@ def test_attacks_are_refused_and_leave_memory_untouched(pair):
     sid = src.send_begin()
     addrs = sorted(pages)
     recs1, tok1 = migrate_epoch(src, dst, addrs[:8])
-    recs2, tok2 = migrate_epoch(src, dst, addrs[8:16])
+    recs2, _tok2 = migrate_epoch(src, dst, addrs[8:16])
     assert dst.recv_begin(sid) == 0
     before = dst.page(addrs[0])
 
@@ -135,7 +135,7 @@ def test_finish_refused_when_an_epoch_is_missing(pair):
     addrs = sorted(pages)
     recs1, tok1 = migrate_epoch(src, dst, addrs[:4])
     recs2, tok2 = migrate_epoch(src, dst, addrs[4:8])
-    ok, fin = src.token(P.OP_SEND_FINISH)
+    _ok, fin = src.token(P.OP_SEND_FINISH)
     assert dst.recv_begin(sid) == 0
     assert dst.recv(recs1) == [0] * 4
     assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == 0
@@ -149,7 +149,7 @@ def test_finish_refused_when_an_epoch_is_missing(pair):
 
 
 def test_address_validation_and_states(pair):
-    src, dst, pages = pair
+    src, _dst, _pages = pair
     assert src.command(P.OP_SEND, [(0, 0)])[0] == st("E_BAD_STATE")
     assert src.command(P.OP_RECV_FINISH)[0] == st("E_BAD_STATE")
     assert src.command(P.OP_SEND_BEGIN, ram_size=3 * PAGE)[0] == st("E_BAD_ARG")

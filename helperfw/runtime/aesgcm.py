@@ -24,7 +24,6 @@ destination may be clobbered: the plaintext is then decrypted in place and wiped
 """
 
 # DSL locals declared without a value (`buf: Array[u8, 16]`) look undefined to pyflakes.
-# ruff: noqa: F821
 
 from __future__ import annotations
 

@@ -4,7 +4,18 @@ exist (the mirror VM has none, so ConOut is cleared before the driver returns)."
 from __future__ import annotations
 
 from helperfw import (
-    Array, Ptr, Static, addr, efi_call, function, outb, static, struct, u8, u16, u64,
+    Array,
+    Ptr,
+    Static,
+    addr,
+    efi_call,
+    function,
+    outb,
+    static,
+    struct,
+    u8,
+    u16,
+    u64,
 )
 
 from .efi import EfiSimpleTextOutput

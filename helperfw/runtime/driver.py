@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from helperfw import Array, Ptr, addr, cpuid, efi_call, function, static, u8, u32, u64
 
+from .aesgcm import GcmCtx, gcm_init, gcm_open, gcm_seal
 from .console import con_hex, con_puts, con_set_conout, text
 from .efi import (
     ALLOCATE_ANY_PAGES,
-    EfiConfigurationTable,
-    guid_bytes,
     EFI_LOAD_ERROR,
     EFI_SUCCESS,
     EfiBootServices,
+    EfiConfigurationTable,
     EfiSystemTable,
+    guid_bytes,
 )
+from .mirror import SetupParams, announce, mirror_setup
 from .pagetables import (
     MAP_ENC,
     MAP_W,
@@ -31,20 +33,18 @@ from .pagetables import (
     pt_lookup,
     pt_map,
 )
-from .aesgcm import GcmCtx, gcm_init, gcm_open, gcm_seal
-from .mirror import SetupParams, announce, mirror_setup
 from .protocol import (
     CAP_AESNI_GCM,
     CPUID_ADDR_SIZE_LEAF,
-    DEFAULT_SLOTS,
-    DESCRIPTOR_MAGIC,
-    PROTOCOL_VERSION,
-    ImageDescriptor,
     CPUID_SEV_LEAF,
     DEFAULT_OPTION,
+    DEFAULT_SLOTS,
+    DESCRIPTOR_MAGIC,
     MH_CONFIG_GUID,
     OK,
+    PROTOCOL_VERSION,
     ST_IDLE,
+    ImageDescriptor,
     MhConfig,
 )
 from .secrets import KEY_ENTRY_GUID, MAX_CONFIG_TABLES, guid_eq, secret_find_key
@@ -185,7 +185,7 @@ def selftest_gcm() -> u32:
 
 @function
 def cpu_has_aesni() -> bool:
-    a, b, c, d = cpuid(1, 0)
+    _a, _b, c, _d = cpuid(1, 0)
     return (c & (1 << 25)) != 0 and (c & (1 << 1)) != 0
 
 
@@ -223,10 +223,10 @@ def selftest(bs: Ptr[EfiBootServices]) -> bool:
 @function
 def sev_c_bit() -> u32:
     """C-bit position if the CPU reports SEV (CPUID 0x8000001F EAX bit 1), else 0."""
-    maxleaf, b0, c0, d0 = cpuid(0x80000000, 0)
+    maxleaf, _b0, _c0, _d0 = cpuid(0x80000000, 0)
     if maxleaf < CPUID_SEV_LEAF:
         return 0
-    a, b, c, d = cpuid(CPUID_SEV_LEAF, 0)
+    a, b, _c, _d = cpuid(CPUID_SEV_LEAF, 0)
     if (a & 2) == 0:
         return 0
     return b & 63
@@ -287,9 +287,9 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
     if cfg != 0:
         p.option = Ptr[MhConfig](cfg).option
         p.shift_high = Ptr[MhConfig](cfg).shift_high
-    a, b, cc, d = cpuid(CPUID_SEV_LEAF, 0)
+    _a, b, _c, _d = cpuid(CPUID_SEV_LEAF, 0)
     reduction = (b >> 6) & 63
-    maxphy, b2, c2, d2 = cpuid(CPUID_ADDR_SIZE_LEAF, 0)
+    maxphy, _b2, _c2, _d2 = cpuid(CPUID_ADDR_SIZE_LEAF, 0)
     p.c_bit = cbit
     p.phys_bits = (maxphy & 0xFF) - reduction
     r = mirror_setup(c, Ptr[EfiBootServices](st.BootServices), addr(p))

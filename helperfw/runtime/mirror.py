@@ -17,7 +17,6 @@ from helperfw import (
     function,
     i32,
     read_cr3,
-    sizeof,
     static,
     struct,
     symbol_addr,
@@ -33,8 +32,6 @@ from .pagetables import (
     MAP_ENC,
     MAP_W,
     MAP_X,
-    PAGE_1G,
-    PAGE_2M,
     PT_OK,
     PTE_PS,
     pt_cr3,
@@ -165,16 +162,16 @@ def build_mirror_tables(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
     cursor: u64 = 0
     for i in range(n):
         r = addr(c.regions[order[i]])
-        if p.option == OPT_SHIFT and r.main_gpa > cursor:
-            # the rest of the low 4 GiB, 1:1, private, never executable
-            if pt_map(addr(c.pt), cursor, cursor, r.main_gpa - cursor, MAP_W | MAP_ENC) != PT_OK:
-                return E_SETUP_TABLES
+        # shift: the rest of the low 4 GiB, 1:1, private, never executable
+        if p.option == OPT_SHIFT and r.main_gpa > cursor and pt_map(
+                addr(c.pt), cursor, cursor, r.main_gpa - cursor, MAP_W | MAP_ENC) != PT_OK:
+            return E_SETUP_TABLES
         if pt_map(addr(c.pt), r.main_gpa, r.mirror_gpa, r.length, r.flags) != PT_OK:
             return E_SETUP_TABLES
         cursor = r.main_gpa + r.length
-    if p.option == OPT_SHIFT and cursor < FOUR_GIB:
-        if pt_map(addr(c.pt), cursor, cursor, FOUR_GIB - cursor, MAP_W | MAP_ENC) != PT_OK:
-            return E_SETUP_TABLES
+    if p.option == OPT_SHIFT and cursor < FOUR_GIB and pt_map(
+            addr(c.pt), cursor, cursor, FOUR_GIB - cursor, MAP_W | MAP_ENC) != PT_OK:
+        return E_SETUP_TABLES
     return OK
 
 
@@ -308,5 +305,3 @@ def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams
 def announce(c: Ptr[HelperCtx]) -> u64:
     return vmmcall(MH_HC_ANNOUNCE, c.mailbox, u64(PROTOCOL_VERSION), 0, 0)
 
-
-_ = (sizeof, PAGE_1G, PAGE_2M)
