@@ -129,6 +129,9 @@ class ModuleLowerer:
             f.visibility = "hidden"  # dso_local, PC-relative, no GOT
         for a in FN_ATTRS:
             set.add(f.attributes, a)  # bypass llvmlite's list of known attribute names
+        if fn.small:
+            set.add(f.attributes, "optsize")
+            set.add(f.attributes, "minsize")
         if fn.section:
             f.section = fn.section
         self.functions[fn] = f

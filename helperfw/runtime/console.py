@@ -37,12 +37,12 @@ CONSOLE = static(ConsoleState)
 HEX = text("0123456789abcdef")
 
 
-@function
+@function(small=True)
 def con_set_conout(conout: u64) -> None:
     CONSOLE.conout = conout
 
 
-@function
+@function(small=True)
 def con_flush16(buf: Ptr[u16], n: u64) -> None:
     if CONSOLE.conout != 0 and n != 0:
         buf[n] = 0
@@ -50,7 +50,7 @@ def con_flush16(buf: Ptr[u16], n: u64) -> None:
         efi_call(fp, CONSOLE.conout, buf)
 
 
-@function
+@function(small=True)
 def con_puts(s: Ptr[u8]) -> None:
     """Write a NUL-terminated string; '\\n' becomes CR LF on ConOut."""
     buf: Array[u16, 80]
@@ -71,7 +71,7 @@ def con_puts(s: Ptr[u8]) -> None:
     con_flush16(addr(buf[0]), n)
 
 
-@function
+@function(small=True)
 def con_hex(v: u64) -> None:
     """Write `v` as 0x-prefixed hex (16 digits)."""
     digits: Array[u8, 20]

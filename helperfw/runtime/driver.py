@@ -100,14 +100,14 @@ mh_descriptor = static(ImageDescriptor, ImageDescriptor.build(
 G_MH_CONFIG = static(Array[u8, 16], guid_bytes(MH_CONFIG_GUID), readonly=True)
 
 
-@function
+@function(small=True)
 def selftest_check_map(b: Ptr[PtBuilder], va: u64, want_pa: u64, want_bits: u64) -> bool:
     bits: u64 = 0
     pa = pt_lookup(b, va, addr(bits))
     return pa == want_pa and bits == want_bits
 
 
-@function
+@function(small=True)
 def selftest_pagetables(pool: u64) -> u32:
     """Build a small mirror address space and walk it back: returns 0 or the failing check."""
     b: PtBuilder
@@ -142,7 +142,7 @@ def selftest_pagetables(pool: u64) -> u32:
     return 0
 
 
-@function
+@function(small=True)
 def bytes_eq(a: Ptr[u8], b: Ptr[u8], n: u64) -> bool:
     diff: u8 = 0
     for i in range(n):
@@ -150,7 +150,7 @@ def bytes_eq(a: Ptr[u8], b: Ptr[u8], n: u64) -> bool:
     return diff == 0
 
 
-@function
+@function(small=True)
 def selftest_gcm() -> u32:
     """Seal the known answer, compare, open it back, and check a flipped bit is refused
     without touching the output. Returns 0 or the failing check."""
@@ -183,13 +183,13 @@ def selftest_gcm() -> u32:
     return 0
 
 
-@function
+@function(small=True)
 def cpu_has_aesni() -> bool:
     _a, _b, c, _d = cpuid(1, 0)
     return (c & (1 << 25)) != 0 and (c & (1 << 1)) != 0
 
 
-@function
+@function(small=True)
 def selftest(bs: Ptr[EfiBootServices]) -> bool:
     if not cpu_has_aesni():
         con_puts(addr(MSG_NO_AESNI[0]))
@@ -220,7 +220,7 @@ def selftest(bs: Ptr[EfiBootServices]) -> bool:
     return True
 
 
-@function
+@function(small=True)
 def sev_c_bit() -> u32:
     """C-bit position if the CPU reports SEV (CPUID 0x8000001F EAX bit 1), else 0."""
     maxleaf, _b0, _c0, _d0 = cpuid(0x80000000, 0)
@@ -232,7 +232,7 @@ def sev_c_bit() -> u32:
     return b & 63
 
 
-@function(abi="efi", name="efi_main")
+@function(abi="efi", name="efi_main", small=True)
 def efi_main(image_handle: u64, system_table: u64) -> u64:
     st = Ptr[EfiSystemTable](system_table)
     con_set_conout(st.ConOut)
@@ -254,7 +254,7 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
     return EFI_SUCCESS
 
 
-@function
+@function(small=True)
 def find_config(st: Ptr[EfiSystemTable]) -> u64:
     """VendorTable of the MH_CONFIG_GUID configuration table, or 0."""
     n = min(st.NumberOfTableEntries, u64(MAX_CONFIG_TABLES))
@@ -265,14 +265,14 @@ def find_config(st: Ptr[EfiSystemTable]) -> u64:
     return 0
 
 
-@function
+@function(small=True)
 def report(msg: Ptr[u8], value: u64) -> None:
     con_puts(msg)
     con_hex(value)
     con_puts(addr(MSG_NL[0]))
 
 
-@function
+@function(small=True)
 def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
     """SEV is on: fetch the key, set up the mirror's world, announce it. Any failure leaves the
     helper inactive (the guest still boots; migration through the helper is then refused)."""

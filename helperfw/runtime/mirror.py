@@ -79,7 +79,7 @@ class SetupParams:
     phys_bits: u32  # MAXPHYADDR minus the SEV reduction
 
 
-@function
+@function(small=True)
 def region_flags(kind: u32) -> u32:
     if kind == REGION_CODE:
         return MAP_X | MAP_ENC
@@ -90,7 +90,7 @@ def region_flags(kind: u32) -> u32:
     return MAP_W | MAP_ENC
 
 
-@function
+@function(small=True)
 def add_region(c: Ptr[HelperCtx], main: u64, length: u64, kind: u32) -> None:
     if length == 0:
         return
@@ -103,7 +103,7 @@ def add_region(c: Ptr[HelperCtx], main: u64, length: u64, kind: u32) -> None:
     c.nregions += 1
 
 
-@function
+@function(small=True)
 def place_regions(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
     """Choose mirror GPAs and the RAM window base for the option."""
     top = u64(1) << u64(p.phys_bits)
@@ -132,7 +132,7 @@ def place_regions(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
     return OK
 
 
-@function
+@function(small=True)
 def mirror_of(c: Ptr[HelperCtx], va: u64) -> u64:
     """Mirror GPA of a VA inside one of the helper's regions (0 if none)."""
     for i in range(c.nregions):
@@ -142,7 +142,7 @@ def mirror_of(c: Ptr[HelperCtx], va: u64) -> u64:
     return 0
 
 
-@function
+@function(small=True)
 def build_mirror_tables(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
     pool = addr(PT_POOL[0])
     pool_va = u64(pool)
@@ -176,7 +176,7 @@ def build_mirror_tables(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
 
 
 # -- making the mailbox shared in the guest's own (OVMF) page tables ---------------------------
-@function
+@function(small=True)
 def split_large(bs: Ptr[EfiBootServices], entry: Ptr[u64], size: u64, amask: u64) -> bool:
     """Replace a 1 GiB / 2 MiB leaf by a table of the next smaller pages, same attributes."""
     page: u64 = FOUR_GIB - 1  # identity-mapped: the table must be addressable as is
@@ -198,7 +198,7 @@ def split_large(bs: Ptr[EfiBootServices], entry: Ptr[u64], size: u64, amask: u64
     return True
 
 
-@function
+@function(small=True)
 def guest_clear_cbit(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
                      phys_bits: u32) -> bool:
     """Clear the C-bit of `pages` 4 KiB pages at `va` in the current (identity-mapped) tables,
@@ -226,7 +226,7 @@ def guest_clear_cbit(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
     return True
 
 
-@function
+@function(small=True)
 def share_with_host(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
                     phys_bits: u32) -> i32:
     if not guest_clear_cbit(bs, va, pages, c_mask, phys_bits):
@@ -240,7 +240,7 @@ def share_with_host(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
 
 
 # -- the whole set-up ------------------------------------------------------------------------------
-@function
+@function(small=True)
 def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams]) -> i32:
     mailbox: u64 = FOUR_GIB - 1
     if efi_call(bs.AllocatePages, ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, MAILBOX_PAGES,
@@ -301,7 +301,7 @@ def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams
     return OK
 
 
-@function
+@function(small=True)
 def announce(c: Ptr[HelperCtx]) -> u64:
     return vmmcall(MH_HC_ANNOUNCE, c.mailbox, u64(PROTOCOL_VERSION), 0, 0)
 

@@ -32,7 +32,7 @@ G_CC_SECRET = static(Array[u8, 16], guid_bytes(CONFIDENTIAL_COMPUTING_SECRET_GUI
 G_SECRET_HDR = static(Array[u8, 16], guid_bytes(SECRET_TABLE_HEADER_GUID), readonly=True)
 
 
-@function
+@function(small=True)
 def guid_eq(a: Ptr[u8], b: Ptr[u8]) -> bool:
     diff: u8 = 0
     for i in range(16):
@@ -40,7 +40,7 @@ def guid_eq(a: Ptr[u8], b: Ptr[u8]) -> bool:
     return diff == 0
 
 
-@function
+@function(small=True)
 def secret_area_key(base: u64, size: u64, out: Ptr[u8]) -> i32:
     """Copy the helper's 32-byte key out of a secret area at `base` (`size` bytes)."""
     if base == 0 or size < sizeof(SecretTableHeader):
@@ -66,7 +66,7 @@ def secret_area_key(base: u64, size: u64, out: Ptr[u8]) -> i32:
     return E_NO_KEY
 
 
-@function
+@function(small=True)
 def secret_find_key(st: Ptr[EfiSystemTable], out: Ptr[u8]) -> i32:
     """Find the secret area through the UEFI configuration tables and copy the key."""
     n = min(st.NumberOfTableEntries, u64(MAX_CONFIG_TABLES))

@@ -199,13 +199,13 @@ def set_entry_status(c: Ptr[HelperCtx], i: u64, status: i32) -> None:
 
 
 # -- keys ----------------------------------------------------------------------------------------
-@function
+@function(small=True)  # once per session or epoch
 def wipe_session_keys(c: Ptr[HelperCtx]) -> None:
     wipe_bytes(Ptr[u8](addr(c.gcm)), sizeof(GcmCtx))
     wipe_bytes(Ptr[u8](addr(c.hkey)), sizeof(Aes256Key))
 
 
-@function
+@function(small=True)  # once per session or epoch
 def derive_session_keys(c: Ptr[HelperCtx]) -> None:
     """K_s = AES256_K(b0) ‖ AES256_K(b1); K_a = AES256_K(b2) ‖ AES256_K(b3);
     b_i = session_id (u64 LE) ‖ "MHK1" ‖ u32 LE i."""
@@ -250,7 +250,7 @@ def check_ram_addr(c: Ptr[HelperCtx], ram_addr: u64, flags: u32) -> i32:
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def setup_window(c: Ptr[HelperCtx], ram_size: u64) -> i32:
     """Validate the RAM window and extend its mapping (2 MiB granules, 1 GiB where aligned)."""
     if ram_size == 0 or (ram_size & (PAGE_2M - 1)) != 0 or ram_size > c.ram_max:
@@ -271,7 +271,7 @@ def setup_window(c: Ptr[HelperCtx], ram_size: u64) -> i32:
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def begin_session(c: Ptr[HelperCtx], state: u32) -> i32:
     if c.state == ST_SENDING or c.state == ST_RECEIVING:
         return E_BAD_STATE
@@ -294,14 +294,14 @@ def begin_session(c: Ptr[HelperCtx], state: u32) -> i32:
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def end_session(c: Ptr[HelperCtx], state: u32) -> None:
     wipe_session_keys(c)
     c.state = state
 
 
 # -- SEND ------------------------------------------------------------------------------------
-@function
+@function(small=True)  # once per session or epoch
 def op_send_begin(c: Ptr[HelperCtx]) -> i32:
     if c.state == ST_SENDING or c.state == ST_RECEIVING:
         return E_BAD_STATE
@@ -365,7 +365,7 @@ def op_send(c: Ptr[HelperCtx]) -> i32:
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64, nonce_epoch: u32,
                slot: u64) -> None:
     t = addr(c.tok)
@@ -390,7 +390,7 @@ def v128_store_bytes(p: Ptr[u8], v: v128) -> None:
     Ptr[u64](p + 8)[0] = v128_hi(v)
 
 
-@function
+@function(small=True)  # once per session or epoch
 def op_send_end_epoch(c: Ptr[HelperCtx]) -> i32:
     if c.state != ST_SENDING:
         return E_BAD_STATE
@@ -404,7 +404,7 @@ def op_send_end_epoch(c: Ptr[HelperCtx]) -> i32:
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def op_send_finish(c: Ptr[HelperCtx]) -> i32:
     if c.state != ST_SENDING:
         return E_BAD_STATE
@@ -416,7 +416,7 @@ def op_send_finish(c: Ptr[HelperCtx]) -> i32:
 
 
 # -- RECV ------------------------------------------------------------------------------------
-@function
+@function(small=True)  # once per session or epoch
 def op_recv_begin(c: Ptr[HelperCtx]) -> i32:
     if c.state == ST_SENDING or c.state == ST_RECEIVING:
         return E_BAD_STATE
@@ -471,7 +471,7 @@ def op_recv(c: Ptr[HelperCtx]) -> i32:
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i32:
     """Copy slot 0 into private memory and authenticate it as a token of kind `magic`."""
     copy_bytes(Ptr[u8](addr(c.tok)), Ptr[u8](mailbox_slot(c, 0)), sizeof(EpochToken))
@@ -488,7 +488,7 @@ def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i3
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
     if c.state != ST_RECEIVING:
         return E_BAD_STATE
@@ -513,7 +513,7 @@ def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
     return OK
 
 
-@function
+@function(small=True)  # once per session or epoch
 def op_recv_finish(c: Ptr[HelperCtx]) -> i32:
     if c.state != ST_RECEIVING:
         return E_BAD_STATE
@@ -529,7 +529,7 @@ def op_recv_finish(c: Ptr[HelperCtx]) -> i32:
 
 
 # -- HELLO / ABORT / dispatch --------------------------------------------------------------------
-@function
+@function(small=True)  # once per session or epoch
 def write_hello(c: Ptr[HelperCtx]) -> None:
     r: HelloReply
     r.version = PROTOCOL_VERSION
@@ -541,7 +541,7 @@ def write_hello(c: Ptr[HelperCtx]) -> None:
     copy_bytes(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](addr(r)), sizeof(HelloReply))
 
 
-@function
+@function(small=True)  # once per session or epoch
 def op_hello(c: Ptr[HelperCtx]) -> i32:
     if c.cmd.version != PROTOCOL_VERSION:
         return E_VERSION
