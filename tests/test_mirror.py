@@ -58,7 +58,7 @@ class Announced:
         return (-1000) & (2**64 - 1)
 
 
-def boot(efi: Path, cbit: int, option: int):
+def boot(efi: Path, cbit: int, option: int, shift_high: int = 0):
     mc = MemoryController(RAM + (16 << 20))
     vm = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), name="main")
     host = Announced()
@@ -68,7 +68,7 @@ def boot(efi: Path, cbit: int, option: int):
     u = UefiStandIn(vm, ram_size=RAM, seed=SEED + option, symbols=symbols)
     u.install_launch_secret([(secrets.KEY_ENTRY_GUID, KEY)])
     cfg = u.allocate_pool(16, 4)  # EfiBootServicesData
-    vm.write(cfg, P.MhConfig.build(option=option, shift_high=0), encrypted=True)
+    vm.write(cfg, P.MhConfig.build(option=option, shift_high=shift_high), encrypted=True)
     u.install_config_table(P.MH_CONFIG_GUID, cfg)
     r = u.start_image(efi)
     assert r.ok, (r.exit, r.debug_log)
@@ -155,3 +155,77 @@ def test_mirror_runs_a_batch(efi, option, cbit):
     assert doorbell(mc, vm, bi, vcpu, 4, P.OP_SEND, entries=[code.main_gpa]) == 0
     cmd = P.Command.parse(mc.host_read(mb + P.PAGE_SIZE, P.Command.size))
     assert cmd.entries[0].status == P.STATUS["E_SELF"][0]
+
+
+def _leaves(read_qword, cr3: int, layout) -> list[tuple[int, int, int]]:
+    out = []
+
+    def rec(table: int, shift: int, va_base: int) -> None:
+        for i in range(512):
+            e = read_qword(table + 8 * i, True)
+            if not e & 1:
+                continue
+            va = va_base | (i << shift)
+            if shift == 12 or e & 0x80:
+                out.append((va, 1 << shift, e))
+            else:
+                rec(e & layout.addr_mask, shift - 9, va)
+
+    rec(cr3 & layout.addr_mask, 39, 0)
+    return out
+
+
+@pytest.mark.parametrize("cbit", [47, 51])
+@pytest.mark.parametrize("option,high", [(P.OPT_SHIFT, 0), (P.OPT_SHIFT, 1), (P.OPT_TUPLES, 0),
+                                         (P.OPT_ISOLATED, 0)],
+                         ids=["shift-4g", "shift-high", "tuples", "isolated"])
+def test_mirror_tables_for_a_1tib_guest(efi, option, high, cbit):
+    """Walk the tables the driver built (plus the 1 TiB RAM window SEND_BEGIN adds) with the
+    emulator's walker: every mapping and permission, for each option and C-bit."""
+    from emulate.mmu import PageFault, PhysLayout, walk
+
+    mc, vm, bi = boot(efi, cbit, option, high)
+    mirror = make_mirror(mc, vm, bi, cbit)
+    vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
+    tib = 1 << 40
+    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_SEND_BEGIN, version=1, ram_size=tib) == 0
+    layout = PhysLayout(maxphyaddr=cbit + 1, cbit=cbit, reduction=5)
+    phys_top = 1 << layout.phys_bits
+    if option == P.OPT_SHIFT and not high:
+        assert bi.ram_base == 1 << 32
+    else:
+        assert bi.ram_base == phys_top // 2
+
+    def rq(gpa: int, enc: bool) -> int:
+        assert enc, "page-table pages are private"
+        return int.from_bytes(mirror.read(gpa, 8, encrypted=True), "little")
+
+    def tr(va: int):
+        return walk(rq, bi.cr3, va, "read", layout)
+
+    regions = list(bi.regions)[: bi.nregions]
+    for r in regions:
+        for off in (0, r.length // 2 & ~0xFFF, r.length - 1):
+            t = tr(r.main_gpa + off)
+            assert t.gpa == r.mirror_gpa + off
+            assert t.encrypted == (r.kind != P.REGION_MAILBOX)
+            assert t.executable == (r.kind == P.REGION_CODE)
+            assert t.writable == (r.kind in (P.REGION_DATA, P.REGION_MAILBOX))
+    for off in (0, 0x12345000, tib // 2 + 0x1000, tib - 1):
+        t = tr(bi.ram_base + off)
+        assert (t.gpa, t.encrypted, t.writable, t.executable) == (bi.ram_base + off, True, True,
+                                                                   False)
+    assert tr(bi.ram_base + tib // 2).page_size == 1 << 30
+    with pytest.raises(PageFault):
+        tr(bi.ram_base + tib)
+    if option == P.OPT_SHIFT:  # the rest of the low 4 GiB: identity, private, NX
+        lo = 0x300000
+        assert all(not (r.main_gpa <= lo < r.main_gpa + r.length) for r in regions)
+        t = tr(lo)
+        assert (t.gpa, t.encrypted, t.writable, t.executable) == (lo, True, True, False)
+    else:  # nothing of the guest but the helper's regions
+        with pytest.raises(PageFault):
+            tr(0x300000)
+    for va, _size, e in _leaves(rq, bi.cr3, layout):
+        assert not (e & 2 and not e >> 63), f"writable and executable leaf at {va:#x}"
+
