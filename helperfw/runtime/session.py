@@ -391,16 +391,25 @@ def v128_store_bytes(p: Ptr[u8], v: v128) -> None:
 
 
 @function(small=True)  # once per session or epoch
+def next_epoch(c: Ptr[HelperCtx]) -> None:
+    """Both sides, once an epoch's token is sealed or verified: its seqs are
+    [epoch_first, epoch_first + epoch_count), the next epoch starts right after."""
+    c.epoch += 1
+    c.epoch_first += c.epoch_count
+    c.epoch_count = 0
+    c.set_hash = v128_make(0, 0)
+    for i in range(SEEN_WORDS):
+        c.seen[i] = 0
+
+
+@function(small=True)  # once per session or epoch
 def op_send_end_epoch(c: Ptr[HelperCtx]) -> i32:
     if c.state != ST_SENDING:
         return E_BAD_STATE
     if c.epoch >= FINISH_EPOCH - 1:
         return E_EXHAUSTED
     seal_token(c, TOKEN_MAGIC, c.epoch, c.epoch_count, c.epoch_first, c.epoch, mailbox_slot(c, 0))
-    c.epoch += 1
-    c.epoch_first = c.next_seq
-    c.epoch_count = 0
-    c.set_hash = v128_make(0, 0)
+    next_epoch(c)
     return OK
 
 
@@ -504,12 +513,7 @@ def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
             h0 != v128_lo(c.set_hash) or h1 != v128_hi(c.set_hash):
         c.poisoned = 1
         return E_EPOCH
-    c.epoch += 1
-    c.epoch_first += t.count
-    c.epoch_count = 0
-    c.set_hash = v128_make(0, 0)
-    for i in range(SEEN_WORDS):
-        c.seen[i] = 0
+    next_epoch(c)
     return OK
 
 
