@@ -44,7 +44,7 @@ from .aesgcm import (
     gcm_open,
     gcm_seal,
 )
-from .pagetables import MAP_ENC, MAP_W, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
+from .pagetables import MAP_ENC, MAP_W, PAGE_1G, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
 from .protocol import (
     CAP_AESNI_GCM,
     CONTROL_OFFSET,
@@ -261,12 +261,22 @@ def setup_window(c: Ptr[HelperCtx], ram_size: u64) -> i32:
                 c.ram_base, ram_size, r.main_gpa, r.length):
             return E_BAD_ARG
     if ram_size > c.window_mapped:
-        start = c.ram_base + c.window_mapped
-        if pt_map(addr(c.pt), start, start, ram_size - c.window_mapped, MAP_W | MAP_ENC) != PT_OK:
-            return E_BAD_ARG
-        c.window_mapped = ram_size
+        # At most 1 GiB per pt_map, each recorded in window_mapped once mapped: a window larger
+        # than the table pool can map fails here (E_BAD_ARG) but leaves the tables consistent.
+        # One pt_map for the whole window used to leave leaves behind that window_mapped did
+        # not cover, so every later *_BEGIN hit them (PT_E_OVERLAP) and failed for good.
+        st: i32 = OK
+        while st == OK and c.window_mapped < ram_size:
+            start = c.ram_base + c.window_mapped
+            n = min(ram_size - c.window_mapped, PAGE_1G - (start & (PAGE_1G - 1)))
+            if pt_map(addr(c.pt), start, start, n, MAP_W | MAP_ENC) != PT_OK:
+                st = E_BAD_ARG
+            else:
+                c.window_mapped += n
         if (c.flags & CTX_F_NO_CR3) == 0:
             write_cr3(read_cr3())  # new mappings only; flushing keeps the rule simple
+        if st != OK:
+            return st
     c.ram_size = ram_size
     return OK
 
