@@ -91,7 +91,10 @@ An op outside its state returns `E_BAD_STATE` and changes nothing.
   {epoch_max} records (the destination keeps a bitmap of that many seqs to refuse duplicates at
   once).
 * The destination accepts a record only if its session and epoch are current, its seq lies in
-  the epoch's window and was not seen, and its tag verifies; only then is guest memory written.
+  the epoch's window and was not seen, no record of the same `ram_addr` was installed earlier in
+  the epoch, and its tag verifies; only then is guest memory written. A host therefore sends a
+  page at most once per epoch (a page dirtied again goes into a later epoch): two versions of a
+  page in one epoch would let delivery order pick the older one.
   `RECV_END_EPOCH` compares count, first seq and set-hash with the token; `RECV_FINISH`
   refuses (`E_INCOMPLETE`) unless every epoch was closed by a matching token and the final
   totals agree.

@@ -101,6 +101,7 @@ from .protocol import (
 )
 
 SEEN_WORDS = EPOCH_RECORDS_MAX // 64
+ADDR_SLOTS = 2 * EPOCH_RECORDS_MAX  # open addressing, never more than half full
 STACK_SIZE = 32768
 FINISH_EPOCH = 0xFFFFFFFF  # nonce epoch of the finish token; records and epoch tokens never use it
 RDRAND_TRIES = 16
@@ -144,6 +145,7 @@ class HelperCtx:
     env: Envelope  # private copy of one envelope
     tok: EpochToken  # private copy / draft of a token
     seen: Array[u64, SEEN_WORDS]  # RECV: seqs of the current epoch already accepted
+    installed: Array[u64, ADDR_SLOTS]  # RECV: ram_addr | 1 of each page installed this epoch
     pt: PtBuilder  # the mirror's page tables
     scratch: Array[u8, 4096]  # gcm_open decrypts here before releasing plaintext
     kbuf: Array[u8, 64]  # derived key material, wiped after use
@@ -228,6 +230,28 @@ def set_hash_add(c: Ptr[HelperCtx], ram_addr: u64, seq: u64) -> None:
     c.set_hash = c.set_hash ^ aes256_block(addr(c.hkey), v128_make(ram_addr, seq))
 
 
+@function(small=True)  # once per session or epoch
+def clear_epoch_marks(c: Ptr[HelperCtx]) -> None:
+    for i in range(SEEN_WORDS):
+        c.seen[i] = 0
+    for i in range(ADDR_SLOTS):
+        c.installed[i] = 0
+
+
+@function
+def installed_slot(c: Ptr[HelperCtx], ram_addr: u64) -> u64:
+    """Index of ram_addr's entry in `installed`, or of the empty entry where it goes. A page
+    may be installed once per epoch: two records of one page in an epoch (the host had the
+    source seal it twice) would let the host choose, by delivery order, which version the
+    destination keeps, i.e. roll the page back inside an epoch. The probe start is keyed with
+    K_a (block ram_addr ‖ 0; set-hash blocks have seq >= 1), so the host cannot choose pages
+    that collide; at most EPOCH_RECORDS_MAX entries (the seq window) fill half the table."""
+    i = v128_lo(aes256_block(addr(c.hkey), v128_make(ram_addr, 0))) & (ADDR_SLOTS - 1)
+    while c.installed[i] != 0 and c.installed[i] != (ram_addr | 1):
+        i = (i + 1) & (ADDR_SLOTS - 1)
+    return i
+
+
 # -- validation ------------------------------------------------------------------------------
 @function
 def check_ram_addr(c: Ptr[HelperCtx], ram_addr: u64, flags: u32) -> i32:
@@ -298,8 +322,7 @@ def begin_session(c: Ptr[HelperCtx], state: u32) -> i32:
     c.total = 0
     c.poisoned = 0
     c.set_hash = v128_make(0, 0)
-    for i in range(SEEN_WORDS):
-        c.seen[i] = 0
+    clear_epoch_marks(c)
     c.state = state
     return OK
 
@@ -408,8 +431,7 @@ def next_epoch(c: Ptr[HelperCtx]) -> None:
     c.epoch_first += c.epoch_count
     c.epoch_count = 0
     c.set_hash = v128_make(0, 0)
-    for i in range(SEEN_WORDS):
-        c.seen[i] = 0
+    clear_epoch_marks(c)
 
 
 @function(small=True)  # once per session or epoch
@@ -459,6 +481,9 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
     bit = u64(1) << (off & 63)
     if (c.seen[off >> 6] & bit) != 0:
         return E_REPLAY
+    slot_i = installed_slot(c, ram_addr)
+    if c.installed[slot_i] != 0:
+        return E_REPLAY  # this page already came in this epoch (see installed_slot)
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
     if not gcm_open(addr(c.gcm), addr(nonce[0]), Ptr[u8](env), 48,
@@ -466,6 +491,7 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
                     addr(env.tag[0]), addr(c.scratch[0])):
         return E_AUTH
     c.seen[off >> 6] = c.seen[off >> 6] | bit
+    c.installed[slot_i] = ram_addr | 1
     set_hash_add(c, ram_addr, env.seq)
     c.epoch_count += 1
     c.total += 1
