@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from emulate import guest as G
 from emulate.host import Host, default_layout
-from emulate.mailbox import HelperChannel
+from emulate.mailbox import HelperChannel, status_name
 from emulate.memctl import PAGE
 from emulate.stream import (
     CPU_STATE,
@@ -273,19 +273,19 @@ class Destination:
                 for a in addrs:
                     self._check_target(a)
                 st = ch.recv(addrs, [pg.record for pg in b.pages])
-                bad = [(hex(a), s) for a, s in zip(addrs, st, strict=True) if s != 0]
+                bad = [(hex(a), status_name(s)) for a, s in zip(addrs, st, strict=True) if s != 0]
                 if bad:
                     raise StreamError(f"destination helper refused {len(bad)} records: {bad[:4]}")
                 self.counts["private"] += len(addrs)
             elif rec.kind == EPOCH_TOKEN:
                 st = ch.put_token(P.OP_RECV_END_EPOCH, b.token)
                 if st != 0:
-                    raise StreamError(f"RECV_END_EPOCH refused: {st}")
+                    raise StreamError(f"RECV_END_EPOCH refused: {status_name(st)}")
                 self.counts["epochs"] += 1
             elif rec.kind == FINISH:
                 st = ch.put_token(P.OP_RECV_FINISH, b.token)
                 if st != 0:
-                    raise StreamError(f"RECV_FINISH refused: {st}")
+                    raise StreamError(f"RECV_FINISH refused: {status_name(st)}")
                 self.finished = True
             elif rec.kind == CPU_STATE:
                 self.cpu = {r: int(b[r]) for r in GPRS}

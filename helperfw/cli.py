@@ -1,4 +1,5 @@
-"""`helperfw` command line: look inside a built MigrationHelper.efi.
+"""`helperfw` command line: look inside a built MigrationHelper.efi, or run a whole live
+migration with it under the emulator (`migrate`).
 
 `inspect` and `disasm` read the PE file plus the sidecar link map (`X.map` next to `X.efi`,
 written by ovmf_glue.pe.write_symbol_map), so a reviewer or integrator can check what the
@@ -201,11 +202,111 @@ def cmd_disasm(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def register_migrate(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """HOOK for the `migrate` subcommand (owned by the emulate/ engineer, not yet written).
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
-    Register it here: `p = subparsers.add_parser("migrate", ...)`, add its arguments, and
-    `p.set_defaults(func=<handler taking (args, out) and returning an exit status>)`."""
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '64MiB', '1048576' -> bytes."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in "KMG" else ""
+    try:
+        return int(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M, 1G)") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
+    """A whole live migration under emulation: boot both hosts, pre-copy, stop-and-copy,
+    verify; print throughput, exits per page, rounds and bytes on the wire."""
+    from tqdm import tqdm
+
+    from emulate.host import default_layout
+    from emulate.migration import MigrationParams, migrate
+    from helperfw.runtime.protocol import OPTION_NAMES
+
+    if not args.image.exists():
+        raise CliError(f"{args.image}: not found; build it first with `python build.py`")
+    option = {v: k for k, v in OPTION_NAMES.items()}[args.option]
+    try:
+        layout = default_layout(args.mem)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    p = MigrationParams(mem=args.mem, option=option, cbit=args.cbit, seed=args.seed,
+                        image=args.image, transport=args.transport, max_rounds=args.max_rounds,
+                        converge_pages=args.converge)
+    blocks = ", ".join(f"{b.name} {_mib(b.size)} " + (f"@ GPA {b.gpa:#x}" if b.gpa is not None
+                                                        else "unplugged")
+                       for b in layout)
+    print(f"migrate: {_mib(args.mem)} guest ({blocks}); option {args.option}, C-bit {args.cbit}, "
+          f"transport {args.transport}, seed {args.seed}", file=out)
+    print(f"helper: {args.image}", file=out)
+    bar = None if args.no_progress else tqdm(total=0, unit="page", desc="booting",
+                                            file=sys.stderr, dynamic_ncols=True)
+    rounds = [0]
+
+    def progress(event: str, n: int) -> None:
+        if bar is None:
+            return
+        if event == "round":
+            rounds[0] += 1
+            bar.total += n
+            bar.set_description(f"round {rounds[0]}")
+            bar.refresh()
+        elif event == "pages":
+            bar.update(n)
+        elif event == "done":
+            bar.set_description("verifying")
+
+    try:
+        res = migrate(p, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for r in res.rounds:
+        kind = "stop-and-copy" if r.final else "pre-copy"
+        print(f"round {r.round} ({kind}): {r.pages} pages ({r.private} private, {r.shared} "
+              f"shared), guest wrote {r.guest_touches} times, {r.dirty_after} pages dirtied, "
+              f"{r.seconds:.2f} s", file=out)
+    print(f"session {res.session_id:#018x}: {res.records} records, {res.epochs} epochs",
+          file=out)
+    print(f"pages: {res.pages} ({res.private_pages} private sealed+opened, {res.shared_pages} "
+          f"shared raw) in {res.seconds:.1f} s = {res.pages_per_s:.0f} pages/s", file=out)
+    print(f"VM exits: {res.src_exits} source + {res.dst_exits} destination mirror exits = "
+          f"{res.exits_per_page:.4f} exits/page", file=out)
+    print(f"rounds: {len(res.rounds)} ({len(res.rounds) - 1} pre-copy + stop-and-copy)",
+          file=out)
+    print(f"bytes on the wire: {res.bytes_on_wire} ({res.bytes_on_wire / (1 << 20):.1f} MiB)",
+          file=out)
+    v = res.verification
+    if v is None:
+        print("verification: skipped", file=out)
+        return 0
+    print(f"verification: {v.summary()}", file=out)
+    return 0 if v.ok else 1
+
+
+def register_migrate(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The `migrate` subcommand: a whole live migration under the emulator."""
+    p = subparsers.add_parser(
+        "migrate", help="live-migrate an emulated SEV guest through the helper, and verify")
+    p.add_argument("--mem", type=parse_size, default=parse_size("256M"),
+                   help="guest RAM (multiple of 16 MiB; default 256M)")
+    p.add_argument("--option", choices=("shift", "tuples", "isolated"), default="tuples",
+                   help="mirror address-space option (default tuples)")
+    p.add_argument("--cbit", type=int, choices=(47, 51), default=47, help="SEV C-bit position")
+    p.add_argument("--seed", type=int, default=1, help="seed for keys, guest and layout")
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help=f"default {DEFAULT_IMAGE}")
+    p.add_argument("--transport", default="tcp",
+                   help="tcp[:127.0.0.1:PORT] (loopback), file:PATH or memory (default tcp)")
+    p.add_argument("--max-rounds", type=int, default=6, help="pre-copy rounds at most")
+    p.add_argument("--converge", type=int, default=384,
+                   help="stop-and-copy once a round leaves at most this many dirty pages")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_migrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
