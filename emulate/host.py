@@ -123,6 +123,7 @@ class TrackingVCpu(VCpu):
             frame = entry.paddr // PAGE  # type: ignore[attr-defined]
             if kind == UC_MEM_WRITE:
                 vm.dirty_frames.add(frame)
+                vm.write_faults += 1  # on KVM: a write-protection fault, i.e. a VM exit
             elif frame not in vm.dirty_frames:
                 entry.perms &= ~UC_PROT_WRITE  # type: ignore[attr-defined]
         return ok

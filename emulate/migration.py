@@ -126,6 +126,8 @@ class MigrationResult:
     dst_exits: int
     seconds: float  # from SEND_BEGIN to RECV_FINISH
     session_id: int
+    guest_exits: int = 0  # source guest exits while migrating: dirty-log write faults + slices
+    downtime: float | None = None  # guest stopped → destination finished (concurrent transport)
     verification: Verification | None = None
 
     @property
@@ -242,6 +244,7 @@ class Destination:
         self.skip = _page_set(self.host.helper_ram_ranges())
         self.cpu: dict[str, int] | None = None
         self.finished = False
+        self.finished_at = 0.0
         self.session_id = 0
         self.counts = {"private": 0, "shared": 0, "epochs": 0}
 
@@ -287,6 +290,7 @@ class Destination:
                 if st != 0:
                     raise StreamError(f"RECV_FINISH refused: {status_name(st)}")
                 self.finished = True
+                self.finished_at = time.perf_counter()
             elif rec.kind == CPU_STATE:
                 self.cpu = {r: int(b[r]) for r in GPRS}
             elif rec.kind == ROUND:
@@ -326,6 +330,7 @@ class Migration:
         self.src = Source(p)
         self.dst = Destination(p)
         self.rounds: list[RoundStats] = []
+        self._slices = 0
 
     # ---- source side ----------------------------------------------------------------------------
     def _send(self, w: StreamWriter, addrs: list[int], *, guest_runs: bool) -> tuple[int, int]:
@@ -347,6 +352,7 @@ class Migration:
             self.progress("pages", len(chunk))
             if guest_runs and batches % p.slice_every == 0:
                 self.src.run_guest(p.guest_slice)
+                self._slices += 1
         return len(priv), len(shared)
 
     def _end_epoch(self, w: StreamWriter) -> None:
@@ -365,6 +371,7 @@ class Migration:
                 helper_ranges=[{"ram_addr": a, "length": n} for a, n in h.helper_ram_ranges()])
         self._epoch_count = 0
         h.vm.set_dirty_logging(True)
+        self._faults0 = h.vm.write_faults
         todo = [a for a in h.pages() if a not in src.skip]
         rnd = 1
         while True:
@@ -385,6 +392,7 @@ class Migration:
                 break
             todo, rnd = dirty, rnd + 1
         # stop-and-copy: the guest does not run again on the source
+        self.stopped_at = time.perf_counter()
         rnd += 1
         t0 = time.perf_counter()
         self.progress("round", len(dirty))
@@ -425,6 +433,9 @@ class Migration:
         res = MigrationResult(self.p, self.rounds, w.private_pages, w.shared_pages, w.bytes,
                               w.records, w.epochs, self.src.ch.exits - 1, self.dst.ch.exits - 1,
                               seconds, self.session_id)
+        res.guest_exits = self.src.host.vm.write_faults - self._faults0 + self._slices
+        if kind.startswith("tcp"):
+            res.downtime = self.dst.finished_at - self.stopped_at
         if self.p.verify:
             res.verification = verify(self.src, self.dst)
         return res

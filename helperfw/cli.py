@@ -277,8 +277,13 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
           f"shared raw) in {res.seconds:.1f} s = {res.pages_per_s:.0f} pages/s", file=out)
     print(f"VM exits: {res.src_exits} source + {res.dst_exits} destination mirror exits = "
           f"{res.exits_per_page:.4f} exits/page", file=out)
+    print(f"source guest exits while migrating: {res.guest_exits} (dirty-log write faults and "
+          f"budget slices)", file=out)
     print(f"rounds: {len(res.rounds)} ({len(res.rounds) - 1} pre-copy + stop-and-copy)",
           file=out)
+    if res.downtime is not None:
+        print(f"downtime: {res.downtime * 1000:.0f} ms (guest stopped on the source until "
+              f"RECV_FINISH on the destination)", file=out)
     print(f"bytes on the wire: {res.bytes_on_wire} ({res.bytes_on_wire / (1 << 20):.1f} MiB)",
           file=out)
     v = res.verification

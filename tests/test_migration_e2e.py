@@ -87,6 +87,9 @@ def test_live_migration(image, tmp_path, option, cbit, transport):
     assert 1 / 64 <= res.exits_per_page / 2 < 1 / 60
     assert res.epochs == len(res.rounds) and dst.counts["epochs"] == res.epochs
     assert res.bytes_on_wire > res.private_pages * P.SLOT_SIZE
+    assert res.guest_exits > sum(r.dirty_after for r in pre) // 2  # write-protection faults
+    if transport == "tcp":  # concurrent: the downtime is stop-and-copy plus the catch-up
+        assert 0 < res.downtime < res.seconds
     # the unplugged virtio-mem block arrived by ram_addr (only the mirror's window reaches it)
     vmem = dst.host.blocks[2]
     assert vmem.gpa is None
