@@ -11,7 +11,7 @@ Where each invariant is checked:
 | invariant | native (100k) | emulator (1.8k) |
 |---|---|---|
 | never faults | SIGSEGV/SIGBUS kills the worker (reported with the command index) | every batch must end in HLT: no #PF/#GP/#UD/NPF |
-| instruction budget | - (no instruction count natively) | `BATCH_BUDGET` per batch (worst honest batch ~3.9M) |
+| instruction budget | - (no instruction count natively) | `BATCH_BUDGET` = 5M per batch (worst measured: 3.86M, a refused maximal window with C-bit 51) |
 | writes only RAM window / own data / mailbox | guard pages around context, mailbox, RAM, table pool; RAM read-only except the pages a RECV names; image .rodata read-only | UC_HOOK_MEM_WRITE on all DRAM except the data region and the mailbox; window writes only to pages of OK RECV entries |
 | mailbox changes only where the op writes | byte diff | byte diff |
 | no private plaintext in shared memory | leak scan of every changed mailbox byte (RAM, minted pages, K, K_s, K_a) | same (guest pages, minted pages, K as the helper holds it, K_s, K_a) |
