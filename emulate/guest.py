@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from helperfw import (
     Array,
@@ -41,6 +42,9 @@ from helperfw.runtime.protocol import (
     KVM_MIGRATION_READY,
     MSR_KVM_MIGRATION_CONTROL,
 )
+
+if TYPE_CHECKING:
+    from emulate.host import Host
 
 GUEST_MAGIC = 0x54534547  # "GEST"
 MAX_GUEST_REGIONS = 8
@@ -279,7 +283,7 @@ class LoadedGuest:
     hot_pages: int
 
 
-def load(host, regions: list[Region], *, hot_va: int, hot_pages: int, seed: int,
+def load(host: Host, regions: list[Region], *, hot_va: int, hot_pages: int, seed: int,
          cold_shift: int = 3) -> LoadedGuest:
     """Place the image, a config page, a stack and a page-table pool in the main VM through the
     firmware's allocator, and point the (firmware's) vCPU at guest_main(cfg)."""
@@ -305,5 +309,5 @@ def load(host, regions: list[Region], *, hot_va: int, hot_pages: int, seed: int,
     return LoadedGuest(base, cfg, top, list(regions), hot_va, hot_pages)
 
 
-def read_cfg(host, g: LoadedGuest):
+def read_cfg(host: Host, g: LoadedGuest):
     return GuestCfg.parse(host.vm.read(g.cfg, GuestCfg.size))

@@ -48,7 +48,6 @@ from emulate.stream import (
     connect,
     read_stream,
 )
-from emulate.uefi import EFI_LOADER_DATA
 from helperfw.runtime import protocol as P
 
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")
@@ -179,7 +178,8 @@ class Source:
         h.plug(vmem, VIRTIO_MEM_SETUP_GPA)
         gpa, pages = _free_runs(h)[0]
         pages -= 64  # room for the workload's image, config, stack and table pool
-        # keep the big region clear of the first 2 MiB-aligned boundary's odd split for sharing
+        # 48 shared pages at an offset that is not 2 MiB aligned (the guest must split a large
+        # leaf), then the big private region whose first pages are the hot set
         shared_low = G.Region(gpa + 5 * PAGE, 48, G.GR_SHARED | G.GR_DIRTY, 11)
         start = gpa + 53 * PAGE
         regions = [shared_low, G.Region(start, pages - 53, G.GR_DIRTY, 12)]
@@ -202,7 +202,6 @@ class Source:
             raise RuntimeError(f"guest set-up: {cfg.hc_errors} failed conversions, host saw "
                                f"{h.hypercall_errors}")
         h.unplug(vmem)  # from now on no GPA reaches it; it is still migrated by ram_addr
-        _ = EFI_LOADER_DATA
 
     def run_guest(self, budget: int) -> None:
         ex = self.host.uefi.vcpu.run(budget)
