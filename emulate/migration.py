@@ -19,7 +19,9 @@ and the destination guest must resume and keep running.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -460,9 +462,17 @@ class Migration:
                 with sock, wf:
                     w = StreamWriter(wf)
                     self._source(w)
+            except BaseException:
+                # the source failed: wake a destination still in accept(), let it end (EOF or
+                # refusal), and report the source's error rather than the consequence
+                with contextlib.suppress(OSError):
+                    lst.sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(Exception):
+                    incoming.result(timeout=120)
+                raise
             finally:
-                incoming.result()  # waits; re-raises the destination's error here
                 lst.close()
+            incoming.result()  # re-raises the destination's error here
         return w
 
 
