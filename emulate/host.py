@@ -122,8 +122,9 @@ class TrackingVCpu(VCpu):
         if ok and vm.dirty_logging and (va & ~(PAGE - 1)) != PARK_VA:
             frame = entry.paddr // PAGE  # type: ignore[attr-defined]
             if kind == UC_MEM_WRITE:
-                vm.dirty_frames.add(frame)
-                vm.write_faults += 1  # on KVM: a write-protection fault, i.e. a VM exit
+                if frame not in vm.dirty_frames:  # KVM: the write-protection fault (an exit)
+                    vm.write_faults += 1
+                    vm.dirty_frames.add(frame)
             elif frame not in vm.dirty_frames:
                 entry.perms &= ~UC_PROT_WRITE  # type: ignore[attr-defined]
         return ok
