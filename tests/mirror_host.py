@@ -82,7 +82,8 @@ class _Announced:
         return (-1000) & (2**64 - 1)
 
 
-def boot(cbit: int, option: int, *, key: bytes = KEY, seed: int = 31337, xts_key: bytes | None = None):
+def boot(cbit: int, option: int, *, key: bytes = KEY, seed: int = 31337,
+         xts_key: bytes | None = None, shift_high: int = 0):
     """Load the driver in a main VM with SEV; return (mc, vm, BootInfo)."""
     efi = efi_path()
     mc = MemoryController(RAM + (16 << 20))
@@ -92,13 +93,16 @@ def boot(cbit: int, option: int, *, key: bytes = KEY, seed: int = 31337, xts_key
     u = UefiStandIn(vm, ram_size=RAM, seed=seed + option, symbols=symbols())
     u.install_launch_secret([(secrets.KEY_ENTRY_GUID, key)])
     cfg = u.allocate_pool(16, 4)
-    vm.write(cfg, P.MhConfig.build(option=option, shift_high=0), encrypted=True)
+    vm.write(cfg, P.MhConfig.build(option=option, shift_high=shift_high), encrypted=True)
     u.install_config_table(P.MH_CONFIG_GUID, cfg)
     r = u.start_image(efi)
     assert r.ok, (r.exit, r.debug_log)
     assert host.bootinfo_gpa is not None
+    # the host reads BootInfo in plaintext: the driver made the mailbox shared and said so
+    assert (host.bootinfo_gpa, P.MAILBOX_PAGES) in host.shared
     bi = P.BootInfo.parse(mc.host_read(vm.gpa_to_hpa(host.bootinfo_gpa), P.BootInfo.size))
-    assert bi.active == 1 and bi.option == option
+    assert (bi.magic, bi.version, bi.option, bi.c_bit, bi.active) == (
+        P.BOOTINFO_MAGIC, 1, option, cbit, 1)
     return mc, vm, bi
 
 

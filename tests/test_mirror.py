@@ -9,101 +9,25 @@ AES-GCM to what the main VM holds at that ram_addr."""
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from emulate.cpuid import CpuidModel
-from emulate.machine import VM
-from emulate.memctl import MemoryController
-from emulate.uefi import UefiStandIn
 from helperfw.runtime import protocol as P
-from helperfw.runtime import secrets
+from tests import mirror_host
+from tests.mirror_host import KEY, RAM
 from tests.session_host import open_record
 
-ROOT = Path(__file__).resolve().parents[1]
-KEY = bytes(range(7, 39))
-RAM = 64 << 20
-MIRROR_ONLY_HPA = RAM  # isolated: mirror-only memory lives above the guest's RAM
 SEED = 31337
 
 
+def boot(efi, cbit: int, option: int, shift_high: int = 0):
+    return mirror_host.boot(cbit, option, key=KEY, seed=SEED, shift_high=shift_high)
+
+
 @pytest.fixture(scope="module")
-def efi(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fw")
-    subprocess.run([sys.executable, str(ROOT / "build.py"), "--out", str(out)], check=True,
-                   cwd=ROOT, capture_output=True)
-    return out / "MigrationHelper.efi"
-
-
-class Announced:
-    """Captures MH_HC_ANNOUNCE (and accepts KVM_HC_MAP_GPA_RANGE) like the QEMU model would."""
-
-    def __init__(self) -> None:
-        self.bootinfo_gpa = None
-        self.shared: list[tuple[int, int]] = []
-
-    def __call__(self, vcpu, nr, a0, a1, a2, a3):
-        if nr == P.MH_HC_ANNOUNCE:
-            assert a1 == 1
-            self.bootinfo_gpa = a0
-            return 0
-        if nr == P.KVM_HC_MAP_GPA_RANGE:
-            self.shared.append((a0, a1))
-            return 0
-        return (-1000) & (2**64 - 1)
-
-
-def boot(efi: Path, cbit: int, option: int, shift_high: int = 0):
-    mc = MemoryController(RAM + (16 << 20))
-    vm = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), name="main")
-    host = Announced()
-    vm.hypercall = host
-    symbols = {n: s["rva"] for n, s in
-               json.loads(efi.with_suffix(".map").read_text())["symbols"].items()}
-    u = UefiStandIn(vm, ram_size=RAM, seed=SEED + option, symbols=symbols)
-    u.install_launch_secret([(secrets.KEY_ENTRY_GUID, KEY)])
-    cfg = u.allocate_pool(16, 4)  # EfiBootServicesData
-    vm.write(cfg, P.MhConfig.build(option=option, shift_high=shift_high), encrypted=True)
-    u.install_config_table(P.MH_CONFIG_GUID, cfg)
-    r = u.start_image(efi)
-    assert r.ok, (r.exit, r.debug_log)
-    assert b"MigrationHelper: active" in r.debug_log, r.debug_log
-    assert host.bootinfo_gpa is not None
-    raw = mc.host_read(vm.gpa_to_hpa(host.bootinfo_gpa), P.BootInfo.size)
-    bi = P.BootInfo.parse(raw)  # the host reads it in plaintext: the page is shared
-    assert (bi.magic, bi.version, bi.option, bi.c_bit, bi.active) == (
-        P.BOOTINFO_MAGIC, 1, option, cbit, 1)
-    assert (host.bootinfo_gpa, P.MAILBOX_PAGES) in host.shared
-    return mc, vm, bi
-
-
-def make_mirror(mc: MemoryController, vm: VM, bi, cbit: int) -> VM:
-    mirror = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), mirror_of=vm, name="mirror")
-    slot = 0
-    regions = list(bi.regions)[: bi.nregions]
-    if bi.option == P.OPT_SHIFT:
-        mirror.set_user_memory_region(slot, 0, RAM, vm.gpa_to_hpa(0))
-        slot += 1
-    else:
-        free = MIRROR_ONLY_HPA
-        for r in regions:
-            if bi.option == P.OPT_ISOLATED and r.kind != P.REGION_MAILBOX:
-                # modelled PSP copy: private plaintext moves into mirror-only memory
-                plain = vm.read(r.main_gpa, r.length, encrypted=True)
-                mirror.set_user_memory_region(slot, r.mirror_gpa, r.length, free)
-                mirror.write(r.mirror_gpa, plain, encrypted=True)
-                free += r.length
-            else:
-                mirror.set_user_memory_region(slot, r.mirror_gpa, r.length,
-                                              vm.gpa_to_hpa(r.main_gpa))
-            slot += 1
-    mirror.set_user_memory_region(slot, bi.ram_base, RAM, vm.gpa_to_hpa(0))  # ram_addr 0 = GPA 0
-    return mirror
+def efi():
+    return mirror_host.efi_path()
 
 
 def doorbell(mc, vm, bi, vcpu, bell: int, op: int, entries=(), **fields) -> int:
@@ -134,7 +58,7 @@ def test_mirror_runs_a_batch(efi, option, cbit):
     else:
         assert bi.ram_base == 1 << (cbit + 1 - 5 - 1)  # 2^(MAXPHYADDR - reduction - 1)
         assert all(r.mirror_gpa >= bi.ram_base // 2 for r in regions)
-    mirror = make_mirror(mc, vm, bi, cbit)
+    mirror = mirror_host.make_mirror(mc, vm, bi, cbit)
     vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
     assert doorbell(mc, vm, bi, vcpu, 1, P.OP_HELLO, version=1) == 0
     # a private page of the guest: write it through the main VM's C=1 view
@@ -185,7 +109,7 @@ def test_mirror_tables_for_a_1tib_guest(efi, option, high, cbit):
     from emulate.mmu import PageFault, PhysLayout, walk
 
     mc, vm, bi = boot(efi, cbit, option, high)
-    mirror = make_mirror(mc, vm, bi, cbit)
+    mirror = mirror_host.make_mirror(mc, vm, bi, cbit)
     vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
     tib = 1 << 40
     assert doorbell(mc, vm, bi, vcpu, 1, P.OP_SEND_BEGIN, version=1, ram_size=tib) == 0
