@@ -353,6 +353,8 @@ class VCpu:
         perms = UC_PROT_READ | (UC_PROT_WRITE if t.writable else 0) | (
             UC_PROT_EXEC if t.executable else 0)
         entry.paddr, entry.perms = page_hpa, perms  # type: ignore[attr-defined]
+        if t.executable:
+            self.mc.exec_pages.add(page_hpa)
         if access == ACCESS_FETCH and (page_va, page_hpa) not in self._scanned:
             self._scanned.add((page_va, page_hpa))
             self._scan_code(page_va, bytes(self.mc.mem[page_hpa : page_hpa + PAGE]))

@@ -53,6 +53,9 @@ class MemoryController:
         self._rng = rng
         self._flushers: list[Callable[[], None]] = []
         self._code_invalidators: list[Callable[[], None]] = []
+        # Pages some vCPU mapped executable: only byte changes there can make translated code
+        # stale, so only they trigger a TB flush (mailbox and data writes stay cheap).
+        self.exec_pages: set[int] = set()
         self.conversions = 0
 
     # ---- keys -----------------------------------------------------------------------------
@@ -95,6 +98,8 @@ class MemoryController:
         view[:] = raw if new == RAW else self._xts(new, page, raw, False)
         self.state[idx] = new
         self.conversions += 1
+        if page in self.exec_pages:
+            self._invalidate_code()
         return True
 
     def _flush_all(self) -> None:
@@ -118,6 +123,12 @@ class MemoryController:
         for f in self._code_invalidators:
             f()
 
+    def _bytes_changed(self, hpa: int, n: int) -> None:
+        """Bytes of [hpa, hpa+n) changed behind unicorn's back: drop translated code if any of
+        those pages was ever mapped executable."""
+        if any(page in self.exec_pages for page, _, _ in _pages(hpa, n)):
+            self._invalidate_code()
+
     # ---- guest-context access (what a VM with key `kid` sees through a C=0/C=1 mapping) ----
     def guest_read(self, hpa: int, n: int, kid: int, encrypted: bool) -> bytes:
         """Read as the VM would, without changing page states (used by the page walk)."""
@@ -139,7 +150,7 @@ class MemoryController:
         """Write as the VM would (converting the pages to that view first)."""
         self.make_state(hpa, len(data), kid, encrypted)
         self.mem[hpa : hpa + len(data)] = data
-        self._invalidate_code()
+        self._bytes_changed(hpa, len(data))
 
     # ---- host access: raw DRAM bytes only --------------------------------------------------
     def host_read(self, hpa: int, n: int) -> bytes:
@@ -151,4 +162,4 @@ class MemoryController:
         """Host store of raw DRAM bytes (e.g. copying ciphertext, filling shared pages)."""
         self.make_state(hpa, len(data), RAW, False)
         self.mem[hpa : hpa + len(data)] = data
-        self._invalidate_code()
+        self._bytes_changed(hpa, len(data))
