@@ -15,6 +15,7 @@ import pytest
 from helperfw import DslError
 from helperfw.codegen import emit, link
 from helperfw.codegen.pipeline import build
+from helperfw.interp import Interpreter
 from helperfw.native import NativeImage
 from tests import dsl_samples as S
 
@@ -89,8 +90,8 @@ def test_struct_access_compiled_matches_construct_layout():
 
 # -- errors point at the DSL source ----------------------------------------------------------
 
-def _compile_snippet(tmp_path: Path, body: str):
-    """Write a DSL module to a real file (so inspect finds its source) and compile it."""
+def _load_snippet(tmp_path: Path, body: str):
+    """Write a DSL module to a real file (so inspect finds its source); its function `f`."""
     import importlib.util
 
     path = tmp_path / "snippet_mod.py"
@@ -98,10 +99,14 @@ def _compile_snippet(tmp_path: Path, body: str):
     spec = importlib.util.spec_from_file_location(f"snip_{abs(hash(body))}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    build([mod.f])
+    return mod.f
 
 
-@pytest.mark.parametrize(
+def _compile_snippet(tmp_path: Path, body: str):
+    build([_load_snippet(tmp_path, body)])
+
+
+ERROR_CASES = pytest.mark.parametrize(
     "body, line, reason",
     [
         ("@function\ndef f(a: u32, b: u64) -> u64:\n    x = a\n    return x + b\n",
@@ -115,9 +120,19 @@ def _compile_snippet(tmp_path: Path, body: str):
         ("@function\ndef f(a: u32) -> u32:\n    if a:\n        return a\n", 5,
          r"can reach its end without return"),
         ("@function\ndef f(a: u32) -> u32:\n    return a / 2\n", 5, r"use '//'"),
+        ("@function\ndef f(a: u32) -> u32:\n    buf: Array[u8, 4] = 0\n    return a\n", 5,
+         r"cannot initialise Array\[u8, 4\] with a value; assign its elements"),
+        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(pshufd(v))\n", 5,
+         r"pshufd takes a v128 and a literal selector"),
+        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(v128_shl64(v, 64))\n", 5,
+         r"argument 2 must be an integer literal in \[0, 63\]"),
     ],
-    ids=["mismatch", "unknown-name", "list", "with", "literal-range", "no-return", "div"],
+    ids=["mismatch", "unknown-name", "list", "with", "literal-range", "no-return", "div",
+         "aggregate-init", "intrinsic-arity", "immediate-range"],
 )
+
+
+@ERROR_CASES
 def test_errors_carry_file_line_and_reason(tmp_path, body, line, reason):
     with pytest.raises(DslError) as ei:
         _compile_snippet(tmp_path, body)
@@ -125,6 +140,17 @@ def test_errors_carry_file_line_and_reason(tmp_path, body, line, reason):
     assert msg.startswith(f"{tmp_path / 'snippet_mod.py'}:{line}: "), msg
     assert re.search(reason, msg), msg
     assert "\n" not in msg
+
+
+@ERROR_CASES
+def test_interpreter_reports_the_compilers_errors(tmp_path, body, line, reason):
+    """One front end (helperfw/frontend.py) checks for both: the same text at the same line."""
+    fn = _load_snippet(tmp_path, body)
+    with pytest.raises(DslError) as compiled:
+        build([fn])
+    with pytest.raises(DslError) as interpreted:
+        Interpreter().prepare(fn)
+    assert str(interpreted.value) == str(compiled.value)
 
 
 # -- link ------------------------------------------------------------------------------------
