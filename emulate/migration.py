@@ -73,7 +73,7 @@ class MigrationParams:
     converge_pages: int = 384  # stop-and-copy once a round's dirty set is at most this
     guest_slice: int = 30_000  # guest instructions per slice while pre-copy runs
     slice_every: int = 8  # helper batches between guest slices
-    epoch_records: int = 16384  # close an epoch at least this often (helper limit 32768)
+    epoch_records: int = P.EPOCH_RECORDS_MAX  # close an epoch at least this often
     hot_pages: int = 256
     transport_key: bytes = DEFAULT_KEY
     verify: bool = True

@@ -98,6 +98,9 @@ An op outside its state returns `E_BAD_STATE` and changes nothing.
   `RECV_END_EPOCH` compares count, first seq and set-hash with the token; `RECV_FINISH`
   refuses (`E_INCOMPLETE`) unless every epoch was closed by a matching token and the final
   totals agree.
+* Fail closed: once a receiving session has refused anything (a record entry, a token, a
+  `RECV*` batch), it is poisoned and `RECV_FINISH` can never succeed; the host must start a new
+  session (`ABORT`, `RECV_BEGIN`). An honest host never causes a refusal.
 """
 
 

@@ -11,8 +11,8 @@ destination host would: it carries on after each refusal and finally tries RECV_
 For each attack: the helper refuses something (status ≠ OK), a refused record never writes
 guest memory (window write tracking), no page ever holds anything but its initial content or a
 genuine source version, and RECV_FINISH is refused. Purely additive attacks (an extra copy of a
-record, an extra stale or foreign record) are refused record by record and cannot change
-memory; the session may then finish, with memory exactly the source's (asserted separately).
+record, an extra stale or foreign record) are refused record by record, cannot change memory,
+and poison the session too: RECV_FINISH is refused although every genuine item arrived.
 
 Replay one attack: `pytest tests/test_hostile_stream.py -k <attack name>`; SEED is fixed.
 """
@@ -323,9 +323,11 @@ def test_stream_attack_is_detected(src, other_session, other_key, kind):
 
 
 @pytest.mark.parametrize("extra", ["duplicate", "stale-replay", "other-session", "other-key"])
-def test_additive_attacks_are_refused_and_harmless(src, other_session, other_key, extra):
+def test_additive_attacks_are_refused_and_poison_the_session(src, other_session, other_key, extra):
     """Extra records (a duplicate, a stale version, foreign sessions) are refused one by one and
-    change nothing; the genuine stream around them still completes, with the source's memory."""
+    change nothing; the destination fails closed, so RECV_FINISH is refused even though the
+    genuine stream around them is complete (the same stream without the extra record finishes:
+    test_genuine_stream_completes)."""
     e1, e2, _ = src.records
     rec = {"duplicate": e2[2], "stale-replay": e1[0],
            "other-session": (e2[2][0], other_session.records[1][2][1]),
@@ -334,8 +336,17 @@ def test_additive_attacks_are_refused_and_harmless(src, other_session, other_key
     at = items.index(("token", src.tokens[1]))
     items.insert(at, ("pages", [rec]))  # delivered after the genuine records of epoch 2
     out = deliver(items, SEED)
-    assert [r for r in out.refusals] == [("record", "E_REPLAY")]
-    assert out.finish == 0
+    # the extra record is the only refused item of the stream; then finish fails closed
+    assert out.refusals[0] == ("record", "E_REPLAY")
+    assert [k for k, _ in out.refusals[1:]] == ["finish"], out.refusals
+    assert out.finish == P.STATUS["E_INCOMPLETE"][0], "RECV_FINISH accepted a refused record"
+    for a in PAGES:
+        assert out.dst.guest_page(a) == src.final[a]
+
+
+def test_genuine_stream_completes(src):
+    out = deliver(list(src.items), SEED)
+    assert out.refusals == [] and out.finish == 0
     for a in PAGES:
         assert out.dst.guest_page(a) == src.final[a]
 

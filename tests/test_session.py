@@ -135,14 +135,44 @@ def test_finish_refused_when_an_epoch_is_missing(pair):
     addrs = sorted(pages)
     recs1, tok1 = migrate_epoch(src, dst, addrs[:4])
     recs2, tok2 = migrate_epoch(src, dst, addrs[4:8])
-    _ok, fin = src.token(P.OP_SEND_FINISH)
+    _, fin = src.token(P.OP_SEND_FINISH)
     assert dst.recv_begin(sid) == 0
     assert dst.recv(recs1) == [0] * 4
     assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == 0
     # epoch 2 withheld entirely: its token cannot be skipped, finish refuses
     assert dst.put_token(P.OP_RECV_FINISH, fin) == st("E_INCOMPLETE")
-    # replaying epoch 1's token in epoch 2 changes nothing
-    assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == st("E_REPLAY")
+    # ...and that refusal poisoned the session: delivering the rest cannot make it succeed
+    assert dst.recv(recs2) == [0] * 4
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok2) == 0
+    assert dst.put_token(P.OP_RECV_FINISH, fin) == st("E_INCOMPLETE")
+
+
+def test_any_refusal_poisons_the_receiving_session(pair):
+    """Fail closed: a single refused record (here a replayed token of another epoch, then a
+    duplicate) means RECV_FINISH is refused even if every genuine item arrives."""
+    src, dst, pages = pair
+    sid = src.send_begin()
+    addrs = sorted(pages)
+    recs1, tok1 = migrate_epoch(src, dst, addrs[:4])
+    recs2, tok2 = migrate_epoch(src, dst, addrs[4:8])
+    _, fin = src.token(P.OP_SEND_FINISH)
+    for extra in ("token", "duplicate"):
+        assert dst.command(P.OP_ABORT)[0] == 0
+        assert dst.recv_begin(sid) == 0
+        assert dst.recv(recs1) == [0] * 4
+        assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == 0
+        if extra == "token":
+            assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == st("E_REPLAY")
+        assert dst.recv(recs2) == [0] * 4
+        if extra == "duplicate":
+            assert dst.recv(recs2[:1]) == [st("E_REPLAY")]
+        assert dst.put_token(P.OP_RECV_END_EPOCH, tok2) == 0
+        assert dst.put_token(P.OP_RECV_FINISH, fin) == st("E_INCOMPLETE"), extra
+    # the same stream without the extra item completes
+    assert dst.command(P.OP_ABORT)[0] == 0
+    assert dst.recv_begin(sid) == 0
+    assert dst.recv(recs1) == [0] * 4
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == 0
     assert dst.recv(recs2) == [0] * 4
     assert dst.put_token(P.OP_RECV_END_EPOCH, tok2) == 0
     assert dst.put_token(P.OP_RECV_FINISH, fin) == 0

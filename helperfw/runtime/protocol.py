@@ -91,7 +91,7 @@ ENVELOPE_MAGIC = 0x3150484D  # "MHP1" little-endian
 TOKEN_MAGIC = 0x3145484D  # "MHE1": epoch token
 FINISH_MAGIC = 0x3146484D  # "MHF1": finish token
 KDF_LABEL = 0x314B484D  # "MHK1"
-EPOCH_RECORDS_MAX = 32768  # records per epoch: bounds the destination's duplicate bitmap
+EPOCH_RECORDS_MAX = 8192  # records per epoch: bounds the destination's per-epoch tables
 
 
 @struct

@@ -129,11 +129,11 @@ class HelperCtx:
     state: u32
     last_bell: u64
     processed: u32
-    poisoned: u32  # an epoch token disagreed: RECV_FINISH can never succeed
+    poisoned: u32  # RECEIVING saw a refusal: RECV_FINISH can never succeed
     session_id: u64
     ram_size: u64
     epoch: u32
-    reserved: u32
+    refused: u32  # entries refused in the current batch
     next_seq: u64  # SEND: next seq to assign
     epoch_first: u64  # first seq of the current epoch
     epoch_count: u64  # records sealed/accepted in the current epoch
@@ -512,6 +512,8 @@ def op_recv(c: Ptr[HelperCtx]) -> i32:
             st = open_one(c, e.ram_addr, mailbox_slot(c, u64(i)))
         if st == OK:
             c.processed += 1
+        else:
+            c.refused += 1
         set_entry_status(c, u64(i), st)
     return OK
 
@@ -619,6 +621,17 @@ def dispatch(c: Ptr[HelperCtx]) -> i32:
 
 
 @function
+def poison_on_refusal(c: Ptr[HelperCtx], st: i32) -> None:
+    """Fail closed: once a destination session has refused anything of the stream (a record, a
+    token, a malformed batch), RECV_FINISH can never succeed. An honest host never causes a
+    refusal, so any refusal means tampering, loss or a host bug, and the guest must not resume."""
+    op = c.cmd.op
+    if c.state == ST_RECEIVING and (op == OP_RECV or op == OP_RECV_END_EPOCH or
+                                    op == OP_RECV_FINISH) and (st != OK or c.refused != 0):
+        c.poisoned = 1
+
+
+@function
 def process_batch(c: Ptr[HelperCtx]) -> None:
     """One doorbell: copy the command, run it, publish status, then completed = doorbell."""
     ctl = Ptr[Control](c.mailbox + CONTROL_OFFSET)
@@ -627,8 +640,10 @@ def process_batch(c: Ptr[HelperCtx]) -> None:
     st: i32 = E_BAD_STATE
     if bell != c.last_bell:
         copy_bytes(Ptr[u8](addr(c.cmd)), Ptr[u8](mailbox_command(c)), sizeof(Command))
+        c.refused = 0
         st = dispatch(c)
         c.last_bell = bell
+        poison_on_refusal(c, st)
     vstore(addr(ctl.status), st)
     vstore(addr(ctl.state), c.state)
     vstore(addr(ctl.processed), c.processed)
