@@ -31,7 +31,7 @@ class Function:
     """A recorded DSL function: its Python source, signature and ABI."""
 
     def __init__(self, pyfunc: Callable, abi: str, name: str | None, section: str | None,
-                 small: bool = False):
+                 small: bool = False, noinline: bool = False):
         if abi not in ABIS:
             raise ValueError(f"abi must be one of {ABIS}")
         self.pyfunc = pyfunc
@@ -39,6 +39,7 @@ class Function:
         self.name = name or pyfunc.__name__
         self.section = section
         self.small = small  # optimise for size: run-once code (driver load, self-test)
+        self.noinline = noinline  # keep one out-of-line copy (callers are many, the body large)
         self.globals = pyfunc.__globals__
         self.file = inspect.getsourcefile(pyfunc) or "<dsl>"
         self._tree: ast.FunctionDef | None = None
@@ -103,13 +104,14 @@ class Function:
 
 
 def function(fn: Callable | None = None, *, abi: str = "internal", name: str | None = None,
-             section: str | None = None, small: bool = False):
+             section: str | None = None, small: bool = False, noinline: bool = False):
     """Record a DSL function. abi: "internal" (fastcc), "c" (SysV, callable from the host in
     tests and benchmarks) or "efi" (win64cc, the EFI entry point). `name` overrides the symbol.
-    `small=True` optimises for size (code that runs once, where bytes matter more than cycles)."""
+    `small=True` optimises for size (code that runs once, where bytes matter more than cycles);
+    `noinline=True` keeps a single out-of-line copy."""
 
     def wrap(f: Callable) -> Function:
-        return Function(f, abi, name, section, small)
+        return Function(f, abi, name, section, small, noinline)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -97,6 +97,8 @@ class ModuleLowerer:
             f.visibility = "hidden"  # dso_local, PC-relative, no GOT
         for a in FN_ATTRS:
             set.add(f.attributes, a)  # bypass llvmlite's list of known attribute names
+        if fn.noinline:
+            set.add(f.attributes, "noinline")
         if fn.small:
             set.add(f.attributes, "optsize")
             set.add(f.attributes, "minsize")

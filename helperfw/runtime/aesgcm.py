@@ -525,8 +525,9 @@ def gcm_seal(ctx: Ptr[GcmCtx], iv12: Ptr[u8], aad: Ptr[u8], aad_len: u64, pt: Pt
     v128_store(tag16, _gcm_crypt(ctx, iv12, aad, aad_len, pt, ct, n, False))
 
 
-@function
-def _copy(dst: Ptr[u8], src: Ptr[u8], n: u64) -> None:
+@function(noinline=True)  # used for envelopes, tokens, the command and pages
+def copy_mem(dst: Ptr[u8], src: Ptr[u8], n: u64) -> None:
+    """Copy n bytes, 64 at a time (the image has no memcpy)."""
     off: u64 = 0
     while n - off >= 64:
         a = v128_load(src + off)
@@ -567,7 +568,7 @@ def gcm_open(ctx: Ptr[GcmCtx], iv12: Ptr[u8], aad: Ptr[u8], aad_len: u64, ct: Pt
         _wipe(scratch, n)
         return False
     if scratch != out:
-        _copy(out, scratch, n)
+        copy_mem(out, scratch, n)
     return True
 
 

@@ -40,6 +40,7 @@ from .aesgcm import (
     aes256_block,
     aes256_encrypt_block,
     aes256_expand,
+    copy_mem,
     gcm_init,
     gcm_open,
     gcm_seal,
@@ -156,17 +157,6 @@ STACK = static(Array[u8, STACK_SIZE], align=4096)
 
 
 # -- small helpers -----------------------------------------------------------------------------
-@function
-def copy_bytes(dst: Ptr[u8], src: Ptr[u8], n: u64) -> None:
-    i: u64 = 0
-    while n - i >= 8:
-        Ptr[u64](dst + i)[0] = Ptr[u64](src + i)[0]
-        i += 8
-    while i < n:
-        dst[i] = src[i]
-        i += 1
-
-
 @function
 def wipe_bytes(dst: Ptr[u8], n: u64) -> None:
     for i in range(n):
@@ -373,7 +363,7 @@ def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
     make_nonce(addr(nonce[0]), c.epoch, seq)
     gcm_seal(addr(c.gcm), addr(nonce[0]), Ptr[u8](env), 48, Ptr[u8](c.ram_base + ram_addr),
              Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]))
-    copy_bytes(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
+    copy_mem(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
     set_hash_add(c, ram_addr, seq)
     c.epoch_count += 1
     c.total += 1
@@ -414,7 +404,7 @@ def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64
     make_nonce(addr(nonce[0]), nonce_epoch, 0)
     gcm_seal(addr(c.gcm), addr(nonce[0]), Ptr[u8](t), 64, addr(c.scratch[0]), addr(c.scratch[0]),
              0, addr(t.tag[0]))
-    copy_bytes(Ptr[u8](slot), Ptr[u8](t), sizeof(EpochToken))
+    copy_mem(Ptr[u8](slot), Ptr[u8](t), sizeof(EpochToken))
 
 
 @function
@@ -467,7 +457,7 @@ def op_recv_begin(c: Ptr[HelperCtx]) -> i32:
 
 @function
 def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
-    copy_bytes(Ptr[u8](addr(c.env)), Ptr[u8](slot), sizeof(Envelope))
+    copy_mem(Ptr[u8](addr(c.env)), Ptr[u8](slot), sizeof(Envelope))
     env = addr(c.env)
     if env.magic != ENVELOPE_MAGIC or env.flags != 0 or env.reserved0 != 0:
         return E_HEADER
@@ -521,7 +511,9 @@ def op_recv(c: Ptr[HelperCtx]) -> i32:
 @function(small=True)  # once per session or epoch
 def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i32:
     """Copy slot 0 into private memory and authenticate it as a token of kind `magic`."""
-    copy_bytes(Ptr[u8](addr(c.tok)), Ptr[u8](mailbox_slot(c, 0)), sizeof(EpochToken))
+    if c.state != ST_RECEIVING:
+        return E_BAD_STATE
+    copy_mem(Ptr[u8](addr(c.tok)), Ptr[u8](mailbox_slot(c, 0)), sizeof(EpochToken))
     t = addr(c.tok)
     if t.magic != magic or t.reserved != 0:
         return E_HEADER
@@ -537,8 +529,6 @@ def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i3
 
 @function(small=True)  # once per session or epoch
 def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
-    if c.state != ST_RECEIVING:
-        return E_BAD_STATE
     st = open_token(c, TOKEN_MAGIC, False)
     if st != OK:
         return st
@@ -557,8 +547,6 @@ def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
 
 @function(small=True)  # once per session or epoch
 def op_recv_finish(c: Ptr[HelperCtx]) -> i32:
-    if c.state != ST_RECEIVING:
-        return E_BAD_STATE
     st = open_token(c, FINISH_MAGIC, True)
     if st != OK:
         return st
@@ -580,7 +568,7 @@ def write_hello(c: Ptr[HelperCtx]) -> None:
     r.c_bit = c.c_bit
     r.capabilities = CAP_AESNI_GCM
     r.session_id = c.session_id
-    copy_bytes(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](addr(r)), sizeof(HelloReply))
+    copy_mem(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](addr(r)), sizeof(HelloReply))
 
 
 @function(small=True)  # once per session or epoch
@@ -639,7 +627,7 @@ def process_batch(c: Ptr[HelperCtx]) -> None:
     c.processed = 0
     st: i32 = E_BAD_STATE
     if bell != c.last_bell:
-        copy_bytes(Ptr[u8](addr(c.cmd)), Ptr[u8](mailbox_command(c)), sizeof(Command))
+        copy_mem(Ptr[u8](addr(c.cmd)), Ptr[u8](mailbox_command(c)), sizeof(Command))
         c.refused = 0
         st = dispatch(c)
         c.last_bell = bell
@@ -678,7 +666,7 @@ def mh_test_process(c: Ptr[HelperCtx]) -> i32:
 def mh_test_ctx_init(c: Ptr[HelperCtx], key: Ptr[u8], mailbox: u64, ram_base: u64, ram_max: u64,
                      pool: u64, pool_pages: u32, self_gpa: u64, self_len: u64) -> i32:
     """Set up a context the way the driver does, with identity 'mirror' addresses (native)."""
-    copy_bytes(addr(c.key[0]), key, 32)
+    copy_mem(addr(c.key[0]), key, 32)
     c.have_key = 1
     c.c_bit = 47
     c.phys_bits = 47
