@@ -154,7 +154,7 @@ def test_bad_windows_are_refused_and_change_nothing(option):
 @pytest.mark.parametrize("option", [P.OPT_SHIFT, P.OPT_TUPLES], ids=lambda o: P.OPTION_NAMES[o])
 def test_window_larger_than_the_table_pool_is_refused_recoverably(option):
     """Regression (found by this suite): with C-bit 51, ram_max (2^46..2^47) is more than the
-    64-page table pool can map. One *_BEGIN of such a window used to leave half-built leaves
+    table pool (then 64 pages, now 32) can map. One *_BEGIN of such a window used to leave half-built leaves
     that `window_mapped` did not cover, so every later *_BEGIN failed with E_BAD_ARG (the
     helper was unusable until the guest rebooted). Now it fails alone."""
     h = MirrorHost(51, option, seed=SEED)

@@ -59,7 +59,7 @@ from .protocol import (
 )
 from .session import STACK, STACK_SIZE, HelperCtx, mh_entry
 
-PT_POOL_PAGES = 64
+PT_POOL_PAGES = 32  # static tables (~10 pages) plus 1 GiB-page windows up to ~10 TiB
 PT_POOL = static(Array[u8, PT_POOL_PAGES * 4096], align=4096)
 FOUR_GIB = 1 << 32
 CANONICAL_LIMIT = 1 << 47
