@@ -15,7 +15,6 @@ from .efi import (
     EFI_LOAD_ERROR,
     EFI_SUCCESS,
     EfiBootServices,
-    EfiConfigurationTable,
     EfiSystemTable,
     guid_bytes,
 )
@@ -47,7 +46,7 @@ from .protocol import (
     ImageDescriptor,
     MhConfig,
 )
-from .secrets import KEY_ENTRY_GUID, MAX_CONFIG_TABLES, guid_eq, secret_find_key
+from .secrets import KEY_ENTRY_GUID, bytes_eq, find_config_table, secret_find_key
 from .session import CTX, wipe_bytes
 
 
@@ -140,14 +139,6 @@ def selftest_pagetables(pool: u64) -> u32:
     if (Ptr[u64](pool)[0] & ~u64(0xFFF) & ~c & ((u64(1) << 43) - 1)) != SELFTEST_POOL_PA + 0x1000:
         return 12
     return 0
-
-
-@function(small=True)
-def bytes_eq(a: Ptr[u8], b: Ptr[u8], n: u64) -> bool:
-    diff: u8 = 0
-    for i in range(n):
-        diff |= a[i] ^ b[i]
-    return diff == 0
 
 
 @function(small=True)
@@ -255,17 +246,6 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
 
 
 @function(small=True)
-def find_config(st: Ptr[EfiSystemTable]) -> u64:
-    """VendorTable of the MH_CONFIG_GUID configuration table, or 0."""
-    n = min(st.NumberOfTableEntries, u64(MAX_CONFIG_TABLES))
-    tables = Ptr[EfiConfigurationTable](st.ConfigurationTable)
-    for i in range(n):
-        if guid_eq(addr(tables[i].VendorGuid[0]), addr(G_MH_CONFIG[0])):
-            return tables[i].VendorTable
-    return 0
-
-
-@function(small=True)
 def report(msg: Ptr[u8], value: u64) -> None:
     con_puts(msg)
     con_hex(value)
@@ -283,7 +263,7 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
     p: SetupParams
     p.option = DEFAULT_OPTION
     p.shift_high = 0
-    cfg = find_config(st)
+    cfg = find_config_table(st, addr(G_MH_CONFIG[0]))
     if cfg != 0:
         p.option = Ptr[MhConfig](cfg).option
         p.shift_high = Ptr[MhConfig](cfg).shift_high

@@ -33,11 +33,28 @@ G_SECRET_HDR = static(Array[u8, 16], guid_bytes(SECRET_TABLE_HEADER_GUID), reado
 
 
 @function(small=True)
-def guid_eq(a: Ptr[u8], b: Ptr[u8]) -> bool:
+def bytes_eq(a: Ptr[u8], b: Ptr[u8], n: u64) -> bool:
+    """Compare without an early exit (the same time whatever the data)."""
     diff: u8 = 0
-    for i in range(16):
+    for i in range(n):
         diff |= a[i] ^ b[i]
     return diff == 0
+
+
+@function(small=True)
+def guid_eq(a: Ptr[u8], b: Ptr[u8]) -> bool:
+    return bytes_eq(a, b, 16)
+
+
+@function(small=True)
+def find_config_table(st: Ptr[EfiSystemTable], guid: Ptr[u8]) -> u64:
+    """VendorTable of the UEFI configuration table with `guid`, or 0 (absent or null)."""
+    n = min(st.NumberOfTableEntries, u64(MAX_CONFIG_TABLES))
+    tables = Ptr[EfiConfigurationTable](st.ConfigurationTable)
+    for i in range(n):
+        if guid_eq(addr(tables[i].VendorGuid[0]), guid):
+            return tables[i].VendorTable
+    return 0
 
 
 @function(small=True)
@@ -69,13 +86,10 @@ def secret_area_key(base: u64, size: u64, out: Ptr[u8]) -> i32:
 @function(small=True)
 def secret_find_key(st: Ptr[EfiSystemTable], out: Ptr[u8]) -> i32:
     """Find the secret area through the UEFI configuration tables and copy the key."""
-    n = min(st.NumberOfTableEntries, u64(MAX_CONFIG_TABLES))
-    tables = Ptr[EfiConfigurationTable](st.ConfigurationTable)
-    for i in range(n):
-        if guid_eq(addr(tables[i].VendorGuid[0]), addr(G_CC_SECRET[0])):
-            loc = Ptr[CcSecretLocation](tables[i].VendorTable)
-            return secret_area_key(loc.Base, loc.Size, out)
-    return E_NO_KEY
+    loc = Ptr[CcSecretLocation](find_config_table(st, addr(G_CC_SECRET[0])))
+    if u64(loc) == 0:
+        return E_NO_KEY
+    return secret_area_key(loc.Base, loc.Size, out)
 
 
 @function(abi="c")

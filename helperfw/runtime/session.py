@@ -216,8 +216,12 @@ def derive_session_keys(c: Ptr[HelperCtx]) -> None:
 
 
 @function
-def set_hash_add(c: Ptr[HelperCtx], ram_addr: u64, seq: u64) -> None:
+def count_record(c: Ptr[HelperCtx], ram_addr: u64, seq: u64) -> None:
+    """The accounting an epoch token attests, done identically by sealer and opener: the set-hash
+    of (ram_addr, seq), the epoch's count and the session's total."""
     c.set_hash = c.set_hash ^ aes256_block(addr(c.hkey), v128_make(ram_addr, seq))
+    c.epoch_count += 1
+    c.total += 1
 
 
 @function(small=True)  # once per session or epoch
@@ -364,9 +368,7 @@ def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
     gcm_seal(addr(c.gcm), addr(nonce[0]), Ptr[u8](env), 48, Ptr[u8](c.ram_base + ram_addr),
              Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]))
     copy_mem(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
-    set_hash_add(c, ram_addr, seq)
-    c.epoch_count += 1
-    c.total += 1
+    count_record(c, ram_addr, seq)
 
 
 @function
@@ -482,9 +484,7 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
         return E_AUTH
     c.seen[off >> 6] = c.seen[off >> 6] | bit
     c.installed[slot_i] = ram_addr | 1
-    set_hash_add(c, ram_addr, env.seq)
-    c.epoch_count += 1
-    c.total += 1
+    count_record(c, ram_addr, env.seq)
     return OK
 
 
