@@ -36,11 +36,14 @@ from helperfw import (
     write_cr3,
     wrmsr,
 )
-from helperfw.runtime.protocol import (
+from helperfw.runtime.platform import (
     CPUID_SEV_LEAF,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MIGRATION_READY,
     MSR_KVM_MIGRATION_CONTROL,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
 )
 
 if TYPE_CHECKING:
@@ -53,9 +56,6 @@ GR_PRIVATE = 0  # filled through C=1 mappings
 GR_SHARED = 1  # converted to shared (C-bit cleared, reported to the host), then filled
 GR_DIRTY = 2  # the loop may write here after set-up (else: filled once, never touched again)
 
-PTE_P = 1
-PTE_RW = 2
-PTE_PS = 1 << 7
 PHYS_MASK = const(u64, 0x000F_FFFF_FFFF_F000)  # bits 51:12; the C-bit is cleared from it separately
 WORDS_PER_TOUCH = 8  # u64 stores per dirtied page (spread over the page)
 MIX = 0x9E3779B97F4A7C15  # golden-ratio multiplier: a cheap, well-spread page pattern

@@ -53,23 +53,21 @@ from emulate.mmu import (
     Translation,
     walk,
 )
+from helperfw.runtime.platform import (
+    DEBUG_PORT,
+    KVM_ENOSYS,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    MSR_AMD64_SEV,
+    MSR_KVM_MIGRATION_CONTROL,
+)
 
-# Linux Documentation/virt/kvm/x86/hypercalls.rst
-KVM_HC_MAP_GPA_RANGE = 12
-KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
-KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 0, 1, 2
-KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h: unknown hypercall returns -KVM_ENOSYS
-
-# Documentation/virt/kvm/x86/msr.rst
-MSR_KVM_MIGRATION_CONTROL = 0x4B564D08
-MSR_AMD64_SEV = 0xC0010131  # AMD APM vol. 2 §15.34.10: bit 0 SEV enabled
 # MSRs unicorn/QEMU implement itself; anything else not emulated here is a #GP.
 NATIVE_MSRS = frozenset({
     0x10, 0x1B, 0x174, 0x175, 0x176, 0x277, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
     0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,
 })
 
-DEBUG_PORT = 0x402  # OVMF/QEMU isa-debugcon
 DEFAULT_BUDGET = 50_000_000
 
 # Control-register bits (SDM vol. 3A §2.5) for a long-mode, paged, NX-enabled vCPU.

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-PAGE = 4096
+from helperfw.runtime.platform import PAGE_SIZE
+
+PAGE = PAGE_SIZE
 RAW = 0  # page state: the buffer holds the true DRAM bytes; other states are key ids
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Page-table entry bits (same in all four levels where defined).
+# Deliberately independent of helperfw.runtime.platform: this walk is the oracle the helper's
+# page-table builder is tested against, so it must not share the builder's constants.
 PTE_P = 1 << 0
 PTE_RW = 1 << 1
 PTE_US = 1 << 2

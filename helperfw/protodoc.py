@@ -7,6 +7,7 @@ A test regenerates it and compares, so the document cannot drift from the struct
 
 from __future__ import annotations
 
+from helperfw.runtime import platform
 from helperfw.runtime import protocol as P
 from helperfw.structs import StructType
 
@@ -137,7 +138,7 @@ def generate() -> str:
     parts = [
         INTRO.format(
             version=P.PROTOCOL_VERSION.value, announce=P.MH_HC_ANNOUNCE,
-            map_gpa=P.KVM_HC_MAP_GPA_RANGE, options=options, control_off=P.CONTROL_OFFSET,
+            map_gpa=platform.KVM_HC_MAP_GPA_RANGE, options=options, control_off=P.CONTROL_OFFSET,
             slots=P.DEFAULT_SLOTS, slot_size=P.SLOT_SIZE, last_page=P.MAILBOX_PAGES - 1,
         ),
         "## Layouts\n",

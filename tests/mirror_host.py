@@ -34,8 +34,8 @@ from emulate.cpuid import CpuidModel
 from emulate.machine import VM, Exit, VCpu
 from emulate.memctl import MemoryController
 from emulate.uefi import UefiStandIn
+from helperfw.runtime import platform, secrets
 from helperfw.runtime import protocol as P
-from helperfw.runtime import secrets
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = P.PAGE_SIZE
@@ -76,7 +76,7 @@ class _Announced:
         if nr == P.MH_HC_ANNOUNCE:
             self.bootinfo_gpa = a0
             return 0
-        if nr == P.KVM_HC_MAP_GPA_RANGE:
+        if nr == platform.KVM_HC_MAP_GPA_RANGE:
             self.shared.append((a0, a1))
             return 0
         return (-1000) & (2**64 - 1)

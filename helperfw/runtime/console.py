@@ -19,7 +19,7 @@ from helperfw import (
 )
 
 from .efi import EfiSimpleTextOutput
-from .protocol import DEBUG_PORT
+from .platform import DEBUG_PORT
 
 
 def text(s: str) -> Static:

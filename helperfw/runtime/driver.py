@@ -32,10 +32,9 @@ from .pagetables import (
     pt_lookup,
     pt_map,
 )
+from .platform import CPUID_ADDR_SIZE_LEAF, CPUID_SEV_LEAF
 from .protocol import (
     CAP_AESNI_GCM,
-    CPUID_ADDR_SIZE_LEAF,
-    CPUID_SEV_LEAF,
     DEFAULT_OPTION,
     DEFAULT_SLOTS,
     DESCRIPTOR_MAGIC,

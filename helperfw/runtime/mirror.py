@@ -38,18 +38,17 @@ from .pagetables import (
     pt_init,
     pt_map,
 )
+from .platform import KVM_HC_MAP_GPA_RANGE, PAGE_SIZE
 from .protocol import (
     BOOTINFO_MAGIC,
     DEFAULT_SLOTS,
     E_BAD_ARG,
-    KVM_HC_MAP_GPA_RANGE,
     MAILBOX_PAGES,
     MH_HC_ANNOUNCE,
     OK,
     OPT_ISOLATED,
     OPT_SHIFT,
     OPT_TUPLES,
-    PAGE_SIZE,
     PROTOCOL_VERSION,
     REGION_CODE,
     REGION_DATA,

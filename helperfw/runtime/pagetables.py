@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from helperfw import Ptr, const, function, i32, struct, u32, u64
 
-PTE_P = 1 << 0
-PTE_RW = 1 << 1
-PTE_A = 1 << 5
-PTE_D = 1 << 6
-PTE_PS = 1 << 7
-PTE_NX = const(u64, 1 << 63)
+from . import platform
+from .platform import PAGE_1G, PAGE_2M, PTE_A, PTE_D, PTE_P, PTE_PS, PTE_RW
+
+PTE_NX = const(u64, platform.PTE_NX)  # bit 63: a u64 constant, not an i64 literal
 
 MAP_W = 1  # writable
 MAP_X = 2  # executable
@@ -24,9 +22,7 @@ MAP_ENC = 4  # private (C-bit set)
 
 NEXT_IS_LEAF = const(u64, 0xFFFFFFFFFFFFFFFF)
 
-PAGE_4K = 0x1000
-PAGE_2M = 0x200000
-PAGE_1G = 0x40000000
+PAGE_4K = platform.PAGE_SIZE
 
 PT_OK = 0
 PT_E_WX = -1  # asked for a writable+executable mapping

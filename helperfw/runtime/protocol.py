@@ -9,19 +9,13 @@ from __future__ import annotations
 
 from helperfw import Array, const, i32, struct, u8, u32, u64
 
+from .platform import PAGE_SIZE
+
 PROTOCOL_VERSION = const(u32, 1)
-PAGE_SIZE = 4096
 DEFAULT_SLOTS = 64
 MAX_SLOTS = 64
 MAX_REGIONS = 8
 
-# -- platform facts (with their source) -----------------------------------------------------
-KVM_HC_MAP_GPA_RANGE = 12  # Linux Documentation/virt/kvm/x86/hypercalls.rst
-MSR_KVM_MIGRATION_CONTROL = 0x4B564D08  # Linux Documentation/virt/kvm/x86/msr.rst
-KVM_MIGRATION_READY = 1  # bit 0 of MSR_KVM_MIGRATION_CONTROL
-CPUID_SEV_LEAF = 0x8000001F  # AMD APM vol. 3, CPUID Fn8000_001F: EAX bit 1 SEV, EBX[5:0] C-bit
-CPUID_ADDR_SIZE_LEAF = 0x80000008  # EAX[7:0] MAXPHYADDR
-DEBUG_PORT = 0x402  # QEMU isa-debugcon as OVMF configures it
 # This project's hypercall announcing the boot-info page: a0 = its GPA, a1 = PROTOCOL_VERSION.
 # Chosen outside Linux's KVM_HC_* range (which is small integers); see docs/PROTOCOL.md.
 MH_HC_ANNOUNCE = 0x4D480001  # "MH" << 16 | 1
