@@ -1,4 +1,4 @@
-"""Issue 8 in one command: crypto vs OpenSSL, the protocol vs the RFC's, image size and build time.
+"""The performance goals in one command: crypto vs OpenSSL, the protocol vs the RFC's, image size and build time.
 
     python bench/run.py [--quick] [--options tuples|all] [--cbit 47]
 
@@ -7,9 +7,9 @@ Measures, in this order and in one process (except the timed `python build.py` s
 1. build: `python build.py` as a subprocess (wall time, interpreter start-up included; it also
    refreshes out/MigrationHelper.efi for step 3), then link + package in-process (best of N),
    whose bytes must equal the file (reproducible build); image size against the 32 KiB goal.
-2. crypto: the helper's compiled AES-256-GCM seal/open (linked image mapped executable, called
-   natively; bench_crypto.run) against `cryptography` on the same 4 KiB pages, plus the 1 MiB
-   bulk comparison and cryptography's fixed per-call cost.
+2. crypto: the helper's compiled AES-256-GCM-SIV seal/open (linked image mapped executable,
+   called natively; bench_crypto.run) against `cryptography`'s AESGCMSIV and AESGCM on the same
+   4 KiB pages, plus the 1 MiB bulk comparison and cryptography's fixed per-call cost.
 3. migration: a whole emulated live migration (bench_migration.measure) twice: "memory"
    transport, so the source and destination are timed separately, and "tcp" (loopback, both
    sides' vCPUs at once) for the end-to-end rate and the downtime; then the same private pages
@@ -102,12 +102,18 @@ def summary(c: dict, runs: list, proto: list, cmp: dict, b: dict) -> str:
     b1 = next(r for r in proto if r["batch"] == 1)
     b64 = next(r for r in proto if r["batch"] == 64)
     rows = [
-        ["seal 4 KiB page, native MB/s", c["helper_seal_loop"], "cryptography",
-         c["cryptography_seal"], c["ratio_seal"], ">= 1.0"],
-        ["open 4 KiB page, native MB/s", c["helper_open_loop"], "cryptography",
-         c["cryptography_open"], c["ratio_open"], ">= 1.0"],
-        ["seal 1 MiB message (bulk), MB/s", c["helper_seal_1m"], "cryptography",
-         c["cryptography_seal_1m"], c["ratio_seal_1m"], ""],
+        ["GCM-SIV seal 4 KiB page, native MB/s", c["helper_seal_loop"],
+         "cryptography AESGCMSIV", c["siv_seal"], c["ratio_seal_vs_siv"],
+         f">= {bench_crypto.GOAL_VS_SIV}"],
+        ["GCM-SIV open 4 KiB page, native MB/s", c["helper_open_loop"],
+         "cryptography AESGCMSIV", c["siv_open"], c["ratio_open_vs_siv"],
+         f">= {bench_crypto.GOAL_VS_SIV}"],
+        ["GCM-SIV seal 4 KiB page, native MB/s", c["helper_seal_loop"], "cryptography AESGCM",
+         c["gcm_seal"], c["ratio_seal_vs_gcm"], f">= {bench_crypto.GOAL_VS_GCM}"],
+        ["GCM-SIV open 4 KiB page, native MB/s", c["helper_open_loop"], "cryptography AESGCM",
+         c["gcm_open"], c["ratio_open_vs_gcm"], f">= {bench_crypto.GOAL_VS_GCM}"],
+        ["GCM-SIV seal 1 MiB message (bulk), MB/s", c["helper_seal_1m"], "cryptography AESGCM",
+         c["gcm_seal_1m"], c["ratio_seal_1m_vs_gcm"], ""],
         [f"migration source pages/s ({mem})", m["src_pages_per_s"], "", "", "", ""],
         [f"migration destination pages/s ({mem})", m["dst_pages_per_s"], "", "", "", ""],
         ["migration end to end pages/s (sides in turn)", m["pages_per_s"], "", "", "", ""],
@@ -125,7 +131,7 @@ def summary(c: dict, runs: list, proto: list, cmp: dict, b: dict) -> str:
         ["build: python build.py subprocess, s", b["build_subprocess_s"], "", "", "", ""],
     ]
     return table(["measure", "helper", "reference", "ref value", "ratio", "goal"], rows,
-                 "== issue 8 summary ==")
+                 "== summary ==")
 
 
 def main() -> None:

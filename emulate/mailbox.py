@@ -27,14 +27,15 @@ PAGE = P.PAGE_SIZE
 SLOT = P.SLOT_SIZE
 STATUS_NAMES = {v: k for k, (v, _doc) in P.STATUS.items()}
 # A batch must complete within this wall-clock time. Why not an instruction budget: unicorn
-# counts instructions with a per-instruction hook, which made the helper's AES-GCM ~5x slower;
+# counts instructions with a per-instruction hook, which made the helper's AES code ~5x slower;
 # a watchdog thread calling emu_stop costs nothing while the helper runs.
 BATCH_TIMEOUT_S = 60.0
 
-_HDR = struct.Struct("<IIQIIQQ")  # op, count, session_id, epoch, version, ram_size, arg
+_HDR = struct.Struct("<IIQIIQQ")  # op, count, session_id, epoch, version, ram_size, challenge
 _ENTRY = struct.Struct("<QIi")
 assert _HDR.size == P.Command.offset("entries") and _ENTRY.size == P.Entry.size
-assert (P.Command.offset("session_id"), P.Command.offset("ram_size")) == (8, 24)
+assert (P.Command.offset("session_id"), P.Command.offset("ram_size"),
+        P.Command.offset("challenge")) == (8, 24, 32)
 _CTL = struct.Struct("<QQiIII")
 assert _CTL.size == P.Control.size
 
@@ -77,11 +78,11 @@ class HelperChannel:
 
     # ---- the doorbell -------------------------------------------------------------------------
     def batch(self, op: int, ram_addrs: list[int] = (), *, session_id: int = 0, epoch: int = 0,
-              version: int = 0, ram_size: int = 0, arg: int = 0,
+              version: int = P.PROTOCOL_VERSION.value, ram_size: int = 0, challenge: int = 0,
               count: int | None = None) -> BatchResult:
         n = len(ram_addrs)
         cmd = bytearray(_HDR.pack(op, n if count is None else count, session_id, epoch, version,
-                                  ram_size, arg))
+                                  ram_size, challenge))
         for ra in ram_addrs:
             cmd += _ENTRY.pack(ra, 0, 0)
         self._store(self.cmd_hpa, bytes(cmd))
@@ -134,15 +135,20 @@ class HelperChannel:
         self._store(self.slot_hpa, b"".join(records))
 
     # ---- ops ----------------------------------------------------------------------------------
-    def hello(self) -> object:
-        self._ok(P.OP_HELLO, self.batch(P.OP_HELLO, version=P.PROTOCOL_VERSION.value))
+    def reply(self) -> object:
+        """The HelloReply a HELLO or *_BEGIN left in slot 0."""
         return P.HelloReply.parse(self.mc.host_read(self.slot_hpa, P.HelloReply.size))
 
-    def send_begin(self, ram_size: int) -> int:
-        self._ok(P.OP_SEND_BEGIN, self.batch(P.OP_SEND_BEGIN, version=P.PROTOCOL_VERSION.value,
-                                             ram_size=ram_size))
-        reply = P.HelloReply.parse(self.mc.host_read(self.slot_hpa, P.HelloReply.size))
-        self.session_id = int(reply.session_id)
+    def hello(self) -> object:
+        self._ok(P.OP_HELLO, self.batch(P.OP_HELLO))
+        return self.reply()
+
+    def send_begin(self, ram_size: int, challenge: int) -> int:
+        """Open a sending session bound to the destination's challenge; returns the session id
+        the source helper drew."""
+        self._ok(P.OP_SEND_BEGIN, self.batch(P.OP_SEND_BEGIN, ram_size=ram_size,
+                                             challenge=challenge))
+        self.session_id = int(self.reply().session_id)
         return self.session_id
 
     def send(self, ram_addrs: list[int]) -> list[bytes]:
@@ -158,19 +164,27 @@ class HelperChannel:
         self._ok(op, self.batch(op))
         return self.mc.host_read(self.slot_hpa, P.EpochToken.size)
 
-    def recv_begin(self, session_id: int, ram_size: int) -> None:
+    def recv_begin(self, ram_size: int) -> int:
+        """Open a receiving session; returns the challenge the destination helper drew, which
+        the host carries back to the source (QEMU's return path)."""
+        self.session_id = 0
+        self._ok(P.OP_RECV_BEGIN, self.batch(P.OP_RECV_BEGIN, ram_size=ram_size))
+        return int(self.reply().challenge)
+
+    def bind(self, session_id: int) -> None:
+        """The session id (from the stream) that RECV-family commands name; the helper binds
+        the receiving session to it on the first one."""
         self.session_id = session_id
-        self._ok(P.OP_RECV_BEGIN, self.batch(P.OP_RECV_BEGIN, session_id=session_id,
-                                             version=P.PROTOCOL_VERSION.value, ram_size=ram_size))
 
     def recv(self, ram_addrs: list[int], records: list[bytes]) -> list[int]:
         """Install a batch; returns the per-entry status (0 = installed)."""
         self.write_slots(records)
-        return self._ok(P.OP_RECV, self.batch(P.OP_RECV, ram_addrs)).entry_status
+        return self._ok(P.OP_RECV, self.batch(P.OP_RECV, ram_addrs,
+                                              session_id=self.session_id)).entry_status
 
     def put_token(self, op: int, token: bytes) -> int:
         self._store(self.slot_hpa, token)
-        return self.batch(op).status
+        return self.batch(op, session_id=self.session_id).status
 
     def abort(self) -> int:
         return self.batch(P.OP_ABORT).status

@@ -127,6 +127,7 @@ class MigrationResult:
     dst_exits: int
     seconds: float  # from SEND_BEGIN to RECV_FINISH
     session_id: int
+    challenge: int = 0  # the destination's RECV_BEGIN challenge the session is bound to
     guest_exits: int = 0  # source guest exits while migrating: dirty-log write faults + slices
     downtime: float | None = None  # guest stopped → destination finished (concurrent transport)
     verification: Verification | None = None
@@ -248,6 +249,13 @@ class Destination:
         self.finished_at = 0.0
         self.session_id = 0
         self.counts = {"private": 0, "shared": 0, "epochs": 0}
+        self.challenge = 0
+
+    def open_session(self, ram_size: int) -> int:
+        """RECV_BEGIN before the source starts: the helper draws the challenge the source's
+        session must bind (the host carries it back to the source, as on QEMU's return path)."""
+        self.challenge = self.ch.recv_begin(ram_size)
+        return self.challenge
 
     def receive(self, inp: BinaryIO) -> None:
         h, ch = self.host, self.ch
@@ -263,7 +271,10 @@ class Destination:
                     raise StreamError(f"RAM blocks differ: {theirs} vs {mine}")
                 if _page_set([(r.ram_addr, r.length) for r in b.helper_ranges]) != self.skip:
                     raise StreamError("the destination helper lives elsewhere than the source's")
-                ch.recv_begin(b.session_id, b.ram_size)
+                if b.challenge != self.challenge:
+                    raise StreamError(f"stream bound to challenge {b.challenge:#x}, this "
+                                      f"destination's session drew {self.challenge:#x}")
+                ch.bind(b.session_id)
                 self.session_id = b.session_id
             elif rec.kind == SHARED_LIST:
                 h.shared.replace([(r.ram_addr, r.length) for r in b.ranges])
@@ -332,6 +343,7 @@ class Migration:
         self.dst = Destination(p)
         self.rounds: list[RoundStats] = []
         self._slices = 0
+        self.challenge = 0  # set by open() (run() opens if nobody did)
 
     # ---- source side ----------------------------------------------------------------------------
     def _send(self, w: StreamWriter, addrs: list[int], *, guest_runs: bool) -> tuple[int, int]:
@@ -363,10 +375,11 @@ class Migration:
     def _source(self, w: StreamWriter) -> None:
         src, p = self.src, self.p
         h = src.host
-        ram_size = -(-h.ram_size // TWO_MIB) * TWO_MIB
-        sid = src.ch.send_begin(ram_size)
+        ram_size = self.window()
+        sid = src.ch.send_begin(ram_size, self.challenge)
         self.session_id = sid
-        w.write(SESSION, session_id=sid, option=p.option, c_bit=p.cbit, ram_size=ram_size,
+        w.write(SESSION, session_id=sid, challenge=self.challenge, option=p.option,
+                c_bit=p.cbit, ram_size=ram_size,
                 page_size=PAGE, protocol=P.PROTOCOL_VERSION.value,
                 blocks=[{"name": b.name, "offset": b.offset, "size": b.size} for b in h.blocks],
                 helper_ranges=[{"ram_addr": a, "length": n} for a, n in h.helper_ram_ranges()])
@@ -410,9 +423,21 @@ class Migration:
         self.progress("done", 0)
 
     # ---- the whole thing --------------------------------------------------------------------------
+    def window(self) -> int:
+        """The RAM window both helpers map: guest RAM rounded up to 2 MiB."""
+        return -(-self.src.host.ram_size // TWO_MIB) * TWO_MIB
+
+    def open(self) -> int:
+        """Protocol v2: the destination opens its session first; its challenge goes back to the
+        source, whose session (and so every record of this stream) is bound to it."""
+        self.challenge = self.dst.open_session(self.window())
+        return self.challenge
+
     def run(self) -> MigrationResult:
         t0 = time.perf_counter()
         kind = self.p.transport
+        if not self.challenge:
+            self.open()
         if kind == "memory":
             buf = io.BytesIO()
             w = StreamWriter(buf)
@@ -433,7 +458,7 @@ class Migration:
         seconds = time.perf_counter() - t0
         res = MigrationResult(self.p, self.rounds, w.private_pages, w.shared_pages, w.bytes,
                               w.records, w.epochs, self.src.ch.exits - 1, self.dst.ch.exits - 1,
-                              seconds, self.session_id)
+                              seconds, self.session_id, self.challenge)
         res.guest_exits = self.src.host.vm.write_faults - self._faults0 + self._slices
         if kind.startswith("tcp"):
             res.downtime = self.dst.finished_at - self.stopped_at

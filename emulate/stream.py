@@ -9,11 +9,11 @@ Record kinds and why each exists:
 
 | kind | body | purpose |
 |---|---|---|
-| SESSION | session id, option, C-bit, RAM window size, RAM blocks, helper ranges | the destination opens its helper session (RECV_BEGIN) and checks the RAM layout matches |
+| SESSION | session id, challenge, option, C-bit, RAM window size, RAM blocks, helper ranges | the destination binds its helper session (opened by RECV_BEGIN, whose challenge the source bound) and checks the RAM layout matches |
 | SHARED_LIST | (ram_addr, length) runs | the shared-region list (by ram_addr): the destination host adopts it |
 | ROUND | round number, pages in it | progress marker (pre-copy rounds, then stop-and-copy) |
 | SHARED_PAGES | (ram_addr, 4096 raw bytes) × n | shared pages travel as the host reads them |
-| PRIVATE_PAGES | (ram_addr, 64-byte envelope + 4096-byte ciphertext) × n | one helper batch of SPEC §6 records |
+| PRIVATE_PAGES | (ram_addr, 64-byte envelope + 4096-byte ciphertext) × n | one helper batch of sealed records (docs/PROTOCOL.md) |
 | EPOCH_TOKEN | 80 bytes | SEND_END_EPOCH's token, fed to RECV_END_EPOCH |
 | FINISH | 80 bytes | SEND_FINISH's token, fed to RECV_FINISH |
 | CPU_STATE | guest vCPU registers | device state, so the destination resumes the guest |
@@ -48,7 +48,7 @@ from construct import (
 from helperfw.runtime import protocol as P
 
 STREAM_MAGIC = b"MHMS"
-STREAM_VERSION = 1
+STREAM_VERSION = 2  # follows the helper's protocol: v2 records, challenge in SESSION
 PAGE = P.PAGE_SIZE
 RECORD_SIZE = P.SLOT_SIZE  # envelope + ciphertext
 TOKEN_SIZE = P.EpochToken.size
@@ -69,7 +69,8 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10
 
 BODIES = {
     SESSION: Struct(
-        "session_id" / Int64ul, "option" / Int32ul, "c_bit" / Int32ul, "ram_size" / Int64ul,
+        "session_id" / Int64ul, "challenge" / Int64ul, "option" / Int32ul, "c_bit" / Int32ul,
+        "ram_size" / Int64ul,
         "page_size" / Int32ul, "protocol" / Int32ul,
         "blocks" / PrefixedArray(Int8ul, Block),
         "helper_ranges" / PrefixedArray(Int16ul, Range),

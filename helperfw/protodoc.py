@@ -38,6 +38,9 @@ so the host reads BootInfo in plaintext. The host starts the mirror vCPU in 64-b
 options it first maps (or, for `isolated`, copies) every region at its `mirror_gpa`.
 Nothing is at a fixed address.
 
+The driver is active only when SEV is: CPUID `0x8000001F` EAX bit 1 **and** `MSR_AMD64_SEV`
+(`0xC0010131`) bit 0, as OVMF decides it (the MSR is read only once CPUID promised it).
+
 ## Address-space options
 
 | value | name | RAM window |
@@ -69,39 +72,79 @@ STATE_MACHINE = """\
 
 ```
             HELLO (any state)
-IDLE ──SEND_BEGIN──▶ SENDING ──SEND / SEND_END_EPOCH──▶ SENDING ──SEND_FINISH──▶ DONE
+IDLE ──SEND_BEGIN(challenge)──▶ SENDING ──SEND / SEND_END_EPOCH──▶ SENDING ──SEND_FINISH──▶ DONE
 IDLE ──RECV_BEGIN──▶ RECEIVING ──RECV / RECV_END_EPOCH──▶ RECEIVING ──RECV_FINISH──▶ DONE
 any ──ABORT──▶ ABORTED ──SEND_BEGIN / RECV_BEGIN──▶ (new session)
 DONE ──SEND_BEGIN / RECV_BEGIN──▶ (new session)
+RECEIVING ──RECV_BEGIN──▶ (the session ends, then a new one begins)
 ```
 
-An op outside its state returns `E_BAD_STATE` and changes nothing.
+An op outside its state returns `E_BAD_STATE` and changes nothing. `*_BEGIN` requires
+`Command.version` = {version}.
+
+**Fresh sessions.** The destination begins first: `RECV_BEGIN` draws a 64-bit `challenge` with
+RDRAND and returns it in the `HelloReply` (slot 0). The host carries it to the source, whose
+`SEND_BEGIN` takes it in `Command.challenge` (0 is refused with `E_BAD_ARG`), draws the 64-bit
+`session_id` with RDRAND and returns it in the `HelloReply`. The destination learns the session
+id from the stream: every `RECV`, `RECV_END_EPOCH` and `RECV_FINISH` names it in
+`Command.session_id`; the first one binds the receiving session to it (0 is `E_BAD_ARG`), a
+different one later is `E_REPLAY`. Both sides derive the session keys from `K`, the session id
+and the challenge, so a stream is valid for exactly one receiving session.
+
+**RDRAND.** Every random value takes two plausible draws in a row: a draw with CF=0 is retried,
+0, all ones and a repeat of the previous accepted value are refused (known AMD errata return a
+constant with CF=1). After {rdrand_tries} draws without a result the `*_BEGIN` fails with
+`E_RNG`.
+
+**One-shot destination.** Once a receiving session has installed any page and then ends
+without a successful `RECV_FINISH` (`ABORT`, a refusal that poisons it, a new `RECV_BEGIN`),
+the helper refuses every later `SEND_BEGIN` and `RECV_BEGIN` with `E_DISCARDED`: a destination
+whose migration failed is discarded, so a finished image never mixes pages of two sessions. A
+session that installed nothing may end and begin again.
 
 ## Transport crypto
 
-* Key: 32 bytes from the SEV launch-secret area entry with GUID `{key_guid}`.
-* `session_id`: 64 bits from RDRAND in the source helper (never from the host).
-* `K_s = AES256_K(b0) ‖ AES256_K(b1)`, `b_i = session_id (u64 LE) ‖ "MHK1" ‖ u32 LE i`;
-  the set-hash key `K_a` is derived the same way with `i = 2, 3`.
-* Page record: `Envelope` + 4096 bytes of AES-256-GCM ciphertext; nonce = `epoch (u32 LE) ‖
-  seq (u64 LE)`, AAD = envelope bytes 0x00–0x2F, key `K_s`. `seq` starts at 1 and strictly
-  increases over the session.
-* Epoch token: `EpochToken`, GCM with empty plaintext, AAD = bytes 0x00–0x3F, nonce = `epoch ‖
-  0`. `set_hash` = XOR over the epoch's records of `AES256_Ka(ram_addr (u64 LE) ‖ seq (u64
-  LE))`; `count` records carry seqs `[first_seq, first_seq + count)`. An epoch holds at most
-  {epoch_max} records (the destination keeps a bitmap of that many seqs to refuse duplicates at
-  once).
-* The destination accepts a record only if its session and epoch are current, its seq lies in
-  the epoch's window and was not seen, no record of the same `ram_addr` was installed earlier in
-  the epoch, and its tag verifies; only then is guest memory written. A host therefore sends a
-  page at most once per epoch (a page dirtied again goes into a later epoch): two versions of a
-  page in one epoch would let delivery order pick the older one.
-  `RECV_END_EPOCH` compares count, first seq and set-hash with the token; `RECV_FINISH`
-  refuses (`E_INCOMPLETE`) unless every epoch was closed by a matching token and the final
-  totals agree.
-* Fail closed: once a receiving session has refused anything (a record entry, a token, a
-  `RECV*` batch), it is poisoned and `RECV_FINISH` can never succeed; the host must start a new
-  session (`ABORT`, `RECV_BEGIN`). An honest host never causes a refusal.
+Everything below is fixed; with the transport key an outside implementation can check a whole
+stream from this section alone (`tests/session_host.py` and `tests/hostile_common.py` do, with
+`cryptography`).
+
+* **Transport key `K`**: 32 bytes, the entry with GUID `{key_guid}` (length field 20 + 32) of
+  the SEV launch-secret area (configuration table `CONFIDENTIAL_COMPUTING_SECRET_GUID`).
+* **Session keys**, all AES-256 in ECB on single 16-byte blocks, `s` = session_id and `c` =
+  challenge as u64 LE, counters as u32 LE, labels as 4 ASCII bytes:
+  * `K_1 = AES256_K(s ‖ "MHK2" ‖ 0) ‖ AES256_K(s ‖ "MHK2" ‖ 1)`
+  * `K_s = AES256_K1(c ‖ "MHS2" ‖ 0) ‖ AES256_K1(c ‖ "MHS2" ‖ 1)` (the AEAD key)
+  * `K_a = AES256_K1(c ‖ "MHA2" ‖ 0) ‖ AES256_K1(c ‖ "MHA2" ‖ 1)` (the set-hash key)
+* **AEAD**: AES-256-GCM-SIV (RFC 8452) with key `K_s`, 16-byte tag. It resists nonce misuse:
+  a helper whose memory the host rolled back may seal two inputs under one nonce, which reveals
+  only whether they were equal.
+* **Page record** (`Envelope` + 4096 bytes of ciphertext): magic `MHP2` ({env_magic:#010x}),
+  flags 0, reserved 0; nonce = `epoch (u32 LE) ‖ seq (u64 LE)`; AAD = envelope bytes
+  0x00–0x{env_aad_last:02X}; plaintext = the page. The first epoch is {first_epoch}; epochs
+  count up by one per closed epoch. `seq` starts at {first_seq} in each session and increases
+  by one per record, across epochs, never reused. The challenge field repeats the
+  destination's challenge.
+* **Epoch token** (`EpochToken`, magic `MHE2` = {tok_magic:#010x}): seals the epoch it closes:
+  `count` = records sealed in the epoch, `first_seq` = the epoch's first seq (its records carry
+  `[first_seq, first_seq + count)`), `set_hash` = XOR over the epoch's records of
+  `AES256_Ka(ram_addr (u64 LE) ‖ seq (u64 LE))`, `total_records` = records sealed in the
+  session so far, epoch included. Empty plaintext, AAD = bytes 0x00–0x{tok_aad_last:02X},
+  nonce = `epoch ‖ 0` (no record has seq 0). An epoch holds at most {epoch_max} records.
+* **Finish token** (same layout, magic `MHF2` = {fin_magic:#010x}): `epoch` = the last closed
+  epoch (0 if none), `count` = 0, `first_seq` = the seq the next record would have had,
+  `set_hash` = 0, `total_records` = records in the session; nonce = `{finish_epoch:#x} ‖ 0`.
+* **Accepting a record** (destination): session id and challenge match the session, epoch is
+  the current one, seq lies in the epoch's window and was not seen, no record of the same
+  `ram_addr` was installed earlier in the epoch, the entry's `ram_addr` equals the envelope's,
+  and the tag verifies; only then is guest memory written (the plaintext goes to a private
+  scratch page first). A host therefore sends a page at most once per epoch (a page dirtied
+  again goes into a later epoch): two versions of a page in one epoch would let delivery order
+  pick the older one. `RECV_END_EPOCH` compares count, first seq, total and set-hash with the
+  token; `RECV_FINISH` refuses (`E_INCOMPLETE`) unless every epoch was closed by a matching
+  token and the finish token's fields are as above.
+* **Fail closed**: once a receiving session has refused anything (a record entry, a token, a
+  `RECV*` batch), it is poisoned and `RECV_FINISH` can never succeed. An honest host never
+  causes a refusal.
 """
 
 
@@ -124,6 +167,7 @@ def constant_table(prefix: str) -> str:
 
 def generate() -> str:
     from helperfw.runtime.secrets import KEY_ENTRY_GUID
+    from helperfw.runtime.session import RDRAND_TRIES
 
     options = "\n".join(
         f"| {v} | `{n}` | " + {
@@ -146,11 +190,21 @@ def generate() -> str:
         "\n## Ops\n",
         constant_table("OP_"),
         "\n## Status codes\n",
+        "What `Control.status` and `Entry.status` can hold:\n",
         "| name | value | meaning |\n|---|---|---|\n" + "\n".join(
             f"| `{n}` | {v} | {d} |" for n, (v, d) in P.STATUS.items()),
+        ("\nFirmware-internal codes, never on the wire (the driver reports them on the console "
+        "and port 0x402 when set-up fails):\n"),
+        "| name | value | meaning |\n|---|---|---|\n" + "\n".join(
+            f"| `{n}` | {v} | {d} |" for n, (v, d) in P.FIRMWARE_STATUS.items()),
         "\n## Region kinds and entry flags\n",
         constant_table("REGION_") + "\n\n" + constant_table("ENTRY_F_"),
-        "\n" + STATE_MACHINE.format(key_guid=KEY_ENTRY_GUID, epoch_max=P.EPOCH_RECORDS_MAX),
+        "\n" + STATE_MACHINE.format(
+            key_guid=KEY_ENTRY_GUID, epoch_max=P.EPOCH_RECORDS_MAX,
+            version=P.PROTOCOL_VERSION.value, rdrand_tries=RDRAND_TRIES,
+            env_magic=P.ENVELOPE_MAGIC, tok_magic=P.TOKEN_MAGIC, fin_magic=P.FINISH_MAGIC,
+            env_aad_last=P.ENVELOPE_AAD_LEN - 1, tok_aad_last=P.TOKEN_AAD_LEN - 1,
+            first_epoch=P.FIRST_EPOCH, first_seq=P.FIRST_SEQ, finish_epoch=P.FINISH_EPOCH),
     ]
     return "\n".join(parts).rstrip() + "\n"
 

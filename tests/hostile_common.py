@@ -1,10 +1,10 @@
 """Shared pieces of the hostile-host suite (tests/test_hostile_*.py): status names, a forger
 that knows the transport key, and the plaintext-leak scanner.
 
-The forger (`mint_record`, `mint_token`) builds SPEC §6 records and tokens with `cryptography`
-for any field values, so tests can hand the helper *authentic* records that are wrong in exactly
-one non-cryptographic way (stale epoch, seq outside the window, another ram_addr...). A real host
-does not know the key; a test that does is strictly stronger.
+The forger builds protocol-v2 records and tokens (docs/PROTOCOL.md) with `cryptography`'s
+AES-GCM-SIV for any field values, so tests can hand the helper *authentic* records that are wrong
+in exactly one non-cryptographic way (stale epoch, seq outside the window, another ram_addr...).
+A real host does not know the key; a test that does is strictly stronger.
 """
 
 from __future__ import annotations
@@ -12,21 +12,21 @@ from __future__ import annotations
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.runtime import protocol as P
-from tests.session_host import derive
+from tests.session_host import session_keys
 
 PAGE = P.PAGE_SIZE
 ST = {name: val for name, (val, _doc) in P.STATUS.items()}
 ST_NAME = {val: name for name, val in ST.items()}
 DOCUMENTED = frozenset(ST.values())
 STATES = frozenset({P.ST_IDLE, P.ST_SENDING, P.ST_RECEIVING, P.ST_DONE, P.ST_ABORTED})
-FINISH_EPOCH = 0xFFFFFFFF
+FINISH_EPOCH = P.FINISH_EPOCH
 
 _ENV = struct.Struct("<IIQQIIQQ")  # Envelope without the tag
 _TOK = struct.Struct("<IIQQQ16sQQ")  # EpochToken without the tag
-assert _ENV.size == 48 and _TOK.size == 64
+assert _ENV.size == P.ENVELOPE_AAD_LEN and _TOK.size == P.TOKEN_AAD_LEN
 
 
 def name(st: int | None) -> str:
@@ -34,39 +34,52 @@ def name(st: int | None) -> str:
 
 
 class Forger:
-    """Seals records and tokens under K_s(key, session_id) like a source helper would."""
+    """Seals records and tokens under K_s(key, session_id, challenge) as a source helper would."""
 
-    def __init__(self, key: bytes, session_id: int) -> None:
-        self.key, self.sid = key, session_id
-        self.gcm = AESGCM(derive(key, session_id, 0))
+    def __init__(self, key: bytes, session_id: int, challenge: int) -> None:
+        self.key, self.sid, self.challenge = key, session_id, challenge
+        self.ks, self.ka = session_keys(key, session_id, challenge)
+        self.aead = AESGCMSIV(self.ks)
 
     def record(self, ram_addr: int, plaintext: bytes, *, epoch: int, seq: int,
                magic: int = P.ENVELOPE_MAGIC, flags: int = 0, sid: int | None = None,
-               reserved0: int = 0, reserved1: int = 0, nonce: tuple[int, int] | None = None) -> bytes:
+               reserved: int = 0, challenge: int | None = None,
+               nonce: tuple[int, int] | None = None) -> bytes:
         sid = self.sid if sid is None else sid
-        aad = _ENV.pack(magic, flags, ram_addr, sid, epoch, reserved0, seq, reserved1)
+        ch = self.challenge if challenge is None else challenge
+        aad = _ENV.pack(magic, flags, ram_addr, sid, epoch, reserved, seq, ch)
         ne, ns = nonce or (epoch, seq)
-        ct = self.gcm.encrypt(struct.pack("<IQ", ne, ns), plaintext, aad)
+        ct = self.aead.encrypt(struct.pack("<IQ", ne, ns), plaintext, aad)
         return aad + ct[-16:] + ct[:-16]
 
     def token(self, *, epoch: int, count: int, first_seq: int, set_hash: bytes, total: int,
-              magic: int = P.TOKEN_MAGIC, sid: int | None = None, reserved: int = 0,
+              magic: int = P.TOKEN_MAGIC, sid: int | None = None, challenge: int | None = None,
               nonce_epoch: int | None = None) -> bytes:
         sid = self.sid if sid is None else sid
-        aad = _TOK.pack(magic, epoch, sid, count, first_seq, set_hash, total, reserved)
+        ch = self.challenge if challenge is None else challenge
+        aad = _TOK.pack(magic, epoch, sid, count, first_seq, set_hash, total, ch)
         if nonce_epoch is None:
             nonce_epoch = FINISH_EPOCH if magic == P.FINISH_MAGIC else epoch
-        return aad + self.gcm.encrypt(struct.pack("<IQ", nonce_epoch, 0), b"", aad)
+        return aad + self.aead.encrypt(struct.pack("<IQ", nonce_epoch, 0), b"", aad)
 
     def open(self, record: bytes) -> bytes | None:
         """The plaintext of a record, or None if it does not verify under this session."""
-        env = record[:48]
+        env = record[:P.ENVELOPE_AAD_LEN]
         epoch, seq = struct.unpack_from("<I", env, 0x18)[0], struct.unpack_from("<Q", env, 0x20)[0]
         try:
-            return self.gcm.decrypt(struct.pack("<IQ", epoch, seq),
-                                    record[64:64 + PAGE] + record[48:64], env)
+            return self.aead.decrypt(struct.pack("<IQ", epoch, seq),
+                                     record[64:64 + PAGE] + record[48:64], env)
         except InvalidTag:
             return None
+
+
+def open_recv(h, sid: int, key: bytes, ram_size: int) -> Forger:
+    """RECV_BEGIN on MirrorHost `h`, then a forger for session `sid` bound to the challenge the
+    helper drew (the test's RECV-family commands name `sid`)."""
+    r = h.command(P.OP_RECV_BEGIN, ram_size=ram_size)
+    assert r.status == 0, name(r.status)
+    challenge = P.HelloReply.parse(h.read_slot(0, P.HelloReply.size)).challenge
+    return Forger(key, sid, challenge)
 
 
 class LeakScanner:

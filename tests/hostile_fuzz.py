@@ -1,4 +1,4 @@
-"""Mailbox fuzzer for the hostile-host suite (issue 7, item 1): one generator, two targets.
+"""Mailbox fuzzer for the hostile-host suite: one generator, two targets.
 
     python -m tests.hostile_fuzz native --seed S --commands N     # replay a native run
     python -m tests.hostile_fuzz emu --option tuples --seed S --commands N
@@ -6,10 +6,13 @@
 Generator: a seeded host that mixes well-formed traffic with mutations, so the fuzz gets past
 the first validation into every op's deep paths. It keeps a model of the sessions it started
 and mints *authentic* records and tokens with the transport key (tests.hostile_common.Forger):
-fresh valid records, valid-but-wrong ones (stale epoch, seq outside the window, other session,
-re-addressed), replays of records and tokens the helper itself produced, bit flips, random and
-truncated bytes; counts, ram_addrs, flags, window sizes and op codes are drawn from boundary
-values and random words.
+fresh valid records, valid-but-wrong ones (stale epoch, seq outside the window, other session or
+challenge, re-addressed), replays of records and tokens the helper itself produced, bit flips,
+random and truncated bytes; counts, ram_addrs, flags, window sizes, challenges and op codes are
+drawn from boundary values and random words. It also rolls the helper's private memory back:
+between batches it restores an earlier copy of the context (native) or of random pages of the
+helper's data region (emulator), as a host replaying DRAM ciphertext would; a helper found
+discarded (one-shot destination) is replaced by a freshly booted one.
 
 Targets:
 * `NativeTarget`: the compiled session code (tests.session_host.image()) called in-process on
@@ -24,9 +27,10 @@ Targets:
 Invariants after every command (`Fuzzer.check`): completion and documented status; entries
 past the batch untouched; `processed` = OK entries; the mailbox changed only where the op may
 write; no private plaintext (or key material) in what changed; every SEND output is exactly the
-AES-GCM record of the page it names, with the next seq; guest RAM changed only on pages of OK
-RECV entries, each equal to the plaintext of its (authentic) record; and (emulator) the batch
-ended in HLT within budget with no write outside the allowed DRAM.
+AES-GCM-SIV record of the page it names under a session the helper had, with the next seq
+(unless memory was rolled back); guest RAM changed only on pages of OK RECV entries, each equal
+to the plaintext of its authentic record; and (emulator) the batch ended in HLT within budget
+with no write outside the allowed DRAM.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from helperfw.runtime import protocol as P
 from tests.hostile_common import DOCUMENTED, ST, STATES, Forger, LeakScanner, name
 from tests.mirror_host import pack_command
-from tests.session_host import derive, image, set_hash
+from tests.session_host import image, set_hash
 
 PAGE = P.PAGE_SIZE
 SLOT = P.SLOT_SIZE
@@ -122,11 +126,9 @@ class NativeTarget:
         self.pages = [ram_addr * PAGE for ram_addr in range(self.RAM_PAGES)]
         self.self_pages = [(self.SELF[0] + i) * PAGE for i in range(self.SELF[1])]
         ctypes.memmove(self.ram, rng.randbytes(self.ram_max), self.ram_max)
-        keybuf = ctypes.create_string_buffer(key, 32)
-        r = self.img.call("mh_test_ctx_init", self.addr["ctx"], ctypes.addressof(keybuf),
-                          self.mb, self.ram, self.ram_max, self.addr["pool"], self.POOL_PAGES,
-                          self.SELF[0] * PAGE, self.SELF[1] * PAGE, restype=ctypes.c_int32)
-        assert r == 0
+        self.ctx_size = ctx_pages * PAGE
+        self.key = key
+        self.reboot()
         ro = self.img.image.section(".rodata")
         self._protect(self.img.base + ro.rva, -(-ro.vsize // PAGE) * PAGE, mmap.PROT_READ)
         self._protect(self.ram, self.ram_max, mmap.PROT_READ)
@@ -138,6 +140,25 @@ class NativeTarget:
             os.close(fd)
         self.bell = 0
         self._process = self.img.function("mh_test_process", ctypes.c_int32, [ctypes.c_uint64])
+
+    def reboot(self) -> None:
+        """A freshly loaded helper (a new VM): zeroed context, set up as the driver does."""
+        ctypes.memset(self.addr["ctx"], 0, self.ctx_size)
+        keybuf = ctypes.create_string_buffer(self.key, 32)
+        r = self.img.call("mh_test_ctx_init", self.addr["ctx"], ctypes.addressof(keybuf),
+                          self.mb, self.ram, self.ram_max, self.addr["pool"], self.POOL_PAGES,
+                          self.SELF[0] * PAGE, self.SELF[1] * PAGE, restype=ctypes.c_int32)
+        assert r == 0
+        self.bell = 0
+        ctypes.memmove(self.mb + CTL_OFF, bytes(8), 8)
+
+    def snapshot(self, rng: random.Random) -> object:
+        """The host copies private memory: here the whole context (its DRAM ciphertext)."""
+        return ctypes.string_at(self.addr["ctx"], self.ctx_size)
+
+    def rollback(self, snap: object, rng: random.Random) -> None:
+        """... and writes it back later: the helper reads its old state."""
+        ctypes.memmove(self.addr["ctx"], snap, self.ctx_size)
 
     def _protect(self, a: int, n: int, prot: int) -> None:
         if self.libc.mprotect(a, n, prot) != 0:
@@ -203,6 +224,21 @@ class EmuTarget:
         ctx = self.h.symbol_gpa("CTX") - data.main_gpa + data.mirror_gpa
         self._private.append(self.h.mirror.read(ctx + HelperCtx.offset("key"), 32,
                                                 encrypted=True))
+        self.booted = self.h.save()
+        self.data_hpas = self.h.private_hpas(data.main_gpa, data.length)
+
+    def reboot(self) -> None:
+        """A freshly booted helper: the machine as it was after the driver loaded."""
+        self.h.restore(self.booted)
+
+    def snapshot(self, rng: random.Random) -> object:
+        """Ciphertext of a random handful of the helper's private pages (context, stack,
+        tables...): what a host can copy out of DRAM."""
+        pages = rng.sample(self.data_hpas, min(len(self.data_hpas), rng.randrange(1, 12)))
+        return self.h.hands.snapshot(pages)
+
+    def rollback(self, snap: object, rng: random.Random) -> None:
+        self.h.hands.restore(snap)  # type: ignore[arg-type]
 
     def _outside(self, a: int) -> bool:
         return all(not (r.main_gpa <= a < r.main_gpa + r.length) for r in self.h.regions)
@@ -235,13 +271,22 @@ class EmuTarget:
 # -- the fuzzer ------------------------------------------------------------------------------------
 @dataclass
 class RecvModel:
-    sid: int
-    forger: Forger
-    epoch: int = 1
-    first: int = 1
-    next_seq: int = 1
+    """The fuzzer's view of the helper's receiving session."""
+
+    challenge: int
+    sid: int = 0  # 0 until the first RECV-family command binds the session
+    forger: Forger | None = None
+    epoch: int = P.FIRST_EPOCH
+    first: int = P.FIRST_SEQ
+    next_seq: int = P.FIRST_SEQ
     accepted: list = field(default_factory=list)  # (ram_addr, seq) this epoch
     total: int = 0
+
+
+RECV_OPS = (P.OP_RECV, P.OP_RECV_END_EPOCH, P.OP_RECV_FINISH)
+ROLLBACK_RATE = 0.02  # batches preceded by a restore of earlier private memory
+REPLY_SID = P.HelloReply.offset("session_id")
+REPLY_CHALLENGE = P.HelloReply.offset("challenge")
 
 
 class Fuzzer:
@@ -258,13 +303,17 @@ class Fuzzer:
         self.stats: Counter = Counter()
         self.statuses: Counter = Counter()
         self.sids: list[int] = [self.rng.getrandbits(64)]
-        self.send_sid: int | None = None
-        self.send_seq = 1
+        self.challenges: list[int] = [self.rng.getrandbits(64) | 1]
+        self.send: Forger | None = None  # the sending session's keys
+        self.send_seq = P.FIRST_SEQ
         self.recv: RecvModel | None = None
+        self.sessions: list[Forger] = []  # every session the helper had: who may have sealed
         self.window = 0  # ram_size of the last successful *_BEGIN
         self.state = P.ST_IDLE  # Control.state after the last batch
         self.records: list[tuple[int, bytes]] = []  # records seen (SEND outputs, minted)
         self.tokens: list[bytes] = []
+        self.snaps: list[object] = []  # copies of the helper's private memory
+        self.desync = False  # memory was rolled back: the model's counters may be stale
 
     # -- choices ---------------------------------------------------------------------------------
     def _addr(self) -> int:
@@ -304,11 +353,20 @@ class Fuzzer:
         return self.rng.choice([0, PAGE, two + PAGE, two - PAGE, 2**64 - two, 2**63,
                                 self.rng.getrandbits(64), (1 << 47) + two])
 
+    def _session_id(self) -> int:
+        """Command.session_id of a RECV-family command: mostly the session's."""
+        m, rng = self.recv, self.rng
+        if m is not None and rng.random() < 0.93:
+            if m.sid == 0:
+                m.sid = rng.choice(self.sids)  # the host picks the session to bind
+            return m.sid
+        return rng.choice([0, rng.getrandbits(64), *self.sids])
+
     def _mint(self, ram_addr: int) -> bytes:
         m = self.recv
         rng = self.rng
         r = rng.random()
-        if m is None or r < 0.08:
+        if m is None or m.forger is None or r < 0.08:
             return rng.choice([bytes(SLOT), rng.randbytes(SLOT)])
         plain = rng.choice(self.pool)
         if r < 0.58:
@@ -316,7 +374,7 @@ class Fuzzer:
             m.next_seq += 1
             rec = m.forger.record(ram_addr, plain, epoch=m.epoch, seq=seq)
         elif r < 0.72:
-            how = rng.randrange(6)
+            how = rng.randrange(7)
             seq = m.next_seq
             m.next_seq += 1
             kw = {"epoch": m.epoch, "seq": seq}
@@ -331,8 +389,10 @@ class Fuzzer:
                 ram_addr = rng.choice(self.t.pages)
             elif how == 4:
                 kw["nonce"] = (m.epoch, seq + 1)
+            elif how == 5:
+                kw["challenge"] = rng.choice(self.challenges)
             else:
-                kw[rng.choice(["flags", "reserved0", "reserved1", "magic"])] = rng.getrandbits(32)
+                kw[rng.choice(["flags", "reserved", "magic"])] = rng.getrandbits(32)
             rec = m.forger.record(ram_addr, plain, **kw)
         elif r < 0.87 and self.records:
             rec = rng.choice(self.records)[1]
@@ -346,17 +406,20 @@ class Fuzzer:
                 cut = rng.randrange(SLOT)
                 rec[cut:] = bytes(SLOT - cut)
             rec = bytes(rec)
+        self._remember(ram_addr, rec)
+        return rec
+
+    def _remember(self, ram_addr: int, rec: bytes) -> None:
         if len(self.records) < 256:
             self.records.append((ram_addr, rec))
         else:
-            self.records[rng.randrange(256)] = (ram_addr, rec)
-        return rec
+            self.records[self.rng.randrange(256)] = (ram_addr, rec)
 
     def _token(self, finish: bool) -> bytes:
         m = self.recv
         rng = self.rng
         r = rng.random()
-        if m is None or r < 0.1:
+        if m is None or m.forger is None or r < 0.1:
             return rng.choice([bytes(P.EpochToken.size), rng.randbytes(P.EpochToken.size)])
         if r < 0.6:
             tok = self._honest_token(m, finish)
@@ -364,11 +427,16 @@ class Fuzzer:
             tok = rng.choice(self.tokens)
         else:
             kw = {"epoch": m.epoch, "count": len(m.accepted), "first_seq": m.first,
-                  "set_hash": set_hash(self.key, m.sid, m.accepted), "total": m.total}
-            field_ = rng.choice(list(kw))
-            kw[field_] = (rng.getrandbits(128).to_bytes(16, "little") if field_ == "set_hash"
-                          else rng.choice([0, kw[field_] + 1, kw[field_] - 1,
-                                           rng.getrandbits(32)]) & 0xFFFFFFFF)
+                  "set_hash": set_hash(self.key, m.sid, m.challenge, m.accepted),
+                  "total": m.total}
+            field_ = rng.choice([*kw, "challenge"])
+            if field_ == "challenge":
+                kw["challenge"] = rng.choice(self.challenges)
+            else:
+                kw[field_] = (rng.getrandbits(128).to_bytes(16, "little")
+                              if field_ == "set_hash" else
+                              rng.choice([0, kw[field_] + 1, kw[field_] - 1,
+                                          rng.getrandbits(32)]) & 0xFFFFFFFF)
             tok = bytearray(m.forger.token(**kw))
             if rng.random() < 0.3:
                 tok[rng.randrange(len(tok))] ^= 1 << rng.randrange(8)
@@ -380,26 +448,42 @@ class Fuzzer:
             return m.forger.token(epoch=m.epoch - 1, count=0, first_seq=m.first,
                                   set_hash=bytes(16), total=m.total, magic=P.FINISH_MAGIC)
         return m.forger.token(epoch=m.epoch, count=len(m.accepted), first_seq=m.first,
-                              set_hash=set_hash(self.key, m.sid, m.accepted), total=m.total)
+                              set_hash=set_hash(self.key, m.sid, m.challenge, m.accepted),
+                              total=m.total)
 
     # -- one command ---------------------------------------------------------------------------
+    def _maybe_rollback(self) -> None:
+        """A host replaying DRAM: keep copies of the helper's private memory, and now and then
+        write an earlier one back before a batch."""
+        rng = self.rng
+        if rng.random() < ROLLBACK_RATE * 2:
+            self.snaps = [*self.snaps[-7:], self.t.snapshot(rng)]
+        if self.snaps and rng.random() < ROLLBACK_RATE:
+            self.t.rollback(rng.choice(self.snaps), rng)
+            self.desync = True
+            self.stats["rollbacks"] += 1
+
     def step(self, index: int) -> None:
         rng = self.rng
+        self._maybe_rollback()
         if rng.random() < 0.6 and self.state in STATE_OPS:  # mostly ops that fit the state
             op = rng.choice(STATE_OPS[self.state])
         else:
             op = rng.choices([o for o, _ in OPS], [w for _, w in OPS])[0]
         if op is None:
             op = rng.choice([0, 11, 12, 0xFF, 0x80000000, rng.getrandbits(32)])
-        fields = {"version": 1 if rng.random() < 0.9 else rng.getrandbits(32)}
+        fields = {"version": P.PROTOCOL_VERSION.value if rng.random() < 0.9 else
+                  rng.getrandbits(32)}
         entries: list[tuple[int, int]] = []
         slots: dict[int, bytes] = {}
         count = None
         if op in (P.OP_SEND_BEGIN, P.OP_RECV_BEGIN):
             fields["ram_size"] = self._ram_size()
-            if op == P.OP_RECV_BEGIN:
-                sid = rng.choice(self.sids + ([self.send_sid] if self.send_sid else []))
-                fields["session_id"] = sid if rng.random() < 0.9 else rng.getrandbits(64)
+        if op == P.OP_SEND_BEGIN:
+            fields["challenge"] = rng.choice(self.challenges) if rng.random() < 0.93 else \
+                rng.choice([0, rng.getrandbits(64)])
+        if op in RECV_OPS:
+            fields["session_id"] = self._session_id()
         if op in (P.OP_SEND, P.OP_RECV):
             n = self._count()
             if n < 0:
@@ -407,12 +491,15 @@ class Fuzzer:
                 count = rng.choice([0, P.MAX_SLOTS + 1, 0xFFFFFFFF, rng.getrandbits(32), n])
             entries = [(self._addr(), self._flags()) for _ in range(n)]
             if op == P.OP_RECV:
+                self._bind(fields["session_id"])
                 slots = {i: self._mint(a) for i, (a, _) in enumerate(entries)}
         if op in (P.OP_RECV_END_EPOCH, P.OP_RECV_FINISH):
+            self._bind(fields["session_id"])
             slots = {0: self._token(op == P.OP_RECV_FINISH)}
         if rng.random() < 0.03:  # garbage in the fields nobody should read
-            fields["arg"] = rng.getrandbits(64)
             fields["epoch"] = rng.getrandbits(32)
+            if op != P.OP_SEND_BEGIN:
+                fields["challenge"] = rng.getrandbits(64)
         raw = bytearray(pack_command(op & 0xFFFFFFFF, entries, count=count, **fields))
         for i in range(P.MAX_SLOTS):  # sentinel statuses: the helper must write only its own
             struct.pack_into("<I", raw, ENTRIES_OFF - PAGE + 16 * i + 12, SENTINEL)
@@ -426,6 +513,14 @@ class Fuzzer:
             self.check(op, entries, n_eff, slots, out)
         except Violation as e:
             raise Violation(f"command {index} (seed {self.seed}) op {op}: {e}") from None
+
+    def _bind(self, sid: int) -> None:
+        """Mirror the helper: the first RECV-family command with a session id binds it."""
+        m = self.recv
+        if m is not None and m.forger is None and sid != 0 and self.state == P.ST_RECEIVING:
+            m.sid = sid
+            m.forger = Forger(self.key, sid, m.challenge)
+            self._new_keys(m.forger)
 
     # -- invariants ----------------------------------------------------------------------------
     def check(self, op: int, entries, n_eff: int, slots, out: Outcome) -> None:
@@ -451,11 +546,20 @@ class Fuzzer:
             self.statuses["entry:" + name(s)] += 1
         if processed != sum(1 for s in est if s == 0):
             raise Violation(f"processed {processed} != OK entries {est}")
-        # where the mailbox may have changed
+        allowed = self._check_mailbox(op, status, n, est, out)
+        self._check_leaks(n, allowed, out)
+        self._update_model(op, status, entries, n, est, slots, out)
+        if status == ST["E_DISCARDED"]:  # one-shot destination: this helper is done for
+            self.t.reboot()
+            self.state, self.recv, self.send, self.snaps = P.ST_IDLE, None, None, []
+            self.stats["reboots"] += 1
+
+    def _check_mailbox(self, op, status, n, est, out) -> list[tuple[int, int]]:
+        """The mailbox changed only where the op may write; returns those ranges."""
         allowed = [(CTL_OFF + 8, CTL_OFF + 28)]
         allowed += [(ENTRIES_OFF + 16 * i + 12, ENTRIES_OFF + 16 * i + 16) for i in range(n)]
         if status == 0:
-            if op in (P.OP_HELLO, P.OP_SEND_BEGIN):
+            if op in (P.OP_HELLO, P.OP_SEND_BEGIN, P.OP_RECV_BEGIN):
                 allowed.append((SLOTS_OFF, SLOTS_OFF + P.HelloReply.size))
             elif op in (P.OP_SEND_END_EPOCH, P.OP_SEND_FINISH):
                 allowed.append((SLOTS_OFF, SLOTS_OFF + P.EpochToken.size))
@@ -468,7 +572,10 @@ class Fuzzer:
         if masked != out.before:
             off = next(i for i in range(len(masked)) if masked[i] != out.before[i])
             raise Violation(f"mailbox byte {off:#x} changed outside what op {op} may write")
-        # leak scan of what changed: Control, the entry array, each written slot
+        return allowed
+
+    def _check_leaks(self, n, allowed, out) -> None:
+        """Leak scan of what changed: Control, the entry array, each written slot."""
         scan = [(CTL_OFF, CTL_OFF + P.Control.size), (ENTRIES_OFF, ENTRIES_OFF + 16 * n)]
         scan += [(a, b) for a, b in allowed if a >= SLOTS_OFF]
         for a, b in scan:
@@ -476,45 +583,60 @@ class Fuzzer:
                 hits = self.scan.scan(out.after[a:b])
                 if hits:
                     raise Violation(f"private plaintext in shared memory at {a + hits[0]:#x}")
-        # model updates and semantic checks
+
+    def _opener(self, rec: bytes) -> tuple[Forger, bytes] | None:
+        """(session, plaintext) of a record authentic under a session the helper had."""
+        for f in reversed(self.sessions):
+            plain = f.open(rec)
+            if plain is not None:
+                return f, plain
+        return None
+
+    def _update_model(self, op, status, entries, n, est, slots, out) -> None:
         if status == 0 and op == P.OP_SEND_BEGIN:
-            self.send_sid = struct.unpack_from("<Q", out.after, SLOTS_OFF + 24)[0]
-            self.send_seq = 1
-            self._new_keys(self.send_sid)
-            self.sids.append(self.send_sid)
+            sid = _u64(out.after, SLOTS_OFF + REPLY_SID)
+            challenge = _u64(out.before, CMD_OFF + P.Command.offset("challenge"))
+            self.send = Forger(self.key, sid, challenge)
+            self._new_keys(self.send)
+            self.send_seq = P.FIRST_SEQ
+            self.sids.append(sid)
             self.window = _u64(out.before, CMD_OFF + 24)
+            self.desync = False
         if op == P.OP_SEND and status == 0:
-            f = Forger(self.key, self.send_sid)
             for i in range(n):
                 if est[i] != 0:
                     continue
                 rec = out.after[SLOTS_OFF + i * SLOT: SLOTS_OFF + (i + 1) * SLOT]
                 ra, seq = _u64(rec, 8), _u64(rec, 0x20)
-                plain = f.open(rec)
-                if ra != entries[i][0] or plain is None or plain != self.t.page(ra):
+                got = self._opener(rec)
+                if ra != entries[i][0] or got is None or got[1] != self.t.page(ra):
                     raise Violation(f"SEND slot {i}: not the sealed page {entries[i][0]:#x}")
-                if seq != self.send_seq:
-                    raise Violation(f"SEND seq {seq}, expected {self.send_seq}")
-                self.send_seq += 1
-                if len(self.records) < 256:
-                    self.records.append((ra, rec))
+                if not self.desync and (got[0] is not self.send or seq != self.send_seq):
+                    raise Violation(f"SEND seq {seq} / session, expected seq {self.send_seq}")
+                self.send_seq = seq + 1
+                self._remember(ra, rec)
         if status == 0 and op in (P.OP_SEND_END_EPOCH, P.OP_SEND_FINISH):
-            self.tokens.append(out.after[SLOTS_OFF: SLOTS_OFF + P.EpochToken.size])
-            self.tokens = self.tokens[-32:]
+            self.tokens = [*self.tokens[-31:], out.after[SLOTS_OFF: SLOTS_OFF + P.EpochToken.size]]
         if status == 0 and op == P.OP_RECV_BEGIN:
-            sid = _u64(out.before, CMD_OFF + 8)
-            self.recv = RecvModel(sid, Forger(self.key, sid))
-            self._new_keys(sid)
+            challenge = _u64(out.after, SLOTS_OFF + REPLY_CHALLENGE)
+            if challenge in (0, 2**64 - 1) or challenge in self.challenges:
+                raise Violation(f"RECV_BEGIN challenge {challenge:#x} is not fresh")
+            self.challenges.append(challenge)
+            self.recv = RecvModel(challenge)
             self.window = _u64(out.before, CMD_OFF + 24)
+            self.desync = False
         ok_pages = {}
         if op == P.OP_RECV and status == 0:
             for i in range(n):
-                if est[i] == 0:
-                    a = entries[i][0]
-                    plain = self.recv.forger.open(slots[i]) if self.recv else None
-                    if plain is None:
-                        raise Violation(f"RECV slot {i} accepted an unauthentic record")
-                    ok_pages[a] = plain
+                if est[i] != 0:
+                    continue
+                a = entries[i][0]
+                got = self._opener(slots[i])
+                if got is None or _u64(slots[i], 8) != a:
+                    raise Violation(f"RECV slot {i} accepted an unauthentic or re-addressed "
+                                    "record")
+                ok_pages[a] = got[1]
+                if self.recv is not None:
                     self.recv.accepted.append((a, _u64(slots[i], 0x20)))
                     self.recv.total += 1
         for a in out.changed_pages:
@@ -530,12 +652,13 @@ class Fuzzer:
             m.accepted = []
         if op == P.OP_RECV_FINISH and status == 0:
             self.stats["finished"] += 1
-        if state != P.ST_RECEIVING and op in (P.OP_RECV_FINISH, P.OP_ABORT):
-            self.recv = None if state == P.ST_ABORTED else self.recv
+        if self.state != P.ST_RECEIVING:
+            self.recv = None if self.state in (P.ST_ABORTED, P.ST_DONE) else self.recv
 
-    def _new_keys(self, sid: int) -> None:
-        for i0 in (0, 2):
-            self.scan.add(derive(self.key, sid, i0))
+    def _new_keys(self, f: Forger) -> None:
+        self.sessions = [*self.sessions[-15:], f]
+        self.scan.add(f.ks)
+        self.scan.add(f.ka)
 
 
 def _u64(b: bytes, off: int) -> int:

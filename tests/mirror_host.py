@@ -30,6 +30,7 @@ from pathlib import Path
 
 from unicorn import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
 
+from emulate.attacker import HostHands, Stop
 from emulate.cpuid import CpuidModel
 from emulate.machine import VM, Exit, VCpu
 from emulate.memctl import MemoryController
@@ -44,7 +45,8 @@ RAM = 64 << 20
 MIRROR_ONLY_HPA = RAM  # isolated: mirror-only memory lives above the guest's RAM
 BATCH_BUDGET = 5_000_000  # instructions per batch; the worst honest batch needs far less
 
-_HDR = struct.Struct("<IIQIIQQ")  # Command: op, count, session_id, epoch, version, ram_size, arg
+_HDR = struct.Struct("<IIQIIQQ")  # Command: op, count, session_id, epoch, version, ram_size,
+#                                    challenge
 _ENTRY = struct.Struct("<QIi")
 _CTL = struct.Struct("<QQiIII")
 assert _HDR.size == P.Command.offset("entries") and _ENTRY.size == P.Entry.size
@@ -56,6 +58,12 @@ def symbols() -> dict[str, int]:
     """RVA of every symbol of the built image (from its .map)."""
     m = json.loads(efi_path().with_suffix(".map").read_text())
     return {n: s["rva"] for n, s in m["symbols"].items()}
+
+
+@functools.cache
+def symbol_sizes() -> dict[str, int]:
+    m = json.loads(efi_path().with_suffix(".map").read_text())
+    return {n: s["size"] for n, s in m["symbols"].items()}
 
 
 @functools.cache
@@ -102,7 +110,7 @@ def boot(cbit: int, option: int, *, key: bytes = KEY, seed: int = 31337,
     assert (host.bootinfo_gpa, P.MAILBOX_PAGES) in host.shared
     bi = P.BootInfo.parse(mc.host_read(vm.gpa_to_hpa(host.bootinfo_gpa), P.BootInfo.size))
     assert (bi.magic, bi.version, bi.option, bi.c_bit, bi.active) == (
-        P.BOOTINFO_MAGIC, 1, option, cbit, 1)
+        P.BOOTINFO_MAGIC, P.PROTOCOL_VERSION.value, option, cbit, 1)
     return mc, vm, bi
 
 
@@ -131,11 +139,12 @@ def make_mirror(mc: MemoryController, vm: VM, bi, cbit: int) -> VM:
 
 
 def pack_command(op: int, entries=(), *, count: int | None = None, session_id: int = 0,
-                 epoch: int = 0, version: int = 0, ram_size: int = 0, arg: int = 0) -> bytes:
+                 epoch: int = 0, version: int = P.PROTOCOL_VERSION.value, ram_size: int = 0,
+                 challenge: int = 0) -> bytes:
     """The Command page bytes (entries: (ram_addr, flags) pairs; the rest are zero)."""
     n = len(entries) if count is None else count
     body = b"".join(_ENTRY.pack(a, f, 0) for a, f in entries)
-    return (_HDR.pack(op, n & 0xFFFFFFFF, session_id, epoch, version, ram_size, arg) + body
+    return (_HDR.pack(op, n & 0xFFFFFFFF, session_id, epoch, version, ram_size, challenge) + body
             + bytes(P.Command.size - _HDR.size - len(body)))
 
 
@@ -166,6 +175,7 @@ class MirrorHost:
         self.ram_base = bi.ram_base
         self._window: set[int] = set()
         self._bad: list[tuple[int, int, int]] = []
+        self.hands = HostHands(self.mc)  # the attacker's hands on this machine
         if track_writes:
             self._install_write_hooks()
 
@@ -238,8 +248,10 @@ class MirrorHost:
 
     # -- one batch -----------------------------------------------------------------------------
     def batch(self, command: bytes, slots: dict[int, bytes] | None = None, *,
-              budget: int = BATCH_BUDGET) -> BatchResult:
-        """Write the command (and slot contents), ring, run to HLT; never raises on a fault."""
+              budget: int = BATCH_BUDGET,
+              preempt: list[tuple[int, Stop]] | None = None) -> BatchResult:
+        """Write the command (and slot contents), ring, run to HLT; never raises on a fault.
+        `preempt`: (instruction count, action) pairs where the host stops the vCPU mid-batch."""
         self.mc.host_write(self.mb + PAGE, command)
         for i, data in (slots or {}).items():
             self.write_slot(i, data)
@@ -247,7 +259,10 @@ class MirrorHost:
         self.mc.host_write(self.mb + P.CONTROL_OFFSET, struct.pack("<Q", self.bell))
         self._window = set()
         self._bad = []
-        ex = self.vcpu.run(budget)
+        if preempt:
+            ex = self.hands.run_preempted(self.vcpu, preempt, budget=budget)
+        else:
+            ex = self.vcpu.run(budget)
         res = BatchResult(ex, window_pages_written=self._window, bad_writes=self._bad)
         if ex.reason != "hlt":
             return res
@@ -265,6 +280,30 @@ class MirrorHost:
         r = self.batch(pack_command(op, entries, **fields), slots)
         assert r.exit.reason == "hlt", str(r.exit)
         return r
+
+    def save(self, guest_pages: list[int] | None = None) -> tuple[object, int]:
+        """The machine (DRAM, page views, the mirror vCPU) and the doorbell count: what a host
+        that snapshots the entire VM keeps. With `guest_pages` (ram_addrs) only the pages a
+        batch can change are kept: the helper's regions and those guest pages (faster)."""
+        if guest_pages is None:
+            return self.hands.snapshot_machine([self.vcpu]), self.bell
+        hpas = [h for r in self.regions for h in self.private_hpas(r.main_gpa, r.length)]
+        hpas += [self.vm.gpa_to_hpa(a) for a in guest_pages]
+        return self.hands.snapshot_machine([self.vcpu], hpas), self.bell
+
+    def restore(self, saved: tuple[object, int]) -> None:
+        snap, self.bell = saved
+        self.hands.restore_machine(snap)  # type: ignore[arg-type]
+
+    def private_hpas(self, gpa: int, length: int) -> list[int]:
+        """DRAM pages behind the helper's own range [gpa, gpa+length) as the running helper
+        uses them (for `isolated`, its mirror-only copy)."""
+        r = next(r for r in self.regions if r.main_gpa <= gpa < r.main_gpa + r.length)
+        return self.hands.page_hpas(self.mirror, r.mirror_gpa + gpa - r.main_gpa, length)
+
+    def symbol_hpas(self, name: str, size: int | None = None) -> list[int]:
+        """DRAM pages of an image symbol (CTX, STACK, PT_POOL...) in the running helper."""
+        return self.private_hpas(self.symbol_gpa(name), size or symbol_sizes()[name])
 
     def symbol_gpa(self, name: str) -> int:
         """Main-VM GPA (= the helper's VA) of an image symbol (CTX, STACK, PT_POOL, ...)."""

@@ -11,7 +11,7 @@ import ctypes
 import struct
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.codegen.pipeline import build
 from helperfw.native import NativeImage
@@ -36,14 +36,20 @@ def image() -> NativeImage:
     return _IMAGE
 
 
-def derive(key: bytes, session_id: int, i0: int) -> bytes:
+def _kdf_pair(key: bytes, x: int, label: int) -> bytes:
+    """AES256_key(x ‖ label ‖ 0) ‖ AES256_key(x ‖ label ‖ 1): docs/PROTOCOL.md's key schedule."""
     enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-    blocks = b"".join(struct.pack("<QII", session_id, P.KDF_LABEL, i) for i in (i0, i0 + 1))
-    return enc.update(blocks) + enc.finalize()
+    return enc.update(b"".join(struct.pack("<QII", x, label, i) for i in (0, 1))) + enc.finalize()
 
 
-def set_hash(key: bytes, session_id: int, records: list[tuple[int, int]]) -> bytes:
-    ka = derive(key, session_id, 2)
+def session_keys(key: bytes, session_id: int, challenge: int) -> tuple[bytes, bytes]:
+    """(K_s, K_a) of a session, computed from the protocol document alone."""
+    k1 = _kdf_pair(key, session_id, P.KDF_LABEL_K1)
+    return _kdf_pair(k1, challenge, P.KDF_LABEL_KS), _kdf_pair(k1, challenge, P.KDF_LABEL_KA)
+
+
+def set_hash(key: bytes, session_id: int, challenge: int, records: list[tuple[int, int]]) -> bytes:
+    ka = session_keys(key, session_id, challenge)[1]
     enc = Cipher(algorithms.AES(ka), modes.ECB()).encryptor()
     acc = 0
     for ram_addr, seq in records:
@@ -67,6 +73,7 @@ class NativeHelper:
                           self_pages[1] * PAGE, restype=ctypes.c_int32)
         assert r == 0
         self.bell = 0
+        self.session_id = 0  # the session RECV-family commands name
 
     # -- raw memory -------------------------------------------------------------------------
     def read(self, addr: int, n: int) -> bytes:
@@ -86,8 +93,13 @@ class NativeHelper:
 
     # -- the doorbell ------------------------------------------------------------------------
     def command(self, op: int, entries=(), **fields) -> tuple[int, list[int]]:
+        """Write Command (RECV-family ops name self.session_id unless given), ring, process."""
         ents = [{"ram_addr": a, "flags": f, "status": 0} for a, f in entries]
         count = fields.pop("count", len(ents))
+        if op in (P.OP_RECV, P.OP_RECV_END_EPOCH, P.OP_RECV_FINISH):
+            fields.setdefault("session_id", self.session_id)
+        fields = {"session_id": 0, "epoch": 0, "version": P.PROTOCOL_VERSION.value,
+                  "ram_size": 0, "challenge": 0, **fields}
         ents += [{"ram_addr": 0, "flags": 0, "status": 0}] * (P.MAX_SLOTS - len(ents))
         raw = P.Command.build(op=op, count=count, entries=ents, **fields)
         self.write(self.mailbox + PAGE, raw)
@@ -99,11 +111,15 @@ class NativeHelper:
         cmd = P.Command.parse(self.read(self.mailbox + PAGE, P.Command.size))
         return status, [cmd.entries[i].status for i in range(len(entries))]
 
+    def reply(self) -> P.HelloReply:
+        return P.HelloReply.parse(self.read(self.slot(0), P.HelloReply.size))
+
     # -- source side -------------------------------------------------------------------------
-    def send_begin(self) -> int:
-        st, _ = self.command(P.OP_SEND_BEGIN, version=1, ram_size=self.ram_size)
+    def send_begin(self, challenge: int) -> int:
+        st, _ = self.command(P.OP_SEND_BEGIN, ram_size=self.ram_size, challenge=challenge)
         assert st == 0, st
-        return P.HelloReply.parse(self.read(self.slot(0), P.HelloReply.size)).session_id
+        self.session_id = self.reply().session_id
+        return self.session_id
 
     def send(self, ram_addrs: list[int]) -> tuple[list[int], list[bytes]]:
         st, statuses = self.command(P.OP_SEND, [(a, 0) for a in ram_addrs])
@@ -115,14 +131,16 @@ class NativeHelper:
         return st, self.read(self.slot(0), P.EpochToken.size)
 
     # -- destination side --------------------------------------------------------------------
-    def recv_begin(self, session_id: int) -> int:
-        return self.command(P.OP_RECV_BEGIN, session_id=session_id, ram_size=self.ram_size)[0]
+    def recv_begin(self) -> tuple[int, int]:
+        """(status, challenge)."""
+        st = self.command(P.OP_RECV_BEGIN, ram_size=self.ram_size)[0]
+        return st, (self.reply().challenge if st == 0 else 0)
 
     def recv(self, records: list[tuple[int, bytes]]) -> list[int]:
         for i, (_, rec) in enumerate(records):
             self.write(self.slot(i), rec)
         st, statuses = self.command(P.OP_RECV, [(a, 0) for a, _ in records])
-        assert st == 0
+        assert st == 0, st
         return statuses
 
     def put_token(self, op: int, token: bytes) -> int:
@@ -130,10 +148,12 @@ class NativeHelper:
         return self.command(op)[0]
 
 
-def open_record(key: bytes, session_id: int, record: bytes) -> tuple[P.Envelope, bytes]:
-    """Check a sealed page with an outside AES-GCM (the SPEC §6 contract)."""
+def open_record(key: bytes, session_id: int, challenge: int,
+                record: bytes) -> tuple[P.Envelope, bytes]:
+    """Check a sealed page with an outside AES-GCM-SIV (the documented transport contract)."""
     env = P.Envelope.parse(record[:64])
-    ks = derive(key, session_id, 0)
+    ks = session_keys(key, session_id, challenge)[0]
     nonce = struct.pack("<IQ", env.epoch, env.seq)
-    pt = AESGCM(ks).decrypt(nonce, record[64:64 + PAGE] + bytes(env.tag), record[:48])
+    pt = AESGCMSIV(ks).decrypt(nonce, record[64:64 + PAGE] + bytes(env.tag),
+                               record[:P.ENVELOPE_AAD_LEN])
     return env, pt

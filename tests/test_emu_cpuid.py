@@ -59,7 +59,7 @@ def test_crypto_features_and_kvm_leaves() -> None:
 
 
 def test_aesni_and_pclmul_execute() -> None:
-    """The firmware's AES-GCM relies on these instructions working, not just being reported."""
+    """The firmware's AES-GCM-SIV relies on these instructions working, not just being reported."""
     vm = VM(MemoryController(4 << 20))
     g = FlatGuest(vm, ram_size=4 << 20)
     code = assemble("""

@@ -18,8 +18,8 @@ from ovmf_glue.ovmf_run import boot_efi, missing_requirements
 
 ROOT = Path(__file__).resolve().parent.parent
 SELFTEST_LINES = [
-    "MigrationHelper: loaded (protocol v1)",
-    "MigrationHelper: selftest AES-256-GCM known answers ok",
+    "MigrationHelper: loaded (protocol v2)",
+    "MigrationHelper: selftest AES-256-GCM-SIV known answers ok",
     "MigrationHelper: selftest page tables ok",
     "MigrationHelper: selftest passed",
     "MigrationHelper: SEV not active, helper stays inactive",
@@ -99,6 +99,6 @@ def test_inspect_decodes_the_descriptor(built):
     from helperfw.runtime.protocol import MH_CONFIG_GUID
     from helperfw.runtime.secrets import KEY_ENTRY_GUID
 
-    assert "protocol version 1, default option shift, 64 slots" in r.stdout
+    assert "protocol version 2, default option shift, 64 slots" in r.stdout
     assert KEY_ENTRY_GUID in r.stdout and MH_CONFIG_GUID in r.stdout
     assert "efi_main" in r.stdout and "mh_entry" in r.stdout

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "out" / "MigrationHelper.efi"
 SEED = 7070
 KEY = bytes(range(0x80, 0xA0))
+CHALLENGE = 0x5EED_C0DE_0000_0001  # a destination challenge (any non-zero value seals)
 MEM = 32 << 20
 NEG = 2**64
 
@@ -179,14 +180,14 @@ def test_mirror_for_each_option_runs_the_helper(image, option):
         assert m.copied_bytes > 0 if option == P.OPT_ISOLATED else m.copied_bytes == 0
     ch = HelperChannel(h.mc, m)
     hello = ch.hello()
-    assert (hello.version, hello.slots, hello.option, hello.c_bit) == (1, 64, option, 51)
+    assert (hello.version, hello.slots, hello.option, hello.c_bit) == (2, 64, option, 51)
     # one private page sealed; it opens outside with the transport key
     ra = h.blocks[1].offset + 3 * PAGE  # a DIMM page: ram_addr != GPA
     secret = bytes((i * 7 + option) & 0xFF for i in range(PAGE))
     h.vm.write(FOUR_GIB + 3 * PAGE, secret, encrypted=True)
-    sid = ch.send_begin(h.ram_size)
+    sid = ch.send_begin(h.ram_size, CHALLENGE)
     (rec,) = ch.send([ra])
-    env, plain = open_record(KEY, sid, rec)
+    env, plain = open_record(KEY, sid, CHALLENGE, rec)
     assert env.ram_addr == ra and plain == secret
     assert ch.exits == 3, "one exit per batch"
 
@@ -194,17 +195,18 @@ def test_mirror_for_each_option_runs_the_helper(image, option):
 def test_mailbox_refusals_raise_and_leave_memory_alone(image):
     h = boot_with_helper(image, P.OPT_TUPLES)
     ch = HelperChannel(h.mc, h.create_mirror())
-    sid = ch.send_begin(h.ram_size)
+    d = boot_with_helper(image, P.OPT_TUPLES, seed=SEED + 1)  # other VM key, same layout
+    dch = HelperChannel(d.mc, d.create_mirror())
+    challenge = dch.recv_begin(d.ram_size)
+    sid = ch.send_begin(h.ram_size, challenge)
     own = h.helper_ram_ranges()[0][0]
     with pytest.raises(MailboxError, match="E_SELF"):
         ch.send([own])
     with pytest.raises(MailboxError, match="E_RANGE"):
         ch.send([h.ram_size + PAGE])
     recs = ch.send([0x200000])
-    # a second helper (same VM, new session) refuses a tampered record, page untouched
-    d = boot_with_helper(image, P.OPT_TUPLES, seed=SEED + 1)  # other VM key, same layout
-    dch = HelperChannel(d.mc, d.create_mirror())
-    dch.recv_begin(sid, d.ram_size)
+    # the destination's helper refuses a tampered record, page untouched
+    dch.bind(sid)
     before = d.read_private(0x200000)
     bad = bytearray(recs[0])
     bad[100] ^= 1

@@ -1,4 +1,4 @@
-"""Hostile host, address space (issue 7, item 4): everything the host says about *where* memory is.
+"""Hostile host, address space: everything the host says about *where* memory is.
 
 The host controls the RAM window size (`ram_size` of *_BEGIN), every entry's `ram_addr` and
 `flags`, and the mirror's memslots. The helper must refuse a window it cannot use safely and any
@@ -17,13 +17,14 @@ import random
 import pytest
 
 from helperfw.runtime import protocol as P
-from tests.hostile_common import ST, Forger, name
+from tests.hostile_common import ST, name, open_recv
 from tests.mirror_host import KEY, PAGE, RAM, MirrorHost
 from tests.session_host import NativeHelper
 
 SEED = 7004
 OPTIONS = [P.OPT_SHIFT, P.OPT_TUPLES, P.OPT_ISOLATED]
 RECV_SID = 0x5EED_0000_0000_0004
+CH = 0xC4A1_0000_0000_0004  # a destination challenge for SEND_BEGIN (RECV_BEGIN ignores it)
 
 
 def table_pages(h: MirrorHost, vas: list[int]) -> set[int]:
@@ -78,7 +79,7 @@ def test_ram_addr_into_the_helpers_own_pages_is_refused(option):
     plaintext of those pages leaves; pages right next to the regions still migrate."""
     print("seed", SEED)
     h = MirrorHost(47, option, seed=SEED)
-    assert h.command(P.OP_SEND_BEGIN, ram_size=RAM).status == 0  # maps the window
+    assert h.command(P.OP_SEND_BEGIN, ram_size=RAM, challenge=CH).status == 0  # maps the window
     pages = own_pages(h)
     assert len(pages) > 70
     addrs = sorted(set(pages.values()))
@@ -98,8 +99,7 @@ def test_ram_addr_into_the_helpers_own_pages_is_refused(option):
     assert h.command(P.OP_ABORT).status == 0
 
     # destination side: authentic records for the same addresses must not be installed
-    assert h.command(P.OP_RECV_BEGIN, session_id=RECV_SID, ram_size=RAM).status == 0
-    f = Forger(KEY, RECV_SID)
+    f = open_recv(h, RECV_SID, KEY, RAM)
     rng = random.Random(SEED)
     seq = 1
     for i in range(0, len(addrs), 64):
@@ -108,14 +108,15 @@ def test_ram_addr_into_the_helpers_own_pages_is_refused(option):
         for j, a in enumerate(chunk):
             recs[j] = f.record(a, rng.randbytes(PAGE), epoch=1, seq=seq)
             seq += 1
-        r = h.command(P.OP_RECV, [(a, 0) for a in chunk], slots=recs)
+        r = h.command(P.OP_RECV, [(a, 0) for a in chunk], slots=recs, session_id=RECV_SID)
         bad = {hex(a): name(s) for a, s in zip(chunk, r.entry_status) if s != ST["E_SELF"]}
         assert not bad, bad
         assert not r.window_pages_written and not r.bad_writes
     # the helper is intact: an ordinary page still installs
     a = near[0]
     data = rng.randbytes(PAGE)
-    r = h.command(P.OP_RECV, [(a, 0)], slots={0: f.record(a, data, epoch=1, seq=seq)})
+    r = h.command(P.OP_RECV, [(a, 0)], slots={0: f.record(a, data, epoch=1, seq=seq)},
+                  session_id=RECV_SID)
     assert r.entry_status == [0] and r.window_pages_written == {a}
     assert h.guest_page(a) == data
 
@@ -139,11 +140,11 @@ def test_bad_windows_are_refused_and_change_nothing(option):
     for size in (0, 1, PAGE, (2 << 20) - PAGE, (2 << 20) + PAGE, m + (2 << 20), 2 * m,
                  2**63, 2**64 - (2 << 20), 2**64 - h.ram_base, 2**64 - h.ram_base + (2 << 20)):
         for op in (P.OP_SEND_BEGIN, P.OP_RECV_BEGIN):
-            r = h.command(op, ram_size=size, session_id=RECV_SID)
+            r = h.command(op, ram_size=size, challenge=CH)
             assert r.status == ST["E_BAD_ARG"], (hex(size), name(r.status))
             assert not r.window_pages_written and not r.bad_writes
     assert h.command(P.OP_SEND, [(0x200000, 0)]).status == ST["E_BAD_STATE"]
-    assert h.command(P.OP_SEND_BEGIN, ram_size=m).status == 0
+    assert h.command(P.OP_SEND_BEGIN, ram_size=m, challenge=CH).status == 0
     assert translations() == before
     # the whole window is private, writable, never executable
     for ra in (0, RAM - PAGE):
@@ -159,15 +160,15 @@ def test_window_larger_than_the_table_pool_is_refused_recoverably(option):
     helper was unusable until the guest rebooted). Now it fails alone."""
     h = MirrorHost(51, option, seed=SEED)
     for op in (P.OP_SEND_BEGIN, P.OP_RECV_BEGIN):
-        r = h.command(op, ram_size=h.bi.ram_max, session_id=RECV_SID)
+        r = h.command(op, ram_size=h.bi.ram_max, challenge=CH)
         assert r.status == ST["E_BAD_ARG"], name(r.status)
         assert not r.bad_writes
-    assert h.command(P.OP_SEND_BEGIN, ram_size=RAM).status == 0
+    assert h.command(P.OP_SEND_BEGIN, ram_size=RAM, challenge=CH).status == 0
     h.set_guest_page(0x200000, bytes(range(256)) * 16)
     r = h.command(P.OP_SEND, [(0x200000, 0)])
     assert r.entry_status == [0]
     assert h.command(P.OP_ABORT).status == 0
-    assert h.command(P.OP_RECV_BEGIN, ram_size=2 * RAM, session_id=RECV_SID).status == 0
+    assert h.command(P.OP_RECV_BEGIN, ram_size=2 * RAM).status == 0
 
 
 def test_window_overlapping_a_region_is_refused_native():
@@ -184,11 +185,11 @@ def test_window_overlapping_a_region_is_refused_native():
     for inside in (h.ram, h.ram + (1 << 20), h.ram + (2 << 20) - PAGE, h.ram - PAGE):
         reinit(inside)
         for op in (P.OP_SEND_BEGIN, P.OP_RECV_BEGIN):
-            st, _ = h.command(op, ram_size=2 << 20)
+            st, _ = h.command(op, ram_size=2 << 20, challenge=CH)
             assert st == ST["E_BAD_ARG"], (hex(inside - h.ram), name(st))
     reinit(h.ram + (2 << 20))  # right after a 2 MiB window: fine for 2 MiB, not for 4 MiB
-    assert h.command(P.OP_SEND_BEGIN, ram_size=4 << 20)[0] == ST["E_BAD_ARG"]
-    assert h.command(P.OP_SEND_BEGIN, ram_size=2 << 20)[0] == 0
+    assert h.command(P.OP_SEND_BEGIN, ram_size=4 << 20, challenge=CH)[0] == ST["E_BAD_ARG"]
+    assert h.command(P.OP_SEND_BEGIN, ram_size=2 << 20, challenge=CH)[0] == 0
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: P.OPTION_NAMES[o])
@@ -201,7 +202,7 @@ def test_host_declared_shared_pages_are_refused(option):
     a = 0x300000
     secret = random.Random(SEED).randbytes(PAGE)
     h.set_guest_page(a, secret)
-    assert h.command(P.OP_SEND_BEGIN, ram_size=RAM).status == 0
+    assert h.command(P.OP_SEND_BEGIN, ram_size=RAM, challenge=CH).status == 0
     before = h.read_slot(0)
     flags = [P.ENTRY_F_SHARED, P.ENTRY_F_SHARED | 2, 2, 0x80000000, 0xFFFFFFFF]
     r = h.command(P.OP_SEND, [(a, f) for f in flags])
@@ -214,10 +215,9 @@ def test_host_declared_shared_pages_are_refused(option):
     r = h.command(P.OP_SEND, [(mb.main_gpa, 0), (mb.main_gpa + PAGE, P.ENTRY_F_SHARED)])
     assert [name(s) for s in r.entry_status] == ["E_SELF", "E_SHARED"]
     assert h.command(P.OP_ABORT).status == 0
-    assert h.command(P.OP_RECV_BEGIN, session_id=RECV_SID, ram_size=RAM).status == 0
-    f = Forger(KEY, RECV_SID)
+    f = open_recv(h, RECV_SID, KEY, RAM)
     recs = {i: f.record(a, bytes(PAGE), epoch=1, seq=i + 1) for i in range(len(flags))}
-    r = h.command(P.OP_RECV, [(a, fl) for fl in flags], slots=recs)
+    r = h.command(P.OP_RECV, [(a, fl) for fl in flags], slots=recs, session_id=RECV_SID)
     assert [name(s) for s in r.entry_status] == [
         "E_SHARED", "E_SHARED", "E_BAD_ARG", "E_BAD_ARG", "E_SHARED"]
     assert not r.window_pages_written and h.guest_page(a) == secret

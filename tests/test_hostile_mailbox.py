@@ -16,7 +16,7 @@ Where each invariant is checked:
 | mailbox changes only where the op writes | byte diff | byte diff |
 | no private plaintext in shared memory | leak scan of every changed mailbox byte (RAM, minted pages, K, K_s, K_a) | same (guest pages, minted pages, K as the helper holds it, K_s, K_a) |
 | documented status | Control.status, every entry status, `processed` | same |
-| SEND output exact, RECV installs exactly the authentic plaintext | AES-GCM check with the key | same |
+| SEND output exact, RECV installs exactly the authentic plaintext | AES-GCM-SIV check with the key | same |
 
 A failure prints the command that replays it (seed and count fixed here).
 """

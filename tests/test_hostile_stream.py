@@ -1,12 +1,14 @@
-"""Hostile host, migration stream (issue 7, item 3): attacks on what the destination receives.
+"""Hostile host, migration stream: attacks on what the destination receives.
 
-A real source session runs in one emulated machine (the built .efi in its mirror VM, three
-epochs, pages re-sent in later epochs after the guest changed them) and is framed with the host
+A destination machine (the built .efi in its mirror VM, its own memory key, the same transport
+key) opens a receiving session; its challenge goes to a source machine, whose session (three
+epochs, pages re-sent in later epochs after the guest changed them) is framed with the host
 model's stream format (emulate/stream.py). The attacker parses that stream, changes it at the
 record level and re-frames it with a *valid* CRC/END (the destination host is as hostile as the
-source host, so the stream's own checks protect nothing). A fresh destination machine (its own
-memory key, same transport key) then gets every item through its mailbox, the way a hostile
-destination host would: it carries on after each refusal and finally tries RECV_FINISH.
+source host, so the stream's own checks protect nothing). The destination, restored to the
+moment after its RECV_BEGIN for every attack, then gets every item through its mailbox, the way
+a hostile destination host would: it carries on after each refusal and finally tries
+RECV_FINISH.
 
 For each attack: the helper refuses something (status ≠ OK), a refused record never writes
 guest memory (window write tracking), no page ever holds anything but its initial content or a
@@ -43,6 +45,7 @@ from tests.session_host import NativeHelper
 
 SEED = 7003
 OPTION = P.OPT_TUPLES
+CHALLENGE_AT_REST = 0  # Command.challenge for every op but SEND_BEGIN
 OTHER_KEY = bytes(range(200, 232))
 PAGES = [0x200000 + i * PAGE for i in range(24)] + [RAM - PAGE]
 EPOCHS = [PAGES[:12], PAGES[0:4] + PAGES[12:20], PAGES[0:2] + PAGES[20:]]  # pages per epoch
@@ -54,6 +57,7 @@ EPOCHS = [PAGES[:12], PAGES[0:4] + PAGES[12:20], PAGES[0:2] + PAGES[20:]]  # pag
 @dataclass
 class SourceRun:
     sid: int
+    challenge: int
     items: list
     versions: dict[int, list[bytes]]  # ram_addr -> every content it was sealed with, in order
     final: dict[int, bytes]
@@ -62,15 +66,17 @@ class SourceRun:
     finish: bytes
 
 
-def run_source(key: bytes, seed: int, *, second_session: bool = False) -> SourceRun:
+def run_source(key: bytes, seed: int, challenge: int, *,
+               second_session: bool = False) -> SourceRun:
+    """A source session bound to `challenge` (a destination's RECV_BEGIN drew it)."""
     h = MirrorHost(47, OPTION, key=key, seed=seed, track_writes=False)
     rng = random.Random(seed)
     versions: dict[int, list[bytes]] = {a: [] for a in PAGES}
     if second_session:  # a finished session first: its records are "another session"
-        assert h.command(P.OP_SEND_BEGIN, ram_size=RAM).status == 0
+        assert h.command(P.OP_SEND_BEGIN, ram_size=RAM, challenge=challenge).status == 0
         assert h.command(P.OP_SEND_END_EPOCH).status == 0
         assert h.command(P.OP_SEND_FINISH).status == 0
-    r = h.command(P.OP_SEND_BEGIN, ram_size=RAM)
+    r = h.command(P.OP_SEND_BEGIN, ram_size=RAM, challenge=challenge)
     assert r.status == 0
     sid = P.HelloReply.parse(h.read_slot(0, P.HelloReply.size)).session_id
     items: list = [("session", sid)]
@@ -92,8 +98,8 @@ def run_source(key: bytes, seed: int, *, second_session: bool = False) -> Source
     assert h.command(P.OP_SEND_FINISH).status == 0
     fin = h.read_slot(0, P.EpochToken.size)
     items.append(("finish", fin))
-    return SourceRun(sid, items, versions, {a: v[-1] for a, v in versions.items()}, per_epoch,
-                     tokens, fin)
+    return SourceRun(sid, challenge, items, versions, {a: v[-1] for a, v in versions.items()},
+                     per_epoch, tokens, fin)
 
 
 def frame(items: list, *, truncate_to: int | None = None) -> bytes:
@@ -102,8 +108,9 @@ def frame(items: list, *, truncate_to: int | None = None) -> bytes:
     w = StreamWriter(buf)
     for kind, v in items:
         if kind == "session":
-            w.write(SESSION, session_id=v, option=OPTION, c_bit=47, ram_size=RAM, page_size=PAGE,
-                    protocol=1, blocks=[], helper_ranges=[])
+            w.write(SESSION, session_id=v, challenge=0, option=OPTION, c_bit=47, ram_size=RAM,
+                    page_size=PAGE, protocol=P.PROTOCOL_VERSION.value, blocks=[],
+                    helper_ranges=[])
         elif kind == "pages":
             w.put_private([a for a, _ in v], [r for _, r in v])
         elif kind == "token":
@@ -148,34 +155,53 @@ class Outcome:
         return [(k, name(s)) for k, s in self.statuses if s != 0]
 
 
-def deliver(items: list, seed: int, *, finish_token: bytes | None = None) -> Outcome:
+class Destination:
+    """One destination machine right after RECV_BEGIN, restorable for every attack (the whole
+    VM saved and put back: a host can do that, and it gives every attack the same start)."""
+
+    def __init__(self, seed: int) -> None:
+        self.h = MirrorHost(47, OPTION, seed=seed)
+        rng = random.Random(seed)
+        self.initial = {a: rng.randbytes(PAGE) for a in PAGES}
+        for a, data in self.initial.items():
+            self.h.set_guest_page(a, data)
+        r = self.h.command(P.OP_RECV_BEGIN, ram_size=RAM)
+        assert r.status == 0
+        self.challenge = P.HelloReply.parse(self.h.read_slot(0, P.HelloReply.size)).challenge
+        self.saved = self.h.save()
+
+    def fresh(self) -> MirrorHost:
+        self.h.restore(self.saved)
+        return self.h
+
+
+def deliver(items: list, dest: Destination, *, finish_token: bytes | None = None) -> Outcome:
     """A hostile destination host: feed every item, never stop on a refusal, then (again) try
-    RECV_FINISH with `finish_token` if the stream did not end with one."""
-    dst = MirrorHost(47, OPTION, seed=seed)
-    rng = random.Random(seed)
-    out = Outcome(dst=dst)
-    for a in PAGES:
-        out.initial[a] = rng.randbytes(PAGE)
-        dst.set_guest_page(a, out.initial[a])
+    RECV_FINISH with `finish_token` if the stream did not end with one. RECV-family commands
+    name the session id the stream's SESSION record carried."""
+    dst = dest.fresh()
+    out = Outcome(dst=dst, initial=dict(dest.initial))
+    sid = 0
     for kind, v in items:
         if kind == "session":
-            r = dst.command(P.OP_RECV_BEGIN, session_id=v, ram_size=RAM)
-            out.statuses.append((kind, r.status))
+            sid = v
         elif kind == "pages":
             v = v[: P.MAX_SLOTS]
-            r = dst.command(P.OP_RECV, [(a, 0) for a, _ in v],
+            r = dst.command(P.OP_RECV, [(a, 0) for a, _ in v], session_id=sid,
                             slots={i: rec for i, (_, rec) in enumerate(v)})
             assert not r.bad_writes, r.bad_writes
-            ok_pages = {a for (a, _), s in zip(v, r.entry_status) if s == 0}
+            ok_pages = {a for (a, _), s in zip(v, r.entry_status, strict=False) if s == 0}
             assert r.window_pages_written <= ok_pages, "a refused record wrote guest memory"
             out.statuses += [("record", s) for s in r.entry_status]
         elif kind == "token":
-            out.statuses.append((kind, dst.command(P.OP_RECV_END_EPOCH, slots={0: v}).status))
+            out.statuses.append((kind, dst.command(P.OP_RECV_END_EPOCH, session_id=sid,
+                                                   slots={0: v}).status))
         else:
-            out.finish = dst.command(P.OP_RECV_FINISH, slots={0: v}).status
+            out.finish = dst.command(P.OP_RECV_FINISH, session_id=sid, slots={0: v}).status
             out.statuses.append((kind, out.finish))
     if finish_token is not None and out.finish != 0:
-        out.finish = dst.command(P.OP_RECV_FINISH, slots={0: finish_token}).status
+        out.finish = dst.command(P.OP_RECV_FINISH, session_id=sid,
+                                 slots={0: finish_token}).status
         out.statuses.append(("finish", out.finish))
     return out
 
@@ -188,25 +214,31 @@ def check_memory(out: Outcome, src: SourceRun) -> None:
 
 
 @pytest.fixture(scope="module")
-def src() -> SourceRun:
-    return run_source(KEY, SEED)
+def dest() -> Destination:
+    return Destination(SEED)
 
 
 @pytest.fixture(scope="module")
-def other_session() -> SourceRun:
-    return run_source(KEY, SEED + 1, second_session=True)
+def src(dest) -> SourceRun:
+    return run_source(KEY, SEED, dest.challenge)
 
 
 @pytest.fixture(scope="module")
-def other_key() -> SourceRun:
-    return run_source(OTHER_KEY, SEED + 2)
+def other_session(dest) -> SourceRun:
+    """Another source session bound to the same destination challenge (the host has it)."""
+    return run_source(KEY, SEED + 1, dest.challenge, second_session=True)
 
 
-def test_untouched_stream_migrates(src):
+@pytest.fixture(scope="module")
+def other_key(dest) -> SourceRun:
+    return run_source(OTHER_KEY, SEED + 2, dest.challenge)
+
+
+def test_untouched_stream_migrates(src, dest):
     print("seed", SEED)
     items, err = unframe(frame(src.items))
     assert err is None and items == src.items
-    out = deliver(items, SEED)
+    out = deliver(items, dest)
     assert not out.refusals and out.finish == 0
     for a in PAGES:
         assert out.dst.guest_page(a) == src.final[a]
@@ -271,7 +303,7 @@ def attack(src: SourceRun, other_session: SourceRun, other_key: SourceRun, kind:
     if kind.startswith("bitflip-"):
         off = {"bitflip-envelope-seq": 0x20, "bitflip-envelope-epoch": 0x18,
                "bitflip-ciphertext": 64 + 1234, "bitflip-tag": 0x30 + 7,
-               "bitflip-magic": 0, "bitflip-reserved": 0x28}[kind]
+                      "bitflip-magic": 0, "bitflip-reserved": 0x1C, "bitflip-challenge": 0x28}[kind]
         return _replace(items, lambda a, r: r == e2[3][1],
                         lambda a, r: (a, flip(r, off, 3))), None
     if kind == "splice-other-session":  # same key, the source's other session
@@ -304,26 +336,27 @@ ATTACKS = ["replay-older-version", "replay-token", "drop-record", "drop-last-epo
            "truncate-stream-bytes", "truncate-record", "duplicate-instead",
            "reorder-across-epochs", "readdress-entry", "readdress-envelope",
            "bitflip-envelope-seq", "bitflip-envelope-epoch", "bitflip-ciphertext", "bitflip-tag",
-           "bitflip-magic", "bitflip-reserved", "splice-other-session",
+           "bitflip-magic", "bitflip-reserved", "bitflip-challenge", "splice-other-session",
            "splice-other-session-relabelled", "splice-other-key", "splice-token-other-session",
            "splice-finish-other-session", "forged-token-counts"]
 
 
 @pytest.mark.parametrize("kind", ATTACKS)
-def test_stream_attack_is_detected(src, other_session, other_key, kind):
+def test_stream_attack_is_detected(src, other_session, other_key, dest, kind):
     print("seed", SEED, "attack", kind)
     items, finish = attack(src, other_session, other_key, kind)
     items = [(k, [x for x in v if x is not None]) if k == "pages" else (k, v) for k, v in items]
     got, err = unframe(frame(items))  # re-framed: valid CRC and totals
     assert err is None
-    out = deliver(got, SEED, finish_token=finish)
+    out = deliver(got, dest, finish_token=finish)
     assert out.refusals, "attack not detected"
     assert out.finish not in (0, None), "RECV_FINISH accepted an attacked stream"
     check_memory(out, src)
 
 
 @pytest.mark.parametrize("extra", ["duplicate", "stale-replay", "other-session", "other-key"])
-def test_additive_attacks_are_refused_and_poison_the_session(src, other_session, other_key, extra):
+def test_additive_attacks_are_refused_and_poison_the_session(src, other_session, other_key, dest,
+                                                            extra):
     """Extra records (a duplicate, a stale version, foreign sessions) are refused one by one and
     change nothing; the destination fails closed, so RECV_FINISH is refused even though the
     genuine stream around them is complete (the same stream without the extra record finishes:
@@ -335,7 +368,7 @@ def test_additive_attacks_are_refused_and_poison_the_session(src, other_session,
     items = list(src.items)
     at = items.index(("token", src.tokens[1]))
     items.insert(at, ("pages", [rec]))  # delivered after the genuine records of epoch 2
-    out = deliver(items, SEED)
+    out = deliver(items, dest)
     # the extra record is the only refused item of the stream; then finish fails closed
     assert out.refusals[0] == ("record", "E_REPLAY")
     assert [k for k, _ in out.refusals[1:]] == ["finish"], out.refusals
@@ -344,27 +377,26 @@ def test_additive_attacks_are_refused_and_poison_the_session(src, other_session,
         assert out.dst.guest_page(a) == src.final[a]
 
 
-def test_genuine_stream_completes(src):
-    out = deliver(list(src.items), SEED)
+def test_genuine_stream_completes(src, dest):
+    out = deliver(list(src.items), dest)
     assert out.refusals == [] and out.finish == 0
     for a in PAGES:
         assert out.dst.guest_page(a) == src.final[a]
 
 
-def test_all_envelope_and_tag_bits_and_ciphertext_samples(src):
+def test_all_envelope_and_tag_bits_and_ciphertext_samples(src, dest):
     """Every bit of the 64-byte envelope and tag and 512 random ciphertext bits of one record,
     each delivered on its own slot: every one refused, the page never written."""
     rng = random.Random(SEED)
     a, rec = src.records[0][7]
     flips = [(o, b) for o in range(64) for b in range(8)]
     flips += [(64 + rng.randrange(PAGE), rng.randrange(8)) for _ in range(512)]
-    dst = MirrorHost(47, OPTION, seed=SEED)
+    dst = dest.fresh()
     before = dst.guest_page(a)
-    assert dst.command(P.OP_RECV_BEGIN, session_id=src.sid, ram_size=RAM).status == 0
     seen: dict[str, int] = {}
     for i in range(0, len(flips), P.MAX_SLOTS):
         chunk = flips[i:i + P.MAX_SLOTS]
-        r = dst.command(P.OP_RECV, [(a, 0)] * len(chunk),
+        r = dst.command(P.OP_RECV, [(a, 0)] * len(chunk), session_id=src.sid,
                         slots={j: flip(rec, o, b) for j, (o, b) in enumerate(chunk)})
         assert 0 not in r.entry_status
         assert not r.window_pages_written and not r.bad_writes
@@ -375,8 +407,25 @@ def test_all_envelope_and_tag_bits_and_ciphertext_samples(src):
     print("bit flips:", len(flips), seen)
 
 
+def test_a_stream_serves_one_destination_session(src, dest):
+    """A genuine stream replayed to a destination whose session drew another challenge (a
+    second destination, or the same one after a new RECV_BEGIN) fails at its first record and
+    never finishes; no page changes."""
+    dst = dest.fresh()
+    assert dst.command(P.OP_RECV_BEGIN, ram_size=RAM).status == 0  # a new session, nothing in
+    assert P.HelloReply.parse(dst.read_slot(0, P.HelloReply.size)).challenge != src.challenge
+    saved = dst.save()
+    dest2 = Destination.__new__(Destination)
+    dest2.h, dest2.initial, dest2.saved = dst, dest.initial, saved
+    out = deliver(list(src.items), dest2)
+    assert out.statuses[0] == ("record", ST["E_REPLAY"]), out.statuses[:3]
+    assert out.finish not in (0, None)
+    for a in PAGES:
+        assert dst.guest_page(a) == dest.initial[a]
+
+
 # -- regression: two versions of one page in one epoch ------------------------------------------
-def test_two_versions_of_a_page_in_one_epoch_cannot_roll_it_back():
+def test_two_versions_of_a_page_in_one_epoch_cannot_roll_it_back(dest):
     """Found by this suite: the host has the source seal a page twice in one epoch (old, then
     new content) and delivers the new record first, the old one last. The destination used to
     accept both (distinct seqs, the order-free set-hash matches) and RECV_FINISH succeeded with
@@ -385,7 +434,7 @@ def test_two_versions_of_a_page_in_one_epoch_cannot_roll_it_back():
     src = MirrorHost(47, OPTION, seed=SEED + 5, track_writes=False)
     old, new = b"\x11" * PAGE, b"\x22" * PAGE
     a = PAGES[0]
-    assert src.command(P.OP_SEND_BEGIN, ram_size=RAM).status == 0
+    assert src.command(P.OP_SEND_BEGIN, ram_size=RAM, challenge=dest.challenge).status == 0
     sid = P.HelloReply.parse(src.read_slot(0, P.HelloReply.size)).session_id
     src.set_guest_page(a, old)
     src.command(P.OP_SEND, [(a, 0)])
@@ -401,9 +450,9 @@ def test_two_versions_of_a_page_in_one_epoch_cannot_roll_it_back():
     for order in ((r_new, r_old), (r_old, r_new)):
         items = [("session", sid), ("pages", [(a, order[0])]), ("pages", [(a, order[1])]),
                  ("token", tok), ("finish", fin)]
-        out = deliver(items, SEED)
+        out = deliver(items, dest)
         assert [s for _, s in out.statuses] == [
-            0, 0, ST["E_REPLAY"], ST["E_EPOCH"], ST["E_INCOMPLETE"]]
+            0, ST["E_REPLAY"], ST["E_EPOCH"], ST["E_INCOMPLETE"]]
         assert out.dst.guest_page(a) == (new if order[0] == r_new else old)
 
 
@@ -411,13 +460,13 @@ def test_two_versions_of_a_page_in_one_epoch_native():
     """The same regression at native speed (the session code itself)."""
     src, dst = NativeHelper(KEY), NativeHelper(KEY)
     src.set_page(0, b"O" * PAGE)
-    sid = src.send_begin()
+    _, challenge = dst.recv_begin()
+    dst.session_id = src.send_begin(challenge)
     _, r1 = src.send([0])
     src.set_page(0, b"N" * PAGE)
     _, r2 = src.send([0])
     _, tok = src.token(P.OP_SEND_END_EPOCH)
     _, fin = src.token(P.OP_SEND_FINISH)
-    assert dst.recv_begin(sid) == 0
     assert dst.recv([(0, r2[0])]) == [0]
     assert dst.recv([(0, r1[0])]) == [ST["E_REPLAY"]]
     assert dst.page(0) == b"N" * PAGE

@@ -1,4 +1,4 @@
-"""Hostile host, TOCTOU (issue 7, item 2): the host rewrites the mailbox while the helper runs.
+"""Hostile host, TOCTOU: the host rewrites the mailbox while the helper runs.
 
 The mailbox is shared memory: a host vCPU thread can change it at any instant of a batch. Here a
 UC_HOOK_MEM_READ on the mailbox DRAM fires on the helper's own reads and, at a chosen read, the
@@ -20,6 +20,7 @@ import struct
 import pytest
 
 from helperfw.runtime import protocol as P
+from tests import hostile_common
 from tests.hostile_common import DOCUMENTED, ST, Forger, name
 from tests.mirror_host import KEY, PAGE, RAM, MirrorHost, pack_command
 from tests.session_host import set_hash
@@ -51,10 +52,14 @@ class Trigger:
         self.h.remove_hook(self.handle)
 
 
+def open_recv(h: MirrorHost, sid: int) -> Forger:
+    return hostile_common.open_recv(h, sid, KEY, RAM)
+
+
 @pytest.fixture(scope="module")
 def dst():
     h = MirrorHost(47, P.OPT_TUPLES, seed=SEED)
-    assert h.command(P.OP_RECV_BEGIN, session_id=SID, ram_size=RAM).status == 0
+    h.forger = open_recv(h, SID)
     return h
 
 
@@ -63,7 +68,7 @@ def test_ciphertext_flipped_while_it_is_read(dst):
     ciphertext/tag/envelope bit (ahead of or behind the read), transiently or for good. Each
     entry ends OK with exactly its plaintext, or refused with its page untouched."""
     rng = random.Random(SEED)
-    f = Forger(KEY, SID)
+    f = dst.forger
     seq = 1
     lo, hi = dst.slot_hpa(0), dst.slot_hpa(8) - 1
     outcomes = {"OK": 0}
@@ -89,7 +94,7 @@ def test_ciphertext_flipped_while_it_is_read(dst):
 
         trig = Trigger(dst, lo, hi, rng.randrange(1, 8 * 520), flip,
                        restore if rng.random() < 0.5 else None)
-        r = dst.command(P.OP_RECV, [(a, 0) for a in pages])
+        r = dst.command(P.OP_RECV, [(a, 0) for a in pages], session_id=SID)
         trig.remove()
         assert not r.bad_writes, (trial, r.bad_writes)
         for i, (a, st) in enumerate(zip(pages, r.entry_status)):
@@ -109,7 +114,7 @@ def test_envelope_rewritten_after_it_was_copied(dst):
     epoch: the helper acts on its private copy (page installed where the entry said, with its
     authentic content), the other page is never written."""
     rng = random.Random(SEED + 1)
-    f = Forger(KEY, SID)
+    f = dst.forger
     a, other = 0x800000, 0x801000
     data = rng.randbytes(PAGE)
     rec = f.record(a, data, epoch=1, seq=5000)
@@ -124,7 +129,7 @@ def test_envelope_rewritten_after_it_was_copied(dst):
         dst.poke(2 * PAGE, bytes(env))
 
     trig = Trigger(dst, dst.slot_hpa(0), dst.slot_hpa(0) + 63, 8, rewrite)  # 8th qword read
-    r = dst.command(P.OP_RECV, [(a, 0)])
+    r = dst.command(P.OP_RECV, [(a, 0)], session_id=SID)
     trig.remove()
     assert trig.fired
     assert r.entry_status == [0] and r.window_pages_written == {a}
@@ -140,14 +145,14 @@ def test_command_rewritten_while_it_is_copied(op):
     rng = random.Random(SEED + op)
     h = MirrorHost(47, P.OPT_SHIFT, seed=SEED + op)
     own = sorted({r.main_gpa for r in h.regions} | {h.symbol_gpa("CTX") & ~(PAGE - 1)})
-    f = Forger(KEY, SID)
     contents = {}
     if op == P.OP_SEND:
-        assert h.command(P.OP_SEND_BEGIN, ram_size=RAM).status == 0
+        challenge = 0xC0FFEE
+        assert h.command(P.OP_SEND_BEGIN, ram_size=RAM, challenge=challenge).status == 0
         sid = P.HelloReply.parse(h.read_slot(0, P.HelloReply.size)).session_id
-        f = Forger(KEY, sid)
+        f = Forger(KEY, sid, challenge)
     else:
-        assert h.command(P.OP_RECV_BEGIN, session_id=SID, ram_size=RAM).status == 0
+        f = open_recv(h, SID)
     seq = 1
     cmd_lo = h.mb + PAGE
     for trial in range(30):
@@ -168,7 +173,7 @@ def test_command_rewritten_while_it_is_copied(op):
         def swap(_hpa, evil=evil):
             h.poke(PAGE, evil)
 
-        cmd = pack_command(op, [(a, 0) for a in pages])
+        cmd = pack_command(op, [(a, 0) for a in pages], session_id=SID)
         trig = Trigger(h, cmd_lo, cmd_lo + P.Command.size - 1,
                        rng.randrange(1, P.Command.size // 8), swap)
         r = h.batch(cmd, slots)
@@ -193,22 +198,23 @@ def test_token_rewritten_after_it_was_copied(dst):
     the helper's decision is the one for the token it copied (here: the authentic one)."""
     h = MirrorHost(47, P.OPT_ISOLATED, seed=SEED + 9)
     sid = SID + 1
-    f = Forger(KEY, sid)
-    assert h.command(P.OP_RECV_BEGIN, session_id=sid, ram_size=RAM).status == 0
+    f = open_recv(h, sid)
     a = PAGES[0]
-    r = h.command(P.OP_RECV, [(a, 0)], slots={0: f.record(a, b"x" * PAGE, epoch=1, seq=1)})
+    r = h.command(P.OP_RECV, [(a, 0)], session_id=sid,
+                  slots={0: f.record(a, b"x" * PAGE, epoch=1, seq=1)})
     assert r.entry_status == [0]
-    tok = f.token(epoch=1, count=1, first_seq=1, set_hash=set_hash(KEY, sid, [(a, 1)]), total=1)
+    tok = f.token(epoch=1, count=1, first_seq=1,
+                  set_hash=set_hash(KEY, sid, f.challenge, [(a, 1)]), total=1)
     h.write_slot(0, tok)
     bad = tok[:0x10] + struct.pack("<Q", 0) + tok[0x18:0x20] + bytes(16) + tok[0x30:]
     trig = Trigger(h, h.slot_hpa(0), h.slot_hpa(0) + P.EpochToken.size - 1,
                    P.EpochToken.size // 8, lambda _hpa: h.poke(2 * PAGE, bad))
-    r = h.command(P.OP_RECV_END_EPOCH)
+    r = h.command(P.OP_RECV_END_EPOCH, session_id=sid)
     trig.remove()
     assert trig.fired and r.status == 0
     fin = f.token(epoch=1, count=0, first_seq=2, set_hash=bytes(16), total=1,
                   magic=P.FINISH_MAGIC)
-    assert h.command(P.OP_RECV_FINISH, slots={0: fin}).status == 0
+    assert h.command(P.OP_RECV_FINISH, session_id=sid, slots={0: fin}).status == 0
 
 
 def test_doorbell_changed_mid_batch():
@@ -218,7 +224,7 @@ def test_doorbell_changed_mid_batch():
     ctl = h.mb + P.CONTROL_OFFSET
     trig = Trigger(h, h.mb + PAGE, h.mb + PAGE + 7, 1,
                    lambda _hpa: h.poke(P.CONTROL_OFFSET, struct.pack("<Q", 999)))
-    r = h.command(P.OP_HELLO, version=1)
+    r = h.command(P.OP_HELLO)
     trig.remove()
     assert r.status == 0
     completed = struct.unpack("<Q", h.mc.host_read(ctl + 8, 8))[0]
@@ -226,4 +232,4 @@ def test_doorbell_changed_mid_batch():
     ex = h.vcpu.run(5_000_000)  # re-entered without a new doorbell write: 999 != last
     assert ex.reason == "hlt"
     assert struct.unpack("<Q", h.mc.host_read(ctl + 8, 8))[0] == 999
-    assert h.command(P.OP_HELLO, version=2).status == ST["E_VERSION"]
+    assert h.command(P.OP_HELLO, version=1).status == ST["E_VERSION"]

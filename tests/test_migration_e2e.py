@@ -23,12 +23,12 @@ import pytest
 
 from emulate import guest as G
 from emulate import stream as S
+from emulate.attacker import HostHands
 from emulate.migration import (
     VIRTIO_MEM_SETUP_GPA,
     Destination,
     Migration,
     MigrationParams,
-    migrate,
 )
 from helperfw.cli import main as cli_main
 from helperfw.runtime import protocol as P
@@ -105,11 +105,11 @@ def test_live_migration(image, tmp_path, option, cbit, transport):
                                        P.PAGE_SIZE, encrypted=True) == want
     assert src.host.shared.ranges() == dst.host.shared.ranges()
     if transport == "file":
-        check_stream_file(tmp_path / "stream.bin", res.session_id, src)
+        check_stream_file(tmp_path / "stream.bin", res.session_id, res.challenge, src)
 
 
-def check_stream_file(path: Path, session_id: int, src) -> None:
-    """The stream on disk: private records open with an outside AES-GCM and the transport
+def check_stream_file(path: Path, session_id: int, challenge: int, src) -> None:
+    """The stream on disk: private records open with an outside AES-GCM-SIV and the transport
     key to what the source guest holds (pages it never rewrote: the virtio-mem block)."""
     vmem = src.host.blocks[2]
     opened = 0
@@ -119,20 +119,44 @@ def check_stream_file(path: Path, session_id: int, src) -> None:
                 continue
             for pg in rec.body.pages:
                 if vmem.offset <= pg.ram_addr < vmem.end and opened < 8:
-                    _env, plain = open_record(src.p.transport_key, session_id, pg.record)
+                    _env, plain = open_record(src.p.transport_key, session_id, challenge,
+                                              pg.record)
                     assert plain == src.host.read_private(pg.ram_addr)
                     opened += 1
     assert opened == 8
 
 
+class SavedDestination:
+    """The destination host right after its RECV_BEGIN (its machine and its mailbox counters),
+    so every hostile stream meets the session the stream was bound to: a host can save and
+    restore its whole VM."""
+
+    def __init__(self, dst: Destination) -> None:
+        self.dst = dst
+        self.hands = HostHands(dst.host.mc)
+        self.snap = self.hands.snapshot_machine([dst.mirror.vcpu])
+        self.bell = dst.ch.bell
+
+    def fresh(self) -> Destination:
+        self.hands.restore_machine(self.snap)
+        d = self.dst
+        d.ch.bell, d.ch.session_id, d.finished, d.cpu = self.bell, 0, False, None
+        d.counts = {"private": 0, "shared": 0, "epochs": 0}
+        return d
+
+
 @pytest.fixture(scope="module")
 def small_stream(image, tmp_path_factory):
-    """A 32 MiB migration through a file, kept for the hostile-stream tests."""
+    """A 32 MiB migration through a file, kept for the hostile-stream tests, and its
+    destination as it was when the stream was bound to it."""
     tmp = tmp_path_factory.mktemp("hostile")
     p = params(image, P.OPT_TUPLES, 47, "file", tmp, mem=32 << 20, seed=SEED + 1)
-    res = migrate(p)
+    m = Migration(p)
+    m.open()
+    saved = SavedDestination(m.dst)
+    res = m.run()
     assert res.verification.ok
-    return p, (tmp / "stream.bin").read_bytes()
+    return p, (tmp / "stream.bin").read_bytes(), saved
 
 
 def _frames(raw: bytes) -> list[tuple[int, int, int]]:
@@ -148,7 +172,7 @@ def _frames(raw: bytes) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("attack", ["tamper", "drop", "replay"])
 def test_hostile_stream_is_refused(small_stream, attack):
     print("seed", SEED + 1, "attack", attack)
-    p, raw = small_stream
+    _p, raw, saved = small_stream
     frames = [f for f in _frames(raw) if f[1] == S.PRIVATE_PAGES]
     off, _kind, ln = frames[3]
     body = S.BODIES[S.PRIVATE_PAGES].parse(raw[off + 5 : off + ln])
@@ -161,7 +185,7 @@ def test_hostile_stream_is_refused(small_stream, attack):
         bad, want = raw[:off] + raw[off + ln :], "RECV_END_EPOCH refused: E_EPOCH"
     else:  # the same record delivered twice
         bad, want = raw[: off + ln] + raw[off : off + ln] + raw[off + ln :], "E_REPLAY"
-    dst = Destination(p)
+    dst = saved.fresh()
     before = dst.host.read_private(victim)
     with pytest.raises(S.StreamError, match=want):
         dst.receive(io.BytesIO(bad))

@@ -5,7 +5,7 @@ its mailbox shared, builds the mirror tables and announces BootInfo. Host side: 
 sharing the main VM's key is created the way the option says (shift: low 4 GiB 1:1; tuples:
 regions host-mapped at their mirror GPAs; isolated: regions copied into mirror-only memory),
 and one HELLO + SEND_BEGIN + SEND batch runs in it. The sealed page must open with an outside
-AES-GCM to what the main VM holds at that ram_addr."""
+AES-GCM-SIV to what the main VM holds at that ram_addr."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.mirror_host import KEY, RAM
 from tests.session_host import open_record
 
 SEED = 31337
+CHALLENGE = 0x0DE5_71A7_1011_0001  # as a destination's RECV_BEGIN would have drawn
 
 
 def boot(efi, cbit: int, option: int, shift_high: int = 0):
@@ -60,19 +61,20 @@ def test_mirror_runs_a_batch(efi, option, cbit):
         assert all(r.mirror_gpa >= bi.ram_base // 2 for r in regions)
     mirror = mirror_host.make_mirror(mc, vm, bi, cbit)
     vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
-    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_HELLO, version=1) == 0
+    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_HELLO, version=2) == 0
     # a private page of the guest: write it through the main VM's C=1 view
     page_gpa = 0x200000
     secret = bytes((i * 13 + option) & 0xFF for i in range(P.PAGE_SIZE))
     vm.write(page_gpa, secret, encrypted=True)
     assert secret not in mc.host_read(vm.gpa_to_hpa(page_gpa), P.PAGE_SIZE)
-    assert doorbell(mc, vm, bi, vcpu, 2, P.OP_SEND_BEGIN, version=1, ram_size=RAM) == 0
+    assert doorbell(mc, vm, bi, vcpu, 2, P.OP_SEND_BEGIN, version=2, ram_size=RAM,
+                    challenge=CHALLENGE) == 0
     mb = vm.gpa_to_hpa(bi.mailbox_gpa)
     slot0 = mb + 2 * P.PAGE_SIZE
     sid = P.HelloReply.parse(mc.host_read(slot0, P.HelloReply.size)).session_id
     assert doorbell(mc, vm, bi, vcpu, 3, P.OP_SEND, entries=[page_gpa]) == 0
     record = mc.host_read(slot0, P.SLOT_SIZE)
-    env, plain = open_record(KEY, sid, record)
+    env, plain = open_record(KEY, sid, CHALLENGE, record)
     assert env.ram_addr == page_gpa and plain == secret
     # its own code page is refused (E_SELF), and nothing faulted
     code = next(r for r in regions if r.kind == P.REGION_CODE)
@@ -112,7 +114,8 @@ def test_mirror_tables_for_a_1tib_guest(efi, option, high, cbit):
     mirror = mirror_host.make_mirror(mc, vm, bi, cbit)
     vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
     tib = 1 << 40
-    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_SEND_BEGIN, version=1, ram_size=tib) == 0
+    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_SEND_BEGIN, ram_size=tib,
+                    challenge=CHALLENGE, version=2) == 0
     layout = PhysLayout(maxphyaddr=cbit + 1, cbit=cbit, reduction=5)
     phys_top = 1 << layout.phys_bits
     if option == P.OPT_SHIFT and not high:

@@ -136,10 +136,10 @@ def test_shift_window_at_4gib_uses_large_pages(img, layout):
 
 
 @pytest.mark.parametrize("spec, status", [
-    ((0x100000, 0x100000, 0x1000, P.MAP_W | P.MAP_X), P.PT_E_WX),
-    ((0x100800, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN),
-    ((1 << 47, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN),
-    ((0x100000, 1 << 43, 0x1000, P.MAP_W), P.PT_E_RANGE),  # beyond 48 - 5 physical bits
+    ((0x100000, 0x100000, 0x1000, P.MAP_W | P.MAP_X), P.PT_E_WX.value),
+    ((0x100800, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN.value),
+    ((1 << 47, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN.value),
+    ((0x100000, 1 << 43, 0x1000, P.MAP_W), P.PT_E_RANGE.value),  # beyond 48 - 5 physical bits
 ], ids=["wx", "unaligned", "noncanonical", "phys-range"])
 def test_refusals(img, spec, status):
     t = Tables(img, LAYOUTS[0], pool_pa=0x7000000, specs=[spec])
@@ -149,7 +149,7 @@ def test_refusals(img, spec, status):
 def test_overlap_and_pool_exhaustion(img):
     t = Tables(img, LAYOUTS[0], 0x7000000,
                [(0x200000, 0x200000, 0x200000, P.MAP_W), (0x201000, 0x9000000, 0x1000, P.MAP_W)])
-    assert t.status == P.PT_E_OVERLAP
+    assert t.status == P.PT_E_OVERLAP.value
     # 4 KiB pages spread 1 GiB apart need a PD and a PT each: the 64-page pool runs out
     specs = [(i * GiB, i * GiB, 0x1000, P.MAP_W) for i in range(40)]
-    assert Tables(img, LAYOUTS[0], 0x7000000, specs).status == P.PT_E_POOL
+    assert Tables(img, LAYOUTS[0], 0x7000000, specs).status == P.PT_E_POOL.value

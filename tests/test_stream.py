@@ -1,6 +1,6 @@
 """The migration stream format (emulate.stream): framing, every record kind round-trips, the END
-record's totals and CRC catch truncation and corruption, private records are real SPEC §6
-envelopes an outside AES-GCM opens, and the loopback socket transport."""
+record's totals and CRC catch truncation and corruption, private records are real protocol-v2
+envelopes an outside AES-GCM-SIV opens, and the loopback socket transport."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tests.session_host import PAGE, NativeHelper, open_record
 
 SEED = 60601
 KEY = bytes(range(0x20, 0x40))
+CHALLENGE = 0xC4A1_1E46_E000_0001  # what the destination's RECV_BEGIN would have drawn
 
 
 def sample_stream(rng: random.Random) -> tuple[bytes, dict]:
@@ -24,7 +25,7 @@ def sample_stream(rng: random.Random) -> tuple[bytes, dict]:
     pages = {a * PAGE: rng.randbytes(PAGE) for a in range(6)}
     for a, d in pages.items():
         src.set_page(a, d)
-    sid = src.send_begin()
+    sid = src.send_begin(CHALLENGE)
     statuses, records = src.send(sorted(pages))
     assert statuses == [0] * len(pages)
     st, token = src.token(P.OP_SEND_END_EPOCH)
@@ -35,8 +36,8 @@ def sample_stream(rng: random.Random) -> tuple[bytes, dict]:
     cpu = {r: rng.getrandbits(64) for r in S.GPRS}
     buf = io.BytesIO()
     w = S.StreamWriter(buf)
-    w.write(S.SESSION, session_id=sid, option=P.OPT_TUPLES, c_bit=51, ram_size=2 << 20,
-            page_size=PAGE, protocol=1,
+    w.write(S.SESSION, session_id=sid, challenge=CHALLENGE, option=P.OPT_TUPLES, c_bit=51,
+            ram_size=2 << 20, page_size=PAGE, protocol=P.PROTOCOL_VERSION.value,
             blocks=[{"name": "pc.ram", "offset": 0, "size": 1 << 20},
                     {"name": "virtio-mem0", "offset": 1 << 20, "size": 1 << 20}],
             helper_ranges=[{"ram_addr": 0xF0000, "length": 0x4000}])
@@ -61,13 +62,13 @@ def test_every_record_round_trips_and_private_records_open_outside():
                                       "PRIVATE_PAGES", "EPOCH_TOKEN", "CPU_STATE", "FINISH",
                                       "END"]
     sess = recs[0].body
-    assert (sess.session_id, sess.option, sess.c_bit, sess.page_size) == (
-        want["sid"], P.OPT_TUPLES, 51, PAGE)
+    assert (sess.session_id, sess.challenge, sess.option, sess.c_bit, sess.page_size) == (
+        want["sid"], CHALLENGE, P.OPT_TUPLES, 51, PAGE)
     assert [(b.name, b.offset, b.size) for b in sess.blocks] == [
         ("pc.ram", 0, 1 << 20), ("virtio-mem0", 1 << 20, 1 << 20)]
     assert [(p.ram_addr, p.data) for p in recs[3].body.pages] == want["shared"]
     for p in recs[4].body.pages:
-        env, plain = open_record(KEY, want["sid"], p.record)  # SPEC §6, outside AES-GCM
+        env, plain = open_record(KEY, want["sid"], CHALLENGE, p.record)  # outside AES-GCM-SIV
         assert env.ram_addr == p.ram_addr and plain == want["pages"][p.ram_addr]
         assert plain not in p.record  # only ciphertext on the wire
     assert recs[5].body.token == want["token"] and recs[7].body.token == want["fin"]

@@ -6,9 +6,9 @@ and ConOut) and returns EFI_SUCCESS, inactive.
 
 from __future__ import annotations
 
-from helperfw import Array, Ptr, addr, cpuid, efi_call, function, static, u8, u32, u64
+from helperfw import Array, Ptr, addr, cpuid, efi_call, function, rdmsr, static, u8, u32, u64
 
-from .aesgcm import GcmCtx, gcm_init, gcm_open, gcm_seal
+from .aes import Aes256Key, aes256_expand
 from .console import con_hex, con_puts, con_set_conout, text
 from .efi import (
     ALLOCATE_ANY_PAGES,
@@ -18,6 +18,8 @@ from .efi import (
     EfiSystemTable,
     guid_bytes,
 )
+from .gcmsiv import SivKeys, siv_open, siv_seal
+from .memops import bytes_eq, wipe
 from .mirror import SetupParams, announce, mirror_setup
 from .pagetables import (
     MAP_ENC,
@@ -32,9 +34,19 @@ from .pagetables import (
     pt_lookup,
     pt_map,
 )
-from .platform import CPUID_ADDR_SIZE_LEAF, CPUID_SEV_LEAF
+from .platform import (
+    CPUID_1_ECX_AESNI,
+    CPUID_1_ECX_PCLMULQDQ,
+    CPUID_ADDR_SIZE_LEAF,
+    CPUID_FEATURES_LEAF,
+    CPUID_MAX_EXT_LEAF,
+    CPUID_SEV_EAX_SEV,
+    CPUID_SEV_LEAF,
+    MSR_AMD64_SEV,
+    MSR_AMD64_SEV_ENABLED,
+)
 from .protocol import (
-    CAP_AESNI_GCM,
+    CAP_GCM_SIV,
     DEFAULT_OPTION,
     DEFAULT_SLOTS,
     DESCRIPTOR_MAGIC,
@@ -45,27 +57,27 @@ from .protocol import (
     ImageDescriptor,
     MhConfig,
 )
-from .secrets import KEY_ENTRY_GUID, bytes_eq, find_config_table, secret_find_key
-from .session import CTX, wipe_bytes
+from .secrets import KEY_ENTRY_GUID, find_config_table, secret_find_key
+from .session import CTX
 
 
-def _gcm_kat() -> bytes:
-    """Inputs and expected output of the AES-256-GCM known-answer self-test.
+def _siv_kat() -> bytes:
+    """Inputs and expected output of the AES-256-GCM-SIV known-answer self-test.
 
     The expected ciphertext and tag come from an independent implementation (`cryptography`,
-    i.e. OpenSSL) at build time; tests/test_aesgcm.py checks the same code against NIST data.
-    Layout: key 32 | iv 12 | aad 48 | pt 64 | ct 64 | tag 16."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    i.e. OpenSSL) at build time; tests/test_gcmsiv.py checks the same code against RFC 8452.
+    Layout: key 32 | nonce 12 | aad 48 | pt 64 | ct 64 | tag 16."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
     key = bytes(range(32))
-    iv = bytes(range(0xA0, 0xAC))
-    aad = b"MHP1" + bytes(range(4, 48))
+    nonce = bytes(range(0xA0, 0xAC))
+    aad = b"MHP2" + bytes(range(4, 48))
     pt = bytes((7 * i + 3) & 0xFF for i in range(64))
-    sealed = AESGCM(key).encrypt(iv, pt, aad)
-    return key + iv + aad + pt + sealed
+    sealed = AESGCMSIV(key).encrypt(nonce, pt, aad)
+    return key + nonce + aad + pt + sealed
 
 
-KAT = _gcm_kat()
+KAT = _siv_kat()
 KAT_DATA = static(Array[u8, len(KAT)], KAT, readonly=True)
 K_KEY, K_IV, K_AAD, K_PT, K_CT, K_TAG = 0, 32, 44, 92, 156, 220
 
@@ -74,13 +86,13 @@ SELFTEST_POOL_PAGES = 8
 SELFTEST_POOL_PA = 0x7F00000000  # pretend mirror GPA of the pool: entries must carry it
 SELFTEST_C_BIT = 47
 
-MSG_BANNER = text("MigrationHelper: loaded (protocol v1)\n")
+MSG_BANNER = text("MigrationHelper: loaded (protocol v2)\n")
 MSG_PT_OK = text("MigrationHelper: selftest page tables ok\n")
 MSG_PT_FAIL = text("MigrationHelper: selftest page tables FAILED at check ")
 MSG_ALLOC_FAIL = text("MigrationHelper: AllocatePages failed ")
 MSG_NL = text("\n")
-MSG_GCM_OK = text("MigrationHelper: selftest AES-256-GCM known answers ok\n")
-MSG_GCM_FAIL = text("MigrationHelper: selftest AES-256-GCM FAILED at check ")
+MSG_AEAD_OK = text("MigrationHelper: selftest AES-256-GCM-SIV known answers ok\n")
+MSG_AEAD_FAIL = text("MigrationHelper: selftest AES-256-GCM-SIV FAILED at check ")
 MSG_NO_AESNI = text("MigrationHelper: CPU lacks AES-NI/PCLMULQDQ, helper disabled\n")
 MSG_SELFTEST_OK = text("MigrationHelper: selftest passed\n")
 MSG_NO_SEV = text("MigrationHelper: SEV not active, helper stays inactive\n")
@@ -92,7 +104,7 @@ MSG_BOOTINFO = text("MigrationHelper: boot info at ")
 MSG_NO_ACK = text("MigrationHelper: host did not acknowledge the announce: ")
 mh_descriptor = static(ImageDescriptor, ImageDescriptor.build(
     magic=DESCRIPTOR_MAGIC, protocol_version=PROTOCOL_VERSION.value,
-    default_option=DEFAULT_OPTION, slots=DEFAULT_SLOTS, capabilities=CAP_AESNI_GCM,
+    default_option=DEFAULT_OPTION, slots=DEFAULT_SLOTS, capabilities=CAP_GCM_SIV,
     key_entry_guid=guid_bytes(KEY_ENTRY_GUID), config_guid=guid_bytes(MH_CONFIG_GUID),
 ), readonly=True, keep=True)
 G_MH_CONFIG = static(Array[u8, 16], guid_bytes(MH_CONFIG_GUID), readonly=True)
@@ -141,31 +153,33 @@ def selftest_pagetables(pool: u64) -> u32:
 
 
 @function(small=True)
-def selftest_gcm() -> u32:
+def selftest_aead() -> u32:
     """Seal the known answer, compare, open it back, and check a flipped bit is refused
     without touching the output. Returns 0 or the failing check."""
     k = addr(KAT_DATA[0])
-    ctx: GcmCtx
+    kgk: Aes256Key
+    rec: SivKeys
     buf: Array[u8, 64]
     out: Array[u8, 64]
     scratch: Array[u8, 64]
     tag: Array[u8, 16]
-    gcm_init(addr(ctx), k + K_KEY)
-    gcm_seal(addr(ctx), k + K_IV, k + K_AAD, 48, k + K_PT, addr(buf[0]), 64, addr(tag[0]))
+    aes256_expand(k + K_KEY, addr(kgk))
+    siv_seal(addr(kgk), k + K_IV, k + K_AAD, 48, k + K_PT, addr(scratch[0]), addr(buf[0]), 64,
+             addr(tag[0]), addr(rec))
     if not bytes_eq(addr(buf[0]), k + K_CT, 64):
         return 1
     if not bytes_eq(addr(tag[0]), k + K_TAG, 16):
         return 2
-    if not gcm_open(addr(ctx), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
-                    addr(tag[0]), addr(scratch[0])):
+    if not siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
+                    addr(tag[0]), addr(scratch[0]), addr(rec)):
         return 3
     if not bytes_eq(addr(out[0]), k + K_PT, 64):
         return 4
     for i in range(64):
         out[i] = 0xEE
     buf[17] = buf[17] ^ 4
-    if gcm_open(addr(ctx), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
-                addr(tag[0]), addr(scratch[0])):
+    if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
+                addr(tag[0]), addr(scratch[0]), addr(rec)):
         return 5
     for i in range(64):
         if out[i] != 0xEE:
@@ -175,8 +189,8 @@ def selftest_gcm() -> u32:
 
 @function(small=True)
 def cpu_has_aesni() -> bool:
-    _a, _b, c, _d = cpuid(1, 0)
-    return (c & (1 << 25)) != 0 and (c & (1 << 1)) != 0
+    _a, _b, c, _d = cpuid(CPUID_FEATURES_LEAF, 0)
+    return (c & CPUID_1_ECX_AESNI) != 0 and (c & CPUID_1_ECX_PCLMULQDQ) != 0
 
 
 @function(small=True)
@@ -184,13 +198,13 @@ def selftest(bs: Ptr[EfiBootServices]) -> bool:
     if not cpu_has_aesni():
         con_puts(addr(MSG_NO_AESNI[0]))
         return False
-    g = selftest_gcm()
+    g = selftest_aead()
     if g != 0:
-        con_puts(addr(MSG_GCM_FAIL[0]))
+        con_puts(addr(MSG_AEAD_FAIL[0]))
         con_hex(u64(g))
         con_puts(addr(MSG_NL[0]))
         return False
-    con_puts(addr(MSG_GCM_OK[0]))
+    con_puts(addr(MSG_AEAD_OK[0]))
     pool: u64 = 0
     st = efi_call(bs.AllocatePages, ALLOCATE_ANY_PAGES, EFI_BOOT_SERVICES_DATA,
                   SELFTEST_POOL_PAGES, addr(pool))
@@ -212,12 +226,16 @@ def selftest(bs: Ptr[EfiBootServices]) -> bool:
 
 @function(small=True)
 def sev_c_bit() -> u32:
-    """C-bit position if the CPU reports SEV (CPUID 0x8000001F EAX bit 1), else 0."""
-    maxleaf, _b0, _c0, _d0 = cpuid(0x80000000, 0)
+    """C-bit position if SEV is active, else 0. Active, as OVMF decides it: CPUID 0x8000001F
+    reports SEV (EAX bit 1) and MSR_AMD64_SEV says it is enabled for this guest (bit 0); the
+    MSR is read only once CPUID has promised it exists."""
+    maxleaf, _b0, _c0, _d0 = cpuid(CPUID_MAX_EXT_LEAF, 0)
     if maxleaf < CPUID_SEV_LEAF:
         return 0
     a, b, _c, _d = cpuid(CPUID_SEV_LEAF, 0)
-    if (a & 2) == 0:
+    if (a & CPUID_SEV_EAX_SEV) == 0:
+        return 0
+    if (rdmsr(MSR_AMD64_SEV) & MSR_AMD64_SEV_ENABLED) == 0:
         return 0
     return b & 63
 
@@ -273,7 +291,7 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
     p.phys_bits = (maxphy & 0xFF) - reduction
     r = mirror_setup(c, Ptr[EfiBootServices](st.BootServices), addr(p))
     if r != OK:
-        wipe_bytes(addr(c.key[0]), 32)
+        wipe(addr(c.key[0]), 32)
         report(addr(MSG_SETUP_FAIL[0]), u64(r))
         return
     c.have_key = 1

@@ -43,6 +43,11 @@ from .protocol import (
     BOOTINFO_MAGIC,
     DEFAULT_SLOTS,
     E_BAD_ARG,
+    E_SETUP_ALLOC,
+    E_SETUP_HIGH_REGION,
+    E_SETUP_OPTION,
+    E_SETUP_SHARE,
+    E_SETUP_TABLES,
     MAILBOX_PAGES,
     MH_HC_ANNOUNCE,
     OK,
@@ -63,11 +68,6 @@ PT_POOL = static(Array[u8, PT_POOL_PAGES * 4096], align=4096)
 FOUR_GIB = 1 << 32
 CANONICAL_LIMIT = 1 << 47
 
-E_SETUP_OPTION = -100  # unknown option
-E_SETUP_HIGH_REGION = -101  # shift: a region lies above 4 GiB
-E_SETUP_TABLES = -102  # page-table pool exhausted or a mapping conflict
-E_SETUP_ALLOC = -103  # AllocatePages failed
-E_SETUP_SHARE = -104  # the guest's own page tables could not be changed
 
 
 @struct

@@ -13,6 +13,13 @@ from helperfw import Ptr, const, function, i32, struct, u32, u64
 
 from . import platform
 from .platform import PAGE_1G, PAGE_2M, PTE_A, PTE_D, PTE_P, PTE_PS, PTE_RW
+from .protocol import (
+    PT_E_ALIGN,
+    PT_E_OVERLAP,
+    PT_E_POOL,
+    PT_E_RANGE,
+    PT_E_WX,
+)
 
 PTE_NX = const(u64, platform.PTE_NX)  # bit 63: a u64 constant, not an i64 literal
 
@@ -25,11 +32,6 @@ NEXT_IS_LEAF = const(u64, 0xFFFFFFFFFFFFFFFF)
 PAGE_4K = platform.PAGE_SIZE
 
 PT_OK = 0
-PT_E_WX = -1  # asked for a writable+executable mapping
-PT_E_ALIGN = -2  # va/pa/size not 4 KiB aligned, or va not canonical
-PT_E_POOL = -3  # table pool exhausted
-PT_E_OVERLAP = -4  # range already mapped
-PT_E_RANGE = -5  # physical range beyond the usable physical-address bits
 
 
 @struct

@@ -1,4 +1,4 @@
-"""Host ↔ helper protocol v1: every wire layout, op and status code, declared once.
+"""Host ↔ helper protocol v2: every wire layout, op and status code, declared once.
 
 docs/PROTOCOL.md is generated from this module (`helperfw.protodoc`), the C header for QEMU and
 OVMF authors from the same structs, and the host model parses the mailbox with their `construct`
@@ -7,11 +7,11 @@ views. Change a layout here and all of them follow.
 
 from __future__ import annotations
 
-from helperfw import Array, const, i32, struct, u8, u32, u64
+from helperfw import Array, Const, const, i32, struct, u8, u32, u64
 
 from .platform import PAGE_SIZE
 
-PROTOCOL_VERSION = const(u32, 1)
+PROTOCOL_VERSION = const(u32, 2)
 DEFAULT_SLOTS = 64
 MAX_SLOTS = 64
 MAX_REGIONS = 8
@@ -56,74 +56,114 @@ OP_RECV_END_EPOCH = 8
 OP_RECV_FINISH = 9
 OP_ABORT = 10
 
-# -- status codes: every value the helper can return, one enum -------------------------------
-STATUS = {
-    "OK": (0, "success"),
-    "E_BAD_OP": (-1, "unknown op code"),
-    "E_BAD_STATE": (-2, "op not allowed in the current session state"),
-    "E_BAD_COUNT": (-3, "entry count is zero or larger than the slot count"),
-    "E_RANGE": (-4, "ram_addr not page aligned or outside the RAM window"),
-    "E_SELF": (-5, "ram_addr inside the helper's own regions"),
-    "E_SHARED": (-6, "entry flagged as a shared page; the helper only moves private pages"),
-    "E_AUTH": (-7, "authentication failed (GCM tag or token MAC)"),
-    "E_REPLAY": (-8, "record from another session/epoch, duplicated, or seq out of window"),
-    "E_EPOCH": (-9, "epoch token does not match the records received"),
-    "E_INCOMPLETE": (-10, "finish refused: epoch open, token missing or totals differ"),
-    "E_NO_KEY": (-11, "no transport key was provisioned in the SEV secret area"),
-    "E_RNG": (-12, "RDRAND failed repeatedly"),
-    "E_VERSION": (-13, "unsupported protocol version"),
-    "E_BAD_ARG": (-14, "invalid argument (window size, flags, reserved fields)"),
-    "E_ABORTED": (-15, "session aborted; only HELLO and BEGIN are accepted"),
-    "E_HEADER": (-16, "malformed envelope header (magic, flags, reserved, address)"),
-    "E_EXHAUSTED": (-17, "sequence space or epoch window exhausted"),
-}
-for _name, (_val, _doc) in STATUS.items():
-    globals()[_name] = const(i32, _val)
+# -- status codes: every value the helper can return, one table ------------------------------
+_MEANING: dict[int, tuple[str, bool]] = {}  # value -> (meaning, seen by the host)
 
-# -- envelope and tokens (SPEC §6, fixed contract) ------------------------------------------
-ENVELOPE_MAGIC = 0x3150484D  # "MHP1" little-endian
-TOKEN_MAGIC = 0x3145484D  # "MHE1": epoch token
-FINISH_MAGIC = 0x3146484D  # "MHF1": finish token
-KDF_LABEL = 0x314B484D  # "MHK1"
+
+def _status(value: int, meaning: str, *, wire: bool = True) -> Const:
+    """Declare a status code (names stay spelled out below, so grep and linters see them)."""
+    if value in _MEANING:
+        raise ValueError(f"status {value} declared twice")
+    _MEANING[value] = (meaning, wire)
+    return const(i32, value)
+
+
+OK = _status(0, "success")
+E_BAD_OP = _status(-1, "unknown op code")
+E_BAD_STATE = _status(-2, "op not allowed in the current session state")
+E_BAD_COUNT = _status(-3, "entry count is zero or larger than the slot count")
+E_RANGE = _status(-4, "ram_addr not page aligned or outside the RAM window")
+E_SELF = _status(-5, "ram_addr inside the helper's own regions")
+E_SHARED = _status(-6, "entry flagged as a shared page; the helper only moves private pages")
+E_AUTH = _status(-7, "authentication failed (GCM-SIV tag of a record or token)")
+E_REPLAY = _status(-8, "record or token of another session, challenge or epoch, duplicated, "
+                       "or seq out of window")
+E_EPOCH = _status(-9, "epoch token does not match the records received")
+E_INCOMPLETE = _status(-10, "finish refused: epoch open, token missing, totals differ, or the "
+                            "session was poisoned")
+E_NO_KEY = _status(-11, "no transport key was provisioned in the SEV secret area")
+E_RNG = _status(-12, "RDRAND failed or returned an implausible value (0, all ones, a repeat)")
+E_VERSION = _status(-13, "unsupported protocol version")
+E_BAD_ARG = _status(-14, "invalid argument (window size, flags, reserved fields, challenge)")
+E_ABORTED = _status(-15, "session aborted; only HELLO and BEGIN are accepted")
+E_HEADER = _status(-16, "malformed envelope or token header (magic, flags, reserved, address)")
+E_EXHAUSTED = _status(-17, "sequence space or epoch window exhausted")
+E_DISCARDED = _status(-18, "this helper installed pages in a receiving session that ended "
+                           "without RECV_FINISH: it refuses every new session (one-shot "
+                           "destination)")
+# firmware-internal: returned inside the image and reported on the console at driver load
+E_SETUP_OPTION = _status(-100, "driver load: unknown address-space option", wire=False)
+E_SETUP_HIGH_REGION = _status(-101, "driver load, shift: a region lies above 4 GiB", wire=False)
+E_SETUP_TABLES = _status(-102, "driver load: page-table pool exhausted or a mapping conflict",
+                         wire=False)
+E_SETUP_ALLOC = _status(-103, "driver load: AllocatePages failed", wire=False)
+E_SETUP_SHARE = _status(-104, "driver load: the guest's own page tables could not be changed",
+                        wire=False)
+PT_E_WX = _status(-201, "page tables: a mapping both writable and executable", wire=False)
+PT_E_ALIGN = _status(-202, "page tables: va/pa/size not 4 KiB aligned, or va not canonical",
+                     wire=False)
+PT_E_POOL = _status(-203, "page tables: table pool exhausted", wire=False)
+PT_E_OVERLAP = _status(-204, "page tables: range already mapped", wire=False)
+PT_E_RANGE = _status(-205, "page tables: physical range beyond the usable address bits",
+                     wire=False)
+
+
+def _status_table(wire: bool) -> dict[str, tuple[int, str]]:
+    """name -> (value, meaning) of the codes declared above, in declaration order."""
+    return {name: (c.value, _MEANING[c.value][0]) for name, c in globals().items()
+            if isinstance(c, Const) and c.value in _MEANING and _MEANING[c.value][1] == wire}
+
+
+STATUS = _status_table(wire=True)  # what Control.status and Entry.status can hold
+FIRMWARE_STATUS = _status_table(wire=False)  # never on the wire; reported at driver load
+
+# -- envelope and tokens (the fixed transport contract) -----------------------------------------
+ENVELOPE_MAGIC = 0x3250484D  # "MHP2" little-endian: a sealed page
+TOKEN_MAGIC = 0x3245484D  # "MHE2": epoch token
+FINISH_MAGIC = 0x3246484D  # "MHF2": finish token
+KDF_LABEL_K1 = 0x324B484D  # "MHK2": K_1 from (K, session_id)
+KDF_LABEL_KS = 0x3253484D  # "MHS2": K_s from (K_1, challenge)
+KDF_LABEL_KA = 0x3241484D  # "MHA2": K_a from (K_1, challenge)
+FIRST_EPOCH = 1
+FIRST_SEQ = 1
+FINISH_EPOCH = 0xFFFFFFFF  # nonce epoch of the finish token: records and epoch tokens never use it
 EPOCH_RECORDS_MAX = 8192  # records per epoch: bounds the destination's per-epoch tables
+ENVELOPE_AAD_LEN = 0x30  # the envelope bytes a record's tag covers (all but the tag)
+TOKEN_AAD_LEN = 0x40  # the token bytes a token's tag covers
 
 
 @struct
 class Envelope:
-    """Precedes each sealed page. nonce = epoch (u32 LE) ‖ seq (u64 LE); AAD = bytes 0x00–0x2F."""
+    """Precedes each sealed page. AES-256-GCM-SIV under K_s, nonce = epoch (u32 LE) ‖ seq (u64
+    LE), AAD = bytes 0x00–0x2F, plaintext = the 4096-byte page."""
 
-    magic: u32
-    flags: u32
-    ram_addr: u64
-    session_id: u64
-    epoch: u32
-    reserved0: u32
-    seq: u64
-    reserved1: u64
+    magic: u32  # ENVELOPE_MAGIC
+    flags: u32  # 0
+    ram_addr: u64  # where the page belongs (QEMU ram_addr_t)
+    session_id: u64  # the source helper's RDRAND session id
+    epoch: u32  # FIRST_EPOCH, then +1 per closed epoch
+    reserved: u32  # 0
+    seq: u64  # per session: FIRST_SEQ, then +1 per record, never reused
+    challenge: u64  # the destination's RDRAND challenge this session is bound to
     tag: Array[u8, 16]
 
 
 @struct
 class EpochToken:
-    """Ends an epoch: authenticated (GCM, empty plaintext, AAD = bytes 0x00–0x3F) with
-    nonce = epoch ‖ 0 (seq 0 is never used by a record)."""
+    """Ends an epoch (magic MHE2) or the session (magic MHF2): AES-256-GCM-SIV under K_s with an
+    empty plaintext, AAD = bytes 0x00–0x3F, nonce = epoch ‖ 0 (MHE2) or FINISH_EPOCH ‖ 0 (MHF2);
+    seq 0 is never a record's, so no record shares a token's nonce."""
 
     magic: u32
-    epoch: u32
+    epoch: u32  # MHE2: the epoch it closes; MHF2: the last closed epoch (0 if none)
     session_id: u64
-    count: u64  # records sealed in this epoch
-    first_seq: u64  # seq of the epoch's first record; records use [first_seq, first_seq+count)
-    set_hash: Array[u8, 16]  # XOR over records of AES256_Ka(ram_addr ‖ seq)
-    total_records: u64  # records sealed in the session so far, this epoch included
-    reserved: u64
+    count: u64  # MHE2: records sealed in the epoch; MHF2: 0
+    first_seq: u64  # MHE2: seq of the epoch's first record; MHF2: the seq the next record would
+    #                 have had. The epoch's records carry seqs [first_seq, first_seq + count).
+    set_hash: Array[u8, 16]  # MHE2: XOR over the epoch's records of AES256_Ka(ram_addr ‖ seq); MHF2: 0
+    total_records: u64  # records sealed in the session so far (this epoch included)
+    challenge: u64  # as in the envelope
     tag: Array[u8, 16]
-
-
-@struct
-class SlotHeader:
-    """What a data slot carries: an envelope (SEND output / RECV input) or an epoch token."""
-
-    envelope: Envelope
 
 
 SLOT_SIZE = Envelope.size + PAGE_SIZE  # 64 + 4096
@@ -195,27 +235,30 @@ class Command:
 
     op: u32
     count: u32
-    session_id: u64  # RECV_BEGIN: the source's session
-    epoch: u32
-    version: u32  # HELLO: the host's protocol version
+    session_id: u64  # RECV, RECV_END_EPOCH, RECV_FINISH: the source's session id (the first
+    #                  binds the receiving session to it)
+    epoch: u32  # unused: 0
+    version: u32  # HELLO and *_BEGIN: the host's protocol version
     ram_size: u64  # *_BEGIN: RAM window size in bytes
-    arg: u64
+    challenge: u64  # SEND_BEGIN: the destination's challenge (from its RECV_BEGIN)
     entries: Array[Entry, MAX_SLOTS]
 
 
 @struct
 class HelloReply:
-    """Written into slot 0 by HELLO."""
+    """Written into slot 0 by HELLO, SEND_BEGIN (with the new session id) and RECV_BEGIN (with
+    the new challenge)."""
 
     version: u32
     slots: u32
     option: u32
     c_bit: u32
     capabilities: u64
-    session_id: u64
+    session_id: u64  # SEND_BEGIN: the session just begun
+    challenge: u64  # RECV_BEGIN: the challenge the source must bind (SEND_BEGIN: echoed)
 
 
-CAP_AESNI_GCM = 1
+CAP_GCM_SIV = 1  # records and tokens are AES-256-GCM-SIV (protocol v2)
 
 
 @struct

@@ -20,6 +20,7 @@ from .efi import (
     SecretTableHeader,
     guid_bytes,
 )
+from .memops import bytes_eq
 from .protocol import E_NO_KEY, OK
 
 # The migration helper's entry in the secret area (chosen for this project; see docs/PROTOCOL.md).
@@ -30,15 +31,6 @@ MAX_CONFIG_TABLES = 1024  # bound the walk: the system table is trusted, but kee
 G_KEY = static(Array[u8, 16], guid_bytes(KEY_ENTRY_GUID), readonly=True)
 G_CC_SECRET = static(Array[u8, 16], guid_bytes(CONFIDENTIAL_COMPUTING_SECRET_GUID), readonly=True)
 G_SECRET_HDR = static(Array[u8, 16], guid_bytes(SECRET_TABLE_HEADER_GUID), readonly=True)
-
-
-@function(small=True)
-def bytes_eq(a: Ptr[u8], b: Ptr[u8], n: u64) -> bool:
-    """Compare without an early exit (the same time whatever the data)."""
-    diff: u8 = 0
-    for i in range(n):
-        diff |= a[i] ^ b[i]
-    return diff == 0
 
 
 @function(small=True)

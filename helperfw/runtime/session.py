@@ -1,10 +1,16 @@
-"""The mailbox protocol: one batch per doorbell, sealed/opened pages, epochs, anti-rollback.
+"""The mailbox protocol v2: one batch per doorbell, sealed/opened pages, epochs, fresh sessions.
 
 Everything the host wrote is copied into private memory (`HelperCtx.cmd`, `.env`, `.tok`)
 before any field is examined, and every field is read from that copy only, so a host rewriting
 the mailbox while the helper runs can change nothing but the ciphertext it gets back. Guest
-memory is written only after a record's tag verified (`gcm_open` decrypts into a private
-scratch page and copies out on success).
+memory is written only after a record's tag verified (`siv_open` decrypts into a private
+scratch page and copies out on success); a page is sealed from a private snapshot of it, so
+what is encrypted is what was authenticated.
+
+Sessions are fresh on both sides: the destination's RECV_BEGIN draws a `challenge` with RDRAND,
+the source's SEND_BEGIN takes it and draws the `session_id`, and the session keys bind both
+(docs/PROTOCOL.md, "Transport crypto"). A destination that installed pages in a session that did
+not finish refuses every later session (one-shot).
 """
 
 from __future__ import annotations
@@ -34,20 +40,13 @@ from helperfw import (
     write_cr3,
 )
 
-from .aesgcm import (
-    Aes256Key,
-    GcmCtx,
-    aes256_block,
-    aes256_encrypt_block,
-    aes256_expand,
-    copy_mem,
-    gcm_init,
-    gcm_open,
-    gcm_seal,
-)
+from .aes import Aes256Key, aes256_block, aes256_expand, aes256_expand_v
+from .gcmsiv import SivKeys, siv_open, siv_seal
+from .memops import copy_mem, wipe
 from .pagetables import MAP_ENC, MAP_W, PAGE_1G, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
+from .platform import PAGE_SIZE
 from .protocol import (
-    CAP_AESNI_GCM,
+    CAP_GCM_SIV,
     CONTROL_OFFSET,
     DEFAULT_SLOTS,
     E_ABORTED,
@@ -56,6 +55,7 @@ from .protocol import (
     E_BAD_COUNT,
     E_BAD_OP,
     E_BAD_STATE,
+    E_DISCARDED,
     E_EPOCH,
     E_EXHAUSTED,
     E_HEADER,
@@ -68,10 +68,16 @@ from .protocol import (
     E_SHARED,
     E_VERSION,
     ENTRY_F_SHARED,
+    ENVELOPE_AAD_LEN,
     ENVELOPE_MAGIC,
     EPOCH_RECORDS_MAX,
+    FINISH_EPOCH,
     FINISH_MAGIC,
-    KDF_LABEL,
+    FIRST_EPOCH,
+    FIRST_SEQ,
+    KDF_LABEL_K1,
+    KDF_LABEL_KA,
+    KDF_LABEL_KS,
     MAX_REGIONS,
     OK,
     OP_ABORT,
@@ -84,7 +90,6 @@ from .protocol import (
     OP_SEND_BEGIN,
     OP_SEND_END_EPOCH,
     OP_SEND_FINISH,
-    PAGE_SIZE,
     PROTOCOL_VERSION,
     SLOT_SIZE,
     ST_ABORTED,
@@ -92,6 +97,7 @@ from .protocol import (
     ST_IDLE,
     ST_RECEIVING,
     ST_SENDING,
+    TOKEN_AAD_LEN,
     TOKEN_MAGIC,
     Command,
     Control,
@@ -104,8 +110,8 @@ from .protocol import (
 SEEN_WORDS = EPOCH_RECORDS_MAX // 64
 ADDR_SLOTS = 2 * EPOCH_RECORDS_MAX  # open addressing, never more than half full
 STACK_SIZE = 32768
-FINISH_EPOCH = 0xFFFFFFFF  # nonce epoch of the finish token; records and epoch tokens never use it
-RDRAND_TRIES = 16
+RDRAND_TRIES = 32  # draws per random value (each value needs two distinct plausible draws)
+ALL_ONES = 0xFFFFFFFFFFFFFFFF
 
 CTX_F_NO_CR3 = 1  # native tests: the page tables are never loaded, do not touch CR3
 
@@ -132,24 +138,30 @@ class HelperCtx:
     processed: u32
     poisoned: u32  # RECEIVING saw a refusal: RECV_FINISH can never succeed
     session_id: u64
+    challenge: u64  # the destination's RDRAND challenge the session is bound to
+    bound: u32  # RECEIVING: session_id known and keys derived (first RECV-family command)
+    installed_any: u32  # RECEIVING: this session wrote guest memory
+    discarded: u32  # a receiving session wrote guest memory and did not finish: one-shot
+    refused: u32  # entries refused in the current batch
+    rng_last: u64  # the last value accepted from RDRAND (a repeat is refused)
     ram_size: u64
     epoch: u32
-    refused: u32  # entries refused in the current batch
+    reserved: u32
     next_seq: u64  # SEND: next seq to assign
     epoch_first: u64  # first seq of the current epoch
     epoch_count: u64  # records sealed/accepted in the current epoch
     total: u64  # records in the session
     set_hash: v128  # XOR of AES_Ka(ram_addr ‖ seq) over the epoch's records
-    gcm: GcmCtx  # K_s
-    hkey: Aes256Key  # K_a
+    ks: Aes256Key  # K_s: the AEAD's key-generating key
+    ka: Aes256Key  # K_a: the set-hash key
+    rec: SivKeys  # the current record's keys (wiped after each record)
     cmd: Command  # private copy of the host's command
     env: Envelope  # private copy of one envelope
     tok: EpochToken  # private copy / draft of a token
     seen: Array[u64, SEEN_WORDS]  # RECV: seqs of the current epoch already accepted
     installed: Array[u64, ADDR_SLOTS]  # RECV: ram_addr | 1 of each page installed this epoch
     pt: PtBuilder  # the mirror's page tables
-    scratch: Array[u8, 4096]  # gcm_open decrypts here before releasing plaintext
-    kbuf: Array[u8, 64]  # derived key material, wiped after use
+    scratch: Array[u8, 4096]  # seal: snapshot of the page; open: plaintext before release
 
 
 CTX = static(HelperCtx, align=4096)
@@ -157,12 +169,6 @@ STACK = static(Array[u8, STACK_SIZE], align=4096)
 
 
 # -- small helpers -----------------------------------------------------------------------------
-@function
-def wipe_bytes(dst: Ptr[u8], n: u64) -> None:
-    for i in range(n):
-        vstore(dst + i, 0)  # volatile: the compiler may not drop a wipe of dead key material
-
-
 @function
 def overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool:
     return a < b + blen and b < a + alen
@@ -190,36 +196,67 @@ def set_entry_status(c: Ptr[HelperCtx], i: u64, status: i32) -> None:
     vstore(addr(mailbox_command(c).entries[i].status), status)
 
 
+@function
+def v128_store_bytes(p: Ptr[u8], v: v128) -> None:
+    Ptr[u64](p)[0] = v128_lo(v)
+    Ptr[u64](p + 8)[0] = v128_hi(v)
+
+
+# -- randomness ----------------------------------------------------------------------------------
+@function(small=True)  # once per session
+def rng64(c: Ptr[HelperCtx]) -> u64:
+    """A RDRAND value the helper can trust, or 0 (never a valid result).
+
+    RDRAND can fail (CF=0: retry) and some AMD parts return a constant with CF=1 (errata). A
+    value is plausible if it is neither 0 nor all ones nor the last accepted one; a result takes
+    two plausible draws in a row, so a constant generator is refused on first use."""
+    got = False
+    for i in range(RDRAND_TRIES):
+        v, ok = rdrand64()
+        if ok and v != 0 and v != ALL_ONES and v != c.rng_last:
+            c.rng_last = v
+            if got:
+                return v
+            got = True
+    return 0
+
+
 # -- keys ----------------------------------------------------------------------------------------
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def wipe_session_keys(c: Ptr[HelperCtx]) -> None:
-    wipe_bytes(Ptr[u8](addr(c.gcm)), sizeof(GcmCtx))
-    wipe_bytes(Ptr[u8](addr(c.hkey)), sizeof(Aes256Key))
+    wipe(Ptr[u8](addr(c.ks)), sizeof(Aes256Key))
+    wipe(Ptr[u8](addr(c.ka)), sizeof(Aes256Key))
+    wipe(Ptr[u8](addr(c.rec)), sizeof(SivKeys))
+    wipe(addr(c.scratch[0]), PAGE_SIZE)
 
 
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
+def kdf_pair(k: Ptr[Aes256Key], x: u64, label: u32, out: Ptr[Aes256Key]) -> None:
+    """out = the schedule of AES256_k(x ‖ label ‖ 0) ‖ AES256_k(x ‖ label ‖ 1), x a u64 LE."""
+    b0 = aes256_block(k, v128_make(x, u64(label)))
+    b1 = aes256_block(k, v128_make(x, u64(label) | (u64(1) << 32)))
+    aes256_expand_v(b0, b1, out)
+
+
+@function(small=True)  # once per session
 def derive_session_keys(c: Ptr[HelperCtx]) -> None:
-    """K_s = AES256_K(b0) ‖ AES256_K(b1); K_a = AES256_K(b2) ‖ AES256_K(b3);
-    b_i = session_id (u64 LE) ‖ "MHK1" ‖ u32 LE i."""
+    """K_1 = AES256_K(s ‖ "MHK2" ‖ 0) ‖ AES256_K(s ‖ "MHK2" ‖ 1); K_s and K_a likewise from K_1
+    with the challenge and the labels "MHS2", "MHA2" (s, c: u64 LE; counters: u32 LE)."""
     k: Aes256Key
-    blk: Array[u8, 16]
+    k1: Aes256Key
     aes256_expand(addr(c.key[0]), addr(k))
-    for i in range(4):
-        Ptr[u64](addr(blk[0]))[0] = c.session_id
-        Ptr[u32](addr(blk[8]))[0] = KDF_LABEL
-        Ptr[u32](addr(blk[12]))[0] = u32(i)
-        aes256_encrypt_block(addr(k), addr(blk[0]), addr(c.kbuf[16 * i]))
-    gcm_init(addr(c.gcm), addr(c.kbuf[0]))
-    aes256_expand(addr(c.kbuf[32]), addr(c.hkey))
-    wipe_bytes(addr(c.kbuf[0]), 64)
-    wipe_bytes(Ptr[u8](addr(k)), sizeof(Aes256Key))
+    kdf_pair(addr(k), c.session_id, KDF_LABEL_K1, addr(k1))
+    kdf_pair(addr(k1), c.challenge, KDF_LABEL_KS, addr(c.ks))
+    kdf_pair(addr(k1), c.challenge, KDF_LABEL_KA, addr(c.ka))
+    wipe(Ptr[u8](addr(k)), sizeof(Aes256Key))
+    wipe(Ptr[u8](addr(k1)), sizeof(Aes256Key))
 
 
 @function
 def count_record(c: Ptr[HelperCtx], ram_addr: u64, seq: u64) -> None:
     """The accounting an epoch token attests, done identically by sealer and opener: the set-hash
     of (ram_addr, seq), the epoch's count and the session's total."""
-    c.set_hash = c.set_hash ^ aes256_block(addr(c.hkey), v128_make(ram_addr, seq))
+    c.set_hash = c.set_hash ^ aes256_block(addr(c.ka), v128_make(ram_addr, seq))
     c.epoch_count += 1
     c.total += 1
 
@@ -240,7 +277,7 @@ def installed_slot(c: Ptr[HelperCtx], ram_addr: u64) -> u64:
     destination keeps, i.e. roll the page back inside an epoch. The probe start is keyed with
     K_a (block ram_addr ‖ 0; set-hash blocks have seq >= 1), so the host cannot choose pages
     that collide; at most EPOCH_RECORDS_MAX entries (the seq window) fill half the table."""
-    i = v128_lo(aes256_block(addr(c.hkey), v128_make(ram_addr, 0))) & (ADDR_SLOTS - 1)
+    i = v128_lo(aes256_block(addr(c.ka), v128_make(ram_addr, 0))) & (ADDR_SLOTS - 1)
     while c.installed[i] != 0 and c.installed[i] != (ram_addr | 1):
         i = (i + 1) & (ADDR_SLOTS - 1)
     return i
@@ -299,59 +336,75 @@ def setup_window(c: Ptr[HelperCtx], ram_size: u64) -> i32:
     return OK
 
 
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def begin_session(c: Ptr[HelperCtx], state: u32) -> i32:
-    if c.state == ST_SENDING or c.state == ST_RECEIVING:
-        return E_BAD_STATE
+    """The parts of *_BEGIN both sides share: window, counters, epoch marks, state."""
     if c.have_key == 0:
         return E_NO_KEY
+    if c.cmd.version != PROTOCOL_VERSION:
+        return E_VERSION
     st = setup_window(c, c.cmd.ram_size)
     if st != OK:
         return st
-    derive_session_keys(c)
-    c.epoch = 1
-    c.next_seq = 1
-    c.epoch_first = 1
+    c.epoch = FIRST_EPOCH
+    c.next_seq = FIRST_SEQ
+    c.epoch_first = FIRST_SEQ
     c.epoch_count = 0
     c.total = 0
     c.poisoned = 0
+    c.bound = 0
+    c.installed_any = 0
     c.set_hash = v128_make(0, 0)
     clear_epoch_marks(c)
     c.state = state
     return OK
 
 
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def end_session(c: Ptr[HelperCtx], state: u32) -> None:
+    """Wipe the session's keys and scratch; a receiving session that wrote guest memory and ends
+    any other way than by RECV_FINISH discards this helper for good (one-shot destination)."""
+    if c.state == ST_RECEIVING and c.installed_any != 0 and state != ST_DONE:
+        c.discarded = 1
     wipe_session_keys(c)
+    c.bound = 0
     c.state = state
 
 
-# -- SEND ------------------------------------------------------------------------------------
-@function(small=True)  # once per session or epoch
-def op_send_begin(c: Ptr[HelperCtx]) -> i32:
+@function(small=True)  # once per session
+def may_begin(c: Ptr[HelperCtx]) -> i32:
+    if c.discarded != 0:
+        return E_DISCARDED
     if c.state == ST_SENDING or c.state == ST_RECEIVING:
         return E_BAD_STATE
-    sid: u64 = 0
-    ok = False
-    for i in range(RDRAND_TRIES):
-        v, good = rdrand64()
-        if good:
-            sid = v
-            ok = True
-            break
-    if not ok:
+    return OK
+
+
+# -- SEND ------------------------------------------------------------------------------------
+@function(small=True)  # once per session
+def op_send_begin(c: Ptr[HelperCtx]) -> i32:
+    st = may_begin(c)
+    if st != OK:
+        return st
+    if c.cmd.challenge == 0:
+        return E_BAD_ARG  # the destination's challenge is RDRAND output: never 0
+    sid = rng64(c)
+    if sid == 0:
         return E_RNG
-    c.session_id = sid
     st = begin_session(c, ST_SENDING)
     if st != OK:
         return st
+    c.session_id = sid
+    c.challenge = c.cmd.challenge
+    derive_session_keys(c)
     write_hello(c)
     return OK
 
 
 @function
 def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
+    """Seal the page at ram_addr into the slot: the page is read once, into the private scratch,
+    and hashed on the way, so what is encrypted is what was authenticated."""
     seq = c.next_seq
     c.next_seq = seq + 1
     env = addr(c.env)
@@ -360,13 +413,14 @@ def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
     env.ram_addr = ram_addr
     env.session_id = c.session_id
     env.epoch = c.epoch
-    env.reserved0 = 0
+    env.reserved = 0
     env.seq = seq
-    env.reserved1 = 0
+    env.challenge = c.challenge
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, seq)
-    gcm_seal(addr(c.gcm), addr(nonce[0]), Ptr[u8](env), 48, Ptr[u8](c.ram_base + ram_addr),
-             Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]))
+    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
+             Ptr[u8](c.ram_base + ram_addr), addr(c.scratch[0]),
+             Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]), addr(c.rec))
     copy_mem(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
     count_record(c, ram_addr, seq)
 
@@ -387,32 +441,27 @@ def op_send(c: Ptr[HelperCtx]) -> i32:
             seal_one(c, e.ram_addr, mailbox_slot(c, u64(i)))
             c.processed += 1
         set_entry_status(c, u64(i), st)
+    wipe(addr(c.scratch[0]), PAGE_SIZE)  # the last page's plaintext
     return OK
 
 
 @function(small=True)  # once per session or epoch
-def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64, nonce_epoch: u32,
-               slot: u64) -> None:
+def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64,
+               set_hash: v128, nonce_epoch: u32) -> None:
     t = addr(c.tok)
     t.magic = magic
     t.epoch = epoch
     t.session_id = c.session_id
     t.count = count
     t.first_seq = first
-    v128_store_bytes(addr(t.set_hash[0]), c.set_hash if magic == TOKEN_MAGIC else v128_make(0, 0))
+    v128_store_bytes(addr(t.set_hash[0]), set_hash)
     t.total_records = c.total
-    t.reserved = 0
+    t.challenge = c.challenge
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), nonce_epoch, 0)
-    gcm_seal(addr(c.gcm), addr(nonce[0]), Ptr[u8](t), 64, addr(c.scratch[0]), addr(c.scratch[0]),
-             0, addr(t.tag[0]))
-    copy_mem(Ptr[u8](slot), Ptr[u8](t), sizeof(EpochToken))
-
-
-@function
-def v128_store_bytes(p: Ptr[u8], v: v128) -> None:
-    Ptr[u64](p)[0] = v128_lo(v)
-    Ptr[u64](p + 8)[0] = v128_hi(v)
+    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, addr(c.scratch[0]),
+             addr(c.scratch[0]), addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.rec))
+    copy_mem(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](t), sizeof(EpochToken))
 
 
 @function(small=True)  # once per session or epoch
@@ -432,40 +481,71 @@ def op_send_end_epoch(c: Ptr[HelperCtx]) -> i32:
         return E_BAD_STATE
     if c.epoch >= FINISH_EPOCH - 1:
         return E_EXHAUSTED
-    seal_token(c, TOKEN_MAGIC, c.epoch, c.epoch_count, c.epoch_first, c.epoch, mailbox_slot(c, 0))
+    seal_token(c, TOKEN_MAGIC, c.epoch, c.epoch_count, c.epoch_first, c.set_hash, c.epoch)
     next_epoch(c)
     return OK
 
 
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def op_send_finish(c: Ptr[HelperCtx]) -> i32:
     if c.state != ST_SENDING:
         return E_BAD_STATE
     if c.epoch_count != 0:
         return E_INCOMPLETE  # the last epoch must be closed by a token first
-    seal_token(c, FINISH_MAGIC, c.epoch - 1, 0, c.next_seq, FINISH_EPOCH, mailbox_slot(c, 0))
+    seal_token(c, FINISH_MAGIC, c.epoch - 1, 0, c.next_seq, v128_make(0, 0), FINISH_EPOCH)
     end_session(c, ST_DONE)
     return OK
 
 
 # -- RECV ------------------------------------------------------------------------------------
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def op_recv_begin(c: Ptr[HelperCtx]) -> i32:
-    if c.state == ST_SENDING or c.state == ST_RECEIVING:
+    """Draw the challenge and wait for the session id (the first RECV-family command binds it).
+    A RECV_BEGIN during a receiving session ends that session first."""
+    if c.state == ST_RECEIVING:
+        end_session(c, ST_ABORTED)
+    st = may_begin(c)
+    if st != OK:
+        return st
+    ch = rng64(c)
+    if ch == 0:
+        return E_RNG
+    st = begin_session(c, ST_RECEIVING)
+    if st != OK:
+        return st
+    c.challenge = ch
+    c.session_id = 0
+    write_hello(c)
+    return OK
+
+
+@function(small=True)  # once per session
+def bind_session(c: Ptr[HelperCtx]) -> i32:
+    """RECV, RECV_END_EPOCH, RECV_FINISH name the session in Command.session_id: the first one
+    binds it and derives K_s and K_a from (K, session_id, own challenge); later ones must match.
+    A host that names a wrong session only makes every record fail: the keys need the
+    destination's challenge, which no earlier stream was bound to."""
+    if c.state != ST_RECEIVING:
         return E_BAD_STATE
+    if c.bound != 0:
+        return OK if c.cmd.session_id == c.session_id else E_REPLAY
+    if c.cmd.session_id == 0:
+        return E_BAD_ARG
     c.session_id = c.cmd.session_id
-    return begin_session(c, ST_RECEIVING)
+    derive_session_keys(c)
+    c.bound = 1
+    return OK
 
 
 @function
 def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
     copy_mem(Ptr[u8](addr(c.env)), Ptr[u8](slot), sizeof(Envelope))
     env = addr(c.env)
-    if env.magic != ENVELOPE_MAGIC or env.flags != 0 or env.reserved0 != 0:
+    if env.magic != ENVELOPE_MAGIC or env.flags != 0 or env.reserved != 0:
         return E_HEADER
-    if env.reserved1 != 0 or env.ram_addr != ram_addr:
+    if env.ram_addr != ram_addr:
         return E_HEADER
-    if env.session_id != c.session_id or env.epoch != c.epoch:
+    if env.session_id != c.session_id or env.challenge != c.challenge or env.epoch != c.epoch:
         return E_REPLAY
     if env.seq < c.epoch_first or env.seq - c.epoch_first >= EPOCH_RECORDS_MAX:
         return E_REPLAY
@@ -478,10 +558,11 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
         return E_REPLAY  # this page already came in this epoch (see installed_slot)
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
-    if not gcm_open(addr(c.gcm), addr(nonce[0]), Ptr[u8](env), 48,
+    if not siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
                     Ptr[u8](slot + sizeof(Envelope)), Ptr[u8](c.ram_base + ram_addr), PAGE_SIZE,
-                    addr(env.tag[0]), addr(c.scratch[0])):
+                    addr(env.tag[0]), addr(c.scratch[0]), addr(c.rec)):
         return E_AUTH
+    c.installed_any = 1
     c.seen[off >> 6] = c.seen[off >> 6] | bit
     c.installed[slot_i] = ram_addr | 1
     count_record(c, ram_addr, env.seq)
@@ -490,8 +571,9 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
 
 @function
 def op_recv(c: Ptr[HelperCtx]) -> i32:
-    if c.state != ST_RECEIVING:
-        return E_BAD_STATE
+    st = bind_session(c)
+    if st != OK:
+        return st
     n = c.cmd.count
     if n == 0 or n > c.slots:
         return E_BAD_COUNT
@@ -505,24 +587,26 @@ def op_recv(c: Ptr[HelperCtx]) -> i32:
         else:
             c.refused += 1
         set_entry_status(c, u64(i), st)
+    wipe(addr(c.scratch[0]), PAGE_SIZE)  # the last page's plaintext
     return OK
 
 
 @function(small=True)  # once per session or epoch
 def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i32:
     """Copy slot 0 into private memory and authenticate it as a token of kind `magic`."""
-    if c.state != ST_RECEIVING:
-        return E_BAD_STATE
+    st = bind_session(c)
+    if st != OK:
+        return st
     copy_mem(Ptr[u8](addr(c.tok)), Ptr[u8](mailbox_slot(c, 0)), sizeof(EpochToken))
     t = addr(c.tok)
-    if t.magic != magic or t.reserved != 0:
+    if t.magic != magic:
         return E_HEADER
-    if t.session_id != c.session_id:
+    if t.session_id != c.session_id or t.challenge != c.challenge:
         return E_REPLAY
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), FINISH_EPOCH if nonce_epoch_is_finish else t.epoch, 0)
-    if not gcm_open(addr(c.gcm), addr(nonce[0]), Ptr[u8](t), 64, addr(c.scratch[0]),
-                    addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.scratch[0])):
+    if not siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, addr(c.scratch[0]),
+                    addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.scratch[0]), addr(c.rec)):
         return E_AUTH
     return OK
 
@@ -539,39 +623,41 @@ def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
     h1 = Ptr[u64](addr(t.set_hash[8]))[0]
     if t.count != c.epoch_count or t.first_seq != c.epoch_first or t.total_records != c.total or \
             h0 != v128_lo(c.set_hash) or h1 != v128_hi(c.set_hash):
-        c.poisoned = 1
         return E_EPOCH
     next_epoch(c)
     return OK
 
 
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def op_recv_finish(c: Ptr[HelperCtx]) -> i32:
     st = open_token(c, FINISH_MAGIC, True)
     if st != OK:
         return st
     t = addr(c.tok)
-    if c.poisoned != 0 or c.epoch_count != 0 or t.epoch != c.epoch - 1 or \
-            t.total_records != c.total or t.first_seq != c.epoch_first:
+    h0 = Ptr[u64](addr(t.set_hash[0]))[0]
+    h1 = Ptr[u64](addr(t.set_hash[8]))[0]
+    if c.poisoned != 0 or c.epoch_count != 0 or t.epoch != c.epoch - 1 or t.count != 0 or \
+            t.total_records != c.total or t.first_seq != c.epoch_first or (h0 | h1) != 0:
         return E_INCOMPLETE
     end_session(c, ST_DONE)
     return OK
 
 
 # -- HELLO / ABORT / dispatch --------------------------------------------------------------------
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def write_hello(c: Ptr[HelperCtx]) -> None:
     r: HelloReply
     r.version = PROTOCOL_VERSION
     r.slots = c.slots
     r.option = c.option
     r.c_bit = c.c_bit
-    r.capabilities = CAP_AESNI_GCM
+    r.capabilities = CAP_GCM_SIV
     r.session_id = c.session_id
+    r.challenge = c.challenge
     copy_mem(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](addr(r)), sizeof(HelloReply))
 
 
-@function(small=True)  # once per session or epoch
+@function(small=True)  # once per session
 def op_hello(c: Ptr[HelperCtx]) -> i32:
     if c.cmd.version != PROTOCOL_VERSION:
         return E_VERSION
@@ -612,11 +698,14 @@ def dispatch(c: Ptr[HelperCtx]) -> i32:
 def poison_on_refusal(c: Ptr[HelperCtx], st: i32) -> None:
     """Fail closed: once a destination session has refused anything of the stream (a record, a
     token, a malformed batch), RECV_FINISH can never succeed. An honest host never causes a
-    refusal, so any refusal means tampering, loss or a host bug, and the guest must not resume."""
+    refusal, so any refusal means tampering, loss or a host bug, and the guest must not resume.
+    If the session already wrote guest memory, the helper is discarded for good (one-shot)."""
     op = c.cmd.op
     if c.state == ST_RECEIVING and (op == OP_RECV or op == OP_RECV_END_EPOCH or
                                     op == OP_RECV_FINISH) and (st != OK or c.refused != 0):
         c.poisoned = 1
+        if c.installed_any != 0:
+            c.discarded = 1
 
 
 @function

@@ -1,0 +1,292 @@
+"""AES-256 and AES-256-GCM-SIV firmware code (helperfw/runtime/aes.py, gcmsiv.py), run natively.
+
+Known answers: FIPS-197 and RFC 8452's AES-256 vectors (appendix C.2, with the record keys they
+list, and the C.3 counter-wrap cases); differential tests against `cryptography`'s AESGCMSIV in
+both directions on every length 0..300 and 4096 with empty, envelope-sized and random AADs;
+tamper tests (a failed open leaves the destination untouched and wipes the scratch); aliasing;
+and the single-fetch rule of seal (what is encrypted is what was hashed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
+
+from helperfw.codegen.pipeline import build
+from helperfw.native import NativeImage
+from helperfw.runtime import aes, gcmsiv
+
+LENGTHS = [*range(301), 4095, 4096]
+A = ctypes.addressof
+
+
+def buf(data: bytes | int):
+    n = data if isinstance(data, int) else len(data)
+    b = (ctypes.c_uint8 * max(1, n))()
+    if not isinstance(data, int):
+        ctypes.memmove(b, data, n)
+    return b
+
+
+class Siv:
+    """ctypes buffers around the image's C-ABI test wrappers (keeps every buffer alive)."""
+
+    def __init__(self, img: NativeImage) -> None:
+        self.img = img
+
+    def round_keys(self, key: bytes) -> list[bytes]:
+        k, o = buf(key), buf(aes.Aes256Key.size)
+        self.img.call("mh_test_aes256_expand", A(k), A(o))
+        return list(aes.Aes256Key.parse(bytes(o)).rk)
+
+    def derive(self, key: bytes, nonce: bytes) -> tuple[bytes, bytes]:
+        """(record authentication key H, record encryption key's first two round keys)."""
+        k, n, o = buf(key), buf(nonce), buf(gcmsiv.SivKeys.size)
+        self.img.call("mh_test_siv_derive", A(k), A(n), A(o))
+        keys = gcmsiv.SivKeys.parse(bytes(o))
+        return keys.h[0], keys.enc.rk[0] + keys.enc.rk[1]
+
+    def seal(self, key: bytes, nonce: bytes, pt: bytes, aad: bytes, *,
+             in_place: bool = False) -> bytes:
+        k, i, a, p = buf(key), buf(nonce), buf(aad), buf(pt)
+        stage = p if in_place else buf(len(pt))
+        c, t = (p, buf(16)) if in_place else (buf(len(pt)), buf(16))
+        self.img.call("mh_test_siv_seal", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c),
+                      len(pt), A(t))
+        if not in_place:
+            assert bytes(stage)[: len(pt)] == pt  # the stage holds exactly what was hashed
+        return bytes(c)[: len(pt)] + bytes(t)
+
+    def open(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes,
+             fill: int = 0xA5) -> tuple[bool, bytes, bytes]:
+        """(ok, out buffer, scratch buffer) after siv_open; out/scratch start filled with fill."""
+        ct, tag = ct_tag[:-16], ct_tag[-16:]
+        n = len(ct)
+        k, i, a, c, t = (buf(x) for x in (key, nonce, aad, ct, tag))
+        out, scratch = buf(bytes([fill]) * n), buf(bytes([fill]) * n)
+        ok = self.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(c), A(out), n, A(t),
+                           A(scratch))
+        return bool(ok), bytes(out)[:n], bytes(scratch)[:n]
+
+
+@pytest.fixture(scope="module")
+def siv() -> Siv:
+    return Siv(NativeImage(build(gcmsiv.TEST_FUNCTIONS).image))
+
+
+def _ecb(key: bytes, block: bytes) -> bytes:
+    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block)
+
+
+# -- AES-256 ----------------------------------------------------------------------------------
+
+
+def _py_key_schedule(key: bytes) -> list[bytes]:
+    """FIPS-197 §5.2 key expansion for Nk = 8, written from the standard (S-box from GF(2^8)
+    inversion and the affine map)."""
+
+    def gmul(a: int, b: int) -> int:
+        r = 0
+        while b:
+            if b & 1:
+                r ^= a
+            a = ((a << 1) ^ (0x11B if a & 0x80 else 0)) & 0xFF
+            b >>= 1
+        return r
+
+    def sbox(x: int) -> int:
+        inv = next((y for y in range(1, 256) if gmul(x, y) == 1), 0) if x else 0
+        s = inv
+        for i in range(1, 5):
+            s ^= ((inv << i) | (inv >> (8 - i))) & 0xFF
+        return s ^ 0x63
+
+    w = [list(key[4 * i:4 * i + 4]) for i in range(8)]
+    rcon = 1
+    for i in range(8, 60):
+        t = list(w[i - 1])
+        if i % 8 == 0:
+            t = [sbox(b) for b in t[1:] + t[:1]]
+            t[0] ^= rcon
+            rcon = gmul(rcon, 2)
+        elif i % 8 == 4:
+            t = [sbox(b) for b in t]
+        w.append([a ^ b for a, b in zip(w[i - 8], t, strict=True)])
+    return [b"".join(bytes(x) for x in w[4 * r:4 * r + 4]) for r in range(15)]
+
+
+def test_key_schedule_matches_fips197(siv: Siv) -> None:
+    key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    rks = siv.round_keys(key)
+    assert rks == _py_key_schedule(key)
+    assert rks[14] == bytes.fromhex("fe4890d1e6188d0b046df344706c631e")  # FIPS-197 A.3 w56..59
+
+
+# -- RFC 8452 known answers (AEAD_AES_256_GCM_SIV) ---------------------------------------------
+
+K1 = "01" + "00" * 31
+N1 = "03" + "00" * 11
+# (key, nonce, aad, plaintext, result = ciphertext ‖ tag) from RFC 8452 appendix C.2 and C.3
+RFC8452 = [
+    (K1, N1, "", "", "07f5f4169bbf55a8400cd47ea6fd400f"),
+    (K1, N1, "", "0100000000000000", "c2ef328e5c71c83b843122130f7364b761e0b97427e3df28"),
+    (K1, N1, "", "010000000000000000000000",
+     "9aab2aeb3faa0a34aea8e2b18ca50da9ae6559e48fd10f6e5c9ca17e"),
+    (K1, N1, "", "01" + "00" * 15, "85a01b63025ba19b7fd3ddfc033b3e76c9eac6fa700942702e90862383c6c366"),
+    (K1, N1, "", "01" + "00" * 15 + "02" + "00" * 15,
+     ("4a6a9db4c8c6549201b9edb53006cba821ec9cf850948a7c86c68ac7539d027f"
+     "e819e63abcd020b006a976397632eb5d")),
+    (K1, N1, "", "".join(f"{i:02x}" + "00" * 15 for i in (1, 2, 3, 4)),
+     ("c2d5160a1f8683834910acdafc41fbb1632d4a353e8b905ec9a5499ac34f96c7"
+     "e1049eb080883891a4db8caaa1f99dd004d80487540735234e3744512c6f90ce"
+     "112864c269fc0d9d88c61fa47e39aa08")),
+    (K1, N1, "01", "0200000000000000", "1de22967237a813291213f267e3b452f02d01ae33e4ec854"),
+    (K1, N1, "01", "".join(f"{i:02x}" + "00" * 15 for i in (2, 3, 4, 5)),
+     ("67fd45e126bfb9a79930c43aad2d36967d3f0e4d217c1e551f59727870beefc9"
+     "8cb933a8fce9de887b1e40799988db1fc3f91880ed405b2dd298318858467c89"
+     "5bde0285037c5de81e5b570a049b62a0")),
+    (K1, N1, "010000000000000000000000", "02000000", "22b3f4cd1835e517741dfddccfa07fa4661b74cf"),
+    (K1, N1, "01" + "00" * 15 + "0200", "03" + "00" * 15 + "04000000",
+     "43dd0163cdb48f9fe3212bf61b201976067f342bb879ad976d8242acc188ab59cabfe307"),
+    ("e66021d5eb8e4f4066d4adb9c33560e4f46e44bb3da0015c94f7088736864200",
+     "e0eaf5284d884a0e77d31646", "", "", "169fbb2fbf389a995f6390af22228a62"),
+    ("bae8e37fc83441b16034566b7a806c46bb91c3c5aedb64a6c590bc84d1a5e269",
+     "e4b47801afc0577e34699b9e", "4fbdc66f14", "671fdd",
+     "0eaccb93da9bb81333aee0c785b240d319719d"),
+    ("3c535de192eaed3822a2fbbe2ca9dfc88255e14a661b8aa82cc54236093bbc23",
+     "688089e55540db1872504e1c",
+     "734320ccc9d9bbbb19cb81b2af4ecbc3e72834321f7aa0f70b7282b4f33df23f167541",
+     "ced532ce4159b035277d4dfbb7db62968b13cd4eec",
+     "626660c26ea6612fb17ad91e8e767639edd6c9faee9d6c7029675b89eaf4ba1ded1a286594"),
+    # C.3: the tag's counter starts at 0xffffffff and must wrap in 32 bits
+    ("00" * 32, "00" * 12, "", "00" * 16 + "4db923dc793ee6497c76dcc03a98e108",
+     ("f3f80f2cf0cb2dd9c5984fcda908456cc537703b5ba70324a6793a7bf218d3ea"
+     "ffffffff000000000000000000000000")),
+    ("00" * 32, "00" * 12, "", "eb3640277c7ffd1303c7a542d02d3e4c" + "00" * 8,
+     "18ce4f0b8cb4d0cac65fea8f79257b20888e53e72299e56dffffffff000000000000000000000000"),
+]
+
+
+@pytest.mark.parametrize(("key", "nonce", "aad", "pt", "result"), RFC8452,
+                         ids=[f"c{i}" for i in range(len(RFC8452))])
+def test_rfc8452_vectors(siv: Siv, key: str, nonce: str, aad: str, pt: str, result: str) -> None:
+    k, n, a, p, r = (bytes.fromhex(x) for x in (key, nonce, aad, pt, result))
+    assert AESGCMSIV(k).encrypt(n, p, a) == r  # the reference agrees with the RFC
+    assert siv.seal(k, n, p, a) == r
+    ok, out, _ = siv.open(k, n, r, a)
+    assert ok and out == p
+
+
+def test_rfc8452_record_keys(siv: Siv) -> None:
+    """The derived keys themselves (RFC 8452 C.2 lists them): H and the encryption key."""
+    h, enc = siv.derive(bytes.fromhex(K1), bytes.fromhex(N1))
+    assert h.hex() == "b5d3c529dfafac43136d2d11be284d7f"
+    assert enc.hex() == "b914f4742be9e1d7a2f84addbf96dec3456e3c6c05ecc157cdbf0700fedad222"
+    h, enc = siv.derive(bytes.fromhex(
+        "e66021d5eb8e4f4066d4adb9c33560e4f46e44bb3da0015c94f7088736864200"),
+        bytes.fromhex("e0eaf5284d884a0e77d31646"))
+    assert h.hex() == "e40d26f82774aa27f47b047b608b9585"
+    assert enc.hex() == "7c7c3d9a542cef53dde0e6de9b5800400f82e73ec5f7ee41b7ba8dcb9ba078c3"
+
+
+# -- differential -----------------------------------------------------------------------------
+
+
+def _aad(rng: random.Random, kind: str) -> bytes:
+    return {"none": b"", "envelope48": rng.randbytes(48),
+            "random": rng.randbytes(rng.randrange(0, 300))}[kind]
+
+
+@pytest.mark.parametrize("aad_kind", ["none", "envelope48", "random"])
+def test_seal_matches_cryptography(siv: Siv, aad_kind: str) -> None:
+    rng = random.Random(f"seal-{aad_kind}")
+    for n in LENGTHS:
+        key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), _aad(
+            rng, aad_kind)
+        got = siv.seal(key, nonce, pt, aad)
+        assert got == AESGCMSIV(key).encrypt(nonce, pt, aad), (n, len(aad))
+
+
+@pytest.mark.parametrize("aad_kind", ["none", "envelope48", "random"])
+def test_open_matches_cryptography(siv: Siv, aad_kind: str) -> None:
+    rng = random.Random(f"open-{aad_kind}")
+    for n in LENGTHS:
+        key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), _aad(
+            rng, aad_kind)
+        ok, out, scratch = siv.open(key, nonce, AESGCMSIV(key).encrypt(nonce, pt, aad), aad)
+        assert ok and out == pt and scratch == pt, (n, len(aad))
+
+
+def test_in_place(siv: Siv) -> None:
+    """stage == pt == ct on seal, scratch == out on open."""
+    rng = random.Random(3)
+    for n in (0, 1, 15, 16, 17, 127, 128, 129, 1000, 4096):
+        key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), rng.randbytes(48)
+        ref = AESGCMSIV(key).encrypt(nonce, pt, aad)
+        assert siv.seal(key, nonce, pt, aad, in_place=True) == ref
+        k, i, a, data, t = buf(key), buf(nonce), buf(aad), buf(ref[:n]), buf(ref[n:])
+        ok = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(data), A(data), n, A(t),
+                          A(data))
+        assert ok == 1 and bytes(data)[:n] == pt
+
+
+def test_layouts() -> None:
+    assert aes.Aes256Key.size == 15 * 16
+    assert gcmsiv.SivKeys.size == (15 + 8 + 8) * 16
+
+
+# -- tampering --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 16, 33, 300, 4096])
+@pytest.mark.parametrize("where", ["ct", "tag", "aad", "nonce"])
+def test_tamper_rejected_and_output_untouched(siv: Siv, n: int, where: str) -> None:
+    rng = random.Random(n * 31 + len(where))
+    key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), rng.randbytes(48)
+    sealed = AESGCMSIV(key).encrypt(nonce, pt, aad)
+    for _ in range(5):
+        s, a, nn = bytearray(sealed), bytearray(aad), bytearray(nonce)
+        if where == "ct" and n:
+            s[rng.randrange(n)] ^= 1 << rng.randrange(8)
+        elif where == "aad" or (where == "ct" and not n):
+            a[rng.randrange(len(a))] ^= 1 << rng.randrange(8)
+        elif where == "nonce":
+            nn[rng.randrange(12)] ^= 1 << rng.randrange(8)
+        else:
+            s[n + rng.randrange(16)] ^= 1 << rng.randrange(8)
+        with pytest.raises(InvalidTag):
+            AESGCMSIV(key).decrypt(bytes(nn), bytes(s), bytes(a))
+        ok, out, scratch = siv.open(key, bytes(nn), bytes(s), bytes(a), fill=0xA5)
+        assert not ok
+        assert out == b"\xa5" * n  # a failed record never modifies the destination
+        assert scratch == bytes(n)  # and the unauthenticated plaintext is wiped
+    ok, out, _ = siv.open(key, nonce, sealed, aad)
+    assert ok and out == pt
+
+
+def test_wrong_key_rejected(siv: Siv) -> None:
+    rng = random.Random(5)
+    key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(4096), rng.randbytes(48)
+    sealed = AESGCMSIV(key).encrypt(nonce, pt, aad)
+    assert not siv.open(bytes(32), nonce, sealed, aad)[0]
+
+
+def test_repeated_nonce_reveals_only_equality(siv: Siv) -> None:
+    """The property the protocol relies on when a host rolls the helper's memory back: under one
+    (key, nonce), two different pages get different tags, hence different keystreams (no XOR of
+    the ciphertexts equals the XOR of the plaintexts), while identical inputs give identical
+    records. With GCM the XOR would match exactly."""
+    rng = random.Random(9)
+    key, nonce, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(48)
+    p1, p2 = rng.randbytes(4096), rng.randbytes(4096)
+    r1, r2 = siv.seal(key, nonce, p1, aad), siv.seal(key, nonce, p2, aad)
+    assert r1[-16:] != r2[-16:]
+    x_ct = bytes(a ^ b for a, b in zip(r1[:4096], r2[:4096], strict=True))
+    x_pt = bytes(a ^ b for a, b in zip(p1, p2, strict=True))
+    assert all(x_ct[i:i + 16] != x_pt[i:i + 16] for i in range(0, 4096, 16))
+    assert siv.seal(key, nonce, p1, aad) == r1
