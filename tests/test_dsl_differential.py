@@ -521,7 +521,11 @@ class PlatformModel(Env):
 def runners():
     print(f"\nDSL differential seed: {SEED} (replay: DSL_DIFF_SEED={SEED} pytest "
           f"tests/test_dsl_differential.py)")
-    fns = [c.fn for c in CASES]
+    return make_runners([c.fn for c in CASES])
+
+
+def make_runners(fns: list[Function]) -> dict:
+    """The three runners over one image of `fns`, with argument buffers mapped in each."""
     image = build(fns).image
     native = NativeImage(image)
     nbufs = [(ctypes.c_uint8 * BUF_SIZE)() for _ in range(N_BUFS)]

@@ -1,4 +1,4 @@
-"""Compiler front end: struct layouts three ways, DSL errors with file:line, link checks,
+"""Compiler front end: struct layouts three ways, DSL errors with file:line:col, link checks,
 reproducibility."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import re
 import subprocess
-import textwrap
 from pathlib import Path
 
 import llvmlite.binding as llvm
@@ -18,6 +17,7 @@ from helperfw.codegen.pipeline import build
 from helperfw.interp import Interpreter
 from helperfw.native import NativeImage
 from tests import dsl_samples as S
+from tests.dsl_snippets import load_module
 
 STRUCTS = [S.Inner, S.Mixed, S.Packed]
 
@@ -92,14 +92,7 @@ def test_struct_access_compiled_matches_construct_layout():
 
 def _load_snippet(tmp_path: Path, body: str):
     """Write a DSL module to a real file (so inspect finds its source); its function `f`."""
-    import importlib.util
-
-    path = tmp_path / "snippet_mod.py"
-    path.write_text("from helperfw import *\n\n" + textwrap.dedent(body))
-    spec = importlib.util.spec_from_file_location(f"snip_{abs(hash(body))}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.f
+    return load_module(tmp_path, body).f
 
 
 def _compile_snippet(tmp_path: Path, body: str):
@@ -107,44 +100,65 @@ def _compile_snippet(tmp_path: Path, body: str):
 
 
 ERROR_CASES = pytest.mark.parametrize(
-    "body, line, reason",
+    "body, line, col, reason",
     [
         ("@function\ndef f(a: u32, b: u64) -> u64:\n    x = a\n    return x + b\n",
-         6, r"type mismatch: u32 and u64"),
-        ("@function\ndef f(a: u32) -> u32:\n    return a + nope\n", 5, r"unknown name 'nope'"),
-        ("@function\ndef f(a: u32) -> u32:\n    return [a][0]\n", 5,
+         6, 12, r"type mismatch: u32 and u64"),
+        ("@function\ndef f(a: u32) -> u32:\n    return a + nope\n", 5, 16,
+         r"unknown name 'nope'"),
+        ("@function\ndef f(a: u32) -> u32:\n    return [a][0]\n", 5, 12,
          r"unsupported expression: List"),
-        ("@function\ndef f(a: u32) -> u32:\n    with a:\n        pass\n    return a\n", 5,
+        ("@function\ndef f(a: u32) -> u32:\n    with a:\n        pass\n    return a\n", 5, 5,
          r"unsupported statement: With"),
-        ("@function\ndef f(a: u8) -> u8:\n    return a + 300\n", 5, r"literal 300 does not fit u8"),
-        ("@function\ndef f(a: u32) -> u32:\n    if a:\n        return a\n", 5,
+        ("@function\ndef f(a: u8) -> u8:\n    return a + 300\n", 5, 12,
+         r"literal 300 does not fit u8"),
+        ("@function\ndef f(a: u32) -> u32:\n    if a:\n        return a\n", 5, 5,
          r"can reach its end without return"),
-        ("@function\ndef f(a: u32) -> u32:\n    return a / 2\n", 5, r"use '//'"),
-        ("@function\ndef f(a: u32) -> u32:\n    buf: Array[u8, 4] = 0\n    return a\n", 5,
+        ("@function\ndef f(a: u32) -> u32:\n    return a / 2\n", 5, 12, r"use '//'"),
+        ("@function\ndef f(a: u32) -> u32:\n    buf: Array[u8, 4] = 0\n    return a\n", 5, 5,
          r"cannot initialise Array\[u8, 4\] with a value; assign its elements"),
-        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(pshufd(v))\n", 5,
+        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(pshufd(v))\n", 5, 20,
          r"pshufd takes a v128 and a literal selector"),
-        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(v128_shl64(v, 64))\n", 5,
+        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(v128_shl64(v, 64))\n", 5, 20,
          r"argument 2 must be an integer literal in \[0, 63\]"),
+        ("@function\ndef f() -> u64:\n    x, y = cpuid(1, 0)[0], 2\n    return x\n", 5, 12,
+         r"cpuid returns four values: a, b, c, d = cpuid\(leaf, sub\)"),
+        ("@function\ndef f() -> u64:\n    x, y = pshufd\n    return x\n", 5, 12,
+         r"only cpuid\(\), rdrand64\(\) or a tuple can be unpacked"),
     ],
     ids=["mismatch", "unknown-name", "list", "with", "literal-range", "no-return", "div",
-         "aggregate-init", "intrinsic-arity", "immediate-range"],
+         "aggregate-init", "intrinsic-arity", "immediate-range", "unpack-only", "not-unpackable"],
 )
 
 
 @ERROR_CASES
-def test_errors_carry_file_line_and_reason(tmp_path, body, line, reason):
+def test_errors_carry_file_line_col_and_a_caret(tmp_path, body, line, col, reason):
+    """`file:line:col: reason`, then the source line and a caret under the column."""
     with pytest.raises(DslError) as ei:
         _compile_snippet(tmp_path, body)
-    msg = str(ei.value)
-    assert msg.startswith(f"{tmp_path / 'snippet_mod.py'}:{line}: "), msg
-    assert re.search(reason, msg), msg
-    assert "\n" not in msg
+    head, source, caret = str(ei.value).split("\n")
+    assert head.startswith(f"{tmp_path / 'snippet_mod.py'}:{line}:{col}: "), head
+    assert re.search(reason, head), head
+    assert ei.value.headline == head and (ei.value.line, ei.value.col) == (line, col)
+    want = (tmp_path / "snippet_mod.py").read_text().splitlines()[line - 1]
+    assert source == "    " + want
+    assert caret == "    " + " " * (col - 1) + "^"
+
+
+def test_column_of_a_nested_function_counts_its_indentation(tmp_path):
+    """A DSL function defined inside a class or function is dedented before parsing; its
+    columns are still the file's."""
+    body = ("class Holder:\n    @function\n    def g(a: u32) -> u32:\n"
+            "        return a + nope\n\n\nf = Holder.g\n")
+    with pytest.raises(DslError) as ei:
+        _compile_snippet(tmp_path, body)
+    assert (ei.value.line, ei.value.col) == (6, 20)
+    assert str(ei.value).splitlines()[2] == "    " + " " * 19 + "^"
 
 
 @ERROR_CASES
-def test_interpreter_reports_the_compilers_errors(tmp_path, body, line, reason):
-    """One front end (helperfw/frontend.py) checks for both: the same text at the same line."""
+def test_interpreter_reports_the_compilers_errors(tmp_path, body, line, col, reason):
+    """One front end (helperfw/frontend.py) checks for both: the same text at the same place."""
     fn = _load_snippet(tmp_path, body)
     with pytest.raises(DslError) as compiled:
         build([fn])
