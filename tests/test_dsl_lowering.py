@@ -125,9 +125,24 @@ ERROR_CASES = pytest.mark.parametrize(
          r"cpuid returns four values: a, b, c, d = cpuid\(leaf, sub\)"),
         ("@function\ndef f() -> u64:\n    x, y = pshufd\n    return x\n", 5, 12,
          r"only cpuid\(\), rdrand64\(\) or a tuple can be unpacked"),
+        ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(n):\n        pass\n    return n\n",
+         5, 21, r"unroll bounds must be integer literals"),
+        (("@function\ndef f(n: u64) -> u64:\n    while n > 1:\n        for j in unroll(4):\n"
+         "            if n == j:\n                break\n        n -= 1\n    return n\n"), 8, 17,
+         r"break cannot leave an unroll\(...\) body"),
+        ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(4):\n        j = n\n    return n\n",
+         6, 9, r"cannot assign to unroll variable 'j'"),
+        ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(300):\n        pass\n    return n\n",
+         5, 14, r"unroll of 300 copies; at most 256"),
+        ("@function\ndef f(n: u64) -> u64:\n    k = unroll(3)\n    return n\n", 5, 9,
+         r"unroll\(...\) is only a for-loop header"),
+        (("@function\ndef f(n: u64) -> u64:\n    for j in unroll(2):\n        x: u32 = 0\n"
+         "    x: u32 = 1\n    return n\n"), 7, 5, r"local 'x' is already declared"),
     ],
     ids=["mismatch", "unknown-name", "list", "with", "literal-range", "no-return", "div",
-         "aggregate-init", "intrinsic-arity", "immediate-range", "unpack-only", "not-unpackable"],
+         "aggregate-init", "intrinsic-arity", "immediate-range", "unpack-only", "not-unpackable",
+         "unroll-bound", "unroll-break", "unroll-assign", "unroll-size", "unroll-value",
+         "unroll-scope"],
 )
 
 
@@ -165,6 +180,17 @@ def test_interpreter_reports_the_compilers_errors(tmp_path, body, line, col, rea
     with pytest.raises(DslError) as interpreted:
         Interpreter().prepare(fn)
     assert str(interpreted.value) == str(compiled.value)
+
+
+def test_unroll_expands_at_compile_time():
+    """No loop is left of `for r in unroll(1, 14)`: thirteen aesenc calls, no loop blocks."""
+    from tests.test_dsl_differential import unrolled
+
+    ir_text = build([unrolled], opt=0).ir
+    assert len(re.findall(r'call .*@"llvm\.x86\.aesni\.aesenc"\(', ir_text)) == 13
+    # the only loop blocks are the range(3) loop's, once in each of the 8 copies of its unroll
+    assert len(re.findall(r'^"?for\.head[^:]*:', ir_text, re.MULTILINE)) == 8
+    assert "while.head" not in ir_text
 
 
 # -- link ------------------------------------------------------------------------------------
