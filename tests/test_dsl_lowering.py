@@ -207,6 +207,33 @@ define void @f(ptr %p) {{
     return emit.emit_object(emit.optimize(ir_text, 0), 0)
 
 
+def test_link_places_lays_out_resolves_and_relocates():
+    """An absolute pointer in data becomes a base relocation holding its target's RVA; code
+    reaches data PC-relatively; linker-defined bounds resolve; the symbol table has both."""
+    ir_text = f"""
+target triple = "{emit.TRIPLE}"
+@__data_end = external hidden global i8
+@table = hidden global [2 x ptr] [ptr @f, ptr @__data_end], align 8
+define hidden i64 @f() {{
+  %p = load ptr, ptr getelementptr ([2 x ptr], ptr @table, i64 0, i64 1)
+  %v = ptrtoint ptr %p to i64
+  ret i64 %v
+}}
+"""
+    img = link.link(emit.emit_object(emit.optimize(ir_text, 0), 0), entry="f")
+    f, table = img.symbol("f"), img.symbol("table")
+    assert (f.section, f.kind, table.section, table.kind) == (".text", "func", ".data", "object")
+    assert img.relocs == (table.rva, table.rva + 8)
+    flat = img.flat()
+    data = img.section(".data")
+    assert int.from_bytes(flat[table.rva:table.rva + 8], "little") == f.rva
+    assert int.from_bytes(flat[table.rva + 8:table.rva + 16], "little") == data.rva + 0x1000
+    assert [s.name for s in img.sections] == [".text", ".data"]
+    assert img.section(".text").rva == 0x1000 and data.rva == 0x2000
+    rebased = img.flat(0x40000000)
+    assert int.from_bytes(rebased[table.rva:table.rva + 8], "little") == 0x40000000 + f.rva
+
+
 @pytest.mark.parametrize("sym", ["memset", "memcpy", "__chkstk"])
 def test_link_refuses_undefined_symbols(sym):
     with pytest.raises(link.LinkError, match=sym):
