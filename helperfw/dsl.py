@@ -2,8 +2,8 @@
 registered in helperfw/intrinsics.
 
 A DSL function is ordinary annotated Python; `@function` only records it. The compiler
-(codegen/lower.py) and the reference interpreter (helperfw/interp) read its AST; calling it directly in
-Python is an error so nobody mistakes host execution for the firmware's behaviour.
+(codegen/lower.py) and the reference interpreter (helperfw/interp) read its AST; calling it
+directly in Python is an error so nobody mistakes host execution for the firmware's behaviour.
 """
 
 from __future__ import annotations

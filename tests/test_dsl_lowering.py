@@ -132,8 +132,8 @@ ERROR_CASES = pytest.mark.parametrize(
          r"break cannot leave an unroll\(...\) body"),
         ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(4):\n        j = n\n    return n\n",
          6, 9, r"cannot assign to unroll variable 'j'"),
-        ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(300):\n        pass\n    return n\n",
-         5, 14, r"unroll of 300 copies; at most 256"),
+        (("@function\ndef f(n: u64) -> u64:\n    for j in unroll(300):\n        pass\n"
+         "    return n\n"), 5, 14, r"unroll of 300 copies; at most 256"),
         ("@function\ndef f(n: u64) -> u64:\n    k = unroll(3)\n    return n\n", 5, 9,
          r"unroll\(...\) is only a for-loop header"),
         (("@function\ndef f(n: u64) -> u64:\n    for j in unroll(2):\n        x: u32 = 0\n"

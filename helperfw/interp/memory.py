@@ -85,7 +85,6 @@ class Memory:
         buf[o: o + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
-
 def wrapper(t: Type) -> Callable[[Any], Any]:
     """How the interpreter holds a value of type `t`: a function that brings any Python int
     (a call argument, a platform model's answer) into that form."""

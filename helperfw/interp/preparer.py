@@ -31,6 +31,9 @@ BREAK, CONTINUE, RETURN = 1, 2, 3  # what a statement closure returns
 
 
 class Frame:
+    """One call's registers (scalar locals whose address is never taken), its frame base in
+    memory and its return value."""
+
     __slots__ = ("base", "regs", "ret")
 
     def __init__(self, nregs: int, base: int) -> None:
@@ -54,6 +57,8 @@ def _const(value: Any) -> Run:
 
 @dataclass
 class Prepared:
+    """A function ready to run: its frame's shape and the closure of its body."""
+
     fn: Function
     params: list[tuple[str, Type]]
     ret: Type
@@ -95,7 +100,6 @@ def _seq(runs: list[Run]) -> Run:
                 return s
         return None
     return run
-
 
 
 class Preparer(FrontEnd):
