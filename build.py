@@ -15,7 +15,9 @@ import argparse
 import sys
 
 import helperfw  # noqa: F401  (first: configures llvmlite)
+from helperfw import DslError
 from helperfw.build import build_firmware, check_emit
+from helperfw.codegen.link import LinkError
 
 
 def _emit_kinds(text: str) -> tuple[str, ...]:
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         b = build_firmware(args.out, emit=args.emit)
     except OSError as e:
         print(f"build.py: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except (DslError, LinkError) as e:  # the firmware's source does not compile or link
+        print(f"build.py: {e}", file=sys.stderr)
         return 1
     print(f"{b.efi}: {len(b.pe)} bytes ({b.seconds:.2f} s)")
     for kind, path in b.paths.items():

@@ -32,9 +32,10 @@ EMIT_KINDS = {
 @dataclass(frozen=True)
 class FirmwareBuild:
     """What one build wrote: `paths` by file suffix ("efi", "map", "inf", "h", "fdf.inc",
-    "dsc.inc", and with emit "ll", "opt.ll", "o"), the image and its digests."""
+    "dsc.inc", and with emit "ll", "opt.ll", "o"), the compile behind it (IR, object, linked
+    image), the PE bytes and their digests."""
 
-    image: LinkedImage
+    compiled: Build
     pe: bytes
     paths: dict[str, Path]
     sha256: str
@@ -44,6 +45,10 @@ class FirmwareBuild:
     @property
     def efi(self) -> Path:
         return self.paths["efi"]
+
+    @property
+    def image(self) -> LinkedImage:
+        return self.compiled.image
 
 
 def firmware_roots() -> list:
@@ -106,7 +111,7 @@ def build_firmware(out_dir: str | Path, emit: tuple[str, ...] | list[str] = ()) 
             path.write_bytes(content(compiled))
             written.append(path)
     return FirmwareBuild(
-        image=compiled.image, pe=pe,
+        compiled=compiled, pe=pe,
         paths={p.name[len(BASE_NAME) + 1:]: p for p in written},
         sha256=hashlib.sha256(pe).hexdigest(), sha384=hashlib.sha384(pe).hexdigest(),
         seconds=time.perf_counter() - t0)

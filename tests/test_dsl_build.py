@@ -9,6 +9,7 @@ from pathlib import Path
 import llvmlite.binding as llvm
 import pytest
 
+from helperfw import DslError
 from helperfw.build import build_firmware
 from helperfw.codegen import emit, link
 
@@ -49,7 +50,10 @@ def test_emitted_intermediates_are_what_the_image_was_made_from(built):
     assert isinstance(mod, llvm.ModuleRef)
 
 
-def test_command_line_writes_the_same_bytes(built, tmp_path, capsys):
+def test_command_line_writes_what_the_function_builds(built, tmp_path, capsys, monkeypatch):
+    """build.py is build_firmware's command line (the compile itself is reused: test_firmware
+    checks that two real builds are byte-identical)."""
+    monkeypatch.setattr("helperfw.build.compile_firmware", lambda: built.compiled)
     assert _build_py().main(["--out", str(tmp_path), "--emit", "o"]) == 0
     out = capsys.readouterr().out
     assert f"SHA-256 {built.sha256}" in out and f"SHA-384 {built.sha384}" in out
@@ -58,6 +62,18 @@ def test_command_line_writes_the_same_bytes(built, tmp_path, capsys):
     for kind in ("efi", "map", "inf", "h", "fdf.inc", "dsc.inc"):
         path = built.paths[kind]
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), kind
+
+
+def test_dsl_error_in_the_firmware_is_reported_without_a_traceback(tmp_path, capsys,
+                                                                  monkeypatch):
+    def broken():
+        raise DslError("helperfw/runtime/session.py", 42, "type mismatch: u32 and u64", 12)
+
+    monkeypatch.setattr("helperfw.build.compile_firmware", broken)
+    assert _build_py().main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == ("build.py: helperfw/runtime/session.py:42:12: type mismatch: "
+                                   "u32 and u64")
 
 
 def test_unknown_emit_kind_is_one_clear_line(tmp_path, capsys):

@@ -582,7 +582,7 @@ def _statics(R: dict) -> list[tuple[str, bytes, bytes, bytes]]:
     return out
 
 
-def _run_case(R: dict, case: Case, rng: random.Random) -> None:
+def run_case(R: dict, case: Case, rng: random.Random) -> None:
     mask = case.ret.mask if isinstance(case.ret, IntType) else 1
     for k in range(case.n):
         args, bufs = case.gen(rng)
@@ -620,7 +620,7 @@ def _run_case(R: dict, case: Case, rng: random.Random) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.fn.name for c in CASES])
 def test_three_ways_agree(runners, case: Case) -> None:
     rng = random.Random(f"{SEED}:{case.fn.name}")
-    _run_case(runners, case, rng)
+    run_case(runners, case, rng)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from helperfw.intrinsics import (
 )
 from helperfw.intrinsics import builtin as builtin_intrinsics
 from tests.dsl_snippets import load_module
-from tests.test_dsl_differential import SEED, Case, _run_case, make_runners, rand_int
+from tests.test_dsl_differential import SEED, Case, make_runners, rand_int, run_case
 
 ROOT = Path(__file__).resolve().parent.parent
 I64, I128 = ir.IntType(64), ir.IntType(128)
@@ -95,7 +95,7 @@ def test_toy_intrinsic_from_the_registry_alone_runs_three_ways(tmp_path, toys):
     fn = load_module(tmp_path, TOY_DSL).toy_user
     runners = make_runners([fn])
     case = Case(fn, u64, lambda r: ([rand_int(r, u64), rand_int(r, u64)], []), n=200)
-    _run_case(runners, case, random.Random(f"{SEED}:toy"))
+    run_case(runners, case, random.Random(f"{SEED}:toy"))
     rng = random.Random(f"{SEED}:toy-model")
     for _ in range(50):
         x, y = rng.getrandbits(64), rng.getrandbits(64)
