@@ -1,77 +1,52 @@
 #!/usr/bin/env python3
 """Emit the firmware: out/MigrationHelper.efi, its symbol map, and the EDK2 integration files.
 
-    python build.py [--out DIR]
+    python build.py [--out DIR] [--emit ll,o]
 
-Prints the image's size, SHA-256 and SHA-384 (the guest owner recomputes these to check the
-launch measurement; builds are byte-for-byte reproducible).
+`--emit ll` also writes the LLVM IR (as lowered, and after -O2), `--emit o` the ELF object the
+image is linked from. Prints the image's size, SHA-256 and SHA-384 (the guest owner recomputes
+these to check the launch measurement; builds are byte-for-byte reproducible). The build itself
+is `helperfw.build.build_firmware`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
-import time
-from pathlib import Path
 
 import helperfw  # noqa: F401  (first: configures llvmlite)
-from helperfw.codegen.image import LinkedImage
-from helperfw.codegen.pipeline import build
-from helperfw.runtime import protocol
-from helperfw.runtime.driver import efi_main, mh_descriptor
-from ovmf_glue import edk2
-from ovmf_glue.pe import package_pe, write_symbol_map
-
-ENTRY = "efi_main"
+from helperfw import DslError
+from helperfw.build import build_firmware, check_emit
+from helperfw.codegen.link import LinkError
 
 
-def firmware_roots() -> list:
-    """The DSL functions the image is built from (everything they call comes along)."""
-    return [efi_main]
-
-
-def link_image() -> LinkedImage:
-    return build(firmware_roots(), entry=ENTRY, keep=(("mh_descriptor", mh_descriptor),)).image
-
-
-def header_constants() -> list[tuple[str, int, str]]:
-    consts: list[tuple[str, int, str]] = [
-        ("MH_PROTOCOL_VERSION", protocol.PROTOCOL_VERSION.value, "uint32_t"),
-        ("MH_HC_ANNOUNCE", protocol.MH_HC_ANNOUNCE, "uint64_t"),
-        ("MH_ENVELOPE_MAGIC", protocol.ENVELOPE_MAGIC, "uint32_t"),
-        ("MH_TOKEN_MAGIC", protocol.TOKEN_MAGIC, "uint32_t"),
-        ("MH_BOOTINFO_MAGIC", protocol.BOOTINFO_MAGIC, "uint32_t"),
-        ("MH_DEFAULT_SLOTS", protocol.DEFAULT_SLOTS, "uint32_t"),
-        ("MH_SLOT_SIZE", protocol.SLOT_SIZE, "uint32_t"),
-        ("MH_CONTROL_OFFSET", protocol.CONTROL_OFFSET, "uint32_t"),
-    ]
-    for name in dir(protocol):
-        if name.startswith(("OP_", "OPT_", "REGION_", "ST_", "ENTRY_F_")):
-            consts.append((f"MH_{name}", getattr(protocol, name), "uint32_t"))
-    for name, (value, _doc) in protocol.STATUS.items():
-        consts.append((f"MH_{name}", value, "int32_t"))
-    return consts
+def _emit_kinds(text: str) -> tuple[str, ...]:
+    try:
+        return check_emit([k.strip() for k in text.split(",") if k.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="build.py", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out", help="output directory (default: out)")
+    ap.add_argument("--emit", type=_emit_kinds, default=(), metavar="KINDS",
+                    help="also write intermediates: ll (LLVM IR), o (ELF object), comma-separated")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    image = link_image()
-    pe = package_pe(image, entry=ENTRY)
-    efi = out / "MigrationHelper.efi"
-    efi.write_bytes(pe)
-    write_symbol_map(image, efi.with_suffix(".map"))
-    edk2.write_integration_files(out, structs=protocol.WIRE_STRUCTS,
-                                 constants=header_constants())
-    dt = time.perf_counter() - t0
-    print(f"{efi}: {len(pe)} bytes ({dt:.2f} s)")
-    print(f"SHA-256 {hashlib.sha256(pe).hexdigest()}")
-    print(f"SHA-384 {hashlib.sha384(pe).hexdigest()}")
+    try:
+        b = build_firmware(args.out, emit=args.emit)
+    except OSError as e:
+        print(f"build.py: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except (DslError, LinkError) as e:  # the firmware's source does not compile or link
+        print(f"build.py: {e}", file=sys.stderr)
+        return 1
+    print(f"{b.efi}: {len(b.pe)} bytes ({b.seconds:.2f} s)")
+    for kind, path in b.paths.items():
+        if kind in ("ll", "opt.ll", "o"):
+            print(f"{path}: {path.stat().st_size} bytes")
+    print(f"SHA-256 {b.sha256}")
+    print(f"SHA-384 {b.sha384}")
     return 0
 
 

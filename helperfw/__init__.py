@@ -1,73 +1,15 @@
 """helperfw: the migration helper's DSL, compiler and runtime.
 
 DSL code imports its vocabulary from here: types (u8..u64, i8..i64, bool_, v128, Ptr, Array),
-`struct`, `function`, `const`, `static` and the intrinsics (see helperfw/dsl.py).
+`struct`, `function`, `const`, `static`, `unroll` and the intrinsics (every entry of
+helperfw/intrinsics/builtin.py, by its DSL name).
 """
 
-import os
-import sys
-
-# LLVM 22 only has opaque pointers; llvmlite's IR layer must print them too. This has to be set
-# before llvmlite is first imported.
-if "llvmlite" not in sys.modules:
-    os.environ["LLVMLITE_ENABLE_IR_LAYER_TYPED_POINTERS"] = "0"
-import llvmlite
-
-if llvmlite.ir_layer_typed_pointers_enabled:
-    raise ImportError(
-        "llvmlite was imported before helperfw with typed pointers enabled; import helperfw first "
-        "or set LLVMLITE_ENABLE_IR_LAYER_TYPED_POINTERS=0"
-    )
-
-from .dsl import (
-    INTRINSICS,
-    Const,
-    DslError,
-    Function,
-    Static,
-    addr,
-    aesenc,
-    aesenclast,
-    aeskeygenassist,
-    const,
-    cpuid,
-    efi_call,
-    func_addr,
-    function,
-    hlt,
-    inb,
-    invlpg,
-    lfence,
-    mfence,
-    offsetof,
-    outb,
-    pause,
-    pclmulqdq,
-    pshufb,
-    pshufd,
-    rdmsr,
-    rdrand64,
-    read_cr3,
-    sfence,
-    sizeof,
-    static,
-    symbol_addr,
-    trap,
-    v128_bsl,
-    v128_bsr,
-    v128_hi,
-    v128_lo,
-    v128_load,
-    v128_make,
-    v128_shl64,
-    v128_shr64,
-    v128_store,
-    vload,
-    vmmcall,
-    vstore,
-    write_cr3,
-    wrmsr,
-)
+from .codegen import llvm_compat  # noqa: F401  (first: configures llvmlite before its import)
+from .dsl import Const, DslError, Function, Static, const, function, static, unroll
+from .intrinsics import builtin as _builtin
+from .intrinsics.builtin import *  # every built-in intrinsic, by its DSL name
+from .intrinsics.registry import INTRINSICS
 from .structs import StructType, struct
 from .types import (
     Array,
@@ -96,58 +38,21 @@ __all__ = [
     "Static",
     "StructType",
     "Type",
-    "addr",
-    "aesenc",
-    "aesenclast",
-    "aeskeygenassist",
     "bool_",
     "const",
-    "cpuid",
-    "efi_call",
-    "func_addr",
     "function",
-    "hlt",
     "i8",
     "i16",
     "i32",
     "i64",
-    "inb",
-    "invlpg",
-    "lfence",
-    "mfence",
-    "offsetof",
-    "outb",
-    "pause",
-    "pclmulqdq",
-    "pshufb",
-    "pshufd",
-    "rdmsr",
-    "rdrand64",
-    "read_cr3",
-    "sfence",
-    "sizeof",
     "static",
     "struct",
-    "symbol_addr",
-    "trap",
     "u8",
     "u16",
     "u32",
     "u64",
+    "unroll",
     "v128",
-    "v128_bsl",
-    "v128_bsr",
-    "v128_hi",
-    "v128_lo",
-    "v128_load",
-    "v128_make",
-    "v128_shl64",
-    "v128_shr64",
-    "v128_store",
-    "vload",
-    "vmmcall",
     "void",
-    "vstore",
-    "write_cr3",
-    "wrmsr",
 ]
+__all__ += _builtin.__all__

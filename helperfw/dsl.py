@@ -1,14 +1,16 @@
-"""The DSL surface: `@function`, typed constants, statics and the intrinsic names.
+"""The DSL surface: `@function`, typed constants, statics and `unroll`; the intrinsics are
+registered in helperfw/intrinsics.
 
 A DSL function is ordinary annotated Python; `@function` only records it. The compiler
-(codegen/lower.py) and the reference interpreter (interp.py) read its AST; calling it directly in
-Python is an error so nobody mistakes host execution for the firmware's behaviour.
+(codegen/lower.py) and the reference interpreter (helperfw/interp) read its AST; calling it
+directly in Python is an error so nobody mistakes host execution for the firmware's behaviour.
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+import linecache
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +22,25 @@ ABIS = ("internal", "c", "efi")
 
 
 class DslError(Exception):
-    """A compile error pointing at the DSL source: `file:line: reason`."""
+    """A compile error pointing at the DSL source.
 
-    def __init__(self, file: str, line: int, reason: str) -> None:
-        super().__init__(f"{file}:{line}: {reason}")
-        self.file, self.line, self.reason = file, line, reason
+    The first line is `file:line:col: reason` (col counts from 1, like compilers and editors);
+    when the source is readable, the line itself follows with a caret under the column."""
+
+    def __init__(self, file: str, line: int, reason: str, col: int | None = None) -> None:
+        self.file, self.line, self.reason, self.col = file, line, reason, col
+        where = f"{file}:{line}:{col}" if col is not None else f"{file}:{line}"
+        self.headline = f"{where}: {reason}"
+        super().__init__(self.headline + _source_excerpt(file, line, col))
+
+
+def _source_excerpt(file: str, line: int, col: int | None) -> str:
+    """The source line and a caret under `col`, as text to append (empty if unreadable)."""
+    text = linecache.getline(file, line).rstrip()
+    if not text:
+        return ""
+    caret = "" if col is None else "\n    " + " " * (col - 1) + "^"
+    return f"\n    {text.expandtabs(1)}{caret}"
 
 
 class Function:
@@ -43,13 +59,17 @@ class Function:
         self.globals = pyfunc.__globals__
         self.file = inspect.getsourcefile(pyfunc) or "<dsl>"
         self._tree: ast.FunctionDef | None = None
+        self._indent = 0  # columns textwrap.dedent removed from the source
         self._sig: tuple[list[tuple[str, Type]], Type] | None = None
 
     @property
     def tree(self) -> ast.FunctionDef:
         if self._tree is None:
             lines, first = inspect.getsourcelines(self.pyfunc)
-            mod = ast.parse(textwrap.dedent("".join(lines)))
+            text = textwrap.dedent("".join(lines))
+            # a nested function's source is dedented before parsing: columns shift back by that
+            self._indent = len(lines[0]) - len(text.splitlines(keepends=True)[0])
+            mod = ast.parse(text)
             ast.increment_lineno(mod, first - 1)
             fdef = mod.body[0]
             assert isinstance(fdef, ast.FunctionDef)
@@ -61,7 +81,23 @@ class Function:
         return self.tree.lineno
 
     def error(self, node: ast.AST | None, reason: str) -> DslError:
-        return DslError(self.file, getattr(node, "lineno", self.line), reason)
+        """A DslError at `node` (the function's `def` line when there is no node)."""
+        node = node if node is not None and hasattr(node, "lineno") else self.tree
+        line = node.lineno
+        return DslError(self.file, line, reason, self._column(line, node.col_offset))
+
+    def internal_error(self, node: ast.AST | None, exc: BaseException) -> DslError:
+        """An exception the DSL did not raise (a backend bug, an llvmlite assertion, LLVM
+        refusing the IR), as a DslError at `node`; raise it `from exc` to keep the original."""
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        return self.error(node, f"internal compiler error: {type(exc).__name__}: {first}")
+
+    def _column(self, line: int, col_offset: int) -> int:
+        """ast's col_offset (UTF-8 bytes into the dedented line) as a 1-based character column
+        of the file's line."""
+        text = linecache.getline(self.file, line)
+        offset = col_offset + self._indent
+        return len(text.encode()[:offset].decode(errors="ignore")) + 1
 
     def eval_type(self, node: ast.expr) -> Type:
         """Evaluate a type expression (`u32`, `Ptr[Mailbox]`, `Array[u8, 16]`) in module scope."""
@@ -157,103 +193,14 @@ def static(t: Type, init: bytes | None = None, *, readonly: bool = False,
     return Static(t, init, readonly, align, keep)
 
 
-class Intrinsic:
-    """A name the compiler lowers specially (a machine instruction or a compile-time query)."""
-
-    def __init__(self, name: str, doc: str) -> None:
-        self.name = name
-        self.__doc__ = doc
+class Unroll:
+    """`for j in unroll(8):` repeats the loop body at compile time (see FrontEnd.unroll)."""
 
     def __call__(self, *args: Any) -> Any:
-        raise TypeError(f"intrinsic {self.name} only exists inside DSL functions")
+        raise TypeError("unroll(...) only exists as a for-loop header inside DSL functions")
 
     def __repr__(self) -> str:
-        return f"<intrinsic {self.name}>"
+        return "<DSL unroll>"
 
 
-_INTRINSICS = {
-    # memory and compile-time queries
-    "addr": "addr(lvalue) -> Ptr[T]: address of a variable, field or element",
-    "vload": "vload(p: Ptr[T]) -> T: volatile load (shared memory: read exactly once)",
-    "vstore": "vstore(p: Ptr[T], v: T): volatile store (shared memory)",
-    "sizeof": "sizeof(T) -> literal: size in bytes of a DSL type",
-    "offsetof": "offsetof(S, 'field') -> literal: byte offset of a struct field",
-    "symbol_addr": "symbol_addr('name') -> u64: run-time address of a linker symbol",
-    "func_addr": "func_addr(f) -> u64: run-time address of a DSL function",
-    "efi_call": "efi_call(fnptr: u64, args...) -> u64: call through a pointer with EFIAPI (win64)",
-    "trap": "trap(): ud2; marks a state that must never be reached",
-    # privileged / platform instructions
-    "cpuid": "cpuid(leaf: u32, subleaf: u32) -> (eax, ebx, ecx, edx) as u32",
-    "rdmsr": "rdmsr(msr: u32) -> u64",
-    "wrmsr": "wrmsr(msr: u32, value: u64)",
-    "vmmcall": "vmmcall(nr, a0, a1, a2, a3: u64) -> u64: KVM hypercall (rax=nr, rbx, rcx, rdx, rsi)",
-    "hlt": "hlt(): halt; in the mirror VM this exits to the host",
-    "pause": "pause(): spin-loop hint",
-    "rdrand64": "rdrand64() -> (value: u64, ok: bool)",
-    "invlpg": "invlpg(va: u64)",
-    "read_cr3": "read_cr3() -> u64",
-    "write_cr3": "write_cr3(value: u64)",
-    "outb": "outb(port: u16, value: u8)",
-    "inb": "inb(port: u16) -> u8",
-    "mfence": "mfence()",
-    "lfence": "lfence()",
-    "sfence": "sfence()",
-    # 128-bit SSE / AES-NI / PCLMULQDQ
-    "aesenc": "aesenc(state: v128, round_key: v128) -> v128",
-    "aesenclast": "aesenclast(state: v128, round_key: v128) -> v128",
-    "aeskeygenassist": "aeskeygenassist(v: v128, rcon: literal) -> v128",
-    "pclmulqdq": "pclmulqdq(a: v128, b: v128, imm: literal) -> v128",
-    "pshufb": "pshufb(v: v128, mask: v128) -> v128",
-    "pshufd": "pshufd(v: v128, imm: literal) -> v128",
-    "v128_make": "v128_make(lo: u64, hi: u64) -> v128",
-    "v128_lo": "v128_lo(v: v128) -> u64",
-    "v128_hi": "v128_hi(v: v128) -> u64",
-    "v128_load": "v128_load(p: Ptr[T]) -> v128: unaligned 16-byte load",
-    "v128_store": "v128_store(p: Ptr[T], v: v128): unaligned 16-byte store",
-    "v128_shl64": "v128_shl64(v, n: literal) -> v128: shift each 64-bit lane left",
-    "v128_shr64": "v128_shr64(v, n: literal) -> v128: shift each 64-bit lane right (logical)",
-    "v128_bsl": "v128_bsl(v, n: literal) -> v128: shift the whole value left by n bytes",
-    "v128_bsr": "v128_bsr(v, n: literal) -> v128: shift the whole value right by n bytes",
-}
-INTRINSICS: dict[str, Intrinsic] = {n: Intrinsic(n, d) for n, d in _INTRINSICS.items()}
-
-# Spelled out (not globals().update) so readers and linters see every intrinsic name.
-addr = INTRINSICS["addr"]
-vload = INTRINSICS["vload"]
-vstore = INTRINSICS["vstore"]
-sizeof = INTRINSICS["sizeof"]
-offsetof = INTRINSICS["offsetof"]
-symbol_addr = INTRINSICS["symbol_addr"]
-func_addr = INTRINSICS["func_addr"]
-efi_call = INTRINSICS["efi_call"]
-trap = INTRINSICS["trap"]
-cpuid = INTRINSICS["cpuid"]
-rdmsr = INTRINSICS["rdmsr"]
-wrmsr = INTRINSICS["wrmsr"]
-vmmcall = INTRINSICS["vmmcall"]
-hlt = INTRINSICS["hlt"]
-pause = INTRINSICS["pause"]
-rdrand64 = INTRINSICS["rdrand64"]
-invlpg = INTRINSICS["invlpg"]
-read_cr3 = INTRINSICS["read_cr3"]
-write_cr3 = INTRINSICS["write_cr3"]
-outb = INTRINSICS["outb"]
-inb = INTRINSICS["inb"]
-mfence = INTRINSICS["mfence"]
-lfence = INTRINSICS["lfence"]
-sfence = INTRINSICS["sfence"]
-aesenc = INTRINSICS["aesenc"]
-aesenclast = INTRINSICS["aesenclast"]
-aeskeygenassist = INTRINSICS["aeskeygenassist"]
-pclmulqdq = INTRINSICS["pclmulqdq"]
-pshufb = INTRINSICS["pshufb"]
-pshufd = INTRINSICS["pshufd"]
-v128_make = INTRINSICS["v128_make"]
-v128_lo = INTRINSICS["v128_lo"]
-v128_hi = INTRINSICS["v128_hi"]
-v128_load = INTRINSICS["v128_load"]
-v128_store = INTRINSICS["v128_store"]
-v128_shl64 = INTRINSICS["v128_shl64"]
-v128_shr64 = INTRINSICS["v128_shr64"]
-v128_bsl = INTRINSICS["v128_bsl"]
-v128_bsr = INTRINSICS["v128_bsr"]
+unroll = Unroll()

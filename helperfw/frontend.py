@@ -2,32 +2,17 @@
 
 `FrontEnd` walks one function's Python AST in source order and decides everything that is about the
 language rather than the target: name resolution (locals, module globals, intrinsics, builtins),
-statement checks, the `for ... in range(...)` header, literal typing and unification, cast
-legality (`cast_rule`) and intrinsic arguments (`SIGNATURES`). Whatever produces a value is handed
-to a backend hook; codegen/lower.py implements the hooks as LLVM IR, interp.py as Python closures,
-so one rule cannot drift between the two. Every error is a DslError carrying the DSL `file:line`.
+statement checks, the `for ... in range(...)` header and compile-time `unroll(...)`, literal
+typing and unification, cast legality (`cast_rule`) and intrinsic arguments (each intrinsic's
+typing rule in helperfw/intrinsics). Whatever produces a value is handed to a `Backend` hook;
+codegen/lower.py implements the hooks as LLVM IR, helperfw/interp as Python closures, so one rule
+cannot drift between the two. Every error is a DslError carrying the DSL `file:line:col`; an
+exception that is not one (a backend or llvmlite failure) becomes one at the statement or
+expression being compiled, chained to the original.
 
 Values are `TV(v, ty)`: `v` is the backend's value, or, for an untyped integer literal
 (`ty is None`), the Python int itself until context gives it a type (a literal that does not fit
 is an error, not a silent wrap). Places (lvalues) are the backend's own objects with a `.ty`.
-
-Backend hooks (each returns the backend's value unless noted):
-
-- places: `new_local(name, t)`, `static_place(static, name)`, `field_place(base, field)`,
-  `elem_place(ptr_tv, idx_tv, node)`, `array_place(base, idx_tv, node)`, `deref(ptr_tv)`,
-  `address_of(place, node)`, `load(place) -> TV`
-- statements (the backend's statement result, None for nothing to do): `emit_discard(tv)`,
-  `emit_store(place, v)`, `emit_update(place, compute)`, `emit_return(v | None)`,
-  `emit_block(results)`; control flow (`stmt_If/While/For/Break/Continue`) is the backend's,
-  using `range_loop`, `while_forever` and `enclosing_loop` for its checks
-- values: `constant(t, value)` (value as the interpreter holds it), `int_constant(t, int)` (wraps),
-  `emit_unary`, `emit_not`, `emit_ptr_offset`, `shift_count`, `emit_binop`, `emit_compare`,
-  `emit_truth`, `emit_boolop`, `emit_select`, `emit_minmax`, `callee` + `emit_call`,
-  `emit_cast(rule, v, src, t)`, `emit_tuple(parts) -> (prelude, values)`
-- intrinsics: `emit_intrinsic(name, args, ret)` (by default `intr_<name>(*args)`), and for the
-  special forms `intr_vload/vstore/symbol_addr/func_addr/efi_call/trap/v128_load/v128_store`.
-  An intrinsic with several results returns `(prelude, values)` like `emit_tuple`: `prelude` is
-  a statement that must run before the values are read (None when there is nothing to run).
 """
 
 from __future__ import annotations
@@ -36,10 +21,10 @@ import ast
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from . import dsl
-from .dsl import Const, DslError, Function, Intrinsic, Static
+from .dsl import Const, DslError, Function, Static, unroll
+from .intrinsics.registry import INTRINSICS, Intrinsic
 from .structs import StructType
 from .types import (
     DEFAULT_INT,
@@ -52,16 +37,13 @@ from .types import (
     bool_,
     fold_literals,
     literal_value,
-    u8,
-    u16,
-    u32,
     u64,
-    v128,
     void,
 )
 
 # Names every DSL function sees after its module globals and the intrinsics.
 BUILTINS = ("min", "max", "range", "True", "False")
+UNROLL_MAX = 256  # copies one unroll(...) may make: beyond that, a loop is what is meant
 
 # comparison operator -> (LLVM icmp spelling, Python evaluation)
 COMPARISONS: dict[type, tuple[str, Callable[[Any, Any], bool]]] = {
@@ -93,68 +75,59 @@ class RangeLoop:
     step: int  # a non-zero literal
 
 
-# -- intrinsic signatures ---------------------------------------------------------------------
+class Backend(Protocol):
+    """The hooks a `FrontEnd` subclass implements: what the front end needs from a target.
 
-@dataclass(frozen=True)
-class Lit:
-    """An argument that must be an integer literal in [lo, hi] (an instruction immediate)."""
+    Each returns the backend's value (or place) unless noted. Statement hooks return the
+    backend's statement result (None for nothing to do). Control flow is the backend's own
+    (`stmt_If/While/For/Break/Continue`); it calls `range_loop`, `while_forever` and
+    `enclosing_loop` for the checks. Something with several results (`emit_tuple`, an intrinsic
+    like cpuid) returns `(prelude, values)`: `prelude` is a statement that must run before the
+    values are read (None when there is nothing to run)."""
 
-    lo: int
-    hi: int
+    # places
+    def new_local(self, name: str, t: Type) -> Any: ...
+    def static_place(self, s: Static, name: str) -> Any: ...
+    def field_place(self, base: Any, name: str) -> Any: ...
+    def elem_place(self, ptr: TV, idx: TV, node: ast.AST) -> Any: ...
+    def array_place(self, base: Any, idx: TV, node: ast.AST) -> Any: ...
+    def deref(self, p: TV) -> Any: ...
+    def address_of(self, place: Any, node: ast.AST) -> Any: ...
+    def load(self, place: Any) -> TV: ...
 
+    # statements
+    def emit_block(self, results: list[Any]) -> Any: ...
+    def emit_discard(self, v: TV) -> Any: ...
+    def emit_store(self, place: Any, v: Any) -> Any: ...
+    def emit_update(self, place: Any, compute: Callable[[TV], Any]) -> Any: ...
+    def emit_return(self, v: Any | None) -> Any: ...
+    def stmt_If(self, s: ast.If) -> Any: ...
+    def stmt_While(self, s: ast.While) -> Any: ...
+    def stmt_For(self, s: ast.For) -> Any: ...
+    def stmt_Break(self, s: ast.Break) -> Any: ...
+    def stmt_Continue(self, s: ast.Continue) -> Any: ...
 
-@dataclass(frozen=True)
-class Signature:
-    """An intrinsic's parameters (types, or `Lit` immediates) and result. A tuple result can only
-    be unpacked (`a, b, c, d = cpuid(...)`); `unpack_reason` is the error for any other use.
-    `arity_reason` replaces the generic "takes N arguments" error."""
+    # values; `constant` takes the value as the interpreter holds it, `int_constant` wraps
+    def constant(self, t: Type, value: int) -> Any: ...
+    def int_constant(self, t: IntType, value: int) -> Any: ...
+    def emit_unary(self, op: ast.unaryop, t: Type, v: Any) -> Any: ...
+    def emit_not(self, cond: Any) -> Any: ...
+    def emit_ptr_offset(self, p: TV, delta: TV, sub: bool, node: ast.AST) -> Any: ...
+    def shift_count(self, count: TV, t: IntType) -> Any: ...
+    def emit_binop(self, op: ast.operator, t: Type, a: Any, b: Any, node: ast.AST) -> Any: ...
+    def emit_compare(self, op: type, t: Type, a: Any, b: Any) -> Any: ...
+    def emit_truth(self, t: Type, v: Any) -> Any: ...
+    def emit_boolop(self, is_and: bool, values: list[ast.expr]) -> Any: ...
+    def emit_select(self, cond: Any, a: Any, b: Any) -> Any: ...
+    def emit_minmax(self, name: str, t: IntType, a: Any, b: Any) -> Any: ...
+    def emit_tuple(self, parts: list[TV]) -> tuple[Any, list[TV]]: ...
+    def callee(self, g: Function) -> Any: ...
+    def emit_call(self, callee: Any, args: list[Any]) -> Any: ...
+    def emit_cast(self, rule: str, v: Any, src: Type, t: Type) -> Any: ...
 
-    params: tuple[Type | Lit, ...]
-    ret: Type | tuple[Type, ...]
-    arity_reason: str | None = None
-    unpack_reason: str | None = None
-
-
-_IMM8 = Lit(0, 255)
-_LANE_SHIFT = "lane shifts take a v128 and a literal count"
-_BYTE_SHIFT = "byte shifts take a v128 and a literal count"
-
-# Every intrinsic with a fixed signature; the others (addr, vload, vstore, sizeof, offsetof,
-# symbol_addr, func_addr, efi_call, trap, v128_load, v128_store) are special forms below.
-SIGNATURES: dict[str, Signature] = {
-    "cpuid": Signature((u32, u32), (u32, u32, u32, u32), unpack_reason=(
-        "cpuid returns four values: a, b, c, d = cpuid(leaf, sub)")),
-    "rdrand64": Signature((), (u64, bool_), unpack_reason=(
-        "rdrand64 returns two values: value, ok = rdrand64()")),
-    "rdmsr": Signature((u32,), u64),
-    "wrmsr": Signature((u32, u64), void),
-    "vmmcall": Signature((u64,) * 5, u64),
-    "hlt": Signature((), void),
-    "pause": Signature((), void),
-    "mfence": Signature((), void),
-    "lfence": Signature((), void),
-    "sfence": Signature((), void),
-    "invlpg": Signature((u64,), void),
-    "read_cr3": Signature((), u64),
-    "write_cr3": Signature((u64,), void),
-    "outb": Signature((u16, u8), void),
-    "inb": Signature((u16,), u8),
-    "aesenc": Signature((v128, v128), v128),
-    "aesenclast": Signature((v128, v128), v128),
-    "aeskeygenassist": Signature((v128, _IMM8), v128,
-                                 "aeskeygenassist takes a v128 and a literal rcon"),
-    "pclmulqdq": Signature((v128, v128, _IMM8), v128,
-                           "pclmulqdq takes two v128 values and a literal selector"),
-    "pshufb": Signature((v128, v128), v128),
-    "pshufd": Signature((v128, _IMM8), v128, "pshufd takes a v128 and a literal selector"),
-    "v128_make": Signature((u64, u64), v128),
-    "v128_lo": Signature((v128,), u64),
-    "v128_hi": Signature((v128,), u64),
-    "v128_shl64": Signature((v128, Lit(0, 63)), v128, _LANE_SHIFT),
-    "v128_shr64": Signature((v128, Lit(0, 63)), v128, _LANE_SHIFT),
-    "v128_bsl": Signature((v128, Lit(0, 16)), v128, _BYTE_SHIFT),
-    "v128_bsr": Signature((v128, Lit(0, 16)), v128, _BYTE_SHIFT),
-}
+    # an intrinsic's checked operands (run-time TVs and compile-time values) and result type
+    def emit_intrinsic(self, g: Intrinsic, args: list[Any], ret: Type | tuple[Type, ...]
+                       ) -> Any: ...
 
 
 # -- rules over types -------------------------------------------------------------------------
@@ -204,6 +177,9 @@ class FrontEnd:
         self.locals: dict[str, Any] = {}  # name -> the backend's place
         self.loops: list[Any] = []  # the backend's record of each enclosing loop
         self.terminated = False  # the current block has returned, broken or continued
+        self.unrolled: dict[str, int] = {}  # unroll variables in scope -> this copy's value
+        self.unroll_depths: list[int] = []  # len(self.loops) at each enclosing unroll
+        self.redeclarable: set[str] = set()  # locals a later unrolled copy declares again
 
     def err(self, node: ast.AST, reason: str) -> DslError:
         return self.fn.error(node, reason)
@@ -228,10 +204,19 @@ class FrontEnd:
         return out
 
     def stmt(self, s: ast.stmt) -> Any:
-        m = getattr(self, "stmt_" + type(s).__name__, None)
+        if self.is_unroll(s):
+            m = self.unroll
+        else:
+            m = getattr(self, "stmt_" + type(s).__name__, None)
         if m is None:
             raise self.err(s, f"unsupported statement: {type(s).__name__}")
-        return m(s)
+        try:
+            return m(s)
+        except DslError:
+            raise
+        except Exception as exc:  # a backend failure, reported at the DSL source
+            raise self.fn.internal_error(s, exc) from exc
+
 
     def stmt_Expr(self, s: ast.Expr) -> Any:
         if isinstance(s.value, ast.Constant) and isinstance(s.value.value, str):
@@ -247,12 +232,16 @@ class FrontEnd:
         if not isinstance(s.target, ast.Name):
             raise self.err(s, "annotated assignment needs a plain name")
         name = s.target.id
+        self.check_not_unrolled(name, s)
         t = self.fn.eval_type(s.annotation)
-        if name in self.locals:
+        if name in self.redeclarable and self.locals[name].ty == t:
+            lv = self.locals[name]  # an unrolled copy of the declaring statement
+        elif name in self.locals:
             raise self.err(s, f"local {name!r} is already declared")
-        if isinstance(self.lookup_global(name), (Static, Function)):
+        elif isinstance(self.lookup_global(name), (Static, Function)):
             raise self.err(s, f"local {name!r} shadows a module-level name")
-        lv = self.locals[name] = self.new_local(name, t)
+        else:
+            lv = self.locals[name] = self.new_local(name, t)
         if s.value is None:
             return None
         if not t.is_scalar:
@@ -273,6 +262,8 @@ class FrontEnd:
 
     def assign(self, target: ast.expr, val: TV, s: ast.AST) -> Any:
         """Store `val` into `target`; an unknown plain name becomes a new local of val's type."""
+        if isinstance(target, ast.Name):
+            self.check_not_unrolled(target.id, s)
         if isinstance(target, ast.Name) and target.id not in self.locals:
             g = self.lookup_global(target.id)
             if g is not None and not isinstance(g, Static):
@@ -322,6 +313,7 @@ class FrontEnd:
             raise self.err(s, "for/else is not supported")
         if not isinstance(s.target, ast.Name):
             raise self.err(s, "for needs a plain loop variable")
+        self.check_not_unrolled(s.target.id, s)
         it = s.iter
         if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name)
                 and it.func.id == "range" and not it.keywords and 1 <= len(it.args) <= 3):
@@ -349,9 +341,70 @@ class FrontEnd:
         return RangeLoop(name, var, t, startv, stopv, step)
 
     def enclosing_loop(self, s: ast.stmt, what: str) -> Any:
+        if self.unroll_depths and self.unroll_depths[-1] == len(self.loops):
+            raise self.err(s, f"{what} cannot leave an unroll(...) body")
         if not self.loops:
             raise self.err(s, f"{what} outside a loop")
         return self.loops[-1]
+
+    # -- unroll: a for loop expanded at compile time -------------------------------------------
+    def is_unroll(self, s: ast.stmt) -> bool:
+        """`for name in unroll(...)`, with `unroll` the DSL's (helperfw.unroll)."""
+        if not isinstance(s, ast.For):
+            return False
+        it = s.iter
+        return (isinstance(it, ast.Call) and isinstance(it.func, ast.Name)
+                and it.func.id not in self.locals and self.lookup_global(it.func.id) is unroll)
+
+    def unroll(self, s: ast.For) -> Any:
+        """`for j in unroll(a[, b[, step]])`: the body once per value, `j` being that value as
+        an untyped literal (so `rk[j]`, `x >> (8 * j)` are constants). Locals the first copy
+        declares are the same locals in the later ones; `break`/`continue` cannot leave it."""
+        if s.orelse:
+            raise self.err(s, "for/else is not supported")
+        if not isinstance(s.target, ast.Name):
+            raise self.err(s, "for needs a plain loop variable")
+        name = s.target.id
+        if name in self.locals or name in self.unrolled:
+            raise self.err(s, f"unroll variable {name!r} is already a variable")
+        values = self.unroll_values(s.iter)
+        before, redeclarable = set(self.locals), set(self.redeclarable)
+        self.unroll_depths.append(len(self.loops))
+        out: list[Any] = []
+        try:
+            for k, value in enumerate(values):
+                self.unrolled[name] = value
+                out.extend(self.stmts(s.body))
+                if self.terminated:
+                    break  # a copy returned: the later ones are dead code
+                if k == 0:
+                    self.redeclarable |= set(self.locals) - before
+        finally:
+            self.unroll_depths.pop()
+            self.unrolled.pop(name, None)
+            self.redeclarable = redeclarable
+        return self.emit_block(out)
+
+    def unroll_values(self, it: ast.Call) -> range:
+        """The values of `unroll(a[, b[, step]])`: integer literals, at most UNROLL_MAX."""
+        if it.keywords or not 1 <= len(it.args) <= 3:
+            raise self.err(it, "unroll takes one to three integer literals, like range")
+        bounds = []
+        for a in it.args:
+            v = self.expr(a)
+            if v.ty is not None:
+                raise self.err(a, "unroll bounds must be integer literals (known when compiling)")
+            bounds.append(v.v)
+        if len(bounds) == 3 and bounds[2] == 0:
+            raise self.err(it, "unroll step must not be zero")
+        values = range(*bounds)
+        if len(values) > UNROLL_MAX:
+            raise self.err(it, f"unroll of {len(values)} copies; at most {UNROLL_MAX}")
+        return values
+
+    def check_not_unrolled(self, name: str, node: ast.AST) -> None:
+        if name in self.unrolled:
+            raise self.err(node, f"cannot assign to unroll variable {name!r}")
 
     # -- names --------------------------------------------------------------------------------
     def lookup_global(self, name: str) -> Any:
@@ -359,8 +412,8 @@ class FrontEnd:
         builtins (returned as their name); None if it is unknown."""
         if name in self.fn.globals:
             return self.fn.globals[name]
-        if name in dsl.INTRINSICS:
-            return dsl.INTRINSICS[name]
+        if name in INTRINSICS:
+            return INTRINSICS[name]
         if name in BUILTINS:
             return name
         return None
@@ -368,6 +421,7 @@ class FrontEnd:
     # -- places -------------------------------------------------------------------------------
     def lvalue(self, node: ast.expr) -> Any:
         if isinstance(node, ast.Name):
+            self.check_not_unrolled(node.id, node)
             if node.id in self.locals:
                 return self.locals[node.id]
             g = self.lookup_global(node.id)
@@ -428,7 +482,12 @@ class FrontEnd:
         m = getattr(self, "expr_" + type(node).__name__, None)
         if m is None:
             raise self.err(node, f"unsupported expression: {type(node).__name__}")
-        r = m(node)
+        try:
+            r = m(node)
+        except DslError:
+            raise
+        except Exception as exc:  # see stmt()
+            raise self.fn.internal_error(node, exc) from exc
         if r.ty is void and not allow_void:
             raise self.err(node, "this call returns nothing")
         return r
@@ -437,12 +496,12 @@ class FrontEnd:
         """The right-hand side of a tuple assignment: (prelude, values), see the module doc."""
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             g = self.lookup_global(node.func.id) if node.func.id not in self.locals else None
-            if isinstance(g, Intrinsic) and g.name in SIGNATURES and isinstance(
-                    SIGNATURES[g.name].ret, tuple):
+            if isinstance(g, Intrinsic) and g.results is not None:
                 return self.intrinsic(g, node, multi=True)
         if isinstance(node, ast.Tuple):
             return self.emit_tuple([self.expr(e) for e in node.elts])
-        raise self.err(node, "only cpuid(), rdrand64() or a tuple can be unpacked")
+        several = ", ".join(f"{n}()" for n, e in INTRINSICS.items() if e.results is not None)
+        raise self.err(node, f"only {several} or a tuple can be unpacked")
 
     def expr_Constant(self, node: ast.Constant) -> TV:
         v = node.value
@@ -453,6 +512,8 @@ class FrontEnd:
         raise self.err(node, f"unsupported constant {v!r}")
 
     def expr_Name(self, node: ast.Name) -> TV:
+        if node.id in self.unrolled:
+            return TV(self.unrolled[node.id], None)
         if node.id in self.locals:
             lv = self.locals[node.id]
             if not lv.ty.is_scalar:
@@ -614,6 +675,8 @@ class FrontEnd:
             return self.call(g, node)
         if isinstance(g, Intrinsic):
             return self.intrinsic(g, node)
+        if g is unroll:
+            raise self.err(node, "unroll(...) is only a for-loop header: for i in unroll(n)")
         if g in ("min", "max"):
             if len(node.args) != 2:
                 raise self.err(node, f"{g} takes two arguments")
@@ -655,38 +718,24 @@ class FrontEnd:
             raise self.err(node, f"cannot cast {v.ty} to {t}")
         return TV(self.emit_cast(rule, v.v, v.ty, t), t)
 
-    # -- intrinsics ---------------------------------------------------------------------------
+    # -- intrinsics (their typing rules are the registry's: helperfw/intrinsics) -------------
     def intrinsic(self, g: Intrinsic, node: ast.Call, multi: bool = False) -> Any:
         """A TV, or with `multi` (a tuple assignment) (prelude, [TV per result])."""
-        sig = SIGNATURES.get(g.name)
-        if sig is None:
-            return getattr(self, "form_" + g.name)(node)
-        results = isinstance(sig.ret, tuple)
-        if results and not multi:
-            raise self.err(node, sig.unpack_reason)
-        args = self.args(node, sig)
-        r = self.emit_intrinsic(g.name, args, sig.ret)
-        if results:
+        if g.results is not None and not multi:
+            raise self.err(node, g.unpack_reason)
+        checked = g.typing(self, node)
+        if isinstance(checked, TV):
+            return checked  # a front-end form: the rule computed the value
+        r = self.emit_intrinsic(g, checked.args, checked.ret)
+        if isinstance(checked.ret, tuple):
             prelude, vals = r
-            return prelude, [TV(v, t) for v, t in zip(vals, sig.ret)]
-        return TV(r, sig.ret)
+            return prelude, [TV(v, t) for v, t in zip(vals, checked.ret)]
+        return TV(r, checked.ret)
 
-    def emit_intrinsic(self, name: str, args: list[Any], ret: Type | tuple[Type, ...]) -> Any:
-        return getattr(self, "intr_" + name)(*args)
-
-    def args(self, node: ast.Call, sig: Signature) -> list[Any]:
-        """The arguments of `sig`, in order: values coerced to their types, immediates as ints."""
-        if len(node.args) != len(sig.params):
-            name = node.func.id  # type: ignore[attr-defined]
-            raise self.err(node, sig.arity_reason or
-                           f"{name} takes {len(sig.params)} arguments, got {len(node.args)}")
-        out = []
-        for i, (a, p) in enumerate(zip(node.args, sig.params)):
-            if isinstance(p, Lit):
-                out.append(self.literal_arg(node, i, p.lo, p.hi))
-            else:
-                out.append(self.coerce(self.expr(a), p, a))
-        return out
+    # helpers for typing rules
+    def typed(self, node: ast.expr, t: Type) -> TV:
+        """The value of `node` as a `t` (a literal must fit, a typed value must be a `t`)."""
+        return TV(self.coerce(self.expr(node), t, node), t)
 
     def literal_arg(self, node: ast.Call, i: int, lo: int, hi: int) -> int:
         v = self.expr(node.args[i])
@@ -699,84 +748,3 @@ class FrontEnd:
         if not isinstance(v.ty, PtrType):
             raise self.err(node, f"argument {i + 1} must be a pointer, got {v.ty}")
         return v
-
-    # special forms: arguments that are places, types, names, strings or any pointer
-    def form_addr(self, node: ast.Call) -> TV:
-        if len(node.args) != 1:
-            raise self.err(node, "addr takes one argument")
-        lv = self.lvalue(node.args[0])
-        return TV(self.address_of(lv, node), PtrType(lv.ty))
-
-    def form_vload(self, node: ast.Call) -> TV:
-        if len(node.args) != 1:
-            raise self.err(node, "vload takes one pointer")
-        p = self.ptr_arg(node, 0)
-        if not p.ty.pointee.is_scalar:
-            raise self.err(node, f"vload of a {p.ty.pointee}")
-        return TV(self.intr_vload(p), p.ty.pointee)
-
-    def form_vstore(self, node: ast.Call) -> TV:
-        if len(node.args) != 2:
-            raise self.err(node, "vstore takes a pointer and a value")
-        p = self.ptr_arg(node, 0)
-        if not p.ty.pointee.is_scalar:
-            raise self.err(node, f"vstore of a {p.ty.pointee}")
-        val = self.coerce(self.expr(node.args[1]), p.ty.pointee, node.args[1])
-        return TV(self.intr_vstore(p, val), void)
-
-    def form_sizeof(self, node: ast.Call) -> TV:
-        if len(node.args) != 1:
-            raise self.err(node, "sizeof takes one type")
-        return TV(self.fn.eval_type(node.args[0]).size, None)
-
-    def form_offsetof(self, node: ast.Call) -> TV:
-        if len(node.args) != 2 or not isinstance(node.args[1], ast.Constant):
-            raise self.err(node, "offsetof takes a struct type and a field name string")
-        t = self.fn.eval_type(node.args[0])
-        if not isinstance(t, StructType) or node.args[1].value not in t.fields:
-            raise self.err(node, f"{t} has no field {node.args[1].value!r}")
-        return TV(t.offset(node.args[1].value), None)
-
-    def form_symbol_addr(self, node: ast.Call) -> TV:
-        if len(node.args) != 1 or not isinstance(node.args[0], ast.Constant) or not isinstance(
-                node.args[0].value, str):
-            raise self.err(node, "symbol_addr takes a symbol name string")
-        return TV(self.intr_symbol_addr(node.args[0].value), u64)
-
-    def form_func_addr(self, node: ast.Call) -> TV:
-        if len(node.args) != 1 or not isinstance(node.args[0], ast.Name):
-            raise self.err(node, "func_addr takes a DSL function name")
-        g = self.lookup_global(node.args[0].id)
-        if not isinstance(g, Function):
-            raise self.err(node, f"{node.args[0].id!r} is not a DSL function")
-        return TV(self.intr_func_addr(g), u64)
-
-    def form_efi_call(self, node: ast.Call) -> TV:
-        if not node.args:
-            raise self.err(node, "efi_call needs a function pointer")
-        fp = self.coerce(self.expr(node.args[0]), u64, node.args[0])
-        args = []
-        for a in node.args[1:]:  # EFIAPI arguments are 64-bit registers: u64 or a pointer
-            v = self.expr(a)
-            if isinstance(v.ty, PtrType):
-                args.append(self.emit_cast("ptr_to_int", v.v, v.ty, u64))
-            elif v.ty is None or v.ty == u64:
-                args.append(self.coerce(v, u64, a))
-            else:
-                raise self.err(a, f"efi_call arguments are u64 or pointers, got {v.ty}")
-        return TV(self.intr_efi_call(fp, args), u64)
-
-    def form_trap(self, node: ast.Call) -> TV:
-        return TV(self.intr_trap(node), void)
-
-    def form_v128_load(self, node: ast.Call) -> TV:
-        if len(node.args) != 1:
-            raise self.err(node, "v128_load takes one pointer")
-        return TV(self.intr_v128_load(self.ptr_arg(node, 0)), v128)
-
-    def form_v128_store(self, node: ast.Call) -> TV:
-        if len(node.args) != 2:
-            raise self.err(node, "v128_store takes a pointer and a v128")
-        p = self.ptr_arg(node, 0)
-        v = self.coerce(self.expr(node.args[1]), v128, node.args[1])
-        return TV(self.intr_v128_store(p, v), void)

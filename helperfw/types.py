@@ -196,7 +196,7 @@ INT_TYPES = {t.name: t for t in (u8, u16, u32, u64, i8, i16, i32, i64)}
 DEFAULT_INT = u64
 
 
-# -- integer rules shared by the compiler (codegen/lower.py) and the interpreter (interp.py) ----
+# -- integer rules shared by the compiler (codegen/lower.py) and the interpreter (interp/) -----
 
 def trunc_div(a: int, b: int) -> int:
     """C division: the quotient truncates toward zero (Python's `//` floors)."""

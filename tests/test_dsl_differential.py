@@ -56,6 +56,7 @@ from helperfw import (
     u16,
     u32,
     u64,
+    unroll,
     v128,
     v128_bsl,
     v128_bsr,
@@ -380,6 +381,34 @@ def aes256(key: Ptr[u8], blk: Ptr[u8], out: Ptr[u8]) -> u64:
 
 
 @function(abi="c")
+def unrolled(p: Ptr[u8], k: u64) -> u64:
+    """unroll(...) expanded at compile time: constant indices, a local declared in every copy,
+    a real loop (with break) inside a copy, nested and descending unrolls, return in a copy."""
+    rk: Array[v128, 15]
+    for r in unroll(15):
+        rk[r] = v128_make(k * (r + 1), k ^ r)
+    s = v128_load(p)
+    for r in unroll(1, 14):
+        s = aesenc(s, rk[r])
+    s = aesenclast(s, rk[14])
+    acc: u64 = 0
+    for j in unroll(8):
+        t: u64 = u64(p[j + 16]) << (8 * j)
+        acc ^= t
+        for i in range(3):
+            if acc & 1 == 0:
+                break
+            acc += u64(i)
+    for j in unroll(6, 0, -2):
+        for q in unroll(2):
+            acc = acc * 3 + j + q
+    for j in unroll(4):
+        if acc & 0xF == j:
+            return acc ^ v128_lo(s)
+    return acc + v128_hi(s)
+
+
+@function(abi="c")
 def platform(x: u32) -> u64:
     a, b, c, d = cpuid(x, x >> 4)
     outb(0x402, u8(a ^ d))
@@ -491,6 +520,7 @@ CASES = [
     Case(vec, u64, lambda r: ([Buf(0), Buf(1)], [r.randbytes(32), bytes(256)])),
     Case(aes256, u64, lambda r: ([Buf(0), Buf(1), Buf(2)], [r.randbytes(32), r.randbytes(16),
                                                            bytes(16)]), n=60),
+    Case(unrolled, u64, lambda r: ([Buf(0), rand_int(r, u64)], [r.randbytes(32)])),
     Case(platform, u64, lambda r: ([rand_int(r, u32)], []), native=False),
 ]
 
@@ -521,7 +551,11 @@ class PlatformModel(Env):
 def runners():
     print(f"\nDSL differential seed: {SEED} (replay: DSL_DIFF_SEED={SEED} pytest "
           f"tests/test_dsl_differential.py)")
-    fns = [c.fn for c in CASES]
+    return make_runners([c.fn for c in CASES])
+
+
+def make_runners(fns: list[Function]) -> dict:
+    """The three runners over one image of `fns`, with argument buffers mapped in each."""
     image = build(fns).image
     native = NativeImage(image)
     nbufs = [(ctypes.c_uint8 * BUF_SIZE)() for _ in range(N_BUFS)]
@@ -548,7 +582,7 @@ def _statics(R: dict) -> list[tuple[str, bytes, bytes, bytes]]:
     return out
 
 
-def _run_case(R: dict, case: Case, rng: random.Random) -> None:
+def run_case(R: dict, case: Case, rng: random.Random) -> None:
     mask = case.ret.mask if isinstance(case.ret, IntType) else 1
     for k in range(case.n):
         args, bufs = case.gen(rng)
@@ -586,7 +620,7 @@ def _run_case(R: dict, case: Case, rng: random.Random) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.fn.name for c in CASES])
 def test_three_ways_agree(runners, case: Case) -> None:
     rng = random.Random(f"{SEED}:{case.fn.name}")
-    _run_case(runners, case, rng)
+    run_case(runners, case, rng)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Compiler front end: struct layouts three ways, DSL errors with file:line, link checks,
+"""Compiler front end: struct layouts three ways, DSL errors with file:line:col, link checks,
 reproducibility."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import re
 import subprocess
-import textwrap
 from pathlib import Path
 
 import llvmlite.binding as llvm
@@ -18,6 +17,7 @@ from helperfw.codegen.pipeline import build
 from helperfw.interp import Interpreter
 from helperfw.native import NativeImage
 from tests import dsl_samples as S
+from tests.dsl_snippets import load_module
 
 STRUCTS = [S.Inner, S.Mixed, S.Packed]
 
@@ -92,14 +92,7 @@ def test_struct_access_compiled_matches_construct_layout():
 
 def _load_snippet(tmp_path: Path, body: str):
     """Write a DSL module to a real file (so inspect finds its source); its function `f`."""
-    import importlib.util
-
-    path = tmp_path / "snippet_mod.py"
-    path.write_text("from helperfw import *\n\n" + textwrap.dedent(body))
-    spec = importlib.util.spec_from_file_location(f"snip_{abs(hash(body))}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.f
+    return load_module(tmp_path, body).f
 
 
 def _compile_snippet(tmp_path: Path, body: str):
@@ -107,50 +100,97 @@ def _compile_snippet(tmp_path: Path, body: str):
 
 
 ERROR_CASES = pytest.mark.parametrize(
-    "body, line, reason",
+    "body, line, col, reason",
     [
         ("@function\ndef f(a: u32, b: u64) -> u64:\n    x = a\n    return x + b\n",
-         6, r"type mismatch: u32 and u64"),
-        ("@function\ndef f(a: u32) -> u32:\n    return a + nope\n", 5, r"unknown name 'nope'"),
-        ("@function\ndef f(a: u32) -> u32:\n    return [a][0]\n", 5,
+         6, 12, r"type mismatch: u32 and u64"),
+        ("@function\ndef f(a: u32) -> u32:\n    return a + nope\n", 5, 16,
+         r"unknown name 'nope'"),
+        ("@function\ndef f(a: u32) -> u32:\n    return [a][0]\n", 5, 12,
          r"unsupported expression: List"),
-        ("@function\ndef f(a: u32) -> u32:\n    with a:\n        pass\n    return a\n", 5,
+        ("@function\ndef f(a: u32) -> u32:\n    with a:\n        pass\n    return a\n", 5, 5,
          r"unsupported statement: With"),
-        ("@function\ndef f(a: u8) -> u8:\n    return a + 300\n", 5, r"literal 300 does not fit u8"),
-        ("@function\ndef f(a: u32) -> u32:\n    if a:\n        return a\n", 5,
+        ("@function\ndef f(a: u8) -> u8:\n    return a + 300\n", 5, 12,
+         r"literal 300 does not fit u8"),
+        ("@function\ndef f(a: u32) -> u32:\n    if a:\n        return a\n", 5, 5,
          r"can reach its end without return"),
-        ("@function\ndef f(a: u32) -> u32:\n    return a / 2\n", 5, r"use '//'"),
-        ("@function\ndef f(a: u32) -> u32:\n    buf: Array[u8, 4] = 0\n    return a\n", 5,
+        ("@function\ndef f(a: u32) -> u32:\n    return a / 2\n", 5, 12, r"use '//'"),
+        ("@function\ndef f(a: u32) -> u32:\n    buf: Array[u8, 4] = 0\n    return a\n", 5, 5,
          r"cannot initialise Array\[u8, 4\] with a value; assign its elements"),
-        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(pshufd(v))\n", 5,
+        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(pshufd(v))\n", 5, 20,
          r"pshufd takes a v128 and a literal selector"),
-        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(v128_shl64(v, 64))\n", 5,
+        ("@function\ndef f(v: v128) -> u64:\n    return v128_lo(v128_shl64(v, 64))\n", 5, 20,
          r"argument 2 must be an integer literal in \[0, 63\]"),
+        ("@function\ndef f() -> u64:\n    x, y = cpuid(1, 0)[0], 2\n    return x\n", 5, 12,
+         r"cpuid returns four values: a, b, c, d = cpuid\(leaf, sub\)"),
+        ("@function\ndef f() -> u64:\n    x, y = pshufd\n    return x\n", 5, 12,
+         r"only cpuid\(\), rdrand64\(\) or a tuple can be unpacked"),
+        ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(n):\n        pass\n    return n\n",
+         5, 21, r"unroll bounds must be integer literals"),
+        (("@function\ndef f(n: u64) -> u64:\n    while n > 1:\n        for j in unroll(4):\n"
+         "            if n == j:\n                break\n        n -= 1\n    return n\n"), 8, 17,
+         r"break cannot leave an unroll\(...\) body"),
+        ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(4):\n        j = n\n    return n\n",
+         6, 9, r"cannot assign to unroll variable 'j'"),
+        (("@function\ndef f(n: u64) -> u64:\n    for j in unroll(300):\n        pass\n"
+         "    return n\n"), 5, 14, r"unroll of 300 copies; at most 256"),
+        ("@function\ndef f(n: u64) -> u64:\n    k = unroll(3)\n    return n\n", 5, 9,
+         r"unroll\(...\) is only a for-loop header"),
+        (("@function\ndef f(n: u64) -> u64:\n    for j in unroll(2):\n        x: u32 = 0\n"
+         "    x: u32 = 1\n    return n\n"), 7, 5, r"local 'x' is already declared"),
     ],
     ids=["mismatch", "unknown-name", "list", "with", "literal-range", "no-return", "div",
-         "aggregate-init", "intrinsic-arity", "immediate-range"],
+         "aggregate-init", "intrinsic-arity", "immediate-range", "unpack-only", "not-unpackable",
+         "unroll-bound", "unroll-break", "unroll-assign", "unroll-size", "unroll-value",
+         "unroll-scope"],
 )
 
 
 @ERROR_CASES
-def test_errors_carry_file_line_and_reason(tmp_path, body, line, reason):
+def test_errors_carry_file_line_col_and_a_caret(tmp_path, body, line, col, reason):
+    """`file:line:col: reason`, then the source line and a caret under the column."""
     with pytest.raises(DslError) as ei:
         _compile_snippet(tmp_path, body)
-    msg = str(ei.value)
-    assert msg.startswith(f"{tmp_path / 'snippet_mod.py'}:{line}: "), msg
-    assert re.search(reason, msg), msg
-    assert "\n" not in msg
+    head, source, caret = str(ei.value).split("\n")
+    assert head.startswith(f"{tmp_path / 'snippet_mod.py'}:{line}:{col}: "), head
+    assert re.search(reason, head), head
+    assert ei.value.headline == head and (ei.value.line, ei.value.col) == (line, col)
+    want = (tmp_path / "snippet_mod.py").read_text().splitlines()[line - 1]
+    assert source == "    " + want
+    assert caret == "    " + " " * (col - 1) + "^"
+
+
+def test_column_of_a_nested_function_counts_its_indentation(tmp_path):
+    """A DSL function defined inside a class or function is dedented before parsing; its
+    columns are still the file's."""
+    body = ("class Holder:\n    @function\n    def g(a: u32) -> u32:\n"
+            "        return a + nope\n\n\nf = Holder.g\n")
+    with pytest.raises(DslError) as ei:
+        _compile_snippet(tmp_path, body)
+    assert (ei.value.line, ei.value.col) == (6, 20)
+    assert str(ei.value).splitlines()[2] == "    " + " " * 19 + "^"
 
 
 @ERROR_CASES
-def test_interpreter_reports_the_compilers_errors(tmp_path, body, line, reason):
-    """One front end (helperfw/frontend.py) checks for both: the same text at the same line."""
+def test_interpreter_reports_the_compilers_errors(tmp_path, body, line, col, reason):
+    """One front end (helperfw/frontend.py) checks for both: the same text at the same place."""
     fn = _load_snippet(tmp_path, body)
     with pytest.raises(DslError) as compiled:
         build([fn])
     with pytest.raises(DslError) as interpreted:
         Interpreter().prepare(fn)
     assert str(interpreted.value) == str(compiled.value)
+
+
+def test_unroll_expands_at_compile_time():
+    """No loop is left of `for r in unroll(1, 14)`: thirteen aesenc calls, no loop blocks."""
+    from tests.test_dsl_differential import unrolled
+
+    ir_text = build([unrolled], opt=0).ir
+    assert len(re.findall(r'call .*@"llvm\.x86\.aesni\.aesenc"\(', ir_text)) == 13
+    # the only loop blocks are the range(3) loop's, once in each of the 8 copies of its unroll
+    assert len(re.findall(r'^"?for\.head[^:]*:', ir_text, re.MULTILINE)) == 8
+    assert "while.head" not in ir_text
 
 
 # -- link ------------------------------------------------------------------------------------
@@ -165,6 +205,33 @@ define void @f(ptr %p) {{
 }}
 """
     return emit.emit_object(emit.optimize(ir_text, 0), 0)
+
+
+def test_link_places_lays_out_resolves_and_relocates():
+    """An absolute pointer in data becomes a base relocation holding its target's RVA; code
+    reaches data PC-relatively; linker-defined bounds resolve; the symbol table has both."""
+    ir_text = f"""
+target triple = "{emit.TRIPLE}"
+@__data_end = external hidden global i8
+@table = hidden global [2 x ptr] [ptr @f, ptr @__data_end], align 8
+define hidden i64 @f() {{
+  %p = load ptr, ptr getelementptr ([2 x ptr], ptr @table, i64 0, i64 1)
+  %v = ptrtoint ptr %p to i64
+  ret i64 %v
+}}
+"""
+    img = link.link(emit.emit_object(emit.optimize(ir_text, 0), 0), entry="f")
+    f, table = img.symbol("f"), img.symbol("table")
+    assert (f.section, f.kind, table.section, table.kind) == (".text", "func", ".data", "object")
+    assert img.relocs == (table.rva, table.rva + 8)
+    flat = img.flat()
+    data = img.section(".data")
+    assert int.from_bytes(flat[table.rva:table.rva + 8], "little") == f.rva
+    assert int.from_bytes(flat[table.rva + 8:table.rva + 16], "little") == data.rva + 0x1000
+    assert [s.name for s in img.sections] == [".text", ".data"]
+    assert img.section(".text").rva == 0x1000 and data.rva == 0x2000
+    rebased = img.flat(0x40000000)
+    assert int.from_bytes(rebased[table.rva:table.rva + 8], "little") == 0x40000000 + f.rva
 
 
 @pytest.mark.parametrize("sym", ["memset", "memcpy", "__chkstk"])

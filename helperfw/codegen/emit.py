@@ -6,17 +6,12 @@ import functools
 
 import llvmlite.binding as llvm
 
+from .llvm_compat import initialize as _init
+
 TRIPLE = "x86_64-unknown-none-elf"
 # SSE up to 4.1 plus AES-NI/PCLMULQDQ; no AVX so the image runs on any x86-64 with AES-NI.
 FEATURES = "+sse2,+ssse3,+sse4.1,+aes,+pclmul,-avx,-avx2,-avx512f"
 CPU = "x86-64"
-
-
-@functools.cache
-def _init() -> None:
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    llvm.initialize_native_asmparser()  # without it, inline asm aborts the process
 
 
 @functools.cache
@@ -49,11 +44,17 @@ def assemble(asm: str) -> bytes:
     return bytes(elf.get_section(".text").content)
 
 
-def optimize(ir_text: str, opt: int = 2) -> llvm.ModuleRef:
-    """Parse, verify and optimise IR with LLVM's standard -O pipeline for our target."""
+def verify(ir_text: str) -> llvm.ModuleRef:
+    """Parse and verify IR; RuntimeError with LLVM's message if it is not valid."""
     _init()
     mod = llvm.parse_assembly(ir_text)
     mod.verify()
+    return mod
+
+
+def optimize(ir_text: str, opt: int = 2) -> llvm.ModuleRef:
+    """Parse, verify and optimise IR with LLVM's standard -O pipeline for our target."""
+    mod = verify(ir_text)
     if opt:
         tm = target_machine(opt)
         pto = llvm.create_pipeline_tuning_options(speed_level=opt)

@@ -2,8 +2,8 @@
 
 One `FunctionLowerer` walks one function's Python AST and emits IR. What the DSL means (name
 resolution, literal typing, casts, intrinsic signatures, every compile error with its DSL
-`file:line`) is decided by the shared front end, helperfw/frontend.py, which the reference
-interpreter (helperfw/interp.py) follows too; this module only chooses instructions: integer
+`file:line:col`) is decided by the shared front end, helperfw/frontend.py, which the reference
+interpreter (helperfw/interp) follows too; this module only chooses instructions: integer
 arithmetic wraps; `//` and `%` truncate toward zero (C, not Python); shift counts are taken modulo
 the width (x86); comparisons and `>>` follow the operand's signedness.
 """
@@ -13,18 +13,19 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from llvmlite import ir
 
 from ..dsl import DslError, Function, Static
 from ..frontend import COMPARISONS, TV, FrontEnd, check_signature
-from ..types import BoolType, IntType, PtrType, Type, bool_, i64, u64, v128
-from . import emit
+from ..intrinsics.registry import Intrinsic
+from ..types import BoolType, IntType, PtrType, Type, bool_, i64, u64
+from . import emit, llvm_compat
 
 FN_ATTRS = ("noredzone", "nounwind", '"no-builtins"', '"no-stack-arg-probe"')
 CCONV = {"internal": "fastcc", "c": "ccc", "efi": "win64cc"}
 I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
-V2I64, V16I8, V4I32 = ir.VectorType(I64, 2), ir.VectorType(I8, 16), ir.VectorType(I32, 4)
 
 
 @dataclass
@@ -34,34 +35,6 @@ class LV:
     ptr: ir.Value
     ty: Type
     volatile: bool = False
-
-
-class _VolatileLoad(ir.instructions.LoadInstr):
-    def descr(self, buf: list) -> None:
-        (ptr,) = self.operands
-        buf.append(f"load volatile {self.type}, {ptr.type} {ptr.get_reference()}, align 1\n")
-
-
-class _VolatileStore(ir.instructions.StoreInstr):
-    def descr(self, buf: list) -> None:
-        val, ptr = self.operands
-        buf.append(
-            f"store volatile {val.type} {val.get_reference()}, {ptr.type} "
-            f"{ptr.get_reference()}, align 1\n"
-        )
-
-
-class _FnPtr:
-    """An opaque-pointer callee that carries its function type (for indirect calls)."""
-
-    def __init__(self, ptr: ir.Value, fty: ir.FunctionType) -> None:
-        self.ptr, self.function_type, self.type = ptr, fty, ptr.type
-
-    def get_reference(self) -> str:
-        return self.ptr.get_reference()
-
-    def _get_reference(self) -> str:
-        return self.ptr.get_reference()
 
 
 class ModuleLowerer:
@@ -96,12 +69,12 @@ class ModuleLowerer:
         if fn.abi != "internal":
             f.visibility = "hidden"  # dso_local, PC-relative, no GOT
         for a in FN_ATTRS:
-            set.add(f.attributes, a)  # bypass llvmlite's list of known attribute names
+            llvm_compat.add_attribute(f, a)
         if fn.noinline:
-            set.add(f.attributes, "noinline")
+            llvm_compat.add_attribute(f, "noinline")
         if fn.small:
-            set.add(f.attributes, "optsize")
-            set.add(f.attributes, "minsize")
+            llvm_compat.add_attribute(f, "optsize")
+            llvm_compat.add_attribute(f, "minsize")
         if fn.section:
             f.section = fn.section
         self.functions[fn] = f
@@ -140,9 +113,7 @@ class ModuleLowerer:
         if name not in self.externs:
             g = ir.GlobalVariable(self.module, I8, name)
             g.linkage = "external"
-            # llvmlite prints no visibility on declarations; this slot is printed right after
-            # the linkage, where LLVM expects it. Hidden = dso_local: PC-relative, no GOT.
-            g.storage_class = "hidden"
+            llvm_compat.hide_declaration(g)  # dso_local: PC-relative, no GOT
             self.externs[name] = g
         return self.externs[name]
 
@@ -159,7 +130,12 @@ class ModuleLowerer:
             self.static_global(s, name)
         while self._queue:
             fn = self._queue.pop(0)
-            FunctionLowerer(self, fn).lower()
+            try:
+                FunctionLowerer(self, fn).lower()
+            except DslError:
+                raise
+            except Exception as exc:  # outside any statement: at the function's `def`
+                raise fn.internal_error(fn.tree, exc) from exc
         kept = [g for s, g in self._kept]
         if kept:  # llvm.used: the optimiser and the object writer must keep these
             arr = ir.ArrayType(ir.PointerType(), len(kept))
@@ -168,6 +144,19 @@ class ModuleLowerer:
             used.section = "llvm.metadata"
             used.initializer = ir.Constant(arr, kept)
         return self.module
+
+    def rejected(self, exc: RuntimeError) -> DslError:
+        """LLVM refused the module (parse or verify() error): a DslError at the `def` of the
+        first function that LLVM refuses on its own (the others stubbed out)."""
+        for fn, f in self.functions.items():
+            try:
+                emit.verify(llvm_compat.module_text_with_stubs(self.module, f))
+            except RuntimeError as alone:
+                return fn.error(fn.tree, f"LLVM rejected the code lowered for {fn.name}: "
+                                         f"{_llvm_reason(alone)}")
+        fn = next(iter(self.functions))
+        return fn.error(fn.tree, f"LLVM rejected the module built from {fn.name}: "
+                                 f"{_llvm_reason(exc)}")
 
 
 class FunctionLowerer(FrontEnd):
@@ -189,23 +178,10 @@ class FunctionLowerer(FrontEnd):
         return a
 
     def load(self, lv: LV) -> TV:
-        if not lv.ty.is_scalar:
-            raise TypeError(lv.ty)
-        t = lv.ty.llvm()
-        if lv.volatile:
-            instr = _VolatileLoad(self.b.block, lv.ptr, typ=t)
-            self.b._insert(instr)
-            return TV(instr, lv.ty)
-        return TV(self.b.load(lv.ptr, typ=t, align=1), lv.ty)
+        return TV(self.mem_load(lv.ptr, lv.ty, lv.volatile), lv.ty)
 
     def store(self, val: ir.Value, lv: LV) -> None:
-        if lv.volatile:
-            self.b._insert(_VolatileStore(self.b.block, val, lv.ptr))
-        else:
-            # llvmlite still tracks pointee types on GEP results; build the store directly
-            st = ir.instructions.StoreInstr(self.b.block, val, lv.ptr)
-            st.align = 1
-            self.b._insert(st)
+        self.mem_store(lv.ptr, lv.ty, val, lv.volatile)
 
     def new_block(self, name: str) -> ir.Block:
         return self.f.append_basic_block(name)
@@ -225,10 +201,6 @@ class FunctionLowerer(FrontEnd):
         if src.bits > dst.bits:
             return self.b.trunc(v, dst.llvm())
         return (self.b.sext if src.signed else self.b.zext)(v, dst.llvm())
-
-    def asm(self, ret: ir.Type, text: str, cons: str, args: list[ir.Value]) -> ir.Value:
-        fty = ir.FunctionType(ret, [a.type for a in args])
-        return self.b.asm(fty, text, cons, args, side_effect=True)
 
     # -- entry --------------------------------------------------------------------------------
     def lower(self) -> None:
@@ -482,158 +454,46 @@ class FunctionLowerer(FrontEnd):
             return v
         return self.b.icmp_unsigned("!=", v, ir.Constant(src.llvm(), 0))  # nonzero
 
-    # -- intrinsics (arguments already checked against frontend.SIGNATURES) -------------------
-    def intr_vload(self, p: TV) -> ir.Value:
-        return self.load(LV(p.v, p.ty.pointee, volatile=True)).v
+    # -- intrinsics: the registry's lowerings, given this Emitter ----------------------------
+    def emit_intrinsic(self, g: Intrinsic, args: list[Any], ret: Type | tuple[Type, ...]
+                       ) -> Any:
+        r = g.lower(self, *(a.v if isinstance(a, TV) else a for a in args))
+        return (None, r) if isinstance(ret, tuple) else r
 
-    def intr_vstore(self, p: TV, val: ir.Value) -> None:
-        self.store(val, LV(p.v, p.ty.pointee, volatile=True))
+    # the Emitter protocol (helperfw/intrinsics/registry.py)
+    def asm(self, ret: ir.Type, text: str, constraints: str, args: list[ir.Value]) -> ir.Value:
+        fty = ir.FunctionType(ret, [a.type for a in args])
+        return self.b.asm(fty, text, constraints, args, side_effect=True)
 
-    def intr_symbol_addr(self, name: str) -> ir.Value:
-        return self.b.ptrtoint(self.ml.extern_symbol(name), I64)
+    def llvm_intrinsic(self, name: str, ret: ir.Type, params: list[ir.Type]) -> ir.Function:
+        return self.ml.intrinsic(name, ret, params)
 
-    def intr_func_addr(self, g: Function) -> ir.Value:
-        return self.b.ptrtoint(self.ml.declare(g), I64)
+    def mem_load(self, ptr: ir.Value, t: Type, volatile: bool = False) -> ir.Value:
+        if not t.is_scalar:
+            raise TypeError(f"load of a {t}")
+        if volatile:
+            return llvm_compat.volatile_load(self.b, ptr, t.llvm())
+        return self.b.load(ptr, typ=t.llvm(), align=1)
 
-    def intr_efi_call(self, fp: ir.Value, args: list[ir.Value]) -> ir.Value:
-        fty = ir.FunctionType(I64, [I64] * len(args))
-        callee = _FnPtr(self.b.inttoptr(fp, ir.PointerType()), fty)
-        return self.b.call(callee, args, cconv="win64cc")
+    def mem_store(self, ptr: ir.Value, t: Type, value: ir.Value, volatile: bool = False) -> None:
+        if volatile:
+            llvm_compat.volatile_store(self.b, value, ptr)
+        else:
+            llvm_compat.store(self.b, value, ptr)
 
-    def intr_trap(self, node: ast.Call) -> None:
-        self.b.call(self.ml.intrinsic("llvm.trap", ir.VoidType(), []), [])
+    def extern_symbol(self, name: str) -> ir.GlobalVariable:
+        return self.ml.extern_symbol(name)
 
-    def intr_cpuid(self, leaf: ir.Value, sub: ir.Value) -> tuple[None, list[ir.Value]]:
-        st = ir.LiteralStructType([I32] * 4)
-        r = self.asm(st, "cpuid", "={eax},={ebx},={ecx},={edx},{eax},{ecx}", [leaf, sub])
-        return None, [self.b.extract_value(r, i) for i in range(4)]
+    def function_ref(self, fn: Function) -> ir.Function:
+        return self.ml.declare(fn)
 
-    def intr_rdrand64(self) -> tuple[None, list[ir.Value]]:
-        st = ir.LiteralStructType([I64, I8])
-        r = self.asm(st, "rdrand $0\n\tsetc $1", "=r,=r,~{flags}", [])
-        ok = self.b.icmp_unsigned("!=", self.b.extract_value(r, 1), ir.Constant(I8, 0))
-        return None, [self.b.extract_value(r, 0), ok]
 
-    def intr_rdmsr(self, msr: ir.Value) -> ir.Value:
-        st = ir.LiteralStructType([I32, I32])
-        r = self.asm(st, "rdmsr", "={eax},={edx},{ecx}", [msr])
-        lo = self.b.zext(self.b.extract_value(r, 0), I64)
-        hi = self.b.zext(self.b.extract_value(r, 1), I64)
-        return self.b.or_(lo, self.b.shl(hi, ir.Constant(I64, 32)))
-
-    def intr_wrmsr(self, msr: ir.Value, val: ir.Value) -> None:
-        lo = self.b.trunc(val, I32)
-        hi = self.b.trunc(self.b.lshr(val, ir.Constant(I64, 32)), I32)
-        self.asm(ir.VoidType(), "wrmsr", "{ecx},{eax},{edx},~{memory}", [msr, lo, hi])
-
-    def intr_vmmcall(self, *vals: ir.Value) -> ir.Value:
-        return self.asm(I64, "vmmcall", "={rax},{rax},{rbx},{rcx},{rdx},{rsi},~{memory}",
-                        list(vals))
-
-    def _simple_asm(self, text: str) -> None:
-        self.asm(ir.VoidType(), text, "~{memory}", [])
-
-    def intr_hlt(self) -> None:
-        self._simple_asm("hlt")
-
-    def intr_pause(self) -> None:
-        self._simple_asm("pause")
-
-    def intr_mfence(self) -> None:
-        self._simple_asm("mfence")
-
-    def intr_lfence(self) -> None:
-        self._simple_asm("lfence")
-
-    def intr_sfence(self) -> None:
-        self._simple_asm("sfence")
-
-    def intr_invlpg(self, va: ir.Value) -> None:
-        self.asm(ir.VoidType(), "invlpg ($0)", "r,~{memory}", [va])
-
-    def intr_read_cr3(self) -> ir.Value:
-        return self.asm(I64, "mov %cr3, $0", "=r,~{memory}", [])
-
-    def intr_write_cr3(self, v: ir.Value) -> None:
-        self.asm(ir.VoidType(), "mov $0, %cr3", "r,~{memory}", [v])
-
-    def intr_outb(self, port: ir.Value, val: ir.Value) -> None:
-        self.asm(ir.VoidType(), "outb %al, %dx", "{dx},{al},~{memory}", [port, val])
-
-    def intr_inb(self, port: ir.Value) -> ir.Value:
-        return self.asm(I8, "inb %dx, %al", "={al},{dx},~{memory}", [port])
-
-    def _v2(self, name: str, *vals: ir.Value) -> ir.Value:
-        f = self.ml.intrinsic(name, V2I64, [V2I64] * len(vals))
-        return self.b.call(f, list(vals))
-
-    def intr_aesenc(self, v: ir.Value, k: ir.Value) -> ir.Value:
-        return self._v2("llvm.x86.aesni.aesenc", v, k)
-
-    def intr_aesenclast(self, v: ir.Value, k: ir.Value) -> ir.Value:
-        return self._v2("llvm.x86.aesni.aesenclast", v, k)
-
-    def intr_aeskeygenassist(self, v: ir.Value, imm: int) -> ir.Value:
-        f = self.ml.intrinsic("llvm.x86.aesni.aeskeygenassist", V2I64, [V2I64, I8])
-        return self.b.call(f, [v, ir.Constant(I8, imm)])
-
-    def intr_pclmulqdq(self, a: ir.Value, b: ir.Value, imm: int) -> ir.Value:
-        f = self.ml.intrinsic("llvm.x86.pclmulqdq", V2I64, [V2I64, V2I64, I8])
-        return self.b.call(f, [a, b, ir.Constant(I8, imm)])
-
-    def intr_pshufb(self, v: ir.Value, m: ir.Value) -> ir.Value:
-        f = self.ml.intrinsic("llvm.x86.ssse3.pshuf.b.128", V16I8, [V16I8, V16I8])
-        r = self.b.call(f, [self.b.bitcast(v, V16I8), self.b.bitcast(m, V16I8)])
-        return self.b.bitcast(r, V2I64)
-
-    def intr_pshufd(self, v: ir.Value, imm: int) -> ir.Value:
-        v = self.b.bitcast(v, V4I32)
-        mask = ir.Constant(V4I32, [(imm >> (2 * i)) & 3 for i in range(4)])
-        return self.b.bitcast(self.b.shuffle_vector(v, v, mask), V2I64)
-
-    def intr_v128_make(self, lo: ir.Value, hi: ir.Value) -> ir.Value:
-        v = ir.Constant(V2I64, None)
-        v = self.b.insert_element(v, lo, ir.Constant(I32, 0))
-        return self.b.insert_element(v, hi, ir.Constant(I32, 1))
-
-    def intr_v128_lo(self, v: ir.Value) -> ir.Value:
-        return self.b.extract_element(v, ir.Constant(I32, 0))
-
-    def intr_v128_hi(self, v: ir.Value) -> ir.Value:
-        return self.b.extract_element(v, ir.Constant(I32, 1))
-
-    def intr_v128_load(self, p: TV) -> ir.Value:
-        return self.b.load(p.v, typ=V2I64, align=1)
-
-    def intr_v128_store(self, p: TV, v: ir.Value) -> None:
-        self.store(v, LV(p.v, v128))  # builder.store rejects GEP pointers typed i8
-
-    def _lane_shift(self, v: ir.Value, n: int, left: bool) -> ir.Value:
-        amt = ir.Constant(V2I64, [n, n])
-        return self.b.shl(v, amt) if left else self.b.lshr(v, amt)
-
-    def intr_v128_shl64(self, v: ir.Value, n: int) -> ir.Value:
-        return self._lane_shift(v, n, True)
-
-    def intr_v128_shr64(self, v: ir.Value, n: int) -> ir.Value:
-        return self._lane_shift(v, n, False)
-
-    def _byte_shift(self, v: ir.Value, n: int, left: bool) -> ir.Value:
-        v = self.b.bitcast(v, V16I8)
-        zero = ir.Constant(V16I8, None)
-        # shuffle indices: 0..15 select v, 16..31 select zero
-        if left:  # pslldq: byte i takes byte i-n, zeros shift in at the bottom
-            idx = [16 if i < n else i - n for i in range(16)]
-        else:  # psrldq: byte i takes byte i+n, zeros shift in at the top
-            idx = [min(16, i + n) for i in range(16)]
-        r = self.b.shuffle_vector(v, zero, ir.Constant(ir.VectorType(I32, 16), idx))
-        return self.b.bitcast(r, V2I64)
-
-    def intr_v128_bsl(self, v: ir.Value, n: int) -> ir.Value:
-        return self._byte_shift(v, n, True)
-
-    def intr_v128_bsr(self, v: ir.Value, n: int) -> ir.Value:
-        return self._byte_shift(v, n, False)
+def _llvm_reason(exc: RuntimeError) -> str:
+    """One line from LLVM's multi-line message: what follows `error:` (the parser's position is
+    in IR text the user never sees), else the first line (the verifier's)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    parse = next((ln for ln in lines if "error: " in ln), None)
+    return parse.split("error: ", 1)[1] if parse else lines[0] if lines else "?"
 
 
 def lower_functions(roots: list[Function], name: str = "helper",

@@ -19,9 +19,12 @@ class Build:
 
 def build(roots: list[Function], entry: str | None = None, opt: int = 2,
           name: str = "helper", keep: tuple[tuple[str, Static], ...] = ()) -> Build:
-    mod = lower.lower_functions(roots, name, keep)
-    ir_text = str(mod)
-    opt_mod = emit.optimize(ir_text, opt)
+    ml = lower.ModuleLowerer(name)
+    ir_text = str(ml.lower(roots, keep))
+    try:
+        opt_mod = emit.optimize(ir_text, opt)
+    except RuntimeError as exc:  # LLVM refused the IR: say which DSL function it came from
+        raise ml.rejected(exc) from exc
     obj = emit.emit_object(opt_mod, opt)
     return Build(ir_text, str(opt_mod), obj, link.link(obj, entry))
 

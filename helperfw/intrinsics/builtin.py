@@ -1,0 +1,430 @@
+"""Every built-in intrinsic: one entry each (typing rule, LLVM lowering, interpreter semantics,
+doc line), registered in helperfw/intrinsics/registry.py's INTRINSICS in docs/DSL.md's order.
+
+Each entry is a decorated LLVM lowering whose Python name is the intrinsic's DSL name; the
+module-level names are what `from helperfw import cpuid` imports. Special forms (arguments that
+are places, types, names, strings or any pointer) bring their own typing rule; the fixed ones
+spell their signature, which is also their doc line.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+from llvmlite import ir
+
+from ..codegen import llvm_compat
+from ..dsl import Function
+from ..frontend import TV, FrontEnd
+from ..structs import StructType
+from ..types import PtrType, Type, u64, v128, void
+from . import x86
+from .registry import (
+    IMAGE,
+    INTRINSICS,
+    MEMORY,
+    PLATFORM,
+    SIMD,
+    Checked,
+    Emitter,
+    Machine,
+    ask_env,
+    form,
+    intrinsic,
+    pure,
+)
+
+I8, I32, I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+V2I64, V16I8, V4I32 = ir.VectorType(I64, 2), ir.VectorType(I8, 16), ir.VectorType(I32, 4)
+VOID = ir.VoidType()
+
+
+def _read(machine: Machine) -> Any:
+    return machine.read
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+@form(group=MEMORY, spelling="(lvalue) -> Ptr[T]", doc="address of a variable, field or element")
+def addr(fe: FrontEnd, node: ast.Call) -> TV:
+    if len(node.args) != 1:
+        raise fe.err(node, "addr takes one argument")
+    lv = fe.lvalue(node.args[0])
+    return TV(fe.address_of(lv, node), PtrType(lv.ty))
+
+
+def _scalar_pointer(fe: FrontEnd, node: ast.Call, what: str) -> TV:
+    p = fe.ptr_arg(node, 0)
+    if not p.ty.pointee.is_scalar:
+        raise fe.err(node, f"{what} of a {p.ty.pointee}")
+    return p
+
+
+def _vload_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if len(node.args) != 1:
+        raise fe.err(node, "vload takes one pointer")
+    p = _scalar_pointer(fe, node, "vload")
+    return Checked([p.ty.pointee, p], p.ty.pointee)
+
+
+@intrinsic(typing=_vload_rule, spelling="(p: Ptr[T]) -> T", group=MEMORY, evaluate=_read,
+           doc="volatile load (shared memory: read exactly once)")
+def vload(em: Emitter, t: Type, p: ir.Value) -> ir.Value:
+    return em.mem_load(p, t, volatile=True)
+
+
+def _vstore_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if len(node.args) != 2:
+        raise fe.err(node, "vstore takes a pointer and a value")
+    p = _scalar_pointer(fe, node, "vstore")
+    return Checked([p.ty.pointee, p, fe.typed(node.args[1], p.ty.pointee)], void)
+
+
+@intrinsic(typing=_vstore_rule, spelling="(p: Ptr[T], v: T)", group=MEMORY,
+           evaluate=lambda machine: machine.write, doc="volatile store (shared memory)")
+def vstore(em: Emitter, t: Type, p: ir.Value, v: ir.Value) -> None:
+    em.mem_store(p, t, v, volatile=True)
+
+
+@form(group=MEMORY, spelling="(T) -> literal", doc="size in bytes of a DSL type")
+def sizeof(fe: FrontEnd, node: ast.Call) -> TV:
+    if len(node.args) != 1:
+        raise fe.err(node, "sizeof takes one type")
+    return TV(fe.fn.eval_type(node.args[0]).size, None)
+
+
+@form(group=MEMORY, spelling="(S, 'field') -> literal", doc="byte offset of a struct field")
+def offsetof(fe: FrontEnd, node: ast.Call) -> TV:
+    if len(node.args) != 2 or not isinstance(node.args[1], ast.Constant):
+        raise fe.err(node, "offsetof takes a struct type and a field name string")
+    t = fe.fn.eval_type(node.args[0])
+    if not isinstance(t, StructType) or node.args[1].value not in t.fields:
+        raise fe.err(node, f"{t} has no field {node.args[1].value!r}")
+    return TV(t.offset(node.args[1].value), None)
+
+
+# -- the image --------------------------------------------------------------------------------
+
+def _symbol_addr_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if len(node.args) != 1 or not isinstance(node.args[0], ast.Constant) or not isinstance(
+            node.args[0].value, str):
+        raise fe.err(node, "symbol_addr takes a symbol name string")
+    return Checked([node.args[0].value], u64)
+
+
+@intrinsic(typing=_symbol_addr_rule, spelling="('name') -> u64", group=IMAGE,
+           evaluate=ask_env(), doc="run-time address of a linker symbol (`__image_start`, "
+           "`__image_end`, `__<section>_start/_end` for text, rodata, data, bss)")
+def symbol_addr(em: Emitter, name: str) -> ir.Value:
+    return em.b.ptrtoint(em.extern_symbol(name), I64)
+
+
+def _func_addr_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if len(node.args) != 1 or not isinstance(node.args[0], ast.Name):
+        raise fe.err(node, "func_addr takes a DSL function name")
+    g = fe.lookup_global(node.args[0].id)
+    if not isinstance(g, Function):
+        raise fe.err(node, f"{node.args[0].id!r} is not a DSL function")
+    return Checked([g], u64)
+
+
+@intrinsic(typing=_func_addr_rule, spelling="(f) -> u64", group=IMAGE, evaluate=ask_env(),
+           doc="run-time address of a DSL function")
+def func_addr(em: Emitter, fn: Function) -> ir.Value:
+    return em.b.ptrtoint(em.function_ref(fn), I64)
+
+
+def _efi_call_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if not node.args:
+        raise fe.err(node, "efi_call needs a function pointer")
+    args = [fe.typed(node.args[0], u64)]
+    for a in node.args[1:]:  # EFIAPI arguments are 64-bit registers: u64 or a pointer
+        v = fe.expr(a)
+        if isinstance(v.ty, PtrType):
+            args.append(TV(fe.emit_cast("ptr_to_int", v.v, v.ty, u64), u64))
+        elif v.ty is None or v.ty == u64:
+            args.append(TV(fe.coerce(v, u64, a), u64))
+        else:
+            raise fe.err(a, f"efi_call arguments are u64 or pointers, got {v.ty}")
+    return Checked(args, u64)
+
+
+@intrinsic(typing=_efi_call_rule, spelling="(fnptr: u64, args...) -> u64", group=IMAGE,
+           evaluate=ask_env(), doc="call through a pointer with EFIAPI (win64)")
+def efi_call(em: Emitter, fp: ir.Value, *args: ir.Value) -> ir.Value:
+    fty = ir.FunctionType(I64, [I64] * len(args))
+    callee = llvm_compat.indirect_callee(em.b.inttoptr(fp, ir.PointerType()), fty)
+    return em.b.call(callee, list(args), cconv="win64cc")
+
+
+def _trap_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if node.args:
+        raise fe.err(node, "trap takes no arguments")
+    return Checked([f"{fe.fn.file}:{node.lineno}"], void)
+
+
+@intrinsic(typing=_trap_rule, spelling="()", group=IMAGE,
+           evaluate=lambda machine: machine.trap,
+           doc="ud2; marks a state that must never be reached")
+def trap(em: Emitter, where: str) -> None:
+    em.b.call(em.llvm_intrinsic("llvm.trap", VOID, []), [])
+
+
+# -- privileged / platform instructions -------------------------------------------------------
+
+@intrinsic("(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32)", group=PLATFORM,
+           evaluate=ask_env(), doc="eax, ebx, ecx, edx of a CPUID leaf",
+           unpack_reason="cpuid returns four values: a, b, c, d = cpuid(leaf, sub)")
+def cpuid(em: Emitter, leaf: ir.Value, sub: ir.Value) -> list[ir.Value]:
+    st = ir.LiteralStructType([I32] * 4)
+    r = em.asm(st, "cpuid", "={eax},={ebx},={ecx},={edx},{eax},{ecx}", [leaf, sub])
+    return [em.b.extract_value(r, i) for i in range(4)]
+
+
+@intrinsic("(msr: u32) -> u64", group=PLATFORM, evaluate=ask_env(),
+           doc="read a model-specific register")
+def rdmsr(em: Emitter, msr: ir.Value) -> ir.Value:
+    st = ir.LiteralStructType([I32, I32])
+    r = em.asm(st, "rdmsr", "={eax},={edx},{ecx}", [msr])
+    lo = em.b.zext(em.b.extract_value(r, 0), I64)
+    hi = em.b.zext(em.b.extract_value(r, 1), I64)
+    return em.b.or_(lo, em.b.shl(hi, ir.Constant(I64, 32)))
+
+
+@intrinsic("(msr: u32, value: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="write a model-specific register")
+def wrmsr(em: Emitter, msr: ir.Value, val: ir.Value) -> None:
+    lo = em.b.trunc(val, I32)
+    hi = em.b.trunc(em.b.lshr(val, ir.Constant(I64, 32)), I32)
+    em.asm(VOID, "wrmsr", "{ecx},{eax},{edx},~{memory}", [msr, lo, hi])
+
+
+@intrinsic("(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> u64", group=PLATFORM,
+           evaluate=ask_env(), doc="KVM hypercall (rax=nr, rbx, rcx, rdx, rsi)")
+def vmmcall(em: Emitter, *vals: ir.Value) -> ir.Value:
+    return em.asm(I64, "vmmcall", "={rax},{rax},{rbx},{rcx},{rdx},{rsi},~{memory}", list(vals))
+
+
+def _alone(em: Emitter, text: str) -> None:
+    """An instruction with no operands that must stay where it is among memory accesses."""
+    em.asm(VOID, text, "~{memory}", [])
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(),
+           doc="halt; in the mirror VM this exits to the host")
+def hlt(em: Emitter) -> None:
+    _alone(em, "hlt")
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True), doc="spin-loop hint")
+def pause(em: Emitter) -> None:
+    _alone(em, "pause")
+
+
+@intrinsic("() -> (u64, bool)", group=PLATFORM, evaluate=ask_env(),
+           doc="a hardware random number and whether the CPU had one",
+           unpack_reason="rdrand64 returns two values: value, ok = rdrand64()")
+def rdrand64(em: Emitter) -> list[ir.Value]:
+    st = ir.LiteralStructType([I64, I8])
+    r = em.asm(st, "rdrand $0\n\tsetc $1", "=r,=r,~{flags}", [])
+    ok = em.b.icmp_unsigned("!=", em.b.extract_value(r, 1), ir.Constant(I8, 0))
+    return [em.b.extract_value(r, 0), ok]
+
+
+@intrinsic("(va: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="drop the TLB entry of the page holding `va`")
+def invlpg(em: Emitter, va: ir.Value) -> None:
+    em.asm(VOID, "invlpg ($0)", "r,~{memory}", [va])
+
+
+@intrinsic("() -> u64", group=PLATFORM, evaluate=ask_env(), doc="the page-table root")
+def read_cr3(em: Emitter) -> ir.Value:
+    return em.asm(I64, "mov %cr3, $0", "=r,~{memory}", [])
+
+
+@intrinsic("(value: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="switch page tables (flushes non-global TLB entries)")
+def write_cr3(em: Emitter, v: ir.Value) -> None:
+    em.asm(VOID, "mov $0, %cr3", "r,~{memory}", [v])
+
+
+@intrinsic("(port: u16, value: u8)", group=PLATFORM, evaluate=ask_env(),
+           doc="write a byte to an I/O port")
+def outb(em: Emitter, port: ir.Value, val: ir.Value) -> None:
+    em.asm(VOID, "outb %al, %dx", "{dx},{al},~{memory}", [port, val])
+
+
+@intrinsic("(port: u16) -> u8", group=PLATFORM, evaluate=ask_env(),
+           doc="read a byte from an I/O port")
+def inb(em: Emitter, port: ir.Value) -> ir.Value:
+    return em.asm(I8, "inb %dx, %al", "={al},{dx},~{memory}", [port])
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="full fence: earlier loads and stores complete first")
+def mfence(em: Emitter) -> None:
+    _alone(em, "mfence")
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="load fence: later instructions wait for earlier loads (stops speculation)")
+def lfence(em: Emitter) -> None:
+    _alone(em, "lfence")
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="store fence: earlier stores complete first")
+def sfence(em: Emitter) -> None:
+    _alone(em, "sfence")
+
+
+# -- 128-bit SSE / AES-NI / PCLMULQDQ ---------------------------------------------------------
+
+def _v2(em: Emitter, name: str, *vals: ir.Value) -> ir.Value:
+    """Call an LLVM x86 intrinsic on <2 x i64> operands."""
+    return em.b.call(em.llvm_intrinsic(name, V2I64, [V2I64] * len(vals)), list(vals))
+
+
+@intrinsic("(state: v128, round_key: v128) -> v128", group=SIMD, evaluate=pure(x86.aesenc),
+           doc="one AES encryption round (ShiftRows, SubBytes, MixColumns, AddRoundKey)")
+def aesenc(em: Emitter, v: ir.Value, k: ir.Value) -> ir.Value:
+    return _v2(em, "llvm.x86.aesni.aesenc", v, k)
+
+
+@intrinsic("(state: v128, round_key: v128) -> v128", group=SIMD,
+           evaluate=pure(x86.aesenclast), doc="the last AES round (no MixColumns)")
+def aesenclast(em: Emitter, v: ir.Value, k: ir.Value) -> ir.Value:
+    return _v2(em, "llvm.x86.aesni.aesenclast", v, k)
+
+
+@intrinsic("(v: v128, rcon: imm8) -> v128", group=SIMD, evaluate=pure(x86.aeskeygenassist),
+           arity_reason="aeskeygenassist takes a v128 and a literal rcon",
+           doc="AES key-expansion assist")
+def aeskeygenassist(em: Emitter, v: ir.Value, imm: int) -> ir.Value:
+    f = em.llvm_intrinsic("llvm.x86.aesni.aeskeygenassist", V2I64, [V2I64, I8])
+    return em.b.call(f, [v, ir.Constant(I8, imm)])
+
+
+@intrinsic("(a: v128, b: v128, imm: imm8) -> v128", group=SIMD, evaluate=pure(x86.pclmulqdq),
+           arity_reason="pclmulqdq takes two v128 values and a literal selector",
+           doc="carry-less multiply of the quadwords imm selects (bit 0: a's, bit 4: b's)")
+def pclmulqdq(em: Emitter, a: ir.Value, b: ir.Value, imm: int) -> ir.Value:
+    f = em.llvm_intrinsic("llvm.x86.pclmulqdq", V2I64, [V2I64, V2I64, I8])
+    return em.b.call(f, [a, b, ir.Constant(I8, imm)])
+
+
+@intrinsic("(v: v128, mask: v128) -> v128", group=SIMD, evaluate=pure(x86.pshufb),
+           doc="byte shuffle (a mask byte with bit 7 set gives 0)")
+def pshufb(em: Emitter, v: ir.Value, m: ir.Value) -> ir.Value:
+    f = em.llvm_intrinsic("llvm.x86.ssse3.pshuf.b.128", V16I8, [V16I8, V16I8])
+    r = em.b.call(f, [em.b.bitcast(v, V16I8), em.b.bitcast(m, V16I8)])
+    return em.b.bitcast(r, V2I64)
+
+
+@intrinsic("(v: v128, imm: imm8) -> v128", group=SIMD, evaluate=pure(x86.pshufd),
+           arity_reason="pshufd takes a v128 and a literal selector",
+           doc="dword shuffle: dword i is v's dword (imm >> 2i) & 3")
+def pshufd(em: Emitter, v: ir.Value, imm: int) -> ir.Value:
+    v = em.b.bitcast(v, V4I32)
+    mask = ir.Constant(V4I32, [(imm >> (2 * i)) & 3 for i in range(4)])
+    return em.b.bitcast(em.b.shuffle_vector(v, v, mask), V2I64)
+
+
+@intrinsic("(lo: u64, hi: u64) -> v128", group=SIMD,
+           evaluate=pure(lambda lo, hi: lo | (hi << 64)), doc="a v128 from two quadwords")
+def v128_make(em: Emitter, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    v = ir.Constant(V2I64, None)
+    v = em.b.insert_element(v, lo, ir.Constant(I32, 0))
+    return em.b.insert_element(v, hi, ir.Constant(I32, 1))
+
+
+@intrinsic("(v: v128) -> u64", group=SIMD, evaluate=pure(lambda v: v & x86.MASK64),
+           doc="the low quadword")
+def v128_lo(em: Emitter, v: ir.Value) -> ir.Value:
+    return em.b.extract_element(v, ir.Constant(I32, 0))
+
+
+@intrinsic("(v: v128) -> u64", group=SIMD, evaluate=pure(lambda v: v >> 64),
+           doc="the high quadword")
+def v128_hi(em: Emitter, v: ir.Value) -> ir.Value:
+    return em.b.extract_element(v, ir.Constant(I32, 1))
+
+
+def _v128_load_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if len(node.args) != 1:
+        raise fe.err(node, "v128_load takes one pointer")
+    return Checked([v128, fe.ptr_arg(node, 0)], v128)
+
+
+@intrinsic(typing=_v128_load_rule, spelling="(p: Ptr[T]) -> v128", group=SIMD, evaluate=_read,
+           doc="unaligned 16-byte load")
+def v128_load(em: Emitter, t: Type, p: ir.Value) -> ir.Value:
+    return em.mem_load(p, t)
+
+
+def _v128_store_rule(fe: FrontEnd, node: ast.Call) -> Checked:
+    if len(node.args) != 2:
+        raise fe.err(node, "v128_store takes a pointer and a v128")
+    p = fe.ptr_arg(node, 0)
+    return Checked([v128, p, fe.typed(node.args[1], v128)], void)
+
+
+@intrinsic(typing=_v128_store_rule, spelling="(p: Ptr[T], v: v128)", group=SIMD,
+           evaluate=lambda machine: machine.write, doc="unaligned 16-byte store")
+def v128_store(em: Emitter, t: Type, p: ir.Value, v: ir.Value) -> None:
+    em.mem_store(p, t, v)
+
+
+_LANE_SHIFT = "lane shifts take a v128 and a literal count"
+_BYTE_SHIFT = "byte shifts take a v128 and a literal count"
+
+
+def _lane_shift(em: Emitter, v: ir.Value, n: int, left: bool) -> ir.Value:
+    amt = ir.Constant(V2I64, [n, n])
+    return em.b.shl(v, amt) if left else em.b.lshr(v, amt)
+
+
+@intrinsic("(v: v128, n: imm(0, 63)) -> v128", group=SIMD, arity_reason=_LANE_SHIFT,
+           evaluate=pure(lambda v, n: x86.lane_shift(v, n, True)),
+           doc="shift each 64-bit lane left (psllq)")
+def v128_shl64(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _lane_shift(em, v, n, True)
+
+
+@intrinsic("(v: v128, n: imm(0, 63)) -> v128", group=SIMD, arity_reason=_LANE_SHIFT,
+           evaluate=pure(lambda v, n: x86.lane_shift(v, n, False)),
+           doc="shift each 64-bit lane right, logically (psrlq)")
+def v128_shr64(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _lane_shift(em, v, n, False)
+
+
+def _byte_shift(em: Emitter, v: ir.Value, n: int, left: bool) -> ir.Value:
+    v = em.b.bitcast(v, V16I8)
+    zero = ir.Constant(V16I8, None)
+    # shuffle indices: 0..15 select v, 16..31 select zero
+    if left:  # pslldq: byte i takes byte i-n, zeros shift in at the bottom
+        idx = [16 if i < n else i - n for i in range(16)]
+    else:  # psrldq: byte i takes byte i+n, zeros shift in at the top
+        idx = [min(16, i + n) for i in range(16)]
+    r = em.b.shuffle_vector(v, zero, ir.Constant(ir.VectorType(I32, 16), idx))
+    return em.b.bitcast(r, V2I64)
+
+
+@intrinsic("(v: v128, n: imm(0, 16)) -> v128", group=SIMD, arity_reason=_BYTE_SHIFT,
+           evaluate=pure(lambda v, n: x86.byte_shift(v, n, True)),
+           doc="shift the whole value left by n bytes (pslldq)")
+def v128_bsl(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _byte_shift(em, v, n, True)
+
+
+@intrinsic("(v: v128, n: imm(0, 16)) -> v128", group=SIMD, arity_reason=_BYTE_SHIFT,
+           evaluate=pure(lambda v, n: x86.byte_shift(v, n, False)),
+           doc="shift the whole value right by n bytes (psrldq)")
+def v128_bsr(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _byte_shift(em, v, n, False)
+
+
+# `from helperfw import *`-style export of every built-in intrinsic (only they are registered
+# when this module finishes importing): helperfw/__init__.py re-exports them.
+__all__ = list(INTRINSICS)
