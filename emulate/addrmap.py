@@ -148,26 +148,43 @@ class AddressMap:
 # -- reading a booted helper -----------------------------------------------------------------------
 def read_map(image: Path | str, option: int, cbit: int, mem: int, *, seed: int = 1,
              shift_high: bool = False) -> AddressMap:
-    """Boot `image` in a fresh host model, create its mirror, open a session (which maps the RAM
-    window) and read both address spaces. Raises what the boot raises (PeError, RuntimeError,
-    GuestFault, MailboxError) for a bad image."""
+    """Boot `image` and read both address spaces of its mirror (see `boot_mirror`)."""
+    host, mirror = boot_mirror(image, option, cbit, mem, seed=seed, shift_high=shift_high)
+    return address_map(host, mirror, mem=mem, shift_high=shift_high)
+
+
+def boot_mirror(image: Path | str, option: int, cbit: int, mem: int, *, seed: int = 1,
+                shift_high: bool = False) -> tuple[Host, Mirror]:
+    """A fresh host model with the helper booted from `image`, its mirror created and a sending
+    session open (SEND_BEGIN maps the RAM window into the helper's tables). Raises what the
+    boot raises (PeError, RuntimeError, GuestFault, MailboxError) for a bad image."""
     host = Host("map", default_layout(mem), cbit=cbit, seed=seed * 2 + 1, uefi_seed=seed)
-    info = host.boot_helper(image, MAP_KEY, option, shift_high=int(shift_high))
+    host.boot_helper(image, MAP_KEY, option, shift_high=int(shift_high))
     mirror = host.create_mirror()
-    window = -(-host.ram_size // TWO_MIB) * TWO_MIB  # as emulate.migration sizes its session
     ch = HelperChannel(host.mc, mirror)
     ch.hello()
-    ch.send_begin(window)
-    bi = info.bootinfo
+    ch.send_begin(window_size(host))
+    return host, mirror
+
+
+def window_size(host: Host) -> int:
+    """The RAM window a session maps: guest RAM rounded up to 2 MiB, as emulate.migration does."""
+    return -(-host.ram_size // TWO_MIB) * TWO_MIB
+
+
+def address_map(host: Host, mirror: Mirror, *, mem: int, shift_high: bool) -> AddressMap:
+    """Both address spaces of a booted mirror: BootInfo, the memslots, the walked tables."""
+    bi = mirror.info.bootinfo
     regions = tuple((int(r.kind), int(r.main_gpa), int(r.length), int(r.mirror_gpa))
-                    for r in info.regions)
+                    for r in mirror.info.regions)
     blocks = tuple(Block(b.name, b.offset, b.size, b.gpa) for b in host.blocks)
     layout = mirror.vm.layout
     assert layout.cbit is not None
     amap = AddressMap(
         option=int(bi.option), cbit=layout.cbit, reduction=layout.reduction,  # type: ignore[attr-defined]
         maxphyaddr=layout.maxphyaddr, shift_high=shift_high, mem=mem,
-        ram_base=int(bi.ram_base), ram_max=int(bi.ram_max), window_size=window,  # type: ignore[attr-defined]
+        ram_base=int(bi.ram_base), ram_max=int(bi.ram_max),  # type: ignore[attr-defined]
+        window_size=window_size(host),
         entry_rip=int(bi.entry_rip), rsp=int(bi.rsp), cr3=int(bi.cr3),  # type: ignore[attr-defined]
         regions=regions, blocks=blocks, gpa=(), va=(), markers=())
     gpa = tuple(_gpa_spans(host, mirror, amap))

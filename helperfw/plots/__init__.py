@@ -10,6 +10,7 @@ every run), no software version in the files, and the non-interactive Agg/SVG ba
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,13 @@ def render(fig: Figure, fmt: str, *, salt: str = "helperfw") -> bytes:
     return buf.getvalue()
 
 
-def svg_fragment(svg: bytes) -> str:
-    """An SVG document as an element to inline into HTML (without its XML prologue)."""
+_AUTO_ID = re.compile(r'id="([A-Za-z][A-Za-z0-9.]*_\d+)"')
+
+
+def svg_fragment(svg: bytes, prefix: str) -> str:
+    """An SVG document as an element to inline into HTML: without its XML prologue, and with
+    the ids matplotlib numbers per document ("axes_1", "patch_3") prefixed, so several SVGs in
+    one page never share an id. Clip-path ids are already distinct (salted hashes) and ids we
+    set ourselves (set_gid) use hyphens and stay as they are."""
     text = svg.decode()
-    return text[text.index("<svg"):]
+    return _AUTO_ID.sub(rf'id="{prefix}\1"', text[text.index("<svg"):])

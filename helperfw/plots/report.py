@@ -67,9 +67,9 @@ def chart_rounds(ax, d: ReportData) -> None:
     b3 = ax.bar([x + w / 2 for x in xs], dirt, w, color=COLORS["destination"],
                 label="dirtied while the round ran")
     for r, p1, p2, p3, x in zip(d.rounds, b1, b2, b3, xs, strict=True):
-        p1.set_gid(f"round-{r.round}-private")
-        p2.set_gid(f"round-{r.round}-shared")
-        p3.set_gid(f"round-{r.round}-dirtied")
+        p1.set_gid(f"bar-round-{r.round}-private")
+        p2.set_gid(f"bar-round-{r.round}-shared")
+        p3.set_gid(f"bar-round-{r.round}-dirtied")
         _value(ax, x - w / 2, r.pages * 1.08, f"{r.pages}", f"value-round-{r.round}-pages")
         _value(ax, x + w / 2, max(r.dirtied, 1) * 1.08, f"{r.dirtied}",
                f"value-round-{r.round}-dirtied")
@@ -257,7 +257,7 @@ def report_html(d: ReportData) -> str:
         "<h2>Totals</h2>", totals_table(d),
     ]
     for name, _fn, caption in CHARTS:
-        parts += [f'<figure id="chart-{name}">', svg_fragment(chart_svg(name, d)),
+        parts += [f'<figure id="chart-{name}">', svg_fragment(chart_svg(name, d), f"{name}-"),
                   f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>']
         if name == "rounds":
             parts += ["<h2>Rounds</h2>", rounds_table(d)]
