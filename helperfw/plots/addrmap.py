@@ -34,12 +34,15 @@ from helperfw.plots import COLORS, new_figure
 
 PAGE = 4096
 LOG_WEIGHT = 0.35  # interval height = 1 + LOG_WEIGHT * log2(size / 4 KiB)
-FONT = 7.0  # points, labels
-LINE = 0.165  # inches between label baselines
-PANEL_W = 8.9  # inches per panel
+# Sizes are in inches at 72 points per inch, the unit of an SVG: a browser shows the picture
+# at this size, so labels are 10 px.
+S = 10 / 7  # everything below was laid out for 7-point labels
+FONT = 7.0 * S  # points, labels
+LINE = 0.165 * S  # inches between label baselines
+PANEL_W = 8.9 * S  # inches per panel
 # x positions inside a panel, in inches from its left edge
-X_GPA = (3.05, 3.6)
-X_VA = (4.7, 5.25)
+X_GPA = (3.05 * S, 3.6 * S)
+X_VA = (4.7 * S, 5.25 * S)
 GAP_FILL = "#f0f0f0"
 MARK_COLOR = "#b2182b"
 
@@ -176,7 +179,7 @@ def draw_panel(ax, m: AddressMap, prefix: str, height_in: float) -> None:
                         style="italic")
     for s in m.gpa:
         r = bar(X_GPA, s.start, s.end, facecolor=COLORS[s.kind], edgecolor="black",
-                linewidth=0.4, hatch="...." if s.backing != "guest DRAM" else None)
+                linewidth=0.4, hatch="xx" if s.backing != "guest DRAM" else None)
         r.set_gid(f"{prefix}{s.ident}")
     for s in m.va:
         r = bar(X_VA, s.start, s.end, facecolor=COLORS[s.kind], edgecolor="black",
@@ -220,8 +223,8 @@ def _marker_groups(m: AddressMap) -> dict[str, list[Marker]]:
 
 def _draw_markers(ax, m: AddressMap, sc: Scale, prefix: str) -> None:
     for mk in m.markers:
-        x0 = X_GPA[0] - 0.12 if "gpa" in mk.spaces else X_VA[0]
-        x1 = X_VA[1] + 0.12 if "va" in mk.spaces else X_GPA[1]
+        x0 = X_GPA[0] - 0.12 * S if "gpa" in mk.spaces else X_VA[0]
+        x1 = X_VA[1] + 0.12 * S if "va" in mk.spaces else X_GPA[1]
         y = sc.y(mk.addr)
         (line,) = ax.plot([x0, x1], [y, y], color=MARK_COLOR, linewidth=0.9,
                           linestyle=(0, (4, 2)))
@@ -234,10 +237,10 @@ def _labels(ax, items: list[tuple[float, str, str, str]], x_edge: float, directi
     items = sorted(items, key=lambda it: it[0])
     sizes = [line * (it[1].count("\n") + 1.35) for it in items]
     ys = spread([it[0] for it in items], sizes, 0.0, top)
-    x_elbow = x_edge + direction * 0.18
-    x_text = x_edge + direction * 0.3
+    x_elbow = x_edge + direction * 0.18 * S
+    x_text = x_edge + direction * 0.3 * S
     for (target, text, color, gid), y in zip(items, ys, strict=True):
-        ax.plot([x_edge, x_elbow, x_text - direction * 0.04], [target, y, y], color="#888888",
+        ax.plot([x_edge, x_elbow, x_text - direction * 0.04 * S], [target, y, y], color="#888888",
                 linewidth=0.4)
         t = ax.text(x_text, y, text, ha="left" if direction > 0 else "right", va="center",
                     fontsize=FONT, color=color)
@@ -255,14 +258,14 @@ def _legend(fig, ncol: int) -> None:
         ("guest", "guest memory, 1:1 (shift)"))]
     handles += [
         Patch(facecolor="white", edgecolor="black", hatch="////", label="C=0: shared, no C-bit"),
-        Patch(facecolor="white", edgecolor="black", hatch="....",
+        Patch(facecolor="white", edgecolor="black", hatch="xx",
               label="mirror-only copy (isolated)"),
         Patch(facecolor=COLORS["guest"], alpha=0.35, edgecolor="black",
               label="mapped, no memslot behind it"),
         Patch(facecolor=GAP_FILL, edgecolor="#c8c8c8", label="nothing mapped (size written in)"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=FONT, frameon=False,
-               bbox_to_anchor=(0.5, 0.42 / fig.get_figheight()))
+               bbox_to_anchor=(0.5, 0.42 * S / fig.get_figheight()))
 
 
 def panel_height(m: AddressMap) -> float:
@@ -272,14 +275,14 @@ def panel_height(m: AddressMap) -> float:
              for side in ("gpa", "va")}
     left = 2.35 * len(m.gpa) + lines["gpa"]
     right = 2.35 * len(m.va) + lines["va"]
-    return max(6.0, LINE * (max(left, right) + 4))
+    return max(6.0 * S, LINE * (max(left, right) + 4))
 
 
 def draw_maps(maps: list[AddressMap]):
     """One figure with a panel per map, side by side."""
     axis_h = max(panel_height(m) for m in maps)
-    head = 0.75
-    foot = 1.15 if len(maps) > 1 else 1.45
+    head = 0.75 * S
+    foot = (1.15 if len(maps) > 1 else 1.45) * S
     fig = new_figure(PANEL_W * len(maps), axis_h + head + foot)
     h = fig.get_figheight()
     for i, m in enumerate(maps):
@@ -288,14 +291,14 @@ def draw_maps(maps: list[AddressMap]):
         draw_panel(ax, m, prefix, axis_h)
         ax.set_title(f"option {m.title}: ram_addr 0 at {m.ram_base:#x}, window "
                      f"{human_size(m.window_size)} of {human_size(m.ram_max)} allowed",
-                     fontsize=FONT + 2, pad=28)
+                     fontsize=FONT + 2, pad=28 * S)
     _legend(fig, 5 if len(maps) > 1 else 3)
     note = ("Addresses grow upwards. The axis is piecewise: each interval between two marked "
             "addresses is linear inside and drawn with height 1 + "
             f"{LOG_WEIGHT}·log2(size / 4 KiB), so 4 KiB regions stay visible next to 2^52-byte "
             "limits. Bands join each virtual range to the GPAs its page-table entries point at. "
             "Read from the booted helper: BootInfo, the mirror's memslots, its page tables.")
-    width = int(fig.get_figwidth() * 17)  # characters per line at this font size
+    width = int(fig.get_figwidth() * 17 / S)  # characters per line at this font size
     fig.text(0.5, 0.01, "\n".join(textwrap.wrap(note, width)), ha="center", va="bottom",
              fontsize=FONT - 0.5, color="#444444")
     return fig

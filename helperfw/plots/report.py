@@ -16,7 +16,7 @@ from pathlib import Path
 from emulate.timeline import DESTINATION, SOURCE, ReportData
 from helperfw.plots import COLORS, new_figure, render, svg_fragment
 
-FONT = 8.5
+FONT = 10.5  # points = SVG px: what a browser shows at natural size
 REPORT_FORMATS = (".html", ".htm", ".svg")
 PASS_COLOR, FAIL_COLOR = "#1a7f37", "#b2182b"
 
@@ -131,7 +131,7 @@ def chart_exits(ax, d: ReportData) -> None:
     ax.axhline(total, color="black", linewidth=0.8, linestyle=(0, (4, 2)),
                label=f"whole migration: {total:.4f} mirror exits / private page")
     top = max([*src, *(a + b for a, b in zip(src, dst, strict=True)), *guest, total])
-    ax.set_ylim(0, top * 1.45)
+    ax.set_ylim(0, top * 1.75)
     ax.set_xticks(list(xs), _round_names(d))
     ax.set_ylabel("exits per page", fontsize=FONT)
     ax.legend(fontsize=FONT - 1, frameon=False, loc="upper right")
@@ -202,7 +202,7 @@ td, th { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f4f4f4; } td.k { text-align: left; }
 .verdict { padding: 0.6em 1em; border-radius: 4px; color: white; }
 .caption { color: #555; font-size: 0.9em; }
-figure { margin: 0.5em 0; } svg { width: 100%; height: auto; }
+figure { margin: 0.5em 0; } svg { max-width: 100%; height: auto; }
 """
 
 
@@ -280,7 +280,7 @@ def report_figure(d: ReportData):
     fig.suptitle(d.title, fontsize=FONT + 4, x=0.06, ha="left")
     text = fig.add_subplot(grid[2, :])
     text.axis("off")
-    t = text.text(0, 1, "\n".join(textwrap.wrap(verdict_text(d), 160)),
+    t = text.text(0, 1, "\n".join(textwrap.wrap(verdict_text(d), 125)),
                   va="top", fontsize=FONT + 0.5, weight="bold",
                   color=PASS_COLOR if d.verified else FAIL_COLOR, transform=text.transAxes)
     t.set_gid("verification")
