@@ -92,8 +92,8 @@ def chart_throughput(ax, d: ReportData) -> None:
     top = max(v for pts in d.throughput.values() for _, v in pts) or 1.0
     for t, rnd in d.round_starts:
         ax.axvline(t, color="#555555", linewidth=0.6, linestyle=(0, (1, 2)))
-        ax.text(t, top * 1.22, f"round {rnd} ", fontsize=FONT - 1.5, color="#555555",
-                ha="left", va="top", rotation=90)
+        ax.annotate(f"round {rnd}", (t, top * 1.22), xytext=(2, -2), textcoords="offset points",
+                    fontsize=FONT - 1.5, color="#555555", ha="left", va="top", rotation=90)
     label = "downtime" if d.downtime is not None else "stop-and-copy work"
     for i, ph in enumerate(d.phases):  # contiguous with tcp; apart with a sequential transport
         span = ax.axvspan(ph.start, ph.start + ph.seconds, color="#cccccc", alpha=0.6,
