@@ -26,6 +26,7 @@ import capstone
 import pefile
 
 from helperfw.codegen.image import LinkedImage, Symbol
+from helperfw.runtime.protocol import OPTION_NAMES
 from ovmf_glue.pe import map_path_for, read_symbol_map
 
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")  # where build.py writes it
@@ -101,6 +102,7 @@ def check_output(path: Path, suffixes: Sequence[str], what: str) -> Path:
 
 
 def _write(path: Path, data: bytes) -> None:
+    """Write an output file; a failure (disk full, permissions changed) is one line."""
     try:
         path.write_bytes(data)
     except OSError as exc:
@@ -108,6 +110,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _require_plotting() -> None:
+    """Fail before the slow work if the optional 'plot' extra is missing."""
     from helperfw.plots import PlotUnavailable, require_matplotlib
 
     try:
@@ -378,11 +381,12 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
 
     from emulate.host import default_layout
     from emulate.migration import MigrationParams, migrate
-    from helperfw.runtime.protocol import OPTION_NAMES
 
     check_image(args.image)
     if args.report is not None:
-        check_output(args.report, (".html", ".htm", ".svg"), "the report")
+        from helperfw.plots.report import REPORT_FORMATS
+
+        check_output(args.report, REPORT_FORMATS, "the report")
         _require_plotting()
     option = {v: k for k, v in OPTION_NAMES.items()}[args.option]
     layout = default_layout(args.mem)
@@ -446,6 +450,7 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _write_report(res: object, path: Path, out: TextIO) -> None:
+    """The report from the migration's own timeline, as HTML or SVG by extension."""
     from emulate.timeline import summarize
     from helperfw.plots.report import report_bytes
 
@@ -458,11 +463,13 @@ def cmd_map(args: argparse.Namespace, out: TextIO) -> int:
     """Boot the helper, read BootInfo, the mirror's memslots and its page tables; print them as
     a table and, with --output, draw them."""
     from emulate.addrmap import read_map
-    from helperfw.runtime.protocol import OPT_SHIFT, OPTION_NAMES
+    from helperfw.runtime.protocol import OPT_SHIFT
 
     check_image(args.image)
     if args.output is not None:
-        check_output(args.output, (".svg", ".png"), "the picture")
+        from helperfw.plots import FORMATS
+
+        check_output(args.output, tuple(FORMATS), "the picture")
         _require_plotting()
     by_name = {v: k for k, v in OPTION_NAMES.items()}
     options = list(OPTION_NAMES) if args.all else [by_name[args.option]]
@@ -489,7 +496,7 @@ def register_map(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p = subparsers.add_parser(
         "map", help="boot the helper and show (or draw) the mirror's address spaces")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--option", choices=("shift", "tuples", "isolated"), default="tuples",
+    which.add_argument("--option", choices=tuple(OPTION_NAMES.values()), default="tuples",
                        help="mirror address-space option (default tuples)")
     which.add_argument("--all", action="store_true", help="the three options side by side")
     p.add_argument("--cbit", type=int, choices=(47, 51), default=47, help="SEV C-bit position")
@@ -510,7 +517,7 @@ def register_migrate(subparsers: argparse._SubParsersAction) -> None:  # type: i
         "migrate", help="live-migrate an emulated SEV guest through the helper, and verify")
     p.add_argument("--mem", type=parse_mem, default=parse_size("256M"),
                    help="guest RAM (multiple of 16 MiB; default 256M)")
-    p.add_argument("--option", choices=("shift", "tuples", "isolated"), default="tuples",
+    p.add_argument("--option", choices=tuple(OPTION_NAMES.values()), default="tuples",
                    help="mirror address-space option (default tuples)")
     p.add_argument("--cbit", type=int, choices=(47, 51), default=47, help="SEV C-bit position")
     p.add_argument("--seed", type=_int_at_least(0), default=1,
