@@ -50,6 +50,16 @@ from emulate.stream import (
     connect,
     read_stream,
 )
+from emulate.timeline import (
+    FINAL_SENT,
+    FINISHED,
+    PRIVATE,
+    SHARED,
+    SOURCE,
+    SOURCE_END,
+    STOPPED,
+    Timeline,
+)
 from helperfw.runtime import protocol as P
 
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")
@@ -131,6 +141,7 @@ class MigrationResult:
     guest_exits: int = 0  # source guest exits while migrating: dirty-log write faults + slices
     downtime: float | None = None  # guest stopped → destination finished (concurrent transport)
     verification: Verification | None = None
+    timeline: Timeline | None = None  # what each side did when (emulate.timeline)
 
     @property
     def pages(self) -> int:
@@ -250,6 +261,7 @@ class Destination:
         self.session_id = 0
         self.counts = {"private": 0, "shared": 0, "epochs": 0}
         self.challenge = 0
+        self.timeline = Timeline()
 
     def open_session(self, ram_size: int) -> int:
         """RECV_BEGIN before the source starts: the helper draws the challenge the source's
@@ -261,6 +273,7 @@ class Destination:
         h, ch = self.host, self.ch
         for rec in read_stream(inp):
             b = rec.body
+            started = self.timeline.now()
             if rec.kind == SESSION:
                 if (b.option, b.c_bit, b.page_size) != (ch.mirror.info.option, h.cbit, PAGE):
                     raise StreamError(f"session for option {b.option} C-bit {b.c_bit}, this "
@@ -302,13 +315,14 @@ class Destination:
                 if st != 0:
                     raise StreamError(f"RECV_FINISH refused: {status_name(st)}")
                 self.finished = True
-                self.finished_at = time.perf_counter()
+                self.finished_at = self.timeline.event(FINISHED)
             elif rec.kind == CPU_STATE:
                 self.cpu = {r: int(b[r]) for r in GPRS}
             elif rec.kind == ROUND:
                 pass
             elif rec.kind == END and not self.finished:
                 raise StreamError("stream ended without a FINISH token")
+            self.timeline.received(rec.kind, b, started, ch.exits)
 
     def _check_target(self, ram_addr: int) -> None:
         if ram_addr % PAGE or not 0 <= ram_addr < self.host.ram_size or ram_addr in self.skip:
@@ -344,6 +358,7 @@ class Migration:
         self.rounds: list[RoundStats] = []
         self._slices = 0
         self.challenge = 0  # set by open() (run() opens if nobody did)
+        self.timeline = self.dst.timeline  # one recorder for both sides
 
     # ---- source side ----------------------------------------------------------------------------
     def _send(self, w: StreamWriter, addrs: list[int], *, guest_runs: bool) -> tuple[int, int]:
@@ -354,13 +369,17 @@ class Migration:
         shared = [a for a in addrs if h.shared.is_shared(a)]
         for i in range(0, len(shared), ch.slots):
             chunk = shared[i : i + ch.slots]
+            started = self.timeline.now()
             w.put_shared([(a, h.read_raw(a)) for a in chunk])
+            self.timeline.batch(SOURCE, SHARED, len(chunk), started)
             self.progress("pages", len(chunk))
         for batches, i in enumerate(range(0, len(priv), ch.slots), 1):
             chunk = priv[i : i + ch.slots]
             if self._epoch_count + len(chunk) > p.epoch_records:
                 self._end_epoch(w)
+            started = self.timeline.now()
             w.put_private(chunk, ch.send(chunk))
+            self.timeline.batch(SOURCE, PRIVATE, len(chunk), started)
             self._epoch_count += len(chunk)
             self.progress("pages", len(chunk))
             if guest_runs and batches % p.slice_every == 0:
@@ -391,6 +410,7 @@ class Migration:
         while True:
             t0, touches0 = time.perf_counter(), src.touches()
             self.progress("round", len(todo))
+            self.timeline.round(SOURCE, rnd, False, src.ch.exits, self._guest_exits())
             w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n}
                                          for a, n in h.shared.ranges()])
             w.write(ROUND, round=rnd, pages=len(todo), final=0)
@@ -406,13 +426,15 @@ class Migration:
                 break
             todo, rnd = dirty, rnd + 1
         # stop-and-copy: the guest does not run again on the source
-        self.stopped_at = time.perf_counter()
+        self.stopped_at = self.timeline.event(STOPPED)
         rnd += 1
         t0 = time.perf_counter()
         self.progress("round", len(dirty))
+        self.timeline.round(SOURCE, rnd, True, src.ch.exits, self._guest_exits())
         w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n} for a, n in h.shared.ranges()])
         w.write(ROUND, round=rnd, pages=len(dirty), final=1)
         npriv, nshared = self._send(w, dirty, guest_runs=False)
+        self.timeline.event(FINAL_SENT)
         if self._epoch_count:
             self._end_epoch(w)
         w.write(CPU_STATE, **src.cpu_state())
@@ -420,7 +442,13 @@ class Migration:
         self.rounds.append(RoundStats(rnd, len(dirty), npriv, nshared, 0, 0,
                                       time.perf_counter() - t0, final=True))
         w.end()
+        self.timeline.event(SOURCE_END)
+        self.timeline.close(SOURCE, src.ch.exits, self._guest_exits())
         self.progress("done", 0)
+
+    def _guest_exits(self) -> int:
+        """Source guest exits since dirty logging began: write faults + budget slices."""
+        return self.src.host.vm.write_faults - self._faults0 + self._slices
 
     # ---- the whole thing --------------------------------------------------------------------------
     def window(self) -> int:
@@ -434,7 +462,7 @@ class Migration:
         return self.challenge
 
     def run(self) -> MigrationResult:
-        t0 = time.perf_counter()
+        t0 = self.timeline.start()
         kind = self.p.transport
         if not self.challenge:
             self.open()
@@ -459,7 +487,8 @@ class Migration:
         res = MigrationResult(self.p, self.rounds, w.private_pages, w.shared_pages, w.bytes,
                               w.records, w.epochs, self.src.ch.exits - 1, self.dst.ch.exits - 1,
                               seconds, self.session_id, self.challenge)
-        res.guest_exits = self.src.host.vm.write_faults - self._faults0 + self._slices
+        res.guest_exits = self._guest_exits()
+        res.timeline = self.timeline
         if kind.startswith("tcp"):
             res.downtime = self.dst.finished_at - self.stopped_at
         if self.p.verify:
