@@ -10,7 +10,10 @@ doorbell and `VCpu.run`. On top of that it gives the attacker's instruments:
 * write tracking: a UC_HOOK_MEM_WRITE over all DRAM except the helper's data region and the
   mailbox, recording which RAM-window pages a batch wrote and any write anywhere else;
 * `on_read(lo, hi, fn)`: a UC_HOOK_MEM_READ on mailbox DRAM for TOCTOU attacks (the host
-  rewrites shared bytes while the helper is running).
+  rewrites shared bytes while the helper is running);
+* `track_reads()`: the double-fetch detector: every helper read of the mailbox (and, with
+  `window=True`, of guest RAM outside its own regions) counted byte by byte per batch, in
+  `BatchResult.reads`.
 
 unicorn hands memory hooks the physical address its TLB entry points at, which in this emulator
 is the HPA (offset into the memory controller's DRAM), so every instrument works on HPAs. The
@@ -54,15 +57,15 @@ assert _CTL.size == P.Control.size
 
 
 @functools.cache
-def symbols() -> dict[str, int]:
-    """RVA of every symbol of the built image (from its .map)."""
-    m = json.loads(efi_path().with_suffix(".map").read_text())
+def symbols(efi: Path | None = None) -> dict[str, int]:
+    """RVA of every symbol of the built image (from its .map); `efi`: another build's."""
+    m = json.loads((efi or efi_path()).with_suffix(".map").read_text())
     return {n: s["rva"] for n, s in m["symbols"].items()}
 
 
 @functools.cache
-def symbol_sizes() -> dict[str, int]:
-    m = json.loads(efi_path().with_suffix(".map").read_text())
+def symbol_sizes(efi: Path | None = None) -> dict[str, int]:
+    m = json.loads((efi or efi_path()).with_suffix(".map").read_text())
     return {n: s["size"] for n, s in m["symbols"].items()}
 
 
@@ -91,14 +94,15 @@ class _Announced:
 
 
 def boot(cbit: int, option: int, *, key: bytes = KEY, seed: int = 31337,
-         xts_key: bytes | None = None, shift_high: int = 0):
-    """Load the driver in a main VM with SEV; return (mc, vm, BootInfo)."""
-    efi = efi_path()
+         xts_key: bytes | None = None, shift_high: int = 0, efi: Path | None = None):
+    """Load the driver (`efi`: another build than the current sources') in a main VM with
+    SEV; return (mc, vm, BootInfo)."""
+    efi = efi or efi_path()
     mc = MemoryController(RAM + (16 << 20))
     vm = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), name="main", key=xts_key)
     host = _Announced()
     vm.hypercall = host
-    u = UefiStandIn(vm, ram_size=RAM, seed=seed + option, symbols=symbols())
+    u = UefiStandIn(vm, ram_size=RAM, seed=seed + option, symbols=symbols(efi))
     u.install_launch_secret([(secrets.KEY_ENTRY_GUID, key)])
     cfg = u.allocate_pool(16, 4)
     vm.write(cfg, P.MhConfig.build(option=option, shift_high=shift_high), encrypted=True)
@@ -155,20 +159,44 @@ class BatchResult:
     entry_status: list[int] = field(default_factory=list)
     window_pages_written: set[int] = field(default_factory=set)  # ram_addrs
     bad_writes: list[tuple[int, int, int]] = field(default_factory=list)  # (rip, va, size)
+    reads: dict[int, bytes] = field(default_factory=dict)  # track_reads(): page HPA -> counts
+
+
+class ReadCounter:
+    """How often the helper read each byte of DRAM [lo, hi) during the current batch, page by
+    page (a UC_HOOK_MEM_READ callback; counts saturate at 255)."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.pages: dict[int, bytearray] = {}
+
+    def __call__(self, hpa: int, size: int) -> None:
+        for a in range(max(hpa, self.lo), min(hpa + size, self.hi)):
+            page = self.pages.get(a & ~(PAGE - 1))
+            if page is None:
+                page = self.pages[a & ~(PAGE - 1)] = bytearray(PAGE)
+            if page[a & (PAGE - 1)] < 255:
+                page[a & (PAGE - 1)] += 1
+
+    def reset(self) -> None:
+        self.pages = {}
 
 
 class MirrorHost:
     """The host of one helper instance: main VM (guest), mirror VM, its vCPU and the mailbox."""
 
     def __init__(self, cbit: int = 47, option: int = P.OPT_SHIFT, *, key: bytes = KEY,
-                 seed: int = 31337, xts_key: bytes | None = None, track_writes: bool = True):
+                 seed: int = 31337, xts_key: bytes | None = None, track_writes: bool = True,
+                 efi: Path | None = None):
         self.cbit, self.option = cbit, option
-        self.mc, self.vm, self.bi = boot(cbit, option, key=key, seed=seed, xts_key=xts_key)
+        self.efi = efi  # None: the current sources' build
+        self.mc, self.vm, self.bi = boot(cbit, option, key=key, seed=seed, xts_key=xts_key,
+                                         efi=efi)
         self.mirror = make_mirror(self.mc, self.vm, self.bi, cbit)
         bi = self.bi
         self.regions = list(bi.regions)[: bi.nregions]
         self.vcpu: VCpu = self.mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
-        self.image_base = bi.entry_rip - symbols()["mh_entry"]
+        self.image_base = bi.entry_rip - symbols(efi)["mh_entry"]
         self.mb = self.vm.gpa_to_hpa(bi.mailbox_gpa)  # host view: raw DRAM
         self.mb_size = P.MAILBOX_PAGES * PAGE
         self.bell = 0
@@ -176,6 +204,7 @@ class MirrorHost:
         self._window: set[int] = set()
         self._bad: list[tuple[int, int, int]] = []
         self.hands = HostHands(self.mc)  # the attacker's hands on this machine
+        self._readers: list[ReadCounter] = []
         if track_writes:
             self._install_write_hooks()
 
@@ -222,6 +251,26 @@ class MirrorHost:
     def remove_hook(self, h: int) -> None:
         self.vcpu.uc.hook_del(h)
 
+    def track_reads(self, window: bool = False) -> None:
+        """Count every helper read of shared memory (the mailbox) per batch, byte by byte;
+        `window`: also of guest RAM outside the helper's own regions (a guest page is host-
+        replayable too). Each batch's counts land in BatchResult.reads, by page HPA."""
+        if self._readers:
+            return
+        ranges = [(self.mb, self.mb + self.mb_size)]
+        if window:
+            own = sorted((h, h + PAGE) for r in self.regions
+                         for h in self.hands.page_hpas(self.vm, r.main_gpa, r.length))
+            lo = 0
+            for a, b in own + [(RAM, RAM)]:
+                if a > lo:
+                    ranges.append((lo, min(a, RAM)))
+                lo = max(lo, b)
+        for lo, hi in ranges:
+            rc = ReadCounter(lo, hi)
+            self._readers.append(rc)
+            self.on_read(lo, hi - 1, rc)
+
     # -- raw shared memory (the host's only view) ---------------------------------------------
     def slot_hpa(self, i: int) -> int:
         return self.mb + 2 * PAGE + i * P.SLOT_SIZE
@@ -259,11 +308,15 @@ class MirrorHost:
         self.mc.host_write(self.mb + P.CONTROL_OFFSET, struct.pack("<Q", self.bell))
         self._window = set()
         self._bad = []
+        for rc in self._readers:
+            rc.reset()
         if preempt:
             ex = self.hands.run_preempted(self.vcpu, preempt, budget=budget)
         else:
             ex = self.vcpu.run(budget)
-        res = BatchResult(ex, window_pages_written=self._window, bad_writes=self._bad)
+        res = BatchResult(ex, window_pages_written=self._window, bad_writes=self._bad,
+                          reads={p: bytes(c) for rc in self._readers
+                                 for p, c in rc.pages.items()})
         if ex.reason != "hlt":
             return res
         ctl = _CTL.unpack(self.mc.host_read(self.mb + P.CONTROL_OFFSET, _CTL.size))
@@ -303,11 +356,11 @@ class MirrorHost:
 
     def symbol_hpas(self, name: str, size: int | None = None) -> list[int]:
         """DRAM pages of an image symbol (CTX, STACK, PT_POOL...) in the running helper."""
-        return self.private_hpas(self.symbol_gpa(name), size or symbol_sizes()[name])
+        return self.private_hpas(self.symbol_gpa(name), size or symbol_sizes(self.efi)[name])
 
     def symbol_gpa(self, name: str) -> int:
         """Main-VM GPA (= the helper's VA) of an image symbol (CTX, STACK, PT_POOL, ...)."""
-        return self.image_base + symbols()[name]
+        return self.image_base + symbols(self.efi)[name]
 
     def region(self, kind: int):
         return next(r for r in self.regions if r.kind == kind)
