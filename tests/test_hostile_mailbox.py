@@ -17,6 +17,7 @@ Where each invariant is checked:
 | no private plaintext in shared memory | leak scan of every changed mailbox byte (RAM, minted pages, K, K_s, K_a) | same (guest pages, minted pages, K as the helper holds it, K_s, K_a) |
 | documented status | Control.status, every entry status, `processed` | same |
 | SEND output exact, RECV installs exactly the authentic plaintext | AES-GCM-SIV check with the key | same |
+| every status, entry status, state, record, token, reply and install is the reference model's (tests/hostile_model.py) | every command (rollbacks followed) | every command while in sync (resynced at the next *_BEGIN after a context rollback) |
 
 A failure prints the command that replays it (seed and count fixed here).
 """
@@ -74,11 +75,13 @@ def test_fuzz_in_the_mirror_vm(option):
     rng = __import__("random").Random(seed ^ 0x7A11)
     target = F.EmuTarget(F.KEY, rng, {v: k for k, v in P.OPTION_NAMES.items()}[option])
     try:
-        f = F.fuzz(target, seed, EMU_COMMANDS)
+        f = F.fuzz(target, seed, EMU_COMMANDS, replay=F.replay_command("emu", seed, option))
     except F.Violation as e:
-        pytest.fail(f"{e}\nreplay: {replay_cmd('emu', seed, EMU_COMMANDS, option)}")
+        pytest.fail(str(e))
     print(f"emu {option}: {EMU_COMMANDS} commands in {time.perf_counter() - t0:.1f}s,",
-          f"{f.stats['finished']} sessions finished;", dict(sorted(f.statuses.items())))
+          f"{f.stats['finished']} sessions finished;", dict(sorted(f.statuses.items())),
+          dict(sorted(f.stats.items(), key=str)))
+    assert f.stats["exact-steps"] > EMU_COMMANDS // 2  # the model decided most steps
     # the generator gets past validation: most batches run, pages move, epochs close
     assert f.statuses["OK"] > EMU_COMMANDS // 4 and f.statuses["entry:OK"] > 0
     assert f.statuses["E_EPOCH"] + f.statuses["E_INCOMPLETE"] + f.stats["finished"] > 0

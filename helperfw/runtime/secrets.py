@@ -87,3 +87,8 @@ def secret_find_key(st: Ptr[EfiSystemTable], out: Ptr[u8]) -> i32:
 @function(abi="c")
 def mh_test_secret_area_key(base: u64, size: u64, out: Ptr[u8]) -> i32:
     return secret_area_key(base, size, out)
+
+
+@function(abi="c")
+def mh_test_secret_find_key(st: Ptr[EfiSystemTable], out: Ptr[u8]) -> i32:
+    return secret_find_key(st, out)

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, help="run only this many, spread over the modules")
     ap.add_argument("--seed", type=int, default=16, help="for --sample")
     ap.add_argument("-j", "--jobs", type=int, default=cpu_jobs())
+    ap.add_argument("--native", action="store_true",
+                    help="native groups only (and the double-fetch detector for re-reads)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the unmutated run that sets each group's timeout")
     ap.add_argument("--json", type=Path, help="write every result here")
@@ -57,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(mutants)} mutants", file=sys.stderr)
         return 0
     t0 = time.perf_counter()
-    r = Runner(a.jobs, log=lambda s: print(s, flush=True))
+    r = Runner(a.jobs, log=lambda s: print(s, flush=True), native=a.native)
     if not a.no_baseline:
-        r.baseline()
+        r.baseline(r.groups_for(mutants))
     results = r.run(mutants, equivalent)
     dt = time.perf_counter() - t0
     print(report(results, dt))

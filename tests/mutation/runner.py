@@ -90,20 +90,29 @@ class Worker:
 
 
 class Runner:
-    def __init__(self, jobs: int = 1, log=print, timeouts: dict[str, float] | None = None):
+    def __init__(self, jobs: int = 1, log=print, timeouts: dict[str, float] | None = None,
+                 native: bool = False):
         self.jobs = max(1, jobs)
+        self.native = native
         self.log = log
         self.reaches = {g.name: reach(g) for g in GROUPS}
         self.timeouts = timeouts or {}
         self.log_dir = Path(tempfile.mkdtemp(prefix="mh-mutation-"))
 
-    def baseline(self) -> dict[str, float]:
-        """Run every group on the unmutated tree: all must pass; 3x their time (+30 s) becomes
-        each group's timeout."""
+    def groups_for(self, mutants: list[Mutant]) -> list[str]:
+        """The groups these mutants will face, in GROUPS order."""
+        used = {g.name for m in mutants
+                for g in plan(m.module, m.function, m.operator, self.reaches, self.native)}
+        return [g.name for g in GROUPS if g.name in used]
+
+    def baseline(self, groups: list[str] | None = None) -> dict[str, float]:
+        """Run the groups (all by default) on the unmutated tree: each must pass; 3x its time
+        (+30 s) becomes its timeout (a mutant that makes a test hang is killed by it)."""
+        names = groups if groups is not None else [g.name for g in GROUPS]
         w = Worker(self.log_dir)
         try:
             res = w.run({"id": "baseline", "file": "tests/mutation/__init__.py", "source": None,
-                         "groups": [[g.name, DEFAULT_TIMEOUT] for g in GROUPS]})
+                         "groups": [[g, DEFAULT_TIMEOUT] for g in names]})
         finally:
             w.close()
         for group, verdict, dt in res["runs"]:
@@ -115,7 +124,7 @@ class Runner:
         return self.timeouts
 
     def job(self, m: Mutant) -> dict | None:
-        groups = plan(m.module, m.function, m.operator, self.reaches)
+        groups = plan(m.module, m.function, m.operator, self.reaches, self.native)
         if not groups:
             return None
         return {"id": m.id, "file": str(m.path.relative_to(ROOT)), "source": m.mutated_source(),
