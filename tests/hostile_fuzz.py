@@ -16,7 +16,8 @@ discarded (one-shot destination) is replaced by a freshly booted one.
 
 Targets:
 * `NativeTarget`: the compiled session code (tests.session_host.image()) called in-process on
-  mmap'd buffers with PROT_NONE guard pages between context, mailbox, RAM and table pool; the
+  mmap'd buffers with PROT_NONE guard pages between context, mailbox, RAM and table pool (the
+  context placed so that its last byte is the last one before its guard page); the
   RAM is read-only except, during a RECV, the pages that batch names; the image's .rodata is
   read-only. A stray write is a SIGSEGV: the run is a subprocess, and the index of the command
   in flight sits in a progress file, so the parent reports which command crashed.
@@ -135,6 +136,10 @@ class NativeTarget:
         self.self_pages = [(self.SELF[0] + i) * PAGE for i in range(self.SELF[1])]
         ctypes.memmove(self.ram, rng.randbytes(self.ram_max), self.ram_max)
         self.ctx_size = ctx_pages * PAGE
+        # the context ends where its guard page starts: a write one byte past HelperCtx faults
+        size = __import__("helperfw.runtime.session", fromlist=["x"]).HelperCtx.size
+        assert size % 16 == 0
+        self.ctx = self.addr["ctx"] + self.ctx_size - size
         self.key = key
         self.reboot()
         ro = self.img.image.section(".rodata")
@@ -153,7 +158,7 @@ class NativeTarget:
         """A freshly loaded helper (a new VM): zeroed context, set up as the driver does."""
         ctypes.memset(self.addr["ctx"], 0, self.ctx_size)
         keybuf = ctypes.create_string_buffer(self.key, 32)
-        r = self.img.call("mh_test_ctx_init", self.addr["ctx"], ctypes.addressof(keybuf),
+        r = self.img.call("mh_test_ctx_init", self.ctx, ctypes.addressof(keybuf),
                           self.mb, self.ram, self.ram_max, self.addr["pool"], self.POOL_PAGES,
                           self.SELF[0] * PAGE, self.SELF[1] * PAGE, restype=ctypes.c_int32)
         assert r == 0
@@ -201,7 +206,7 @@ class NativeTarget:
         old = {a: self.page(a) for a in writable}
         for a in writable:
             self._protect(self.ram + a, PAGE, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._process(self.addr["ctx"])
+        self._process(self.ctx)
         for a in writable:
             self._protect(self.ram + a, PAGE, mmap.PROT_READ)
         changed = {a: p for a in writable if (p := self.page(a)) != old[a]}

@@ -23,16 +23,18 @@ Replay: `pytest tests/test_hostile_model.py -k <name>`; seeds are fixed.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import random
 import struct
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from helperfw.runtime import protocol as P
 from helperfw.runtime import session as S
 from tests import hostile_fuzz as F
 from tests.hostile_common import ST, Forger, name
-from tests.session_host import PAGE, NativeHelper, set_hash
+from tests.session_host import PAGE, NativeHelper, session_keys, set_hash
 
 KEY = bytes(range(140, 172))
 SEED = 7016
@@ -304,6 +306,63 @@ def test_the_epoch_counter_stops_before_the_finish_nonce():
     assert ok == 0 and TOK.parse(fin).epoch == P.FINISH_EPOCH - 2
 
 
+# -- the per-epoch tables, to their last entries ---------------------------------------------------
+def _homes(ka: bytes, pages: list[int]) -> list[int]:
+    """Where the install-once table's probe for each page starts: the low 64 bits of
+    AES_Ka(ram_addr ‖ 0), masked (session.installed_slot); the test holds K_a."""
+    enc = Cipher(algorithms.AES(ka), modes.ECB()).encryptor()
+    out = enc.update(b"".join(struct.pack("<QQ", a, 0) for a in pages))
+    return [int.from_bytes(out[16 * i:16 * i + 8], "little") & (S.ADDR_SLOTS - 1)
+            for i in range(len(pages))]
+
+
+def test_epoch_tables_wrap_and_are_cleared_to_their_last_entry():
+    """Two pages whose keyed probe starts at the install table's last slot (the second wraps to
+    slot 0) and a record at the seq window's last offset: accepted once in epoch 1, refused a
+    second time there, accepted again in epoch 2: each epoch's seen bitmap and install-once
+    table start empty to their last word, and a probe wraps around the table's end. The test
+    holds K_a, so it picks those pages (retrying RECV_BEGIN until the challenge gives two)."""
+    n = 2 * S.ADDR_SLOTS
+    dst = NativeHelper(KEY)
+    ram = mmap.mmap(-1, n * PAGE)  # a 128 MiB window, backed only where pages are written
+    dst.ram, dst.ram_size = ctypes.addressof(ctypes.c_char.from_buffer(ram)), n * PAGE
+    key = ctypes.create_string_buffer(KEY, 32)
+    assert dst.img.call("mh_test_ctx_init", dst.ctx, ctypes.addressof(key), dst.mailbox,
+                        dst.ram, 1 << 40, dst.pool, 32, 0, 0, restype=ctypes.c_int32) == 0
+    pages = [i * PAGE for i in range(n)]
+    sid = 0x7AB1_E000_0016
+    dst.session_id = sid
+    for attempt in range(50):
+        status, ch = dst.recv_begin()
+        assert status == 0
+        ka = session_keys(KEY, sid, ch)[1]
+        last = [a for a, h in zip(pages, _homes(ka, pages), strict=True)
+                if h == S.ADDR_SLOTS - 1]
+        if len(last) >= 2:
+            break
+        assert dst.command(P.OP_ABORT)[0] == 0  # nothing installed: a new session is allowed
+    print("RECV_BEGIN attempts:", attempt + 1)
+    x, y = last[:2]
+    z = next(a for a in pages if a not in (x, y))
+    f = Forger(KEY, sid, ch)
+    plain = bytes(range(256)) * 16
+    top = P.FIRST_SEQ + P.EPOCH_RECORDS_MAX - 1  # the window's last offset in epoch 1
+    assert dst.recv([(x, f.record(x, plain, epoch=1, seq=1)),
+                     (y, f.record(y, plain, epoch=1, seq=2)),
+                     (z, f.record(z, plain, epoch=1, seq=top))]) == [0, 0, 0]
+    assert dst.recv([(y, f.record(y, plain, epoch=1, seq=3)),
+                     (x, f.record(x, plain, epoch=1, seq=4))]) == [st("E_REPLAY")] * 2
+    accepted = [(x, 1), (y, 2), (z, top)]
+    tok = f.token(epoch=1, count=3, first_seq=1, total=3,
+                  set_hash=set_hash(KEY, sid, ch, accepted))
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
+    first = 1 + 3
+    assert dst.recv([(y, f.record(y, plain, epoch=2, seq=first)),
+                     (x, f.record(x, plain, epoch=2, seq=first + 1)),
+                     (z, f.record(z, plain, epoch=2,
+                                  seq=first + P.EPOCH_RECORDS_MAX - 1))]) == [0, 0, 0]
+
+
 # -- the model against the helper ------------------------------------------------------------------
 @pytest.mark.parametrize("seed", MODEL_SEEDS)
 def test_model_agrees_with_the_helper(seed):
@@ -366,3 +425,35 @@ def test_model_checker_reports_planted_disagreements():
     target.run = real
     target.reboot()
     F.fuzz(target, 9, 300)
+
+
+def test_the_window_grows_after_a_finished_session():
+    """A destination that finished a session (a page per home slot of the install table's
+    keyed probe, i.e. the table's whole index range used) takes a four times larger window in
+    its next session, maps it and installs into the new part: the per-epoch tables never
+    reach past themselves into the page-table builder that the growth uses."""
+    dst = NativeHelper(KEY, ram_pages=4 * 512)
+    first = 2 << 20
+    status, ch = dst.command(P.OP_RECV_BEGIN, ram_size=first)[0], dst.reply().challenge
+    assert status == 0
+    sid = 0x6E0F_0016
+    dst.session_id = sid
+    f = Forger(KEY, sid, ch)
+    pages = [i * PAGE for i in range(first // PAGE)]
+    for base in range(0, len(pages), P.MAX_SLOTS):
+        batch = [(a, f.record(a, bytes(PAGE), epoch=1, seq=1 + base + i))
+                 for i, a in enumerate(pages[base:base + P.MAX_SLOTS])]
+        assert dst.recv(batch) == [0] * len(batch)
+    n = len(pages)
+    tok = f.token(epoch=1, count=n, first_seq=1, total=n,
+                  set_hash=set_hash(KEY, sid, ch, [(a, 1 + i) for i, a in enumerate(pages)]))
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
+    fin = f.token(epoch=1, count=0, first_seq=1 + n, total=n, set_hash=bytes(16),
+                  magic=P.FINISH_MAGIC)
+    assert dst.put_token(P.OP_RECV_FINISH, fin) == 0
+    status = dst.command(P.OP_RECV_BEGIN, ram_size=4 * first)[0]
+    assert status == 0, name(status)
+    f2 = Forger(KEY, sid, dst.reply().challenge)
+    top = 4 * first - PAGE
+    assert dst.recv([(top, f2.record(top, b"\x5a" * PAGE, epoch=1, seq=1))]) == [0]
+    assert dst.page(top) == b"\x5a" * PAGE

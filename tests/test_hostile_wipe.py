@@ -29,6 +29,7 @@ import pytest
 
 from helperfw.runtime import protocol as P
 from helperfw.runtime import session as S
+from helperfw.runtime.gcmsiv import SivKeys
 from tests.hostile_common import ST, Forger, name
 from tests.hostile_secrets import SessionSecrets
 from tests.mirror_host import KEY, PAGE, RAM, MirrorHost, pack_command
@@ -257,3 +258,49 @@ def test_session_secrets_are_wiped_after_a_fault():
     base, mem = private_memory(h, "state")
     _check(sec.find(mem), _where(h, base))
 
+
+
+# -- what the host can put back: private pages replayed, then the session ends ------------------
+def _instructions(h: MirrorHost, cmd: bytes, slots: dict[int, bytes]) -> int:
+    """Instructions the helper runs for this batch (measured on a copy of the machine)."""
+    from unicorn import UC_HOOK_CODE
+
+    saved = h.save()
+    n = [0]
+    hook = h.vcpu.uc.hook_add(UC_HOOK_CODE, lambda *_: n.__setitem__(0, n[0] + 1))
+    try:
+        assert h.batch(cmd, slots).exit.reason == "hlt"
+    finally:
+        h.vcpu.uc.hook_del(hook)
+        h.restore(saved)
+    return n[0]
+
+
+def test_replayed_record_keys_and_scratch_are_wiped_when_the_session_ends():
+    """The host copies the context pages holding the record keys and the plaintext scratch
+    halfway through a RECV batch (while a record is being decrypted) and writes them back after
+    the batch: the session's end (ABORT) must wipe them again, not rely on each batch having
+    done so."""
+    h = MirrorHost(47, P.OPT_TUPLES, seed=SEED + 5)
+    assert h.command(P.OP_RECV_BEGIN, ram_size=RAM).status == 0
+    ch = P.HelloReply.parse(h.read_slot(0, P.HelloReply.size)).challenge
+    f, sec = Forger(KEY, SID, ch), SessionSecrets(KEY, SID, ch)
+    a, plain = 0x400000, random.Random(SEED).randbytes(PAGE)
+    sec.add_record(1, 1)
+    sec.add_plaintext("page", plain)
+    ctx = h.symbol_gpa("CTX")
+    pages = sorted(set(h.private_hpas(ctx + S.HelperCtx.offset("rec"), SivKeys.size)
+                       + h.private_hpas(ctx + S.HelperCtx.offset("scratch"), PAGE)))
+    cmd = pack_command(P.OP_RECV, [(a, 0)], session_id=SID)
+    slots = {0: f.record(a, plain, epoch=1, seq=1)}
+    snap = []
+    r = h.batch(cmd, slots, preempt=[(_instructions(h, cmd, slots) // 2,
+                                      lambda *_: snap.append(h.hands.snapshot(pages)))])
+    assert r.entry_status == [0] and snap
+    h.hands.restore(snap[0])
+    found = set(sec.find(private_memory(h, "state")[1]).values())
+    assert any(n.startswith("record key") for n in found) and any(
+        n.startswith("page") for n in found), "the replay must bring secrets back"
+    assert h.command(P.OP_ABORT).status == 0
+    base, mem = private_memory(h, "state")
+    _check(sec.find(mem), _where(h, base))
