@@ -22,21 +22,16 @@ _SBOX: list[int] = []
 
 
 def _sbox() -> list[int]:
-    """The AES S-box (FIPS-197 §5.1.1), computed: inverse in GF(2^8), then the affine map."""
+    """The AES S-box (FIPS-197 §5.1.1), computed: the inverse in GF(2^8) (by powers of the
+    generator 3), then the affine map."""
     if not _SBOX:
-        inv = [0] * 256
-        for a in range(1, 256):
-            for b in range(1, 256):
-                x, y, p = a, b, 0
-                while y:
-                    if y & 1:
-                        p ^= x
-                    x = ((x << 1) ^ 0x11B) if x & 0x80 else x << 1
-                    y >>= 1
-                if p == 1:
-                    inv[a] = b
-                    break
-        for v in inv:
+        exp, log = [0] * 255, [0] * 256
+        x = 1
+        for i in range(255):
+            exp[i], log[x] = x, i
+            x ^= ((x << 1) ^ 0x11B) if x & 0x80 else x << 1  # x * 3
+        for a in range(256):
+            v = exp[(255 - log[a]) % 255] if a else 0
             s = v
             for k in range(1, 5):
                 s ^= ((v << k) | (v >> (8 - k))) & 0xFF

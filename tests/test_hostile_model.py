@@ -47,6 +47,102 @@ def st(n: str) -> int:
     return ST[n]
 
 
+# -- the model against the helper ------------------------------------------------------------------
+@pytest.mark.parametrize("seed", MODEL_SEEDS)
+def test_model_agrees_with_the_helper(seed):
+    """Every status, entry status, state, record, token, reply and install of a fuzzed run is
+    what the reference model decided; rollbacks of the context included."""
+    replay = F.replay_command("native", seed)
+    target = F.NativeTarget(F.KEY, random.Random(seed ^ 0x7A11))
+    try:
+        f = F.fuzz(target, seed, MODEL_COMMANDS, replay=replay)
+    except F.Violation as e:
+        pytest.fail(str(e))
+    s = f.stats
+    print(dict(sorted(f.statuses.items())), dict(sorted(s.items(), key=str)))
+    assert s["exact-steps"] == MODEL_COMMANDS  # natively the model never leaves sync
+    assert s["finished"] > 0 and s["sent"] > 0 and s["rollbacks"] > 0
+    assert f.statuses["E_EPOCH"] + f.statuses["E_INCOMPLETE"] > 0
+
+
+def test_model_checker_reports_planted_disagreements():
+    """The fuzzer's exact checks have teeth: a helper that returned another documented status,
+    another entry status, a record or token with one byte changed, or a reply with another
+    field is caught, with the replay command."""
+    target = F.NativeTarget(F.KEY, random.Random(2))
+    real = target.run
+
+    def planted(kind):
+        hit = [False]
+
+        def run(index, command, slots, writable):
+            out = real(index, command, slots, writable)
+            op = struct.unpack_from("<I", command, 0)[0]
+            after = bytearray(out.after)
+            status = struct.unpack_from("<i", after, F.CTL_OFF + 16)[0]
+            if kind == "status" and status == st("E_REPLAY"):
+                struct.pack_into("<i", after, F.CTL_OFF + 16, st("E_HEADER"))
+            elif kind == "entry" and op == P.OP_RECV and status == 0:
+                off = F.ENTRIES_OFF + 12
+                if struct.unpack_from("<i", after, off)[0] == st("E_AUTH"):
+                    struct.pack_into("<i", after, off, st("E_REPLAY"))
+            elif kind == "record" and op == P.OP_SEND and status == 0 and \
+                    struct.unpack_from("<i", after, F.ENTRIES_OFF + 12)[0] == 0:
+                after[F.SLOTS_OFF + 64 + 100] ^= 1
+            elif kind == "token" and op == P.OP_SEND_END_EPOCH and status == 0:
+                after[F.SLOTS_OFF + 0x10] ^= 1  # the count, tag unchanged
+            elif kind == "reply" and op == P.OP_HELLO and status == 0:
+                after[F.SLOTS_OFF + P.HelloReply.offset("challenge")] ^= 1
+            else:
+                return out
+            hit[0] = True
+            out.after = bytes(after)
+            return out
+        return run, hit
+
+    for kind in ("status", "entry", "record", "token", "reply"):
+        target.reboot()
+        target.run, hit = planted(kind)
+        with pytest.raises(F.Violation, match="replay: python -m tests.hostile_fuzz"):
+            F.fuzz(target, 9, 3000, replay=F.replay_command("native", 9))
+        assert hit[0], kind
+    target.run = real
+    target.reboot()
+    F.fuzz(target, 9, 300)
+
+
+def test_the_window_grows_after_a_finished_session():
+    """A destination that finished a session (a page per home slot of the install table's
+    keyed probe, i.e. the table's whole index range used) takes a four times larger window in
+    its next session, maps it and installs into the new part: the per-epoch tables never
+    reach past themselves into the page-table builder that the growth uses."""
+    dst = NativeHelper(KEY, ram_pages=4 * 512)
+    first = 2 << 20
+    status, ch = dst.command(P.OP_RECV_BEGIN, ram_size=first)[0], dst.reply().challenge
+    assert status == 0
+    sid = 0x6E0F_0016
+    dst.session_id = sid
+    f = Forger(KEY, sid, ch)
+    pages = [i * PAGE for i in range(first // PAGE)]
+    for base in range(0, len(pages), P.MAX_SLOTS):
+        batch = [(a, f.record(a, bytes(PAGE), epoch=1, seq=1 + base + i))
+                 for i, a in enumerate(pages[base:base + P.MAX_SLOTS])]
+        assert dst.recv(batch) == [0] * len(batch)
+    n = len(pages)
+    tok = f.token(epoch=1, count=n, first_seq=1, total=n,
+                  set_hash=set_hash(KEY, sid, ch, [(a, 1 + i) for i, a in enumerate(pages)]))
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
+    fin = f.token(epoch=1, count=0, first_seq=1 + n, total=n, set_hash=bytes(16),
+                  magic=P.FINISH_MAGIC)
+    assert dst.put_token(P.OP_RECV_FINISH, fin) == 0
+    status = dst.command(P.OP_RECV_BEGIN, ram_size=4 * first)[0]
+    assert status == 0, name(status)
+    f2 = Forger(KEY, sid, dst.reply().challenge)
+    top = 4 * first - PAGE
+    assert dst.recv([(top, f2.record(top, b"\x5a" * PAGE, epoch=1, seq=1))]) == [0]
+    assert dst.page(top) == b"\x5a" * PAGE
+
+
 # -- tokens: every bit, every field -----------------------------------------------------------------
 class Dest:
     """A destination helper whose private context can be put back between trials."""
@@ -361,99 +457,3 @@ def test_epoch_tables_wrap_and_are_cleared_to_their_last_entry():
                      (x, f.record(x, plain, epoch=2, seq=first + 1)),
                      (z, f.record(z, plain, epoch=2,
                                   seq=first + P.EPOCH_RECORDS_MAX - 1))]) == [0, 0, 0]
-
-
-# -- the model against the helper ------------------------------------------------------------------
-@pytest.mark.parametrize("seed", MODEL_SEEDS)
-def test_model_agrees_with_the_helper(seed):
-    """Every status, entry status, state, record, token, reply and install of a fuzzed run is
-    what the reference model decided; rollbacks of the context included."""
-    replay = F.replay_command("native", seed)
-    target = F.NativeTarget(F.KEY, random.Random(seed ^ 0x7A11))
-    try:
-        f = F.fuzz(target, seed, MODEL_COMMANDS, replay=replay)
-    except F.Violation as e:
-        pytest.fail(str(e))
-    s = f.stats
-    print(dict(sorted(f.statuses.items())), dict(sorted(s.items(), key=str)))
-    assert s["exact-steps"] == MODEL_COMMANDS  # natively the model never leaves sync
-    assert s["finished"] > 0 and s["sent"] > 0 and s["rollbacks"] > 0
-    assert f.statuses["E_EPOCH"] + f.statuses["E_INCOMPLETE"] > 0
-
-
-def test_model_checker_reports_planted_disagreements():
-    """The fuzzer's exact checks have teeth: a helper that returned another documented status,
-    another entry status, a record or token with one byte changed, or a reply with another
-    field is caught, with the replay command."""
-    target = F.NativeTarget(F.KEY, random.Random(2))
-    real = target.run
-
-    def planted(kind):
-        hit = [False]
-
-        def run(index, command, slots, writable):
-            out = real(index, command, slots, writable)
-            op = struct.unpack_from("<I", command, 0)[0]
-            after = bytearray(out.after)
-            status = struct.unpack_from("<i", after, F.CTL_OFF + 16)[0]
-            if kind == "status" and status == st("E_REPLAY"):
-                struct.pack_into("<i", after, F.CTL_OFF + 16, st("E_HEADER"))
-            elif kind == "entry" and op == P.OP_RECV and status == 0:
-                off = F.ENTRIES_OFF + 12
-                if struct.unpack_from("<i", after, off)[0] == st("E_AUTH"):
-                    struct.pack_into("<i", after, off, st("E_REPLAY"))
-            elif kind == "record" and op == P.OP_SEND and status == 0 and \
-                    struct.unpack_from("<i", after, F.ENTRIES_OFF + 12)[0] == 0:
-                after[F.SLOTS_OFF + 64 + 100] ^= 1
-            elif kind == "token" and op == P.OP_SEND_END_EPOCH and status == 0:
-                after[F.SLOTS_OFF + 0x10] ^= 1  # the count, tag unchanged
-            elif kind == "reply" and op == P.OP_HELLO and status == 0:
-                after[F.SLOTS_OFF + P.HelloReply.offset("challenge")] ^= 1
-            else:
-                return out
-            hit[0] = True
-            out.after = bytes(after)
-            return out
-        return run, hit
-
-    for kind in ("status", "entry", "record", "token", "reply"):
-        target.reboot()
-        target.run, hit = planted(kind)
-        with pytest.raises(F.Violation, match="replay: python -m tests.hostile_fuzz"):
-            F.fuzz(target, 9, 3000, replay=F.replay_command("native", 9))
-        assert hit[0], kind
-    target.run = real
-    target.reboot()
-    F.fuzz(target, 9, 300)
-
-
-def test_the_window_grows_after_a_finished_session():
-    """A destination that finished a session (a page per home slot of the install table's
-    keyed probe, i.e. the table's whole index range used) takes a four times larger window in
-    its next session, maps it and installs into the new part: the per-epoch tables never
-    reach past themselves into the page-table builder that the growth uses."""
-    dst = NativeHelper(KEY, ram_pages=4 * 512)
-    first = 2 << 20
-    status, ch = dst.command(P.OP_RECV_BEGIN, ram_size=first)[0], dst.reply().challenge
-    assert status == 0
-    sid = 0x6E0F_0016
-    dst.session_id = sid
-    f = Forger(KEY, sid, ch)
-    pages = [i * PAGE for i in range(first // PAGE)]
-    for base in range(0, len(pages), P.MAX_SLOTS):
-        batch = [(a, f.record(a, bytes(PAGE), epoch=1, seq=1 + base + i))
-                 for i, a in enumerate(pages[base:base + P.MAX_SLOTS])]
-        assert dst.recv(batch) == [0] * len(batch)
-    n = len(pages)
-    tok = f.token(epoch=1, count=n, first_seq=1, total=n,
-                  set_hash=set_hash(KEY, sid, ch, [(a, 1 + i) for i, a in enumerate(pages)]))
-    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
-    fin = f.token(epoch=1, count=0, first_seq=1 + n, total=n, set_hash=bytes(16),
-                  magic=P.FINISH_MAGIC)
-    assert dst.put_token(P.OP_RECV_FINISH, fin) == 0
-    status = dst.command(P.OP_RECV_BEGIN, ram_size=4 * first)[0]
-    assert status == 0, name(status)
-    f2 = Forger(KEY, sid, dst.reply().challenge)
-    top = 4 * first - PAGE
-    assert dst.recv([(top, f2.record(top, b"\x5a" * PAGE, epoch=1, seq=1))]) == [0]
-    assert dst.page(top) == b"\x5a" * PAGE

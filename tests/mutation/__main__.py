@@ -19,6 +19,7 @@ from tests.mutation.runner import (
     Runner,
     cpu_jobs,
     read_equivalent,
+    read_journal,
     report,
     sample,
     select,
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the unmutated run that sets each group's timeout")
     ap.add_argument("--json", type=Path, help="write every result here")
+    ap.add_argument("--journal", type=Path,
+                    help="append each result here as it comes (one JSON line)")
+    ap.add_argument("--resume", type=Path,
+                    help="a journal of an earlier run: its killed and invalid mutants are "
+                    "taken from it (tests only get added: a kill stays a kill), the rest rerun")
     a = ap.parse_args(argv)
     mutants = select(all_mutants(), modules=a.module, functions=a.function,
                      operators=a.operator, ids=a.id)
@@ -59,10 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(mutants)} mutants", file=sys.stderr)
         return 0
     t0 = time.perf_counter()
-    r = Runner(a.jobs, log=lambda s: print(s, flush=True), native=a.native)
-    if not a.no_baseline:
+    earlier = []
+    if a.resume:
+        earlier = [x for x in read_journal(a.resume, mutants)
+                   if x.verdict in ("killed", "invalid")]
+        done = {x.mutant.id for x in earlier}
+        mutants = [m for m in mutants if m.id not in done]
+        print(f"{len(earlier)} results taken from {a.resume}, {len(mutants)} to run")
+    r = Runner(a.jobs, log=lambda s: print(s, flush=True), native=a.native,
+               journal=a.journal)
+    if not a.no_baseline and mutants:
         r.baseline(r.groups_for(mutants))
-    results = r.run(mutants, equivalent)
+    results = earlier + r.run(mutants, equivalent)
     dt = time.perf_counter() - t0
     print(report(results, dt))
     if a.json:

@@ -67,7 +67,7 @@ GROUPS: tuple[Group, ...] = (
     Group("secrets", ("tests/test_secrets.py",), _secrets, False),
     Group("pagetables", ("tests/test_pagetables.py",), _pagetables, False),
     Group("aead", ("tests/test_gcmsiv.py",), _aead, False),
-    Group("session", ("tests/test_session.py", "tests/test_hostile_model.py",
+    Group("session", ("tests/test_hostile_model.py", "tests/test_session.py",
                       "tests/test_hostile_wipe.py::test_native_session_secrets_are_wiped",
                       "tests/test_hostile_stream.py::test_two_versions_of_a_page_in_one_epoch_native",
                       "tests/test_hostile_addrspace.py::test_window_overlapping_a_region_is_refused_native",

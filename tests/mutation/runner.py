@@ -91,9 +91,10 @@ class Worker:
 
 class Runner:
     def __init__(self, jobs: int = 1, log=print, timeouts: dict[str, float] | None = None,
-                 native: bool = False):
+                 native: bool = False, journal: Path | None = None):
         self.jobs = max(1, jobs)
         self.native = native
+        self.journal = journal  # one JSON line per result, written as they come
         self.log = log
         self.reaches = {g.name: reach(g) for g in GROUPS}
         self.timeouts = timeouts or {}
@@ -128,6 +129,7 @@ class Runner:
         if not groups:
             return None
         return {"id": m.id, "file": str(m.path.relative_to(ROOT)), "source": m.mutated_source(),
+                "check": groups[0].emulator,
                 "groups": [[g.name, self.timeouts.get(g.name, DEFAULT_TIMEOUT)]
                            for g in groups]}
 
@@ -152,6 +154,9 @@ class Runner:
                     r = self._one(w, m, equivalent)
                     with lock:
                         results.append(r)
+                        if self.journal is not None:
+                            with self.journal.open("a") as j:
+                                j.write(json.dumps(_row(r)) + "\n")
                         self.log(f"[{len(results)}/{total}] {r.verdict:10} {r.by:24} "
                                  f"{r.seconds:5.1f}s  {m.id}")
             finally:
@@ -251,12 +256,27 @@ def sample(mutants: list[Mutant], n: int, seed: int, equivalent: dict[str, str]
     return out
 
 
+def _row(r: Result) -> dict:
+    return {"id": r.mutant.id, "verdict": r.verdict, "by": r.by, "detail": r.detail,
+            "runs": r.runs, "seconds": round(r.seconds, 2)}
+
+
 def write_json(results: list[Result], path: Path, seconds: float) -> None:
-    path.write_text(json.dumps({
-        "seconds": round(seconds, 1), "score": score(results),
-        "results": [{"id": r.mutant.id, "verdict": r.verdict, "by": r.by, "detail": r.detail,
-                     "runs": r.runs, "seconds": round(r.seconds, 2)} for r in results]},
-        indent=1))
+    path.write_text(json.dumps({"seconds": round(seconds, 1), "score": score(results),
+                                "results": [_row(r) for r in results]}, indent=1))
+
+
+def read_journal(path: Path, mutants: list[Mutant]) -> list[Result]:
+    """Results recorded by an earlier run (--journal), for the mutants still generated."""
+    known = {m.id: m for m in mutants}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row["id"] in known:
+                out[row["id"]] = Result(known[row["id"]], row["verdict"], row["by"],
+                                        row["detail"], row["runs"], row["seconds"])
+    return list(out.values())
 
 
 def cpu_jobs() -> int:

@@ -4,8 +4,9 @@ Started by the runner with the copy as its working directory and PYTHONPATH. It 
 heavy modules once (pytest, llvmlite, unicorn, cryptography, the helper's sources: none of the
 DSL functions' ASTs is read, so each mutant's source is read fresh), then for each job from stdin
 (one JSON line: a file, its mutated text, the groups to run) writes the mutant in and forks one
-child per group: the child compiles the group's roots (a mutant that is not valid DSL is
-"invalid", never "killed"), then runs pytest and exits with its status. A child that crashes
+child per group: the child runs pytest and exits with its status (a mutant that is not valid
+DSL, seen as a DslError from a test's build or, before an emulator group, from compiling its
+roots, is "invalid", never "killed"). A child that crashes
 (a native test's SIGSEGV) or overruns its timeout kills the mutant too. One JSON line per job
 goes back on stdout; the children's output goes to a log file.
 """
@@ -42,19 +43,33 @@ def preload() -> None:
     import tests.session_host  # noqa: F401
 
 
+class _DslErrors:
+    """pytest plugin: notes a test that failed because the mutant does not compile (the
+    build in a fixture raised DslError): the mutant is invalid, not killed."""
+
+    def __init__(self) -> None:
+        self.seen = ""
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed and "DslError" in str(report.longrepr) and not self.seen:
+            self.seen = report.nodeid
+
+
 def _child(group: str, check: bool, log: Path) -> None:
-    """In the forked child: own process group, output to the log, compile check, pytest."""
+    """In the forked child: own process group, output to the log, then pytest. `check`: first
+    compile the group's roots (for a group whose build runs in a subprocess, where a DslError
+    would only show as a failed build)."""
     os.setpgid(0, 0)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     linecache.clearcache()
+    from helperfw.dsl import DslError
     from tests.mutation.groups import BY_NAME
 
     g = BY_NAME[group]
     if check:
         from helperfw.codegen.lower import ModuleLowerer
-        from helperfw.dsl import DslError
 
         try:
             ModuleLowerer().lower(g.roots())
@@ -64,7 +79,11 @@ def _child(group: str, check: bool, log: Path) -> None:
     import pytest
 
     print(f"== {group}", flush=True)
-    rc = pytest.main([*g.args, *PYTEST_ARGS])
+    errors = _DslErrors()
+    rc = pytest.main([*g.args, *PYTEST_ARGS], plugins=[errors])
+    if rc and errors.seen:
+        print(f"INVALID: {errors.seen} did not compile", flush=True)
+        rc = EXIT_INVALID
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(rc))
@@ -119,7 +138,7 @@ def run_job(root: Path, job: dict) -> dict:
         if original is not None:
             path.write_text(job["source"])
         for i, (group, timeout) in enumerate(job["groups"]):
-            verdict, dt = run_group(group, timeout, check=i == 0 and original is not None,
+            verdict, dt = run_group(group, timeout, check=i == 0 and bool(job.get("check")),
                                     log=log)
             out["runs"].append([group, verdict, round(dt, 2)])
             if verdict != "pass":
