@@ -4,15 +4,24 @@
     python -m tests.hostile_fuzz emu --option tuples --seed S --commands N
 
 Generator: a seeded host that mixes well-formed traffic with mutations, so the fuzz gets past
-the first validation into every op's deep paths. It keeps a model of the sessions it started
-and mints *authentic* records and tokens with the transport key (tests.hostile_common.Forger):
-fresh valid records, valid-but-wrong ones (stale epoch, seq outside the window, other session or
-challenge, re-addressed), replays of records and tokens the helper itself produced, bit flips,
-random and truncated bytes; counts, ram_addrs, flags, window sizes, challenges and op codes are
-drawn from boundary values and random words. It also rolls the helper's private memory back:
-between batches it restores an earlier copy of the context (native) or of random pages of the
-helper's data region (emulator), as a host replaying DRAM ciphertext would; a helper found
-discarded (one-shot destination) is replaced by a freshly booted one.
+the first validation into every op's deep paths. It mints *authentic* records and tokens with
+the transport key (tests.hostile_common.Forger): fresh valid records, authentic records wrong in
+exactly one checked way (stale epoch, seq outside the window or already seen, another session id
+or challenge, re-addressed, a non-zero flags/reserved/magic), replays of records and tokens the
+helper itself produced, bit flips, random and truncated bytes; genuine epoch and finish tokens
+with any one bit flipped (a field or the tag) or re-sealed with one field changed; counts,
+ram_addrs, flags, window sizes, challenges and op codes drawn from boundary values and random
+words. A third of the sessions it runs honestly to the end (sometimes ending with one tampered
+token), so finishes and the finish token's checks are reached. It also rolls the helper's
+private memory back: between batches it restores an earlier copy of the context and page
+tables (native) or of random pages of the helper's data region (emulator), as a host replaying
+DRAM ciphertext would; a helper found discarded (one-shot destination), or disturbed into a
+fault by a replay, is replaced by a freshly booted one.
+
+Reference model (tests/hostile_model.py): for every command, the status, state, `processed`,
+every entry's status, the exact bytes of every record, token and reply, and the exact set of
+pages installed with their plaintext, are the model's; how the model follows rollbacks is in
+the `Fuzzer` docstring. A disagreement is a Violation with the command line that replays it.
 
 Targets:
 * `NativeTarget`: the compiled session code (tests.session_host.image()) called in-process on
@@ -25,13 +34,13 @@ Targets:
   budget, fault exits, and write tracking of every DRAM byte outside the helper's data region
   and the mailbox.
 
-Invariants after every command (`Fuzzer.check`): completion and documented status; entries
-past the batch untouched; `processed` = OK entries; the mailbox changed only where the op may
-write; no private plaintext (or key material) in what changed; every SEND output is exactly the
-AES-GCM-SIV record of the page it names under a session the helper had, with the next seq
-(unless memory was rolled back); guest RAM changed only on pages of OK RECV entries, each equal
-to the plaintext of its authentic record; and (emulator) the batch ended in HLT within budget
-with no write outside the allowed DRAM.
+Invariants after every command (`Fuzzer.check`), whatever the model's state: completion and
+documented status; entries past the batch untouched; `processed` = OK entries; the mailbox
+changed only where the op may write; no private plaintext (or key material) in what changed;
+every SEND output an authentic record of the page it names under a session the helper had;
+guest RAM changed only on pages of OK RECV entries, each equal to the plaintext of its
+authentic record; and (emulator) the batch ended in HLT within budget with no write outside the
+allowed DRAM.
 """
 
 from __future__ import annotations

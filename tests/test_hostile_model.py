@@ -14,6 +14,10 @@ that way can refuse them, and can ask for the exact status the protocol prescrib
 * every field of a record, re-sealed with the key, gets its exact status, including the
   boundaries of the seq window, a duplicated seq for another page (the seen bitmap) and a second
   record of one page in an epoch (install-once);
+* the per-epoch tables: a full epoch of distinct pages fits the install-once table; a probe
+  that starts at its last slot wraps to the first; both tables are cleared to their last entry
+  when an epoch closes (the test holds K_a, so it picks pages by where their keyed probe
+  starts); and a finished destination's next, larger window still maps;
 * an epoch holds at most EPOCH_RECORDS_MAX records on the source, and the epoch counter stops
   before the finish token's nonce epoch.
 

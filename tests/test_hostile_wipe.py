@@ -93,14 +93,40 @@ def _native_session(path: str, rng: random.Random):
         bad = bytearray(recs[0])
         bad[100] ^= 1
         assert dst.recv([(addrs[0], bytes(bad))]) == [ST["E_REPLAY"]]  # poisons
-        live = dst.read(dst.ctx, S.HelperCtx.size)  # a live session keeps K_s, K_a only
-        left = set(sec.find(live).values())
-        assert left and all(n.startswith(("K_s", "K_a")) for n in left), sorted(left)[:4]
+        _live(dst, sec)
     if path == "recv-poisoned-discarded":
         assert dst.recv_begin()[0] == ST["E_DISCARDED"]
     else:
         assert dst.command(P.OP_ABORT)[0] == 0
     return dst, sec
+
+
+def _live(h: NativeHelper, sec: SessionSecrets) -> None:
+    """A live session keeps K_s and K_a (as key schedules) and nothing else of its secrets."""
+    left = set(sec.find(h.read(h.ctx, S.HelperCtx.size)).values())
+    assert left and all(n.startswith(("K_s", "K_a")) for n in left), sorted(left)[:4]
+
+
+def test_native_each_batch_wipes_its_record_keys_and_plaintext():
+    """Between batches of a live session: no record key, no page plaintext, on either side."""
+    rng = random.Random(SEED + 1)
+    src, dst = NativeHelper(KEY), NativeHelper(KEY)
+    addrs = [i * PAGE for i in range(1, 5)]
+    for a in addrs:
+        src.set_page(a, rng.randbytes(PAGE))
+    status, ch = dst.recv_begin()
+    assert status == 0
+    sid = src.send_begin(ch)
+    dst.session_id = sid
+    sec = SessionSecrets(KEY, sid, ch)
+    statuses, recs = src.send(addrs)
+    assert statuses == [0] * len(addrs)
+    for i, a in enumerate(addrs):
+        sec.add_record(1, P.FIRST_SEQ + i)
+        sec.add_plaintext(f"page {a:#x}", src.page(a))
+    _live(src, sec)
+    assert dst.recv(list(zip(addrs, recs, strict=True))) == [0] * len(addrs)
+    _live(dst, sec)
 
 
 @pytest.mark.parametrize("path", PATHS)
