@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="native groups only (and the double-fetch detector for re-reads)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the unmutated run that sets each group's timeout")
+    ap.add_argument("--skip-equivalent", action="store_true",
+                    help="report the mutants equivalent.txt lists without running them")
     ap.add_argument("--json", type=Path, help="write every result here")
     ap.add_argument("--journal", type=Path,
                     help="append each result here as it comes (one JSON line)")
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(earlier)} results taken from {a.resume}, {len(mutants)} to run")
     r = Runner(a.jobs, log=lambda s: print(s, flush=True), native=a.native,
                journal=a.journal)
+    r.skip_equivalent = a.skip_equivalent
     if not a.no_baseline and mutants:
         r.baseline(r.groups_for(mutants))
     results = earlier + r.run(mutants, equivalent)

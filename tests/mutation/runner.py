@@ -95,6 +95,7 @@ class Runner:
         self.jobs = max(1, jobs)
         self.native = native
         self.journal = journal  # one JSON line per result, written as they come
+        self.skip_equivalent = False  # True: take equivalent.txt's word, do not run them
         self.log = log
         self.reaches = {g.name: reach(g) for g in GROUPS}
         self.timeouts = timeouts or {}
@@ -171,6 +172,8 @@ class Runner:
         return sorted(results, key=lambda r: order[r.mutant.id])
 
     def _one(self, w: Worker, m: Mutant, equivalent: dict[str, str]) -> Result:
+        if self.skip_equivalent and m.id in equivalent:
+            return Result(m, "equivalent", detail=equivalent[m.id])
         job = self.job(m)
         if job is None:
             return Result(m, "error", detail="no test group reaches this function")
