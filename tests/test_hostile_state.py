@@ -9,6 +9,9 @@ must hold in the layouts it guards even where the built image's layouts never re
 * envelope fields left in the private copy by a refused record (non-zero flags, reserved) are
   never sealed into the next session's records;
 * a refused entry keeps its own status when the epoch is also full;
+* the per-epoch tables, replayed by the host after a session finished, do not reach the next
+  session (RECV_BEGIN clears them);
+* a window is whole 2 MiB granules, at most ram_max;
 * a window that overlaps a region's main-VM address or its mirror address is refused, each on
   its own (the `tuples` layout puts them apart; natively the test plays the driver and sets
   the region table that way).
@@ -112,3 +115,38 @@ def test_a_window_over_a_regions_main_or_mirror_address_is_refused():
             assert name(st) == "E_BAD_ARG", (hex(main), hex(mirror), name(st))
     layout(h.ram + win, far)  # right after the window: fine
     assert h.command(P.OP_SEND_BEGIN, ram_size=win, challenge=3)[0] == 0
+
+
+def test_window_sizes_are_whole_2mib_granules_within_ram_max():
+    h = NativeHelper(KEY)
+    two = 2 << 20
+    for size in (0, 1, PAGE, two - 1, two + 1, two + PAGE, 2**63, 2**64 - two):
+        st, _ = h.command(P.OP_SEND_BEGIN, ram_size=size, challenge=3)
+        assert name(st) == "E_BAD_ARG", hex(size)
+    assert h.command(P.OP_SEND_BEGIN, ram_size=two, challenge=3)[0] == 0
+
+
+def test_replayed_epoch_tables_do_not_reach_the_next_session():
+    """The host copies the seen bitmap and the install-once table while session A holds
+    records in them, lets A finish, writes the copy back and begins session B: B starts with
+    empty tables (RECV_BEGIN clears them) and accepts a record of the same page and seq."""
+    dst = NativeHelper(KEY)
+    status, ch = dst.recv_begin()
+    assert status == 0
+    dst.session_id = SID
+    f = Forger(KEY, SID, ch)
+    assert dst.recv([(PAGE, f.record(PAGE, bytes(PAGE), epoch=1, seq=1))]) == [0]
+    lo = S.HelperCtx.offset("seen")
+    hi = S.HelperCtx.offset("installed") + S.HelperCtx.fields["installed"].type.size
+    tables = dst.read(dst.ctx + lo, hi - lo)  # the host's copy of those pages' ciphertext
+    tok = f.token(epoch=1, count=1, first_seq=1, total=1,
+                  set_hash=set_hash(KEY, SID, ch, [(PAGE, 1)]))
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
+    fin = f.token(epoch=1, count=0, first_seq=2, total=1, set_hash=bytes(16),
+                  magic=P.FINISH_MAGIC)
+    assert dst.put_token(P.OP_RECV_FINISH, fin) == 0
+    dst.write(dst.ctx + lo, tables)  # ... written back
+    status, ch2 = dst.recv_begin()
+    assert status == 0
+    f2 = Forger(KEY, SID, ch2)
+    assert dst.recv([(PAGE, f2.record(PAGE, b"\x42" * PAGE, epoch=1, seq=1))]) == [0]
