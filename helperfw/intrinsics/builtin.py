@@ -15,7 +15,7 @@ from typing import Any
 from llvmlite import ir
 
 from ..codegen import llvm_compat
-from ..dsl import Function
+from ..dsl import Function, Routine
 from ..frontend import TV, FrontEnd
 from ..structs import StructType
 from ..types import PtrType, Type, u64, v128, void
@@ -122,17 +122,18 @@ def symbol_addr(em: Emitter, name: str) -> ir.Value:
 
 def _func_addr_rule(fe: FrontEnd, node: ast.Call) -> Checked:
     if len(node.args) != 1 or not isinstance(node.args[0], ast.Name):
-        raise fe.err(node, "func_addr takes a DSL function name")
+        raise fe.err(node, "func_addr takes a DSL function or routine name")
     g = fe.lookup_global(node.args[0].id)
-    if not isinstance(g, Function):
-        raise fe.err(node, f"{node.args[0].id!r} is not a DSL function")
+    if not isinstance(g, Function | Routine):
+        raise fe.err(node, f"{node.args[0].id!r} is not a DSL function or assembly routine")
     return Checked([g], u64)
 
 
 @intrinsic(typing=_func_addr_rule, spelling="(f) -> u64", group=IMAGE, evaluate=ask_env(),
-           doc="run-time address of a DSL function")
-def func_addr(em: Emitter, fn: Function) -> ir.Value:
-    return em.b.ptrtoint(em.function_ref(fn), I64)
+           doc="run-time address of a DSL function or an assembly `routine`")
+def func_addr(em: Emitter, fn: Function | Routine) -> ir.Value:
+    ref = em.routine_ref(fn) if isinstance(fn, Routine) else em.function_ref(fn)
+    return em.b.ptrtoint(ref, I64)
 
 
 def _efi_call_rule(fe: FrontEnd, node: ast.Call) -> Checked:
@@ -220,6 +221,51 @@ def hlt(em: Emitter) -> None:
 @intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True), doc="spin-loop hint")
 def pause(em: Emitter) -> None:
     _alone(em, "pause")
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(),
+           doc="VMGEXIT (`rep vmmcall`): SEV-ES exit to the host through the GHCB MSR and page")
+def vmgexit(em: Emitter) -> None:
+    _alone(em, "rep vmmcall")
+
+
+_SCRATCH_GPRS = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="zero xmm0-15 and the caller-saved GPRs: no key or plaintext is left in a "
+               "register when the vCPU exits")
+def clear_scratch_regs(em: Emitter) -> None:
+    regs = [f"xmm{i}" for i in range(16)]
+    text = "\n\t".join([f"xorps %{r}, %{r}" for r in regs] +
+                        [f"xorl %{r}d, %{r}d" if r.startswith("r") and r[1:].isdigit() else
+                         f"xorl %e{r[1:]}, %e{r[1:]}" for r in _SCRATCH_GPRS])
+    clobbers = ",".join(f"~{{{r}}}" for r in (*regs, *_SCRATCH_GPRS, "flags", "memory"))
+    em.asm(VOID, text, clobbers, [])
+
+
+@intrinsic("(p: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="load the IDT register from the 10-byte limit/base at p")
+def lidt(em: Emitter, p: ir.Value) -> None:
+    em.asm(VOID, "lidt ($0)", "r,~{memory}", [p])
+
+
+@intrinsic("() -> u64", group=PLATFORM, evaluate=ask_env(), doc="the faulting address of a #PF")
+def read_cr2(em: Emitter) -> ir.Value:
+    return em.asm(I64, "mov %cr2, $0", "=r", [])
+
+
+@intrinsic("() -> u16", group=PLATFORM, evaluate=ask_env(), doc="the code segment selector")
+def read_cs(em: Emitter) -> ir.Value:
+    return em.asm(ir.IntType(16), "mov %cs, $0", "=r", [])
+
+
+@intrinsic("(rsp: u64, rip: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="continue at rip on the stack rsp, never returning (leave an exception handler)")
+def resume_at(em: Emitter, rsp: ir.Value, rip: ir.Value) -> None:
+    em.asm(VOID, "mov $0, %rsp\n\tjmp *$1", "r,r,~{memory}", [rsp, rip])
+    em.b.unreachable()
+    em.b.position_at_end(em.b.block.parent.append_basic_block("after_resume"))
 
 
 @intrinsic("() -> (u64, bool)", group=PLATFORM, evaluate=ask_env(),

@@ -20,7 +20,6 @@ from helperfw import (
     Ptr,
     addr,
     function,
-    hlt,
     i32,
     mfence,
     rdrand64,
@@ -134,7 +133,10 @@ class HelperCtx:
     regions: Array[Region, MAX_REGIONS]
     flags: u32
     state: u32
-    last_bell: u64
+    last_bell: u64  # doorbell of the last batch handled
+    cur_bell: u64  # doorbell of the batch in hand (a fault completes it: vcpu.mh_fault)
+    sev_status: u32  # MSR_AMD64_SEV at driver load: bit 0 SEV, bit 1 SEV-ES
+    faults: u32  # CPU exceptions caught (vcpu.mh_fault)
     processed: u32
     poisoned: u32  # RECEIVING saw a refusal: RECV_FINISH can never succeed
     session_id: u64
@@ -716,6 +718,7 @@ def process_batch(c: Ptr[HelperCtx]) -> None:
     c.processed = 0
     st: i32 = E_BAD_STATE
     if bell != c.last_bell:
+        c.cur_bell = bell
         copy_mem(Ptr[u8](addr(c.cmd)), Ptr[u8](mailbox_command(c)), sizeof(Command))
         c.refused = 0
         st = dispatch(c)
@@ -726,16 +729,6 @@ def process_batch(c: Ptr[HelperCtx]) -> None:
     vstore(addr(ctl.processed), c.processed)
     mfence()
     vstore(addr(ctl.completed), bell)
-
-
-@function(abi="c", name="mh_entry")
-def mh_entry() -> None:
-    """The mirror vCPU starts here (RIP from BootInfo) and never returns: each HLT hands the
-    batch back to the host, which re-enters after the HLT with the next doorbell."""
-    c = addr(CTX)
-    while True:
-        process_batch(c)
-        hlt()
 
 
 # -- native test entry points (the host plays both sides in-process) ----------------------------
