@@ -15,6 +15,7 @@ from emulate import guest as G
 from emulate.host import FOUR_GIB, Host, SharedRegions, default_layout
 from emulate.mailbox import HelperChannel, MailboxError
 from emulate.memctl import PAGE
+from emulate.migration import workload_image
 from emulate.seeds import transport_key
 from helperfw.runtime import protocol as P
 from helperfw.runtime.platform import KVM_HC_MAP_GPA_RANGE
@@ -105,7 +106,8 @@ def boot_guest(h: Host, *, plug_vmem: bool = True):
         "dimm": G.Region(FOUR_GIB, 256, G.GR_DIRTY, 4),
         "vmem": G.Region(vmem.gpa, 64, G.GR_PRIVATE, 5),
     }
-    g = G.load(h, list(named.values()), hot_va=base + 25 * PAGE, hot_pages=64, seed=SEED)
+    g = G.load(h, workload_image(), list(named.values()), hot_va=base + 25 * PAGE,
+               hot_pages=64, seed=SEED)
     ex = h.uefi.vcpu.run(budget=None)
     assert ex.reason == "stop" and "MSR_KVM_MIGRATION_CONTROL=1" in ex.detail, ex
     return g, named
