@@ -20,6 +20,7 @@ and the destination guest must resume and keep running.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import socket
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from emulate import guest as G
+from emulate import workload
 from emulate.host import Host, default_layout
 from emulate.mailbox import HelperChannel, status_name
 from emulate.memctl import PAGE
@@ -60,12 +62,23 @@ from emulate.timeline import (
     STOPPED,
     Timeline,
 )
+from helperfw.codegen.image import LinkedImage
 from helperfw.runtime import protocol as P
 
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")
 TWO_MIB = 2 << 20
 VIRTIO_MEM_SETUP_GPA = 8 << 30  # where the virtio-mem block is plugged while the guest fills it
 DEFAULT_KEY = bytes(range(0x40, 0x60))  # the guest owner's transport key (test value)
+
+
+@functools.cache
+def workload_image() -> LinkedImage:
+    """The guest workload (emulate.workload) compiled once per process (the compiler loads
+    only when a guest is started: a destination-only host never needs it)."""
+    from helperfw.codegen.pipeline import build
+
+    return build([workload.guest_main], name="guest").image
+
 
 Progress = Callable[[str, int], None]
 """progress(event, n): ("round", pages in the round), ("pages", pages just sent), ("done", 0)."""
@@ -207,7 +220,8 @@ class Source:
                             G.Region(blk.gpa + (1 << 20), 16, G.GR_SHARED, 14),
                             G.Region(blk.gpa + (1 << 20) + 16 * PAGE, blk.size // PAGE - mib - 16,
                                      G.GR_DIRTY, 16)]
-        self.guest = G.load(h, regions, hot_va=hot.va, hot_pages=hot.pages, seed=p.seed)
+        self.guest = G.load(h, workload_image(), regions, hot_va=hot.va, hot_pages=hot.pages,
+                            seed=p.seed)
         ex = h.uefi.vcpu.run(budget=None)
         if ex.reason != "stop" or not h.migration_control:
             raise RuntimeError(f"guest set-up did not reach MSR_KVM_MIGRATION_CONTROL: {ex}")

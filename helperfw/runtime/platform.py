@@ -38,6 +38,15 @@ MSR_AMD64_SEV_ENABLED = 1 << 0
 MSR_AMD64_SEV_ES_ENABLED = 1 << 1
 MSR_AMD64_SEV_ES_GHCB = 0xC0010130  # the GHCB MSR (SEV-ES guest-hypervisor communication)
 
+# SVM intercept exit codes (AMD APM vol. 2 appendix C; Linux arch/x86/include/uapi/asm/svm.h):
+# what a VM exit reports to the host and, under SEV-ES, the error code of the #VC the guest gets
+SVM_EXIT_CPUID = 0x72
+SVM_EXIT_HLT = 0x78
+SVM_EXIT_IOIO = 0x7B
+SVM_EXIT_MSR = 0x7C  # RDMSR and WRMSR (EXITINFO1 0 / 1)
+SVM_EXIT_VMMCALL = 0x81
+X86_TRAP_VC = 29  # #VC, the SEV-ES VMM communication exception
+
 # -- QEMU / OVMF ----------------------------------------------------------------------------------
 DEBUG_PORT = 0x402  # QEMU isa-debugcon as OVMF configures it
 
