@@ -35,6 +35,7 @@ from emulate import workload
 from emulate.host import Host, default_layout
 from emulate.mailbox import HelperChannel, status_name
 from emulate.memctl import PAGE
+from emulate.seeds import Seeds, transport_key
 from emulate.stream import (
     CPU_STATE,
     END,
@@ -68,7 +69,6 @@ from helperfw.runtime import protocol as P
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")
 TWO_MIB = 2 << 20
 VIRTIO_MEM_SETUP_GPA = 8 << 30  # where the virtio-mem block is plugged while the guest fills it
-DEFAULT_KEY = bytes(range(0x40, 0x60))  # the guest owner's transport key (test value)
 
 
 @functools.cache
@@ -98,8 +98,13 @@ class MigrationParams:
     slice_every: int = 8  # helper batches between guest slices
     epoch_records: int = P.EPOCH_RECORDS_MAX  # close an epoch at least this often
     hot_pages: int = 256
-    transport_key: bytes = DEFAULT_KEY
+    transport_key: bytes | None = None  # None: derived from `seed` (emulate.seeds)
     verify: bool = True
+
+    @property
+    def key(self) -> bytes:
+        """The guest owner's transport key, provisioned on both hosts: from `seed` unless given."""
+        return self.transport_key if self.transport_key is not None else transport_key(self.seed)
 
 
 @dataclass
@@ -190,8 +195,9 @@ class Source:
     def __init__(self, p: MigrationParams, layout=None) -> None:
         self.p = p
         layout = layout or default_layout(p.mem)
-        self.host = Host("source", layout, cbit=p.cbit, seed=p.seed * 2 + 1, uefi_seed=p.seed)
-        self.host.boot_helper(p.image, p.transport_key, p.option)
+        self.host = Host("source", layout, cbit=p.cbit, seed=Seeds(p.seed).child("source"),
+                         uefi_seed=p.seed)
+        self.host.boot_helper(p.image, p.key, p.option)
         self._start_guest()
         self.host.settle_private_views()
         self.mirror = self.host.create_mirror()
@@ -261,9 +267,9 @@ class Destination:
 
     def __init__(self, p: MigrationParams, layout=None) -> None:
         layout = layout or default_layout(p.mem)
-        self.host = Host("destination", layout, cbit=p.cbit, seed=p.seed * 2 + 2,
-                         uefi_seed=p.seed)
-        self.host.boot_helper(p.image, p.transport_key, p.option)
+        self.host = Host("destination", layout, cbit=p.cbit,
+                         seed=Seeds(p.seed).child("destination"), uefi_seed=p.seed)
+        self.host.boot_helper(p.image, p.key, p.option)
         self.host.settle_private_views()
         self.mirror = self.host.create_mirror()
         self.ch = HelperChannel(self.host.mc, self.mirror)

@@ -38,3 +38,16 @@ def test_helper_image_selftest(helper: Path, sev: bool, cbit: int) -> None:
     if sev:
         assert f"C-bit 0x{cbit:016x}".encode() in r.debug_log
     assert u.vcpu.symbolize(r.image.entry).startswith("efi_main")
+
+
+@pytest.mark.parametrize("sev_status", [0, 1])
+def test_sev_needs_cpuid_and_the_sev_status_msr(helper: Path, sev_status: int) -> None:
+    """As OVMF decides it: CPUID 0x8000001F reporting SEV is not enough, MSR_AMD64_SEV bit 0
+    must say SEV is on for this guest, else the driver stays inactive and announces nothing."""
+    vm = VM(MemoryController(64 << 20), cpuid=CpuidModel(sev=True, cbit=47),
+            sev_status=sev_status)
+    u = UefiStandIn(vm, seed=SEED)
+    u.start_image(helper)
+    active = b"SEV active" in vm.debug_log
+    assert active == bool(sev_status)
+    assert (b"SEV not active" in vm.debug_log) == (not sev_status)
