@@ -249,6 +249,9 @@ def _reg_id(name: str) -> int:
     return getattr(X, "UC_X86_REG_" + name.upper())
 
 
+_MMX = {f"mm{i}": X.UC_X86_REG_FP0 + i for i in range(8)}
+
+
 class Registers:
     """The register file as the CPU sees it: exit handlers and code that models guest software
     (the UEFI stand-in) use this. The host's access goes through `VCpu.get/set`, which refuse an
@@ -260,9 +263,14 @@ class Registers:
         self._uc = uc
 
     def __getitem__(self, name: str) -> int:
+        if name in _MMX:  # unicorn reads MMn as 0; the value is x87 register n's mantissa
+            return self._uc.reg_read(_MMX[name])[0]
         return self._uc.reg_read(_reg_id(name))
 
     def __setitem__(self, name: str, value: int) -> None:
+        if name in _MMX:
+            self._uc.reg_write(_MMX[name], (value & MASK64, 0xFFFF))
+            return
         self._uc.reg_write(_reg_id(name), value & MASK64)
 
     def snapshot(self, names: tuple[str, ...] = DUMP_REGISTERS) -> dict[str, int]:

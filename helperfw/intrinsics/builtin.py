@@ -244,6 +244,70 @@ def clear_scratch_regs(em: Emitter) -> None:
     em.asm(VOID, text, clobbers, [])
 
 
+@intrinsic("(lo: u64, hi: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="set the 128-bit staging-mask key (mm6:mm7; compiled code never uses MMX)")
+def mask_key(em: Emitter, lo: ir.Value, hi: ir.Value) -> None:
+    em.asm(VOID, "movq $0, %mm6\n\tmovq $1, %mm7", "r,r,~{mm6},~{mm7}", [lo, hi])
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(),
+           doc="advance the staging-mask serial (mm5): every record's masks differ")
+def mask_next(em: Emitter) -> None:
+    em.asm(VOID, "movq %mm5, %rax\n\tincq %rax\n\tmovq %rax, %mm5", "~{rax},~{mm5},~{flags}", [])
+
+
+_MASK_BLOCK = (
+    "movq2dq %mm6, $1", "movq2dq %mm7, $2", "punpcklqdq $2, $1",  # t1 = the key
+    "movq $5, $2", "movq2dq %mm5, $3", "punpcklqdq $3, $2",  # t2 = id | serial << 64
+    "pxor $1, $2", "aesenc $1, $2",  # t2 = M
+    "pxor $2, $0")
+
+
+@intrinsic("(x: v128, id: u64) -> v128", group=PLATFORM, evaluate=ask_env(),
+           doc="x ^ M, M = an AES round keyed by mm6:mm7 over (id, mm5): a mask no host "
+               "can compute or roll back (the key and serial exist only in MMX registers)")
+def mask_block(em: Emitter, x: ir.Value, blk: ir.Value) -> ir.Value:
+    st = ir.LiteralStructType([x.type, x.type, x.type, x.type])
+    r = em.asm(st, "\n\t".join(_MASK_BLOCK), "=x,=&x,=&x,=&x,0,r", [x, blk])
+    return em.b.extract_value(r, 0)
+
+
+def _mask8_text() -> str:
+    """mask_block for 8 values, the key and serial fetched once: ids id..id+7."""
+    head = ["movq2dq %mm6, $8", "movq2dq %mm7, $10", "punpcklqdq $10, $8",  # $8 = the key
+            "movq2dq %mm5, $9", "pslldq $$8, $9",  # $9 = serial << 64
+            "mov $20, $11"]  # $11 = the id
+    body = []
+    for j in range(8):
+        body += ["movq $11, $10", "por $9, $10", "pxor $8, $10", "aesenc $8, $10",
+                 f"pxor $10, ${j}"]
+        if j < 7:
+            body.append("inc $11")
+    return "\n\t".join(head + body)
+
+
+_V8 = ", ".join(f"x{j}: v128" for j in range(8))
+
+
+@intrinsic(f"({_V8}, id: u64) -> (v128, v128, v128, v128, v128, v128, v128, v128)",
+           group=PLATFORM, evaluate=ask_env(),
+           doc="mask_block of 8 values for ids id..id+7 (same masks, fewer instructions)",
+           unpack_reason="mask8 returns eight values: a, b, ... = mask8(...)")
+def mask8(em: Emitter, *vals: ir.Value) -> list[ir.Value]:
+    xs, blk = list(vals[:8]), vals[8]
+    t = xs[0].type
+    st = ir.LiteralStructType([t] * 11 + [I64])
+    cons = ",".join(["=x"] * 8 + ["=&x"] * 3 + ["=&r"] + [str(j) for j in range(8)] + ["r"])
+    r = em.asm(st, _mask8_text(), cons + ",~{flags}", [*xs, blk])
+    return [em.b.extract_value(r, j) for j in range(8)]
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="EMMS: mark the x87 stack free again (native test entry points, after MMX use)")
+def emms(em: Emitter) -> None:
+    _alone(em, "emms")
+
+
 @intrinsic("(p: u64)", group=PLATFORM, evaluate=ask_env(),
            doc="load the IDT register from the 10-byte limit/base at p")
 def lidt(em: Emitter, p: ir.Value) -> None:

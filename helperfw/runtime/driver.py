@@ -18,7 +18,7 @@ from .efi import (
     EfiSystemTable,
     guid_bytes,
 )
-from .gcmsiv import SivKeys, siv_open, siv_seal
+from .gcmsiv import SIV_AUTH, SIV_OK, SivKeys, siv_open, siv_seal
 from .memops import bytes_eq, wipe
 from .mirror import SetupParams, announce, mirror_setup
 from .pagetables import (
@@ -170,8 +170,8 @@ def selftest_aead() -> u32:
         return 1
     if not bytes_eq(addr(tag[0]), k + K_TAG, 16):
         return 2
-    if not siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
-                    addr(tag[0]), addr(scratch[0]), addr(rec)):
+    if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
+                addr(tag[0]), addr(scratch[0]), addr(rec)) != SIV_OK:
         return 3
     if not bytes_eq(addr(out[0]), k + K_PT, 64):
         return 4
@@ -179,7 +179,7 @@ def selftest_aead() -> u32:
         out[i] = 0xEE
     buf[17] = buf[17] ^ 4
     if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
-                addr(tag[0]), addr(scratch[0]), addr(rec)):
+                addr(tag[0]), addr(scratch[0]), addr(rec)) != SIV_AUTH:
         return 5
     for i in range(64):
         if out[i] != 0xEE:

@@ -94,6 +94,10 @@ E_DISCARDED = _status(-18, "this helper installed pages in a receiving session t
 E_FAULT = _status(-19, "the CPU raised an exception while the helper ran the batch (an "
                        "instruction CPUID promised but the CPU lacks, a #VC, an unmapped page): "
                        "the session was ended, FaultRecord says where; entry statuses are void")
+E_CHANGED = _status(-20, "private memory changed under the helper between a record's tag check "
+                         "and its installation (the host wrote back older ciphertext of the "
+                         "helper's scratch or of the guest page): the page was zeroed and the "
+                         "session poisoned")
 # firmware-internal: returned inside the image and reported on the console at driver load
 E_SETUP_OPTION = _status(-100, "driver load: unknown address-space option", wire=False)
 E_SETUP_HIGH_REGION = _status(-101, "driver load, shift: a region lies above 4 GiB", wire=False)

@@ -4,8 +4,9 @@ Everything the host wrote is copied into private memory (`HelperCtx.cmd`, `.env`
 before any field is examined, and every field is read from that copy only, so a host rewriting
 the mailbox while the helper runs can change nothing but the ciphertext it gets back. Guest
 memory is written only after a record's tag verified (`siv_open` decrypts into a private
-scratch page and copies out on success); a page is sealed from a private snapshot of it, so
-what is encrypted is what was authenticated.
+scratch page, copies out on success and reads the page back: a host that rewound the scratch
+in between gets the page zeroed and E_CHANGED); a page is sealed from a private snapshot of it,
+so what is encrypted is what was authenticated.
 
 Sessions are fresh on both sides: the destination's RECV_BEGIN draws a `challenge` with RDRAND,
 the source's SEND_BEGIN takes it and draws the `session_id`, and the session keys bind both
@@ -19,6 +20,7 @@ from helperfw import (
     Array,
     Ptr,
     addr,
+    emms,
     function,
     i32,
     mfence,
@@ -40,7 +42,7 @@ from helperfw import (
 )
 
 from .aes import Aes256Key, aes256_block, aes256_expand, aes256_expand_v
-from .gcmsiv import SivKeys, siv_open, siv_seal
+from .gcmsiv import SIV_CHANGED, SIV_OK, SivKeys, siv_open, siv_seal
 from .memops import copy_mem, wipe
 from .pagetables import MAP_ENC, MAP_W, PAGE_1G, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
 from .platform import PAGE_SIZE
@@ -50,6 +52,7 @@ from .protocol import (
     DEFAULT_SLOTS,
     E_ABORTED,
     E_AUTH,
+    E_CHANGED,
     E_BAD_ARG,
     E_BAD_COUNT,
     E_BAD_OP,
@@ -540,6 +543,16 @@ def bind_session(c: Ptr[HelperCtx]) -> i32:
 
 
 @function
+def siv_status(r: u32) -> i32:
+    """siv_open's result as a wire status."""
+    if r == SIV_OK:
+        return OK
+    if r == SIV_CHANGED:
+        return E_CHANGED
+    return E_AUTH
+
+
+@function
 def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
     copy_mem(Ptr[u8](addr(c.env)), Ptr[u8](slot), sizeof(Envelope))
     env = addr(c.env)
@@ -560,10 +573,13 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
         return E_REPLAY  # this page already came in this epoch (see installed_slot)
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
-    if not siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
-                    Ptr[u8](slot + sizeof(Envelope)), Ptr[u8](c.ram_base + ram_addr), PAGE_SIZE,
-                    addr(env.tag[0]), addr(c.scratch[0]), addr(c.rec)):
-        return E_AUTH
+    r = siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
+                 Ptr[u8](slot + sizeof(Envelope)), Ptr[u8](c.ram_base + ram_addr), PAGE_SIZE,
+                 addr(env.tag[0]), addr(c.scratch[0]), addr(c.rec))
+    if r == SIV_CHANGED:
+        c.installed_any = 1  # the page was written (and zeroed): one-shot applies
+    if r != SIV_OK:
+        return siv_status(r)
     c.installed_any = 1
     c.seen[off >> 6] = c.seen[off >> 6] | bit
     c.installed[slot_i] = ram_addr | 1
@@ -607,10 +623,9 @@ def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i3
         return E_REPLAY
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), FINISH_EPOCH if nonce_epoch_is_finish else t.epoch, 0)
-    if not siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, addr(c.scratch[0]),
-                    addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.scratch[0]), addr(c.rec)):
-        return E_AUTH
-    return OK
+    return siv_status(siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN,
+                               addr(c.scratch[0]), addr(c.scratch[0]), 0, addr(t.tag[0]),
+                               addr(c.scratch[0]), addr(c.rec)))
 
 
 @function(small=True)  # once per session or epoch
@@ -740,6 +755,7 @@ def mh_test_ctx_size() -> u64:
 @function(abi="c")
 def mh_test_process(c: Ptr[HelperCtx]) -> i32:
     process_batch(c)
+    emms()  # the staging masks used MMX registers: leave the x87 stack free for the host
     return Ptr[Control](c.mailbox + CONTROL_OFFSET).status
 
 

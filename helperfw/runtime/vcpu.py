@@ -25,6 +25,7 @@ from helperfw import (
     function,
     hlt,
     lidt,
+    mask_key,
     mfence,
     read_cr2,
     read_cs,
@@ -48,7 +49,7 @@ from .protocol import (
     Control,
     FaultRecord,
 )
-from .session import CTX, STACK, STACK_SIZE, end_session, process_batch
+from .session import CTX, STACK, STACK_SIZE, HelperCtx, end_session, process_batch, rng64
 
 VECTORS = 32  # the architectural exceptions
 STUB_SIZE = 16  # bytes per entry stub (`.balign 16`): gate v points at table + 16 v
@@ -149,6 +150,15 @@ def install_idt() -> None:
     lidt(u64(r))
 
 
+@function(small=True)
+def draw_mask_key(c: Ptr[HelperCtx]) -> None:
+    """A fresh staging-mask key for this vCPU run (gcmsiv: what a record stages in memory is
+    masked with it). It lives only in mm6:mm7, which no compiled code touches and which the
+    exits keep: under SEV-ES the host can neither read nor roll it back. Without RDRAND it is
+    0, but then no session can start either."""
+    mask_key(rng64(c), rng64(c))
+
+
 @function
 def park() -> None:
     """Hand the batch back: nothing of it stays in a register, then HLT (an automatic exit)."""
@@ -162,6 +172,7 @@ def mh_entry() -> None:
     batch back to the host, which re-enters after the HLT with the next doorbell."""
     c = addr(CTX)
     install_idt()
+    draw_mask_key(c)
     while True:
         process_batch(c)
         park()
@@ -172,6 +183,7 @@ def mh_resume() -> None:
     """Where mh_fault continues: the faulted batch is already completed, so exit first."""
     c = addr(CTX)
     install_idt()
+    draw_mask_key(c)
     while True:
         park()
         process_batch(c)
