@@ -698,3 +698,64 @@ def test_source_stage_rewound_between_hash_and_encryption(dest):
     assert not leaked, f"{len(leaked)} blocks of page Y recovered"
     assert r_x2.ct != r_x.ct  # the rewind did land (the record is noise, refused downstream)
 
+
+
+# -- a record's address and its content come from one read --------------------------------------
+def _rewind_all_at(h: MirrorHost, symbol: str, cmds: list[tuple[bytes, dict[int, bytes]]],
+                   extra=None) -> object:
+    """Run the batches in turn, each stopped where it first enters `symbol`: the first
+    snapshots all private memory there, the second gets it written back (and `extra()` runs).
+    Returns the second batch's result."""
+    pages = list(private_pages(h).values())
+    snap, rips = [None], []
+
+    def take(*_: object) -> None:
+        snap[0] = h.hands.snapshot(pages)
+        rips.append(h.vcpu.get("rip"))
+
+    def put(*_: object) -> None:
+        h.hands.restore(snap[0])
+        if extra is not None:
+            extra()
+        rips.append(h.vcpu.get("rip"))
+
+    r = None
+    for (cmd, slots), act in zip(cmds, (take, put), strict=True):
+        at = instructions_before_call(h, cmd, slots, symbol, 1)
+        r = h.batch(cmd, slots, preempt=[(at, act)])
+    assert len(rips) == 2 and rips[0] == rips[1] == h.symbol_gpa(symbol)
+    return r
+
+
+def test_source_rewound_before_the_seal_seals_what_the_envelope_names(dest):
+    """At the instant the source derives record keys for page Y, the host writes back all of
+    its private memory as it was at that instant for page X: the envelope, nonce and keys are
+    X's, the registers Y's. The record's content must still be X's page: the helper reads the
+    page at the address inside the very AAD block it authenticates. Otherwise the record is
+    Y's page under X's address, with a valid tag, and the destination installs it at X."""
+    src = Source.begin(dest.challenge, SEED + 4)
+    x, y = PAGES[1], PAGES[6]
+    _rewind_all_at(src.h, "siv_derive", [(_cmd(P.OP_SEND, [x]), {}), (_cmd(P.OP_SEND, [y]), {})])
+    raw = src.h.read_slot(0)
+    at = struct.unpack_from("<Q", raw, 0x08)[0]
+    got = src.forger.open(raw)
+    assert got is not None, "the rewound seal should still give a valid record"
+    assert got in src.versions[at], f"a valid record for {at:#x} carries another page"
+
+
+def test_destination_rewound_before_the_open_installs_where_the_envelope_says(dest, stream):
+    """When the destination starts hashing record Y's AAD (header checks passed, keys derived),
+    the host writes back all private memory as it was at that instant for record X, and puts
+    X's ciphertext in the slot: envelope, nonce and keys say X, the registers Y. Without the
+    binding X's genuine record verifies and lands where the register-held pointer says (Y).
+    With it, the address comes from the AAD block absorbed (Y's, loaded before the rewind),
+    the rest of the AAD is X's, and the tag fails."""
+    dest.restore(dest.saved)
+    xr, yr = stream.epochs[0][2], stream.epochs[0][3]
+    r = _rewind_all_at(
+        dest, "_absorb", [(_cmd(P.OP_RECV, [r.ram_addr], session_id=stream.sid), {0: r.raw})
+               for r in (xr, yr)],
+        extra=lambda: dest.write_slot(0, xr.raw))
+    got = dest.guest_page(yr.ram_addr)
+    misplaced = [b for b in range(0, PAGE, 16) if got[b:b + 16] == xr.plain[b:b + 16]]
+    assert not misplaced, f"{len(misplaced)} blocks of page X landed at Y"

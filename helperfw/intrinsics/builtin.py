@@ -256,6 +256,18 @@ def mask_next(em: Emitter) -> None:
     em.asm(VOID, "movq %mm5, %rax\n\tincq %rax\n\tmovq %rax, %mm5", "~{rax},~{mm5},~{flags}", [])
 
 
+@intrinsic("(va: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="hold a record's page address in mm4: every later use reads it from there, "
+               "so no rewound memory can redirect the record to another page")
+def bind_page(em: Emitter, va: ir.Value) -> None:
+    em.asm(VOID, "movq $0, %mm4", "r,~{mm4}", [va])
+
+
+@intrinsic("() -> u64", group=PLATFORM, evaluate=ask_env(), doc="the address bind_page() holds")
+def bound_page(em: Emitter) -> ir.Value:
+    return em.asm(I64, "movq %mm4, $0", "=r", [])
+
+
 _MASK_BLOCK = (
     "movq2dq %mm6, $1", "movq2dq %mm7, $2", "punpcklqdq $2, $1",  # t1 = the key
     "movq $5, $2", "movq2dq %mm5, $3", "punpcklqdq $3, $2",  # t2 = id | serial << 64

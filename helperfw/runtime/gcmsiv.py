@@ -48,7 +48,9 @@ from helperfw import (
     Array,
     Ptr,
     addr,
+    bind_page,
     bool_,
+    bound_page,
     emms,
     function,
     mask8,
@@ -192,57 +194,76 @@ def _absorb(k: Ptr[SivKeys], s: v128, p: Ptr[u8], n: u64) -> v128:
 
 
 @function
-def _absorb_copy(k: Ptr[SivKeys], s: v128, src: Ptr[u8], stage: Ptr[u8], n: u64) -> v128:
-    """Absorb n bytes at src and leave a masked copy in `stage` (see _unmask_copy): every source
-    byte is read once, so what is later encrypted from `stage` is exactly what was hashed.
-    stage == src is allowed."""
+def _absorb_bind(k: Ptr[SivKeys], aad: Ptr[u8], aad_len: u64, base: u64) -> v128:
+    """Absorb the AAD and bind_page() the record's page: base + the u64 at aad + 8 (the
+    envelope's ram_addr), taken from the very load that is absorbed. The page is then read or
+    written only through bound_page(), so the address the tag covers is the address used, whatever
+    memory the host rewinds (module docstring). An AAD shorter than a block binds base."""
+    if aad_len < 16:
+        bind_page(base)
+        return _absorb(k, v128_make(0, 0), aad, aad_len)
+    b0 = v128_load(aad)
+    bind_page(base + v128_hi(b0))
+    return _absorb(k, _dot(b0, k.h[0]), aad + 16, aad_len - 16)
+
+
+@function
+def _absorb_copy(k: Ptr[SivKeys], s: v128, stage: Ptr[u8], n: u64) -> v128:
+    """Absorb n bytes of the bound page and leave a masked copy in `stage`: every source byte
+    is read once, so what is later encrypted from `stage` is exactly what was hashed. The
+    source address is re-read from mm4 for every group, so it never waits in memory. stage may
+    be the bound page."""
     blk: Array[v128, 8]
     d = addr(blk[0])
     off: u64 = 0
     while n - off >= 128:
+        src = Ptr[u8](bound_page()) + off
         for j in range(SIV_BLOCKS):
-            d[j] = v128_load(src + off + 16 * j)
+            d[j] = v128_load(src + 16 * j)
         _store_masked8(stage + off, d, off >> 4)
         s = _absorb8(k, s, d)
         off += 128
     while n - off >= 16:
-        x = v128_load(src + off)
+        x = v128_load(Ptr[u8](bound_page()) + off)
         v128_store(stage + off, mask_block(x, off >> 4))
         s = _dot(s ^ x, k.h[0])
         off += 16
     if off < n:
-        x = _load_partial(src + off, n - off)
+        x = _load_partial(Ptr[u8](bound_page()) + off, n - off)
         _store_partial(stage + off, mask_block(x, off >> 4), n - off)
         s = _dot(s ^ x, k.h[0])
     return s
 
 
 @function
-def _unmask_copy_absorb(k: Ptr[SivKeys], s: v128, stage: Ptr[u8], out: Ptr[u8], n: u64) -> v128:
-    """out = the masked stage unmasked with the ids of the addresses stored to, absorbing each
-    block as it is stored: the hash covers exactly what out got. stage == out is allowed."""
+def _unmask_copy_absorb(k: Ptr[SivKeys], s: v128, stage: Ptr[u8], n: u64) -> v128:
+    """The bound page = the masked stage, unmasked with the ids of the addresses stored to,
+    absorbing each block as it is stored: the hash covers exactly what the page got. The
+    address is re-read from mm4 for every group. stage may be the bound page."""
     blk: Array[v128, 8]
     d = addr(blk[0])
     off: u64 = 0
     while n - off >= 128:
-        _load_masked8(d, stage + off, u64(out + off))
+        out = Ptr[u8](bound_page()) + off
+        _load_masked8(d, stage + off, u64(out))
         for j in range(SIV_BLOCKS):
-            v128_store(out + off + 16 * j, d[j])
+            v128_store(out + 16 * j, d[j])
         s = _absorb8(k, s, d)
         off += 128
     while n - off >= 16:
-        x = mask_block(v128_load(stage + off), u64(out + off))
-        v128_store(out + off, x)
+        out = Ptr[u8](bound_page()) + off
+        x = mask_block(v128_load(stage + off), u64(out))
+        v128_store(out, x)
         s = _dot(s ^ x, k.h[0])
         off += 16
     if off < n:
-        _store_partial(out + off, mask_block(_load_partial(stage + off, n - off), u64(out + off)),
-                       n - off)
-        s = _dot(s ^ _load_partial(out + off, n - off), k.h[0])  # zero padded, as verified
+        out = Ptr[u8](bound_page()) + off
+        _store_partial(out, mask_block(_load_partial(stage + off, n - off), u64(out)), n - off)
+        s = _dot(s ^ _load_partial(out, n - off), k.h[0])  # zero padded, as verified
     return s
 
 
-@function
+@function(noinline=True)  # a call per 128 bytes costs little; a copy ~250 bytes
 def _store_masked8(p: Ptr[u8], d: Ptr[v128], id: u64) -> None:
     """p[0:128] = the 8 blocks d[0..7], masked (ids id..id+7)."""
     m0, m1, m2, m3, m4, m5, m6, m7 = mask8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], id)
@@ -256,7 +277,7 @@ def _store_masked8(p: Ptr[u8], d: Ptr[v128], id: u64) -> None:
     v128_store(p + 112, m7)
 
 
-@function
+@function(noinline=True)  # a call per 128 bytes costs little; a copy ~250 bytes
 def _load_masked8(d: Ptr[v128], p: Ptr[u8], id: u64) -> None:
     """d[0..7] = the 8 masked blocks at p, unmasked (ids id..id+7)."""
     d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7] = mask8(
@@ -344,10 +365,9 @@ def _ctr(k: Ptr[SivKeys], t: v128, inp: Ptr[u8], out: Ptr[u8], n: u64) -> None:
 
 
 @function
-def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v128,
-                dst: Ptr[u8]) -> v128:
-    """Decrypt ct -> pt (masked with the ids of where each block is meant to go in dst) from the
-    tag t and absorb the plaintext into s, reading each ciphertext byte once. Stitched: while the AES rounds of group i run, POLYVAL absorbs the plaintext of
+def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v128) -> v128:
+    """Decrypt ct -> pt (masked with the ids of where each block is meant to go in the bound
+    page) from the tag t and absorb the plaintext into s, reading each ciphertext byte once. Stitched: while the AES rounds of group i run, POLYVAL absorbs the plaintext of
     group i-1 (kept in `g`), so the AES and carry-less-multiply units work at the same time."""
     st: Array[v128, 8]
     g: Array[v128, 8]
@@ -368,7 +388,7 @@ def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v
         aes256_8(e, sp)
         for j in range(SIV_BLOCKS):
             g[j] = st[j] ^ v128_load(ct + 16 * j)
-        _store_masked8(pt, gp, u64(dst))
+        _store_masked8(pt, gp, bound_page())
         c += 8
         off = 128
         while n - off >= 128:
@@ -401,7 +421,7 @@ def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v
             last8(sp, rk[AES256_ROUNDS])
             for j in range(SIV_BLOCKS):
                 g[j] = st[j] ^ v128_load(ct + off + 16 * j)
-            _store_masked8(pt + off, gp, u64(dst + off))
+            _store_masked8(pt + off, gp, bound_page() + off)
             c += 8
             off += 128
         s = _absorb8(k, s, gp)
@@ -409,7 +429,7 @@ def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v
         ks = aes256_block(e, v128_make(clo | u64(c), chi))
         if n - off >= 16:
             x = ks ^ v128_load(ct + off)
-            v128_store(pt + off, mask_block(x, u64(dst + off)))
+            v128_store(pt + off, mask_block(x, bound_page() + off))
             s = _dot(s ^ x, h[0])
             off += 16
         else:
@@ -417,7 +437,7 @@ def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v
             buf: Array[u8, 16]
             _store_partial(addr(buf[0]), ks ^ _load_partial(ct + off, rem), rem)
             x = _load_partial(addr(buf[0]), rem)  # the plaintext, zero padded for POLYVAL
-            _store_partial(pt + off, mask_block(x, u64(dst + off)), rem)
+            _store_partial(pt + off, mask_block(x, bound_page() + off), rem)
             s = _dot(s ^ x, h[0])
             off = n
         c += 1
@@ -428,15 +448,16 @@ def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v
 
 
 @function
-def siv_seal(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, pt: Ptr[u8],
+def siv_seal(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, base: u64,
              stage: Ptr[u8], ct: Ptr[u8], n: u64, tag: Ptr[u8], k: Ptr[SivKeys]) -> None:
-    """Seal n bytes: hash pt into S while copying it, masked, to the private `stage` (pt is read
-    once; stage == pt is allowed), write the tag, then encrypt stage into ct. `k` is the
-    caller's private room for the record keys; it is wiped on return."""
+    """Seal n bytes of the page at base + the AAD's ram_addr (_absorb_bind): hash it into S
+    while copying it, masked, to the private `stage` (read once; stage may be the page), write
+    the tag, then encrypt stage into ct. `k` is the caller's private room for the record keys;
+    it is wiped on return."""
     mask_next()
     siv_derive(kgk, nonce, k)
-    s = _absorb(k, v128_make(0, 0), aad, aad_len)
-    s = _absorb_copy(k, s, pt, stage, n)
+    s = _absorb_bind(k, aad, aad_len, base)
+    s = _absorb_copy(k, s, stage, n)
     t = _tag(k, s, nonce, aad_len, n)
     v128_store(tag, t)
     _ctr(k, t, stage, ct, n)
@@ -445,33 +466,42 @@ def siv_seal(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, pt
 
 @function
 def siv_open(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, ct: Ptr[u8],
-             out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8], k: Ptr[SivKeys]) -> u32:
-    """Decrypt n bytes of ct into the private `scratch` while hashing the plaintext, compare the
-    tag in constant time, and only if it matches unmask scratch into out, hashing what is
-    stored (module docstring).
-    SIV_OK: out holds the plaintext. SIV_AUTH: the tag did not match, out is untouched.
-    SIV_CHANGED: what was copied is not what was verified (module docstring), out is zeroed.
-    scratch is wiped unless SIV_OK; scratch == out decrypts in place. The tag is read once: the
-    same value is the counter and the comparand."""
+             base: u64, n: u64, tag: Ptr[u8], scratch: Ptr[u8], k: Ptr[SivKeys]) -> u32:
+    """Open n bytes of ct into the page at base + the AAD's ram_addr (_absorb_bind): decrypt
+    into the private `scratch` (masked) while hashing the plaintext, compare the tag in constant
+    time, and only if it matches unmask scratch into the page, hashing what is stored.
+    SIV_OK: the page holds the plaintext. SIV_AUTH: the tag did not match, the page is
+    untouched. SIV_CHANGED: what was stored is not what was verified (module docstring), the
+    page is zeroed. scratch is wiped unless SIV_OK; it may be the page itself (in place). The
+    tag is read once: the same value is the counter and the comparand."""
     mask_next()
     siv_derive(kgk, nonce, k)
     t = v128_load(tag)
-    s = _absorb(k, v128_make(0, 0), aad, aad_len)
-    s = _ctr_absorb(k, t, ct, scratch, n, s, out)
+    s = _absorb_bind(k, aad, aad_len, base)
+    s = _ctr_absorb(k, t, ct, scratch, n, s)
     d = _tag(k, s, nonce, aad_len, n) ^ t
     r: u32 = SIV_OK
     if (v128_lo(d) | v128_hi(d)) != 0:
         r = SIV_AUTH
     else:
-        d = _unmask_copy_absorb(k, _absorb(k, v128_make(0, 0), aad, aad_len), scratch, out,
-                                n) ^ s
+        # the AAD as memory holds it now, then what is stored: must be what was verified
+        d = _unmask_copy_absorb(k, _absorb(k, v128_make(0, 0), aad, aad_len), scratch, n) ^ s
         if (v128_lo(d) | v128_hi(d)) != 0:
-            wipe(out, n)
+            wipe(Ptr[u8](bound_page()), n)
             r = SIV_CHANGED
     wipe(Ptr[u8](k), sizeof(SivKeys))
     if r != SIV_OK:
         wipe(scratch, n)
     return r
+
+
+@function
+def aad_base(p: Ptr[u8], aad: Ptr[u8], aad_len: u64) -> u64:
+    """The `base` that makes siv_seal/siv_open use the buffer p for this AAD (tests, selftest):
+    p - the AAD's ram_addr field (wrapping), or p for an AAD shorter than a block."""
+    if aad_len < 16:
+        return u64(p)
+    return u64(p) - Ptr[u64](aad + 8)[0]
 
 
 # -- C-ABI wrappers for tests and benchmarks (native runs) -------------------------------------
@@ -495,7 +525,8 @@ def mh_test_siv_seal(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, p
     kgk: Aes256Key
     k: SivKeys
     aes256_expand(key, addr(kgk))
-    siv_seal(addr(kgk), nonce, aad, aad_len, pt, stage, ct, n, tag, addr(k))
+    siv_seal(addr(kgk), nonce, aad, aad_len, aad_base(pt, aad, aad_len), stage, ct, n, tag,
+             addr(k))
     emms()
 
 
@@ -505,7 +536,8 @@ def mh_test_siv_open(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, c
     kgk: Aes256Key
     k: SivKeys
     aes256_expand(key, addr(kgk))
-    r = siv_open(addr(kgk), nonce, aad, aad_len, ct, out, n, tag, scratch, addr(k))
+    r = siv_open(addr(kgk), nonce, aad, aad_len, ct, aad_base(out, aad, aad_len), n, tag,
+                 scratch, addr(k))
     emms()  # the masks used MMX registers: leave the x87 stack free for the host process
     return u64(r)
 
@@ -516,8 +548,9 @@ def mh_bench_siv_seal(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len
                       reps: u64) -> None:
     """`reps` seals back to back (the firmware's speed without the host call overhead)."""
     k: SivKeys
+    base = aad_base(pt, aad, aad_len)
     for i in range(reps):
-        siv_seal(kgk, nonce, aad, aad_len, pt, stage, ct, n, tag, addr(k))
+        siv_seal(kgk, nonce, aad, aad_len, base, stage, ct, n, tag, addr(k))
     emms()
 
 
@@ -527,8 +560,9 @@ def mh_bench_siv_open(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len
                       reps: u64) -> u64:
     k: SivKeys
     ok: u64 = 0
+    base = aad_base(out, aad, aad_len)
     for i in range(reps):
-        if siv_open(kgk, nonce, aad, aad_len, ct, out, n, tag, scratch, addr(k)) == SIV_OK:
+        if siv_open(kgk, nonce, aad, aad_len, ct, base, n, tag, scratch, addr(k)) == SIV_OK:
             ok += 1
     emms()
     return ok

@@ -423,9 +423,9 @@ def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
     env.challenge = c.challenge
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, seq)
-    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
-             Ptr[u8](c.ram_base + ram_addr), addr(c.scratch[0]),
-             Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]), addr(c.rec))
+    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN, c.ram_base,
+             addr(c.scratch[0]), Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]),
+             addr(c.rec))
     copy_mem(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
     count_record(c, ram_addr, seq)
 
@@ -464,8 +464,8 @@ def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64
     t.challenge = c.challenge
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), nonce_epoch, 0)
-    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, addr(c.scratch[0]),
-             addr(c.scratch[0]), addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.rec))
+    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, 0, addr(c.scratch[0]),
+             addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.rec))  # no data: no page
     copy_mem(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](t), sizeof(EpochToken))
 
 
@@ -574,8 +574,8 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
     r = siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
-                 Ptr[u8](slot + sizeof(Envelope)), Ptr[u8](c.ram_base + ram_addr), PAGE_SIZE,
-                 addr(env.tag[0]), addr(c.scratch[0]), addr(c.rec))
+                 Ptr[u8](slot + sizeof(Envelope)), c.ram_base, PAGE_SIZE, addr(env.tag[0]),
+                 addr(c.scratch[0]), addr(c.rec))
     if r == SIV_CHANGED:
         c.installed_any = 1  # the page was written (and zeroed): one-shot applies
     if r != SIV_OK:
@@ -624,8 +624,8 @@ def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i3
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), FINISH_EPOCH if nonce_epoch_is_finish else t.epoch, 0)
     return siv_status(siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN,
-                               addr(c.scratch[0]), addr(c.scratch[0]), 0, addr(t.tag[0]),
-                               addr(c.scratch[0]), addr(c.rec)))
+                               addr(c.scratch[0]), 0, 0, addr(t.tag[0]), addr(c.scratch[0]),
+                               addr(c.rec)))  # no data: no page
 
 
 @function(small=True)  # once per session or epoch
