@@ -13,7 +13,8 @@ import pytest
 from emulate.cpuid import CpuidModel
 from emulate.machine import VM
 from emulate.memctl import MemoryController
-from emulate.uefi import UefiStandIn
+from emulate.uefi import EFI_SUCCESS, EFI_UNSUPPORTED, UefiStandIn
+from helperfw.runtime.platform import CPUID_1_ECX_AESNI, CPUID_FEATURES_LEAF
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 99_991
@@ -35,9 +36,21 @@ def test_helper_image_selftest(helper: Path, sev: bool, cbit: int) -> None:
                json.loads(helper.with_suffix(".map").read_text())["symbols"].items()}
     u = UefiStandIn(vm, seed=SEED + cbit, symbols=symbols)
     r = u.start_image(helper)
-    assert r.ok, (r.exit, r.conout)
+    # without SEV the driver returns EFI_UNSUPPORTED so that OVMF unloads it
+    assert r.status == (EFI_SUCCESS if sev else EFI_UNSUPPORTED), (r.exit, r.conout)
     assert b"selftest passed" in r.debug_log
     assert "selftest passed" in r.conout
     if sev:
         assert f"C-bit 0x{cbit:016x}".encode() in r.debug_log
     assert u.vcpu.symbolize(r.image.entry).startswith("efi_main")
+
+
+def test_helper_image_without_aesni_is_unsupported(helper: Path) -> None:
+    """CPUID leaf 1 without AES-NI: the driver says so and returns EFI_UNSUPPORTED."""
+    model = CpuidModel(sev=True)
+    eax, ebx, ecx, edx = model.query(CPUID_FEATURES_LEAF)
+    model.overrides[(CPUID_FEATURES_LEAF, 0)] = (eax, ebx, ecx & ~CPUID_1_ECX_AESNI, edx)
+    r = UefiStandIn(VM(MemoryController(64 << 20), cpuid=model), seed=SEED).start_image(helper)
+    assert r.status == EFI_UNSUPPORTED, (r.exit, r.conout)
+    assert b"CPU lacks AES-NI/PCLMULQDQ, returning EFI_UNSUPPORTED" in r.debug_log
+    assert b"selftest" not in r.debug_log

@@ -1,7 +1,7 @@
 """The EFI entry point: self-test, SEV detection, and (with SEV) the helper's set-up.
 
 Loaded by OVMF as a DXE runtime driver. Without SEV it proves it works (self-test on port 0x402
-and ConOut) and returns EFI_SUCCESS, inactive.
+and ConOut) and returns EFI_UNSUPPORTED, so OVMF unloads it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .efi import (
     ALLOCATE_ANY_PAGES,
     EFI_LOAD_ERROR,
     EFI_SUCCESS,
+    EFI_UNSUPPORTED,
     EfiBootServices,
     EfiSystemTable,
     guid_bytes,
@@ -81,9 +82,10 @@ MSG_ALLOC_FAIL = text("MigrationHelper: AllocatePages failed ")
 MSG_NL = text("\n")
 MSG_GCM_OK = text("MigrationHelper: selftest AES-256-GCM known answers ok\n")
 MSG_GCM_FAIL = text("MigrationHelper: selftest AES-256-GCM FAILED at check ")
-MSG_NO_AESNI = text("MigrationHelper: CPU lacks AES-NI/PCLMULQDQ, helper disabled\n")
+MSG_NO_AESNI = text("MigrationHelper: CPU lacks AES-NI/PCLMULQDQ, "
+                    "returning EFI_UNSUPPORTED (driver unloads)\n")
 MSG_SELFTEST_OK = text("MigrationHelper: selftest passed\n")
-MSG_NO_SEV = text("MigrationHelper: SEV not active, helper stays inactive\n")
+MSG_NO_SEV = text("MigrationHelper: SEV not active, returning EFI_UNSUPPORTED (driver unloads)\n")
 MSG_SEV = text("MigrationHelper: SEV active, C-bit ")
 MSG_NO_KEY = text("MigrationHelper: no transport key in the SEV secret area, inactive\n")
 MSG_SETUP_FAIL = text("MigrationHelper: mirror set-up failed, inactive: ")
@@ -229,13 +231,15 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
     con_puts(addr(MSG_BANNER[0]))
     if not selftest(Ptr[EfiBootServices](st.BootServices)):
         con_set_conout(0)
-        return EFI_LOAD_ERROR
+        if not cpu_has_aesni():
+            return EFI_UNSUPPORTED  # not for this CPU: OVMF unloads the image
+        return EFI_LOAD_ERROR  # a self-test failed: unloaded too, and the log says which
     con_puts(addr(MSG_SELFTEST_OK[0]))
     cbit = sev_c_bit()
     if cbit == 0:
         con_puts(addr(MSG_NO_SEV[0]))
         con_set_conout(0)
-        return EFI_SUCCESS
+        return EFI_UNSUPPORTED  # not for this guest: OVMF unloads the image
     con_puts(addr(MSG_SEV[0]))
     con_hex(u64(cbit))
     con_puts(addr(MSG_NL[0]))
