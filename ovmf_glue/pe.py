@@ -120,7 +120,7 @@ def build_id(sections: Iterable[Section], name: str) -> bytes:
     for s in sorted(sections, key=lambda s: s.rva):
         h.update(struct.pack("<8sIII", s.name.encode(), s.rva, s.vsize, len(s.data)))
         h.update(s.perms.encode() + b"\0" + s.data)
-    return h.digest()[: CODEVIEW_RSDS.size - 8]
+    return h.digest()[:16]  # a GUID's 16 bytes
 
 
 def _debug_blob(rva: int, guid: bytes, name: str) -> bytes:
@@ -134,10 +134,6 @@ def _debug_blob(rva: int, guid: bytes, name: str) -> bytes:
     return entry + record
 
 
-def _blob_size(name: str) -> int:
-    return DEBUG_DIRECTORY_ENTRY.size + CODEVIEW_RSDS.size + len(name.encode()) + 1
-
-
 def _add_debug_record(sections: Sequence[Section], name: str) -> tuple[tuple[Section, ...], int]:
     """The sections with the debug record added, and the record's RVA.
 
@@ -147,7 +143,7 @@ def _add_debug_record(sections: Sequence[Section], name: str) -> tuple[tuple[Sec
     image."""
     ordered = sorted(sections, key=lambda s: s.rva)
     guid = build_id(ordered, name)
-    size = _blob_size(name)
+    size = len(_debug_blob(0, guid, name))
     for i in reversed(range(len(ordered))):
         sec = ordered[i]
         if sec.perms != "r":
