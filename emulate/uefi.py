@@ -33,6 +33,14 @@ from emulate.mmu import PageFault
 from helperfw.codegen.image import Symbol, SymbolTable
 from helperfw.runtime import efi
 from ovmf_glue.linkmap import map_path_for, read_symbol_map
+from ovmf_glue.pe_format import (
+    IMAGE_DIRECTORY_ENTRY_BASERELOC,
+    IMAGE_FILE_MACHINE_AMD64,
+    IMAGE_REL_BASED_ABSOLUTE,
+    IMAGE_REL_BASED_DIR64,
+    IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER,
+    PE32_PLUS_MAGIC,
+)
 
 
 # EFI_STATUS / constants from the shared declaration (UEFI 2.10 Appendix D, §7.2).
@@ -56,14 +64,6 @@ EFI_RESERVED_MEMORY_TYPE = 0
 ALLOCATE_ANY_PAGES = efi.ALLOCATE_ANY_PAGES
 ALLOCATE_MAX_ADDRESS = efi.ALLOCATE_MAX_ADDRESS
 ALLOCATE_ADDRESS = efi.ALLOCATE_ADDRESS
-
-# PE/COFF (Microsoft PE format specification)
-IMAGE_FILE_MACHINE_AMD64 = 0x8664
-PE32_PLUS_MAGIC = 0x20B
-IMAGE_REL_BASED_ABSOLUTE = 0
-IMAGE_REL_BASED_DIR64 = 10
-IMAGE_DIRECTORY_ENTRY_BASERELOC = 5
-IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER = 12
 
 # EFI_RUNTIME_SERVICES is not used by the driver at load; all members answer EFI_UNSUPPORTED.
 _RUNTIME_SERVICES = ("GetTime", "SetTime", "GetWakeupTime", "SetWakeupTime",

@@ -28,12 +28,13 @@ import pefile
 from helperfw.codegen.image import LinkedImage, Symbol
 from helperfw.runtime.protocol import OPTION_NAMES
 from ovmf_glue.pe import map_path_for, read_symbol_map
+from ovmf_glue.pe_format import IMAGE_SCN_MEM_EXECUTE as _SCN_EXECUTE
+from ovmf_glue.pe_format import IMAGE_SCN_MEM_READ as _SCN_READ
+from ovmf_glue.pe_format import IMAGE_SCN_MEM_WRITE as _SCN_WRITE
+from ovmf_glue.pe_format import RELOC_TYPE_NAMES as _RELOC_TYPES
 
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")  # where build.py writes it
 DESCRIPTOR_SYMBOL = "mh_descriptor"
-
-_SCN_EXECUTE, _SCN_READ, _SCN_WRITE = 0x2000_0000, 0x4000_0000, 0x8000_0000
-_RELOC_TYPES = {0: "ABSOLUTE", 3: "HIGHLOW", 10: "DIR64"}
 
 
 class CliError(Exception):

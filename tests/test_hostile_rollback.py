@@ -757,7 +757,7 @@ def test_destination_rewound_before_the_open_installs_where_the_envelope_says(de
     the rest of the AAD is X's, and the tag fails."""
     dest.restore(dest.saved)
     xr, yr = stream.epochs[0][2], stream.epochs[0][3]
-    r = _rewind_all_at(
+    _rewind_all_at(
         dest, "_absorb", [(_cmd(P.OP_RECV, [r.ram_addr], session_id=stream.sid), {0: r.raw})
                for r in (xr, yr)],
         extra=lambda: dest.write_slot(0, xr.raw))

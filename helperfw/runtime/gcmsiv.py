@@ -49,7 +49,6 @@ from helperfw import (
     Ptr,
     addr,
     bind_page,
-    bool_,
     bound_page,
     emms,
     function,
