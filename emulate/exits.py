@@ -354,7 +354,13 @@ class Intercepts:
                                                            addr, addr)
 
     def reset(self) -> None:
-        """Code bytes changed: decode and scan again (existing hooks stay; they re-check)."""
+        """Code bytes changed (the TLB is flushed with the translated code): drop every hook and
+        decode; each page is scanned again on its next fetch. Why drop the hooks: unicorn checks
+        every code hook at each instruction of a run with an instruction budget, so hooks of
+        code that no longer runs (a driver's load-time code) would slow all later runs."""
+        for h in self._hooks.values():
+            self.vcpu.uc.hook_del(h)
+        self._hooks.clear()
         self._scanned.clear()
         self._decoded.clear()
 
