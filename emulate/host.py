@@ -184,7 +184,8 @@ class Host:
 
     `seed` (an int or a `Seeds` scope) determines every key and random stream of this host;
     `sev_status`/`sev_es` configure the main VM's MSR_AMD64_SEV and SEV-ES flag (the mirror
-    inherits them)."""
+    inherits them). With `sev_es` the CPUID model reports SEV-ES, the firmware has a GHCB and a
+    #VC handler (the UEFI stand-in), and its GHCB page is in the shared-region list from boot."""
 
     def __init__(self, name: str, blocks: list[BlockSpec], *, cbit: int = 47,
                  seed: int | Seeds = 0, mirror_only: int = 16 << 20,

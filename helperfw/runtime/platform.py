@@ -45,7 +45,6 @@ SVM_EXIT_HLT = 0x78
 SVM_EXIT_IOIO = 0x7B
 SVM_EXIT_MSR = 0x7C  # RDMSR and WRMSR (EXITINFO1 0 / 1)
 SVM_EXIT_VMMCALL = 0x81
-SVM_EXIT_RDTSC = 0x6E
 SVM_EXIT_WBINVD = 0x89
 SVM_EXIT_NPF = 0x400  # nested page fault; under SEV-ES an MMIO/unbacked GPA access is a #VC
 X86_TRAP_VC = 29  # #VC, the SEV-ES VMM communication exception
