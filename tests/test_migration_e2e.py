@@ -131,14 +131,16 @@ ES_MATRIX = [  # (option, C-bit, transport), all SEV-ES
     (P.OPT_ISOLATED, 51, "tcp"),
 ]
 LEAK_SCAN = (P.OPT_SHIFT, 47)  # the SEV-ES case that scans at every exit
+SAMPLE_EVERY = 32  # private pages whose plaintext it looks for: one in SAMPLE_EVERY (a bigger
+#                    set of blocks makes every scan slower: cache misses)
 ES_SHARED_EXTRA = 3  # the firmware's GHCB, the workload's GHCB and its control page
 
 
 class ExitLeakScan:
     """At every exit of every vCPU (each `VCpu.run` returning, each VMGEXIT as the host serves
     it) of every host: scan the exit's GHCB page, the mailbox and every shared page for the
-    transport key, the session keys and private guest plaintext (a sample of the source's
-    private pages, taken once the guest has filled them). A page is scanned again only when
+    transport key, the session keys and private guest plaintext (one in SAMPLE_EVERY of the
+    source's private pages, taken once the guest has filled them). A page is scanned again only when
     its bytes changed."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, key: bytes) -> None:
@@ -181,7 +183,7 @@ class ExitLeakScan:
         if not self.sampled and getattr(m.src, "guest", None) is not None:
             self.sampled = True
             h = m.src.host
-            for ra in range(0, h.ram_size, 8 * PAGE):
+            for ra in range(0, h.ram_size, SAMPLE_EVERY * PAGE):
                 if ra not in m.src.skip and not h.shared.is_shared(ra):
                     self.scanner.add(h.read_private(ra))
 
