@@ -88,12 +88,10 @@ def ghcb_begin(g: u64) -> None:
 
 
 @function(small=True)
-def ghcb_exit(g: u64, code: u64, info1: u64, info2: u64) -> u64:
-    """VMGEXIT with the request in GHCB `g`; returns SwExitInfo1's low half (0: served, 1: the
-    host asks for an exception, 2: malformed input) or GHCB_NO_ANSWER."""
-    ghcb_set(g, GHCB_SW_EXIT_CODE, code)
-    ghcb_set(g, GHCB_SW_EXIT_INFO1, info1)
-    ghcb_set(g, GHCB_SW_EXIT_INFO2, info2)
+def ghcb_vmgexit(g: u64) -> u64:
+    """VMGEXIT with GHCB `g` registered in the GHCB MSR (the previous value put back after);
+    returns SwExitInfo1's low half (0: served, 1: the host asks for an exception, 2:
+    malformed input) or GHCB_NO_ANSWER."""
     vstore(Ptr[u16](g + GHCB_PROTOCOL_VERSION), u16(GHCB_VERSION_MIN))
     vstore(Ptr[u32](g + GHCB_USAGE), u32(0))
     old = rdmsr(MSR_AMD64_SEV_ES_GHCB)
@@ -106,16 +104,42 @@ def ghcb_exit(g: u64, code: u64, info1: u64, info2: u64) -> u64:
 
 
 @function(small=True)
+def ghcb_exit(g: u64, code: u64, info1: u64, info2: u64) -> u64:
+    """The request in GHCB `g` (its inputs already set) for exit `code`: see ghcb_vmgexit."""
+    ghcb_set(g, GHCB_SW_EXIT_CODE, code)
+    ghcb_set(g, GHCB_SW_EXIT_INFO1, info1)
+    ghcb_set(g, GHCB_SW_EXIT_INFO2, info2)
+    return ghcb_vmgexit(g)
+
+
+def _valid_bitmap(*offsets: int) -> tuple[int, int]:
+    """The 16-byte valid bitmap with the qwords at `offsets` marked, as two u64 words."""
+    bits = sum(1 << (off // 8) for off in offsets)
+    return bits & (2**64 - 1), bits >> 64
+
+
+VMMCALL_VALID_LO, VMMCALL_VALID_HI = _valid_bitmap(
+    GHCB_RAX, GHCB_RBX, GHCB_RCX, GHCB_RDX, GHCB_CPL, GHCB_SW_EXIT_CODE, GHCB_SW_EXIT_INFO1,
+    GHCB_SW_EXIT_INFO2)
+RAX_VALID = _valid_bitmap(GHCB_RAX)[0]
+
+
+@function(small=True)
 def ghcb_vmmcall(g: u64, nr: u64, a0: u64, a1: u64, a2: u64) -> u64:
-    """A KVM hypercall through GHCB `g` (RAX = nr, RBX/RCX/RDX = a0..a2, CPL): its result."""
-    ghcb_begin(g)
-    ghcb_set(g, GHCB_RAX, nr)
-    ghcb_set(g, GHCB_RBX, a0)
-    ghcb_set(g, GHCB_RCX, a1)
-    ghcb_set(g, GHCB_RDX, a2)
+    """A KVM hypercall through GHCB `g` (RAX = nr, RBX/RCX/RDX = a0..a2, CPL): its result, or
+    HYPERCALL_FAILED. The whole valid bitmap is stored at once (this is in the firmware image,
+    which has to stay small)."""
+    vstore(Ptr[u64](g + GHCB_RAX), nr)
+    vstore(Ptr[u64](g + GHCB_RBX), a0)
+    vstore(Ptr[u64](g + GHCB_RCX), a1)
+    vstore(Ptr[u64](g + GHCB_RDX), a2)
     vstore(Ptr[u8](g + GHCB_CPL), u8(read_cs() & 3))
-    ghcb_mark(g, GHCB_CPL)
-    if ghcb_exit(g, SVM_EXIT_VMMCALL, 0, 0) != 0 or not ghcb_valid(g, GHCB_RAX):
+    vstore(Ptr[u64](g + GHCB_SW_EXIT_CODE), u64(SVM_EXIT_VMMCALL))
+    vstore(Ptr[u64](g + GHCB_SW_EXIT_INFO1), u64(0))
+    vstore(Ptr[u64](g + GHCB_SW_EXIT_INFO2), u64(0))
+    vstore(Ptr[u64](g + GHCB_VALID_BITMAP), u64(VMMCALL_VALID_LO))
+    vstore(Ptr[u64](g + GHCB_VALID_BITMAP + 8), u64(VMMCALL_VALID_HI))
+    if ghcb_vmgexit(g) != 0 or (vload(Ptr[u64](g + GHCB_VALID_BITMAP)) & RAX_VALID) == 0:
         return HYPERCALL_FAILED
     return ghcb_get(g, GHCB_RAX)
 
