@@ -58,20 +58,22 @@ class Siv:
         c, t = (p, buf(16)) if in_place else (buf(len(pt)), buf(16))
         self.img.call("mh_test_siv_seal", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c),
                       len(pt), A(t))
-        if not in_place:
-            assert bytes(stage)[: len(pt)] == pt  # the stage holds exactly what was hashed
+        if not in_place:  # the stage holds the page masked: no plaintext block waits there
+            st = bytes(stage)[: len(pt)]
+            assert all(st[i:i + 16] != pt[i:i + 16] for i in range(0, len(pt) - 15, 16))
         return bytes(c)[: len(pt)] + bytes(t)
 
     def open(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes,
-             fill: int = 0xA5) -> tuple[bool, bytes, bytes]:
-        """(ok, out buffer, scratch buffer) after siv_open; out/scratch start filled with fill."""
+             fill: int = 0xA5) -> tuple[int, bytes, bytes]:
+        """(result, out buffer, scratch buffer) after siv_open; out/scratch start filled with
+        fill. result is gcmsiv.SIV_OK / SIV_AUTH / SIV_CHANGED."""
         ct, tag = ct_tag[:-16], ct_tag[-16:]
         n = len(ct)
         k, i, a, c, t = (buf(x) for x in (key, nonce, aad, ct, tag))
         out, scratch = buf(bytes([fill]) * n), buf(bytes([fill]) * n)
-        ok = self.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(c), A(out), n, A(t),
-                           A(scratch))
-        return bool(ok), bytes(out)[:n], bytes(scratch)[:n]
+        r = self.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(c), A(out), n, A(t),
+                          A(scratch))
+        return r, bytes(out)[:n], bytes(scratch)[:n]
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +180,8 @@ def test_rfc8452_vectors(siv: Siv, key: str, nonce: str, aad: str, pt: str, resu
     k, n, a, p, r = (bytes.fromhex(x) for x in (key, nonce, aad, pt, result))
     assert AESGCMSIV(k).encrypt(n, p, a) == r  # the reference agrees with the RFC
     assert siv.seal(k, n, p, a) == r
-    ok, out, _ = siv.open(k, n, r, a)
-    assert ok and out == p
+    res, out, _ = siv.open(k, n, r, a)
+    assert res == gcmsiv.SIV_OK and out == p
 
 
 def test_rfc8452_record_keys(siv: Siv) -> None:
@@ -218,8 +220,10 @@ def test_open_matches_cryptography(siv: Siv, aad_kind: str) -> None:
     for n in LENGTHS:
         key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), _aad(
             rng, aad_kind)
-        ok, out, scratch = siv.open(key, nonce, AESGCMSIV(key).encrypt(nonce, pt, aad), aad)
-        assert ok and out == pt and scratch == pt, (n, len(aad))
+        r, out, scratch = siv.open(key, nonce, AESGCMSIV(key).encrypt(nonce, pt, aad), aad)
+        assert r == gcmsiv.SIV_OK and out == pt, (n, len(aad))
+        # the scratch held the plaintext masked, never as it is
+        assert all(scratch[i:i + 16] != pt[i:i + 16] for i in range(0, n - 15, 16))
 
 
 def test_in_place(siv: Siv) -> None:
@@ -232,7 +236,7 @@ def test_in_place(siv: Siv) -> None:
         k, i, a, data, t = buf(key), buf(nonce), buf(aad), buf(ref[:n]), buf(ref[n:])
         ok = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(data), A(data), n, A(t),
                           A(data))
-        assert ok == 1 and bytes(data)[:n] == pt
+        assert ok == gcmsiv.SIV_OK and bytes(data)[:n] == pt
 
 
 def test_layouts() -> None:
@@ -261,19 +265,19 @@ def test_tamper_rejected_and_output_untouched(siv: Siv, n: int, where: str) -> N
             s[n + rng.randrange(16)] ^= 1 << rng.randrange(8)
         with pytest.raises(InvalidTag):
             AESGCMSIV(key).decrypt(bytes(nn), bytes(s), bytes(a))
-        ok, out, scratch = siv.open(key, bytes(nn), bytes(s), bytes(a), fill=0xA5)
-        assert not ok
+        r, out, scratch = siv.open(key, bytes(nn), bytes(s), bytes(a), fill=0xA5)
+        assert r == gcmsiv.SIV_AUTH
         assert out == b"\xa5" * n  # a failed record never modifies the destination
         assert scratch == bytes(n)  # and the unauthenticated plaintext is wiped
-    ok, out, _ = siv.open(key, nonce, sealed, aad)
-    assert ok and out == pt
+    r, out, _ = siv.open(key, nonce, sealed, aad)
+    assert r == gcmsiv.SIV_OK and out == pt
 
 
 def test_wrong_key_rejected(siv: Siv) -> None:
     rng = random.Random(5)
     key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(4096), rng.randbytes(48)
     sealed = AESGCMSIV(key).encrypt(nonce, pt, aad)
-    assert not siv.open(bytes(32), nonce, sealed, aad)[0]
+    assert siv.open(bytes(32), nonce, sealed, aad)[0] == gcmsiv.SIV_AUTH
 
 
 def test_repeated_nonce_reveals_only_equality(siv: Siv) -> None:
