@@ -25,25 +25,32 @@ from tests.mirror_host import RAM, MirrorHost
 ONES = 2**64 - 1
 A, B, C, D = 0x1111_2222_3333_4444, 0x5555_6666_7777_8888, 0x9999_AAAA_BBBB_CCCC, 0x0123_4567
 TRIES = S.RDRAND_TRIES
+FAIL = None  # a draw with CF=0
 
 
 class Script:
-    """RDRAND values in order, then a seeded generator (the emulator calls getrandbits)."""
+    """RDRAND values in order, then a seeded generator: the VM's RDRAND source
+    (emulate.rdrand's `draw` interface). A value of FAIL is a draw with CF=0 (value 0)."""
 
-    def __init__(self, values: list[int]) -> None:
+    def __init__(self, values: list[int | None]) -> None:
         self.values = list(values)
         self.rest = random.Random(7019)
         self.drawn = 0
 
-    def getrandbits(self, bits: int) -> int:
+    def draw(self, bits: int) -> tuple[int, bool]:
         self.drawn += 1
         v = self.values.pop(0) if self.values else self.rest.getrandbits(64)
-        return v & ((1 << bits) - 1)
+        if v is FAIL:
+            return 0, False
+        return v & ((1 << bits) - 1), True
 
 
 @pytest.fixture(scope="module")
 def booted():
     h = MirrorHost(47, P.OPT_TUPLES, seed=7019)
+    # the mirror vCPU's first run draws its staging-mask key (vcpu.draw_mask_key) before the
+    # batch: one batch first, so each case's script feeds only the *_BEGIN it scripts
+    assert h.command(P.OP_HELLO).status == 0
     return h, h.save()
 
 
@@ -62,6 +69,8 @@ CASES = {  # script -> what the rule returns (None: E_RNG)
     "ones-skipped": ([ONES, A, B], B),
     "repeat-skipped": ([A, A, B], B),
     "zero-between": ([A, 0, B], B),
+    "cf0-skipped": ([FAIL, A, FAIL, B], B),
+    "cf0-always": ([FAIL] * TRIES, None),
     "constant": ([C] * TRIES, None),
     "zeros": ([0] * TRIES, None),
     "ones": ([ONES] * TRIES, None),

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.mutation.groups import GROUPS
 from tests.mutation.mutants import MODULES, OPERATORS, all_mutants, by_id
 from tests.mutation.runner import (
     Runner,
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="native groups only (and the double-fetch detector for re-reads)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the unmutated run that sets each group's timeout")
+    ap.add_argument("--timeouts", metavar="NATIVE,EMU",
+                    help="with --no-baseline: per-group limits in seconds (default 600,600)")
     ap.add_argument("--skip-equivalent", action="store_true",
                     help="report the mutants equivalent.txt lists without running them")
     ap.add_argument("--json", type=Path, help="write every result here")
@@ -74,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         done = {x.mutant.id for x in earlier}
         mutants = [m for m in mutants if m.id not in done]
         print(f"{len(earlier)} results taken from {a.resume}, {len(mutants)} to run")
+    timeouts = None
+    if a.timeouts:
+        native_s, emu_s = (float(x) for x in a.timeouts.split(","))
+        timeouts = {g.name: emu_s if g.emulator else native_s for g in GROUPS}
     r = Runner(a.jobs, log=lambda s: print(s, flush=True), native=a.native,
-               journal=a.journal)
+               journal=a.journal, timeouts=timeouts)
     r.skip_equivalent = a.skip_equivalent
     if not a.no_baseline and mutants:
         r.baseline(r.groups_for(mutants))
@@ -84,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, dt))
     if a.json:
         write_json(results, a.json, dt)
-    return 0 if all(x.verdict in ("killed", "equivalent", "invalid") for x in results) else 1
+    return 0 if all(x.verdict in ("killed", "equivalent", "invalid", "unreached")
+                    for x in results) else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ failed, a native test crashed, or a group overran its time: a hang is seen too).
 passes every group *survived*, unless tests/mutation/equivalent.txt lists it as *equivalent*,
 with the reason no test can tell it from the original.
 
-Score = killed / (mutants - invalid - equivalent), per module and in total.
+A mutant of a function no group's roots reach (not in the helper's image: ghcb.py serves the
+emulator's guest workload too) is *unreached* and not counted either.
+
+Score = killed / (mutants - invalid - equivalent - unreached), per module and in total.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
 @dataclass
 class Result:
     mutant: Mutant
-    verdict: str  # killed | survived | invalid | equivalent | error
+    verdict: str  # killed | survived | invalid | equivalent | unreached | error
     by: str = ""  # group (and how) that killed it
     detail: str = ""
     runs: list = field(default_factory=list)
@@ -175,8 +178,8 @@ class Runner:
         if self.skip_equivalent and m.id in equivalent:
             return Result(m, "equivalent", detail=equivalent[m.id])
         job = self.job(m)
-        if job is None:
-            return Result(m, "error", detail="no test group reaches this function")
+        if job is None:  # e.g. a ghcb.py function only the emulator's guest workload uses
+            return Result(m, "unreached", detail="not in the helper: no group's roots reach it")
         t0 = time.perf_counter()
         res = w.run(job)
         dt = time.perf_counter() - t0
@@ -202,7 +205,7 @@ def score(results: list[Result]) -> dict[str, dict[str, int | float]]:
         c = Counter(r.verdict for r in rs)
         counted = c["killed"] + c["survived"] + c["error"]
         out[key] = {**{v: c[v] for v in ("killed", "survived", "equivalent", "invalid",
-                                         "error")},
+                                         "unreached", "error")},
                     "mutants": len(rs),
                     "score": round(100.0 * c["killed"] / counted, 1) if counted else 100.0}
     return out
@@ -211,12 +214,13 @@ def score(results: list[Result]) -> dict[str, dict[str, int | float]]:
 def report(results: list[Result], seconds: float) -> str:
     s = score(results)
     head = (f"{'module':12} {'mutants':>7} {'killed':>6} {'survived':>8} {'equiv':>5} "
-            f"{'invalid':>7} {'error':>5} {'score':>6}")
+            f"{'invalid':>7} {'unreach':>7} {'error':>5} {'score':>6}")
     lines = [head]
     for k, v in s.items():
         if v["mutants"]:
             lines.append(f"{k:12} {v['mutants']:7} {v['killed']:6} {v['survived']:8} "
-                         f"{v['equivalent']:5} {v['invalid']:7} {v['error']:5} "
+                         f"{v['equivalent']:5} {v['invalid']:7} {v['unreached']:7} "
+                         f"{v['error']:5} "
                          f"{v['score']:5.1f}%")
     by = Counter(r.by.split(" ")[0] for r in results if r.verdict == "killed")
     lines.append("killed by: " + ", ".join(f"{g}={n}" for g, n in by.most_common()))
