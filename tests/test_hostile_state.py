@@ -150,3 +150,45 @@ def test_replayed_epoch_tables_do_not_reach_the_next_session():
     assert status == 0
     f2 = Forger(KEY, SID, ch2)
     assert dst.recv([(PAGE, f2.record(PAGE, b"\x42" * PAGE, epoch=1, seq=1))]) == [0]
+
+
+def test_a_context_without_the_key_begins_no_session():
+    """The driver starts the mirror only once it found the key (have_key = 1), but the check in
+    *_BEGIN is the last line: a context whose key flag is clear (here set so by the test, as a
+    driver that failed after the mirror's set-up would leave it) refuses both BEGINs with
+    E_NO_KEY, draws no session id or challenge, and stays out of any session."""
+    h = NativeHelper(KEY)
+    off = S.HelperCtx.offset("have_key")
+    h.write(h.ctx + off, struct.pack("<I", 0))
+    state_before = h.read(h.ctx + S.HelperCtx.offset("state"), 4)
+    for op in (P.OP_SEND_BEGIN, P.OP_RECV_BEGIN):
+        st, _ = h.command(op, ram_size=h.ram_size, challenge=0xC4A1)
+        assert name(st) == "E_NO_KEY", name(st)
+        assert h.read(h.ctx + S.HelperCtx.offset("state"), 4) == state_before
+    st, _ = h.command(P.OP_SEND, [(0, 0)])
+    assert name(st) == "E_BAD_STATE", name(st)
+
+
+def test_commands_outside_the_stream_do_not_poison_a_receiving_session():
+    """Only a refusal of the stream (a RECV-family command) poisons a receiving session: a
+    source-side op or an unknown op in RECEIVING is refused on its own (E_BAD_STATE /
+    E_BAD_OP) and the honest stream still finishes. (RECV_BEGIN is different: it ends the
+    session it interrupts.)"""
+    dst = NativeHelper(KEY)
+    status, ch = dst.recv_begin()
+    assert status == 0
+    dst.session_id = SID
+    f = Forger(KEY, SID, ch)
+    assert dst.recv([(PAGE, f.record(PAGE, b"\x17" * PAGE, epoch=1, seq=1))]) == [0]
+    for op, want in ((P.OP_SEND, "E_BAD_STATE"), (P.OP_SEND_BEGIN, "E_BAD_STATE"),
+                     (P.OP_SEND_END_EPOCH, "E_BAD_STATE"), (P.OP_SEND_FINISH, "E_BAD_STATE"),
+                     (P.OP_HELLO, "OK"), (0x7F, "E_BAD_OP")):
+        entries = [(0, 0)] if op == P.OP_SEND else ()
+        st, _ = dst.command(op, entries, ram_size=dst.ram_size, challenge=5)
+        assert name(st) == want, (op, name(st))
+    tok = f.token(epoch=1, count=1, first_seq=1, total=1,
+                  set_hash=set_hash(KEY, SID, ch, [(PAGE, 1)]))
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
+    fin = f.token(epoch=1, count=0, first_seq=2, total=1, set_hash=bytes(16),
+                  magic=P.FINISH_MAGIC)
+    assert name(dst.put_token(P.OP_RECV_FINISH, fin)) == "OK"

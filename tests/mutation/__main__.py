@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--function", action="append")
     ap.add_argument("--operator", action="append", choices=OPERATORS)
     ap.add_argument("--id", action="append", help="one mutant by id (repeatable)")
+    ap.add_argument("--first", action="append", choices=MODULES, default=[],
+                    help="run this module's mutants before the others (repeatable, in order)")
     ap.add_argument("--sample", type=int, help="run only this many, spread over the modules")
     ap.add_argument("--seed", type=int, default=16, help="for --sample")
     ap.add_argument("-j", "--jobs", type=int, default=cpu_jobs())
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             print(m.id)
         print(f"{len(mutants)} mutants", file=sys.stderr)
         return 0
+    if a.first:
+        mutants.sort(key=lambda m: a.first.index(m.module) if m.module in a.first
+                     else len(a.first))
     t0 = time.perf_counter()
     earlier = []
     if a.resume:

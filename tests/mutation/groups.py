@@ -75,6 +75,10 @@ GROUPS: tuple[Group, ...] = (
                       "tests/test_hostile_addrspace.py::test_window_overlapping_a_region_is_refused_native",
                       "-k", "not planted"),
           _session, False),
+    # the image under SEV and SEV-ES: hypercalls through the GHCB, faults reported by the
+    # helper's own handler (E_FAULT, FaultRecord), no register left to the host at an exit
+    Group("emu-sev-es", ("tests/test_emu_sev_es_image.py",), _firmware, True,
+          frozenset({"ghcb", "vcpu"})),
     Group("emu-boot", ("tests/test_emu_helper_image.py", "tests/test_mirror.py"), _firmware, True),
     Group("emu-doublefetch", ("tests/test_hostile_doublefetch.py", "-k", "not planted"),
           _firmware, True,
@@ -88,10 +92,6 @@ GROUPS: tuple[Group, ...] = (
           _firmware, True, SESSION),
     Group("emu-rollback", ("tests/test_hostile_rollback.py",), _firmware, True,
           frozenset({"session", "gcmsiv"})),
-    # the image under SEV and SEV-ES: hypercalls through the GHCB, faults reported by the
-    # helper's own handler (E_FAULT, FaultRecord), no register left to the host at an exit
-    Group("emu-sev-es", ("tests/test_emu_sev_es_image.py",), _firmware, True,
-          frozenset({"ghcb", "vcpu"})),
 )
 BY_NAME = {g.name: g for g in GROUPS}
 
