@@ -19,6 +19,7 @@ from tests.mutation.mutants import MODULES, OPERATORS, all_mutants, by_id
 from tests.mutation.runner import (
     Runner,
     cpu_jobs,
+    native_first,
     read_equivalent,
     read_journal,
     report,
@@ -64,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown mutant id: {missing[0]!r}", file=sys.stderr)
         return 2
     equivalent = read_equivalent()
-    if a.sample:
-        mutants = sample(mutants, a.sample, a.seed, equivalent)
+    timeouts = None
+    if a.timeouts:
+        native_s, emu_s = (float(x) for x in a.timeouts.split(","))
+        timeouts = {g.name: emu_s if g.emulator else native_s for g in GROUPS}
+    r = Runner(a.jobs, log=lambda s: print(s, flush=True), native=a.native,
+               journal=a.journal, timeouts=timeouts)
+    if a.sample:  # as CI draws it
+        mutants = sample(native_first(r, mutants), a.sample, a.seed, equivalent)
     if a.list:
         for m in mutants:
             print(m.id)
@@ -82,12 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         done = {x.mutant.id for x in earlier}
         mutants = [m for m in mutants if m.id not in done]
         print(f"{len(earlier)} results taken from {a.resume}, {len(mutants)} to run")
-    timeouts = None
-    if a.timeouts:
-        native_s, emu_s = (float(x) for x in a.timeouts.split(","))
-        timeouts = {g.name: emu_s if g.emulator else native_s for g in GROUPS}
-    r = Runner(a.jobs, log=lambda s: print(s, flush=True), native=a.native,
-               journal=a.journal, timeouts=timeouts)
     r.skip_equivalent = a.skip_equivalent
     if not a.no_baseline and mutants:
         r.baseline(r.groups_for(mutants))

@@ -12,6 +12,7 @@ cannot be seen natively (nothing races the helper there): the double-fetch detec
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,11 +100,18 @@ BY_NAME = {g.name: g for g in GROUPS}
 def reach(group: Group) -> set[tuple[str, str]]:
     """(module, function) of every DSL function the group's roots compile (the compiler's own
     transitive closure, so it follows the sources as they are)."""
+    return set(_reach(group.roots))
+
+
+@functools.cache
+def _reach(roots: Callable[[], list[Function]]) -> frozenset[tuple[str, str]]:
+    """Per roots function: the emulator groups share the firmware's (lowered once)."""
     from helperfw.codegen.lower import ModuleLowerer
 
     ml = ModuleLowerer()
-    ml.lower(group.roots())
-    return {(f.pyfunc.__module__.rsplit(".", 1)[-1], f.pyfunc.__name__) for f in ml.functions}
+    ml.lower(roots())
+    return frozenset((f.pyfunc.__module__.rsplit(".", 1)[-1], f.pyfunc.__name__)
+                     for f in ml.functions)
 
 
 def plan(module: str, function: str, operator: str,

@@ -263,6 +263,14 @@ def sample(mutants: list[Mutant], n: int, seed: int, equivalent: dict[str, str]
     return out
 
 
+def native_first(r: Runner, mutants: list[Mutant]) -> list[Mutant]:
+    """The CI sample's pool: mutants whose first test group is native (seconds, not minutes of
+    emulator), so the sample stays within the suite's time budget. Such a mutant still faces
+    the emulator groups after them if the native ones let it through."""
+    return [m for m in mutants
+            if (p := plan(m.module, m.function, m.operator, r.reaches)) and not p[0].emulator]
+
+
 def _row(r: Result) -> dict:
     return {"id": r.mutant.id, "verdict": r.verdict, "by": r.by, "detail": r.detail,
             "runs": r.runs, "seconds": round(r.seconds, 2)}
