@@ -140,7 +140,11 @@ def test_shift_window_at_4gib_uses_large_pages(img, layout):
     ((0x100800, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN.value),
     ((1 << 47, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN.value),
     ((0x100000, 1 << 43, 0x1000, P.MAP_W), P.PT_E_RANGE.value),  # beyond 48 - 5 physical bits
-], ids=["wx", "unaligned", "noncanonical", "phys-range"])
+    # above 2^47 the size bound alone would wrap (2^47 - va): only the va bound refuses it
+    (((1 << 47) + 0x1000, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN.value),
+    (((1 << 47) - 0x1000, 0x100000, 0x2000, P.MAP_W), P.PT_E_ALIGN.value),  # runs past 2^47
+], ids=["wx", "unaligned", "noncanonical", "phys-range", "above-canonical",
+        "across-canonical"])
 def test_refusals(img, spec, status):
     t = Tables(img, LAYOUTS[0], pool_pa=0x7000000, specs=[spec])
     assert t.status == status
