@@ -157,3 +157,46 @@ def test_overlap_and_pool_exhaustion(img):
     # 4 KiB pages spread 1 GiB apart need a PD and a PT each: the 64-page pool runs out
     specs = [(i * GiB, i * GiB, 0x1000, P.MAP_W) for i in range(40)]
     assert Tables(img, LAYOUTS[0], 0x7000000, specs).status == P.PT_E_POOL.value
+
+
+def _build(img: NativeImage, pool_va: int, pool_pa: int, pool_pages: int, cbit: int,
+           phys_bits: int, specs=()) -> int:
+    """mh_test_pt_build with the pool's parameters given as they are (no Tables fix-ups)."""
+    b = (ctypes.c_uint8 * P.PtBuilder.size)()
+    flat = [x for q in specs for x in q]
+    arr = (ctypes.c_uint64 * max(len(flat), 1))(*flat)
+    return img.call("mh_test_pt_build", ctypes.addressof(b), pool_va, pool_pa, pool_pages, cbit,
+                    phys_bits, ctypes.addressof(arr), len(specs), restype=ctypes.c_int32)
+
+
+def test_pool_parameters_are_checked(img):
+    """pt_init refuses an empty or unaligned pool, a C-bit inside the address field, and a pool
+    that does not fit below the physical-address limit (one that ends exactly there fits)."""
+    raw = (ctypes.c_uint8 * (5 * 4096))()
+    va = (ctypes.addressof(raw) + 4095) & ~4095
+    ok, align, rng = P.PT_OK, P.PT_E_ALIGN.value, P.PT_E_RANGE.value
+    assert _build(img, va, 0x7000000, 4, 47, 43) == ok
+    assert _build(img, va, 0x7000000, 0, 47, 43) == align
+    assert _build(img, va + 8, 0x7000000, 4, 47, 43) == align
+    assert _build(img, va, 0x7000008, 4, 47, 43) == align
+    assert _build(img, va, 0x7000000, 4, 40, 43) == rng  # C-bit below bit 43
+    assert _build(img, va, (1 << 43) - 4 * 4096, 4, 47, 43) == ok  # ends at the limit
+    assert _build(img, va, (1 << 43) - 3 * 4096, 4, 47, 43) == rng  # one page past it
+
+
+def test_pool_pages_are_counted_exactly(img):
+    """One 4 KiB page at va 0 needs exactly four table pages (PML4, PDPT, PD, PT): a pool of
+    four suffices, a pool of three runs out."""
+    raw = (ctypes.c_uint8 * (5 * 4096))()
+    va = (ctypes.addressof(raw) + 4095) & ~4095
+    spec = [(0, 0x100000, 0x1000, P.MAP_W)]
+    assert _build(img, va, 0x7000000, 4, 47, 43, spec) == P.PT_OK
+    assert _build(img, va, 0x7000000, 3, 47, 43, spec) == P.PT_E_POOL.value
+
+
+def test_a_read_only_large_page_is_not_split(img):
+    """A 2 MiB leaf without RW is present all the same: mapping a 4 KiB page inside it is an
+    overlap, not a reason to put a table in its place."""
+    t = Tables(img, LAYOUTS[0], 0x7000000,
+               [(0x200000, 0x200000, 0x200000, 0), (0x201000, 0x9000000, 0x1000, P.MAP_W)])
+    assert t.status == P.PT_E_OVERLAP.value
