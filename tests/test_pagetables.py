@@ -200,3 +200,31 @@ def test_a_read_only_large_page_is_not_split(img):
     t = Tables(img, LAYOUTS[0], 0x7000000,
                [(0x200000, 0x200000, 0x200000, 0), (0x201000, 0x9000000, 0x1000, P.MAP_W)])
     assert t.status == P.PT_E_OVERLAP.value
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"cbit{lay.cbit}")
+def test_lookup_agrees_with_the_walk(img, layout):
+    """pt_lookup (the driver checks its own tables with it) gives, for every mapping, the
+    address and the leaf bits the CPU's walk sees (RW, NX, C-bit, PS for a large leaf), and
+    ~0 where nothing is mapped."""
+    rng = random.Random(SEED)
+    ram_base, specs = mirror_specs(layout)
+    t = Tables(img, layout, pool_pa=(ram_base - 65 * GiB), specs=specs)
+    assert t.status == P.PT_OK
+    leaf_size = {va: size for va, size, _ in t.leaves()}
+    bits = ctypes.c_uint64()
+    for va, pa, size, flags in specs:
+        for off in [0, size - 1, *(rng.randrange(size) for _ in range(8))]:
+            got = img.call("mh_test_pt_lookup", ctypes.addressof(t.b), va + off,
+                           ctypes.addressof(bits), restype=ctypes.c_uint64)
+            assert got == pa + off, (hex(va + off), hex(got))
+            lva = max(v for v in leaf_size if v <= va + off)
+            want = ((P.PTE_RW if flags & P.MAP_W else 0) |
+                    (0 if flags & P.MAP_X else P.PTE_NX.value) |
+                    (layout.c_mask if flags & P.MAP_ENC else 0) |
+                    (P.PTE_PS if leaf_size[lva] > 4096 else 0))
+            assert bits.value == want, (hex(va + off), hex(bits.value), hex(want))
+    for va in (0, 0x7E00000 - 0x1000, ram_base - 0x1000, ram_base + TiB):
+        got = img.call("mh_test_pt_lookup", ctypes.addressof(t.b), va, ctypes.addressof(bits),
+                       restype=ctypes.c_uint64)
+        assert got == 2**64 - 1, hex(va)
