@@ -6,11 +6,13 @@ import functools
 
 import llvmlite.binding as llvm
 
+from .. import features
 from .llvm_compat import initialize as _init
 
 TRIPLE = "x86_64-unknown-none-elf"
 # SSE up to 4.1 plus AES-NI/PCLMULQDQ; no AVX so the image runs on any x86-64 with AES-NI.
-FEATURES = "+sse2,+ssse3,+sse4.1,+aes,+pclmul,-avx,-avx2,-avx512f"
+# A function that adds features (@function(features=...)) carries its own "target-features".
+FEATURES = features.target_string()
 CPU = "x86-64"
 
 
