@@ -1,10 +1,15 @@
-"""AES-256 and AES-256-GCM-SIV firmware code (helperfw/runtime/aes.py, gcmsiv.py), run natively.
+"""AES-256 and AES-256-GCM-SIV firmware code (helperfw/runtime/aes.py, gcmsiv*.py), run natively.
+
+Every AEAD test runs on both paths: "base" (128-bit AES-NI/PCLMULQDQ, the only one under
+emulation) and "wide" (VAES/VPCLMULQDQ kernels for whole 256-byte groups; skipped, saying why,
+on a CPU without them). On a VAES CPU the "base" runs are the forced baseline.
 
 Known answers: FIPS-197 and RFC 8452's AES-256 vectors (appendix C.2, with the record keys they
 list, and the C.3 counter-wrap cases); differential tests against `cryptography`'s AESGCMSIV in
-both directions on every length 0..300 and 4096 with empty, envelope-sized and random AADs;
-tamper tests (a failed open leaves the destination untouched and wipes the scratch); aliasing;
-and the single-fetch rule of seal (what is encrypted is what was hashed).
+both directions on every length 0..300, around each multiple of 256 up to 4 KiB (where the wide
+kernels hand over to the baseline) and 4096, with empty, envelope-sized and random AADs; tamper
+tests (a failed open leaves the destination untouched and wipes the scratch); aliasing; and the
+single-fetch rule of seal (what is encrypted is what was hashed).
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.codegen.pipeline import build
 from helperfw.native import NativeImage
-from helperfw.runtime import aes, gcmsiv
+from helperfw.runtime import aes, gcmsiv, gcmsiv_keys
+from helperfw.runtime.gcmsiv_wide import WIDE_OFF, WIDE_ON
+from tests.host_cpu import needs_wide
 
-LENGTHS = [*range(301), 4095, 4096]
+# every length up to 300, then both sides of each 256-byte group boundary up to a page
+LENGTHS = sorted({*range(301), *(g + d for g in range(512, 4097, 256) for d in (-17, -1, 0, 1, 16)
+                                 if g + d <= 4096)})
 A = ctypes.addressof
+PATHS = {"base": WIDE_OFF.value, "wide": WIDE_ON.value}
 
 
 def buf(data: bytes | int):
@@ -34,10 +44,11 @@ def buf(data: bytes | int):
 
 
 class Siv:
-    """ctypes buffers around the image's C-ABI test wrappers (keeps every buffer alive)."""
+    """ctypes buffers around the image's C-ABI test wrappers (keeps every buffer alive), on one
+    path (gcmsiv_wide.WIDE_*)."""
 
-    def __init__(self, img: NativeImage) -> None:
-        self.img = img
+    def __init__(self, img: NativeImage, path: int = WIDE_OFF.value) -> None:
+        self.img, self.path = img, path
 
     def round_keys(self, key: bytes) -> list[bytes]:
         k, o = buf(key), buf(aes.Aes256Key.size)
@@ -47,9 +58,9 @@ class Siv:
     def derive(self, key: bytes, nonce: bytes) -> tuple[bytes, bytes]:
         """(record authentication key H, record encryption key's first two round keys)."""
         k, n, o = buf(key), buf(nonce), buf(gcmsiv.SivKeys.size)
-        self.img.call("mh_test_siv_derive", A(k), A(n), A(o))
+        self.img.call("mh_test_siv_derive", A(k), A(n), A(o), self.path)
         keys = gcmsiv.SivKeys.parse(bytes(o))
-        return keys.h[0], keys.enc.rk[0] + keys.enc.rk[1]
+        return keys.h[15], keys.enc.rk[0] + keys.enc.rk[1]
 
     def seal(self, key: bytes, nonce: bytes, pt: bytes, aad: bytes, *,
              in_place: bool = False) -> bytes:
@@ -57,7 +68,7 @@ class Siv:
         stage = p if in_place else buf(len(pt))
         c, t = (p, buf(16)) if in_place else (buf(len(pt)), buf(16))
         self.img.call("mh_test_siv_seal", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c),
-                      len(pt), A(t))
+                      len(pt), A(t), self.path)
         if not in_place:
             assert bytes(stage)[: len(pt)] == pt  # the stage holds exactly what was hashed
         return bytes(c)[: len(pt)] + bytes(t)
@@ -70,13 +81,18 @@ class Siv:
         k, i, a, c, t = (buf(x) for x in (key, nonce, aad, ct, tag))
         out, scratch = buf(bytes([fill]) * n), buf(bytes([fill]) * n)
         ok = self.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(c), A(out), n, A(t),
-                           A(scratch))
+                           A(scratch), self.path)
         return bool(ok), bytes(out)[:n], bytes(scratch)[:n]
 
 
 @pytest.fixture(scope="module")
-def siv() -> Siv:
-    return Siv(NativeImage(build(gcmsiv.TEST_FUNCTIONS).image))
+def image() -> NativeImage:
+    return NativeImage(build(gcmsiv.TEST_FUNCTIONS).image)
+
+
+@pytest.fixture(scope="module", params=[pytest.param("base"), pytest.param("wide", marks=needs_wide)])
+def siv(request, image: NativeImage) -> Siv:
+    return Siv(image, PATHS[request.param])
 
 
 def _ecb(key: bytes, block: bytes) -> bytes:
@@ -225,25 +241,26 @@ def test_open_matches_cryptography(siv: Siv, aad_kind: str) -> None:
 def test_in_place(siv: Siv) -> None:
     """stage == pt == ct on seal, scratch == out on open."""
     rng = random.Random(3)
-    for n in (0, 1, 15, 16, 17, 127, 128, 129, 1000, 4096):
+    for n in (0, 1, 15, 16, 17, 127, 128, 129, 255, 256, 257, 300, 1000, 4096):
         key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), rng.randbytes(48)
         ref = AESGCMSIV(key).encrypt(nonce, pt, aad)
         assert siv.seal(key, nonce, pt, aad, in_place=True) == ref
         k, i, a, data, t = buf(key), buf(nonce), buf(aad), buf(ref[:n]), buf(ref[n:])
         ok = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(data), A(data), n, A(t),
-                          A(data))
+                          A(data), siv.path)
         assert ok == 1 and bytes(data)[:n] == pt
 
 
 def test_layouts() -> None:
     assert aes.Aes256Key.size == 15 * 16
-    assert gcmsiv.SivKeys.size == (15 + 8 + 8) * 16
+    assert gcmsiv.SivKeys.size == (15 + 16 + 16 + 1) * 16  # + the path flag, padded
+    assert gcmsiv_keys.SivKeys.offset("h") % 16 == 0 and gcmsiv_keys.SivKeys.offset("hk") % 16 == 0
 
 
 # -- tampering --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [0, 1, 16, 33, 300, 4096])
+@pytest.mark.parametrize("n", [0, 1, 16, 33, 300, 1000, 4096])
 @pytest.mark.parametrize("where", ["ct", "tag", "aad", "nonce"])
 def test_tamper_rejected_and_output_untouched(siv: Siv, n: int, where: str) -> None:
     rng = random.Random(n * 31 + len(where))

@@ -1,4 +1,5 @@
-"""AES-256-GCM-SIV (RFC 8452) in the DSL, with AES-NI and PCLMULQDQ.
+"""AES-256-GCM-SIV (RFC 8452) in the DSL: the AEAD, its baseline on AES-NI and PCLMULQDQ, and
+the hand-off of the bulk to the wide kernels (gcmsiv_wide.py) for a session that chose them.
 
 Why GCM-SIV: a host that rolls back the helper's private memory can make it seal two different
 pages under one nonce. With GCM that reuses the keystream and reveals the GHASH key; GCM-SIV
@@ -10,20 +11,19 @@ N, AES-256 of `LE32(i) ‖ N` for i = 0..5 gives the record-authentication key H
 of blocks 0, 1) and the record-encryption key (of blocks 2..5). S = POLYVAL_H(AAD ‖ pad ‖
 plaintext ‖ pad ‖ LE64(bits(AAD)) ‖ LE64(bits(plaintext))); tag = AES_enc(S ^ N with bit 127
 cleared); the plaintext is encrypted in CTR mode from the tag with bit 127 set, the counter being
-its first 32 bits (little-endian, wrapping mod 2^32).
+its first 32 bits (little-endian, wrapping mod 2^32). POLYVAL's arithmetic and the record keys
+are in gcmsiv_keys.py.
 
-POLYVAL arithmetic: a 16-byte block read little-endian is the polynomial, bit i = coefficient of
-x^i, so blocks need no byte swap. The field is GF(2)[x]/P, P = x^128 + x^127 + x^126 + x^121 + 1,
-and POLYVAL's product is dot(a, b) = a·b·x^-128. A carry-less product D = D1·x^128 + D0 reduces
-to D1 + D0·x^-128; since x^-64 ≡ x^64 + x^63 + x^62 + x^57 (mod P), one step
-L·x^-64 = swap64(L) ^ clmul(L.lo, 0xC200000000000000) and two steps give D0·x^-128 (`_reduce`).
-Eight blocks are absorbed with one reduction: S' = dot(S ^ X1, H8) ^ ... ^ dot(X8, H1), where
-Hk = H^k·x^(-128(k-1)) are the "dot powers" kept in `SivKeys.h` (Karatsuba: 3 PCLMULQDQ a block).
+Two passes on both paths, one POLYVAL (`_absorb`) and one CTR (`_ctr`): seal must hash the
+whole plaintext before the tag gives the counter, and open decrypts first and hashes what it
+decrypted. Each pass hands its whole 256-byte groups to the wide kernel when the record's keys
+say so (`SivKeys.wide`) and finishes the rest here: 8-block groups, single blocks, the last
+partial block.
 
 Memory discipline (the helper's threat model, docs/SECURITY.md): seal reads its input exactly
 once (into the caller's private `stage` while hashing), so the CTR pass encrypts what was hashed
-even if the source changes meanwhile; open reads the ciphertext once, decrypts into a private
-`scratch` while hashing the plaintext, compares the tag in constant time, and only then copies
+even if the source changes meanwhile; open reads the ciphertext once, decrypting it into a
+private `scratch`, hashes the scratch, compares the tag in constant time, and only then copies
 scratch to `out` (verify before release). Per-record keys live in the caller-provided SivKeys and
 are wiped before returning.
 """
@@ -39,13 +39,10 @@ from helperfw import (
     pclmulqdq,
     pshufd,
     sizeof,
-    struct,
     u8,
     u32,
     u64,
     v128,
-    v128_bsl,
-    v128_bsr,
     v128_hi,
     v128_lo,
     v128_load,
@@ -53,88 +50,43 @@ from helperfw import (
     v128_store,
 )
 
-from .aes import (
-    AES256_ROUNDS,
-    Aes256Key,
-    aes256_8,
-    aes256_block,
-    aes256_expand,
-    aes256_expand_v,
-    last8,
-    round8,
-)
+from .aes import Aes256Key, aes256_8, aes256_block, aes256_expand, aes256_expand_v
+from .gcmsiv_keys import LOW32, MSB, SIV_BLOCKS, SivKeys, dot, karatsuba_half, reduce
+from .gcmsiv_wide import GROUP, WIDE_ON, absorb_wide, cpu_wide_ok, ctr_wide, wide_keys
 from .memops import copy_mem, wipe
-
-SIV_BLOCKS = 8  # blocks absorbed per POLYVAL reduction / encrypted per AES group
-SIV_TAG_LEN = 16
-SIV_NONCE_LEN = 12
-POLYVAL_C = 0xC200000000000000  # x^63 + x^62 + x^57: one Montgomery step (module docstring)
-MSB = 0x8000000000000000  # bit 127 of a block: bit 63 of its high qword
-LOW32 = 0xFFFFFFFF
-
-
-@struct
-class SivKeys:
-    """Per-record keys derived from (K_s, nonce): the encryption key schedule and the dot powers
-    H1..H8 of the authentication key, with their Karatsuba halves hk[i] = lo(h[i]) ^ hi(h[i])."""
-
-    enc: Aes256Key
-    h: Array[v128, 8]
-    hk: Array[v128, 8]
-
 
 # -- POLYVAL ------------------------------------------------------------------------------------
 
 
 @function
-def _reduce(lo: v128, mid: v128, hi: v128) -> v128:
-    """(hi·x^128 ^ mid·x^64 ^ lo) · x^-128 mod P."""
-    d0 = lo ^ v128_bsl(mid, 8)
-    d1 = hi ^ v128_bsr(mid, 8)
-    c = v128_make(POLYVAL_C, POLYVAL_C)
-    t = pshufd(d0, 0x4E) ^ pclmulqdq(d0, c, 0x00)
-    t = pshufd(t, 0x4E) ^ pclmulqdq(t, c, 0x00)
-    return d1 ^ t
-
-
-@function
-def _dot(a: v128, b: v128) -> v128:
-    """POLYVAL's product a·b·x^-128."""
-    mid = pclmulqdq(a, b, 0x01) ^ pclmulqdq(a, b, 0x10)
-    return _reduce(pclmulqdq(a, b, 0x00), mid, pclmulqdq(a, b, 0x11))
-
-
-@function
 def _mul_acc(acc: Ptr[v128], x: v128, h: v128, hk: v128) -> None:
     """acc += the unreduced Karatsuba product of x and a stored power: acc[0] lo, acc[2] hi,
-    acc[1] (x.lo ^ x.hi)(h.lo ^ h.hi), which still contains lo and hi (see _reduce_k)."""
+    acc[1] (x.lo ^ x.hi)(h.lo ^ h.hi), which still contains lo and hi (see _absorb8)."""
     acc[0] = acc[0] ^ pclmulqdq(x, h, 0x00)
     acc[2] = acc[2] ^ pclmulqdq(x, h, 0x11)
     acc[1] = acc[1] ^ pclmulqdq(pshufd(x, 0x4E) ^ x, hk, 0x00)
 
 
 @function
-def _reduce_k(acc: Ptr[v128]) -> v128:
-    return _reduce(acc[0], acc[1] ^ acc[0] ^ acc[2], acc[2])
-
-
-@function
 def _absorb8(k: Ptr[SivKeys], s: v128, d: Ptr[v128]) -> v128:
-    """S' = dot(S ^ d0, H8) ^ dot(d1, H7) ^ ... ^ dot(d7, H1): 8 blocks, one reduction."""
+    """S' = dot(S ^ d0, H8) ^ dot(d1, H7) ^ ... ^ dot(d7, H1): 8 blocks, one reduction
+    (d[j] takes h[8 + j] = H^(8-j))."""
     acc: Array[v128, 3]
     a = addr(acc[0])
     x = s ^ d[0]
-    acc[0] = pclmulqdq(x, k.h[7], 0x00)
-    acc[2] = pclmulqdq(x, k.h[7], 0x11)
-    acc[1] = pclmulqdq(pshufd(x, 0x4E) ^ x, k.hk[7], 0x00)
+    acc[0] = pclmulqdq(x, k.h[8], 0x00)
+    acc[2] = pclmulqdq(x, k.h[8], 0x11)
+    acc[1] = pclmulqdq(pshufd(x, 0x4E) ^ x, k.hk[8], 0x00)
     for j in range(1, SIV_BLOCKS):
-        _mul_acc(a, d[j], k.h[7 - j], k.hk[7 - j])
-    return _reduce_k(a)
+        _mul_acc(a, d[j], k.h[8 + j], k.hk[8 + j])
+    return reduce(acc[0], acc[1] ^ acc[0] ^ acc[2], acc[2])
 
 
 @function
 def _load_partial(p: Ptr[u8], n: u64) -> v128:
-    """p[0:n] ‖ zeros, n < 16, read byte by byte (never past the end of the buffer)."""
+    """p[0:n] ‖ zeros, n <= 16; a partial block is read byte by byte (never past its end)."""
+    if n == 16:
+        return v128_load(p)
     buf: Array[u8, 16]
     v128_store(addr(buf[0]), v128_make(0, 0))
     for i in range(n):
@@ -144,54 +96,41 @@ def _load_partial(p: Ptr[u8], n: u64) -> v128:
 
 @function
 def _store_partial(p: Ptr[u8], v: v128, n: u64) -> None:
-    """The first n < 16 bytes of v to p."""
+    """The first n <= 16 bytes of v to p."""
+    if n == 16:
+        v128_store(p, v)
+        return
     buf: Array[u8, 16]
     v128_store(addr(buf[0]), v)
     for i in range(n):
         p[i] = buf[i]
 
 
-@function
-def _absorb(k: Ptr[SivKeys], s: v128, p: Ptr[u8], n: u64) -> v128:
-    """Absorb n bytes at p (the last block zero-padded): the AAD."""
+@function(noinline=True)
+def _absorb(k: Ptr[SivKeys], s: v128, p: Ptr[u8], stage: Ptr[u8], n: u64) -> v128:
+    """Absorb n bytes at p into s (the last block zero-padded). A non-null `stage` receives an
+    exact copy (stage may be p): every byte of p is read once, so what a seal later encrypts from
+    stage is exactly what was hashed."""
+    off: u64 = 0
+    if k.wide != 0:
+        s = absorb_wide(k, s, p, stage, n)
+        off = n & ~u64(GROUP - 1)
     blk: Array[v128, 8]
     d = addr(blk[0])
-    off: u64 = 0
-    while n - off >= 128:
+    while n - off >= 16 * SIV_BLOCKS:
         for j in range(SIV_BLOCKS):
             d[j] = v128_load(p + off + 16 * j)
+            if stage != 0:
+                v128_store(stage + off + 16 * j, d[j])
         s = _absorb8(k, s, d)
-        off += 128
-    while n - off >= 16:
-        s = _dot(s ^ v128_load(p + off), k.h[0])
-        off += 16
-    if off < n:
-        s = _dot(s ^ _load_partial(p + off, n - off), k.h[0])
-    return s
-
-
-@function
-def _absorb_copy(k: Ptr[SivKeys], s: v128, src: Ptr[u8], stage: Ptr[u8], n: u64) -> v128:
-    """Absorb n bytes at src and leave an exact copy in `stage`: every source byte is read once,
-    so what is later encrypted from `stage` is exactly what was hashed."""
-    blk: Array[v128, 8]
-    d = addr(blk[0])
-    off: u64 = 0
-    while n - off >= 128:
-        for j in range(SIV_BLOCKS):
-            d[j] = v128_load(src + off + 16 * j)
-            v128_store(stage + off + 16 * j, d[j])
-        s = _absorb8(k, s, d)
-        off += 128
-    while n - off >= 16:
-        x = v128_load(src + off)
-        v128_store(stage + off, x)
-        s = _dot(s ^ x, k.h[0])
-        off += 16
-    if off < n:
-        x = _load_partial(src + off, n - off)
-        _store_partial(stage + off, x, n - off)
-        s = _dot(s ^ x, k.h[0])
+        off += 16 * SIV_BLOCKS
+    while off < n:
+        m = min(n - off, 16)
+        x = _load_partial(p + off, m)
+        if stage != 0:
+            _store_partial(stage + off, x, m)
+        s = dot(s ^ x, k.h[15])
+        off += m
     return s
 
 
@@ -205,28 +144,32 @@ def _nonce_block(nonce: Ptr[u8], i: u64) -> v128:
 
 
 @function(small=True, noinline=True)  # ~5% of a page's time: one small copy
-def siv_derive(kgk: Ptr[Aes256Key], nonce: Ptr[u8], k: Ptr[SivKeys]) -> None:
-    """The record keys for `nonce` (RFC 8452 §4) and the dot powers H1..H8."""
+def siv_derive(kgk: Ptr[Aes256Key], nonce: Ptr[u8], k: Ptr[SivKeys], wide: u32) -> None:
+    """The record keys for `nonce` (RFC 8452 §4) and the dot powers H^1..H^8 (H^9..H^16 too for
+    the wide kernels, if `wide`)."""
     st: Array[v128, 8]
     s = addr(st[0])
     for i in range(SIV_BLOCKS):
         s[i] = _nonce_block(nonce, u64(i)) ^ kgk.rk[0]
     aes256_8(kgk, s)  # blocks 6 and 7 are not needed; 8 in flight costs no more than 6
-    h = v128_make(v128_lo(s[0]), v128_lo(s[1]))
     aes256_expand_v(v128_make(v128_lo(s[2]), v128_lo(s[3])),
                     v128_make(v128_lo(s[4]), v128_lo(s[5])), addr(k.enc))
-    k.h[0] = h
-    for i in range(1, SIV_BLOCKS):
-        k.h[i] = _dot(k.h[i - 1], h)
-    for i in range(SIV_BLOCKS):
-        k.hk[i] = k.h[i] ^ pshufd(k.h[i], 0x4E)
+    k.h[15] = v128_make(v128_lo(s[0]), v128_lo(s[1]))
+    for i in range(1, SIV_BLOCKS):  # H^(i+1) = H^a·H^b, a = (i+1)/2: a chain of 3, not 7
+        a = (i + 1) >> 1
+        k.h[15 - i] = dot(k.h[16 - a], k.h[15 - i + a])
+    for i in range(SIV_BLOCKS, 2 * SIV_BLOCKS):
+        k.hk[i] = karatsuba_half(k.h[i])
+    k.wide = wide
+    if wide != 0:
+        wide_keys(k)
     wipe(Ptr[u8](s), SIV_BLOCKS * 16)
 
 
 @function
 def _tag(k: Ptr[SivKeys], s: v128, nonce: Ptr[u8], aad_len: u64, n: u64) -> v128:
     """Absorb the length block, XOR the nonce, clear bit 127, encrypt: the tag."""
-    s = _dot(s ^ v128_make(aad_len << 3, n << 3), k.h[0])
+    s = dot(s ^ v128_make(aad_len << 3, n << 3), k.h[15])
     s = s ^ v128_make(Ptr[u64](nonce)[0], u64(Ptr[u32](nonce + 8)[0]))
     s = v128_make(v128_lo(s), v128_hi(s) & ~u64(MSB))
     return aes256_block(addr(k.enc), s)
@@ -242,144 +185,66 @@ def _ctr8(s: Ptr[v128], k0: v128, clo: u64, chi: u64, c: u32) -> None:
         s[j] = v128_make(clo | u64(c + u32(j)), chi) ^ k0
 
 
-@function
+@function(noinline=True)
 def _ctr(k: Ptr[SivKeys], t: v128, inp: Ptr[u8], out: Ptr[u8], n: u64) -> None:
-    """out = inp ^ keystream from the tag t (encryption pass of seal)."""
+    """out = inp ^ the keystream from the tag t; each input byte is read once (inp may be out)."""
+    off: u64 = 0
+    if k.wide != 0:
+        off = ctr_wide(k, t, inp, out, n)
     st: Array[v128, 8]
     s = addr(st[0])
     clo = v128_lo(t) & ~u64(LOW32)
     chi = v128_hi(t) | MSB
-    c = u32(v128_lo(t))
+    c = u32(v128_lo(t)) + u32(off >> 4)
     e = addr(k.enc)
-    off: u64 = 0
-    while n - off >= 128:
+    while n - off >= 16 * SIV_BLOCKS:
         _ctr8(s, e.rk[0], clo, chi, c)
         aes256_8(e, s)
         for j in range(SIV_BLOCKS):
             v128_store(out + off + 16 * j, s[j] ^ v128_load(inp + off + 16 * j))
-        c += 8
-        off += 128
+        c += SIV_BLOCKS
+        off += 16 * SIV_BLOCKS
     while off < n:
+        m = min(n - off, 16)
         ks = aes256_block(e, v128_make(clo | u64(c), chi))
-        if n - off >= 16:
-            v128_store(out + off, ks ^ v128_load(inp + off))
-            off += 16
-        else:
-            _store_partial(out + off, ks ^ _load_partial(inp + off, n - off), n - off)
-            off = n
+        _store_partial(out + off, ks ^ _load_partial(inp + off, m), m)
+        off += m
         c += 1
-
-
-@function
-def _ctr_absorb(k: Ptr[SivKeys], t: v128, ct: Ptr[u8], pt: Ptr[u8], n: u64, s: v128) -> v128:
-    """Decrypt ct -> pt from the tag t and absorb the plaintext into s, reading each ciphertext
-    byte once. Stitched: while the AES rounds of group i run, POLYVAL absorbs the plaintext of
-    group i-1 (kept in `g`), so the AES and carry-less-multiply units work at the same time."""
-    st: Array[v128, 8]
-    g: Array[v128, 8]
-    acc: Array[v128, 3]
-    sp = addr(st[0])
-    gp = addr(g[0])
-    a = addr(acc[0])
-    clo = v128_lo(t) & ~u64(LOW32)
-    chi = v128_hi(t) | MSB
-    c = u32(v128_lo(t))
-    e = addr(k.enc)
-    rk = addr(e.rk[0])
-    h = addr(k.h[0])
-    hk = addr(k.hk[0])
-    off: u64 = 0
-    if n >= 128:
-        _ctr8(sp, rk[0], clo, chi, c)
-        aes256_8(e, sp)
-        for j in range(SIV_BLOCKS):
-            g[j] = st[j] ^ v128_load(ct + 16 * j)
-            v128_store(pt + 16 * j, g[j])
-        c += 8
-        off = 128
-        while n - off >= 128:
-            _ctr8(sp, rk[0], clo, chi, c)
-            round8(sp, rk[1])
-            x = s ^ g[0]
-            acc[0] = pclmulqdq(x, h[7], 0x00)
-            acc[2] = pclmulqdq(x, h[7], 0x11)
-            acc[1] = pclmulqdq(pshufd(x, 0x4E) ^ x, hk[7], 0x00)
-            round8(sp, rk[2])
-            _mul_acc(a, g[1], h[6], hk[6])
-            round8(sp, rk[3])
-            _mul_acc(a, g[2], h[5], hk[5])
-            round8(sp, rk[4])
-            _mul_acc(a, g[3], h[4], hk[4])
-            round8(sp, rk[5])
-            _mul_acc(a, g[4], h[3], hk[3])
-            round8(sp, rk[6])
-            _mul_acc(a, g[5], h[2], hk[2])
-            round8(sp, rk[7])
-            _mul_acc(a, g[6], h[1], hk[1])
-            round8(sp, rk[8])
-            _mul_acc(a, g[7], h[0], hk[0])
-            round8(sp, rk[9])
-            s = _reduce_k(a)
-            round8(sp, rk[10])
-            round8(sp, rk[11])
-            round8(sp, rk[12])
-            round8(sp, rk[13])
-            last8(sp, rk[AES256_ROUNDS])
-            for j in range(SIV_BLOCKS):
-                g[j] = st[j] ^ v128_load(ct + off + 16 * j)
-                v128_store(pt + off + 16 * j, g[j])
-            c += 8
-            off += 128
-        s = _absorb8(k, s, gp)
-    while off < n:
-        ks = aes256_block(e, v128_make(clo | u64(c), chi))
-        if n - off >= 16:
-            x = ks ^ v128_load(ct + off)
-            v128_store(pt + off, x)
-            s = _dot(s ^ x, h[0])
-            off += 16
-        else:
-            rem = n - off
-            x = ks ^ _load_partial(ct + off, rem)
-            _store_partial(pt + off, x, rem)
-            s = _dot(s ^ _load_partial(pt + off, rem), h[0])
-            off = n
-        c += 1
-    return s
 
 
 # -- the AEAD --------------------------------------------------------------------------------------
 
 
-@function
-def siv_seal(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, pt: Ptr[u8],
-             stage: Ptr[u8], ct: Ptr[u8], n: u64, tag: Ptr[u8], k: Ptr[SivKeys]) -> None:
-    """Seal n bytes: hash pt into S while copying it to the private `stage` (pt is read once;
-    stage == pt skips the copy when pt is private and stable), write the tag, then encrypt stage
-    into ct. `k` is the caller's private room for the record keys; it is wiped on return."""
-    siv_derive(kgk, nonce, k)
-    s = _absorb(k, v128_make(0, 0), aad, aad_len)
-    if stage == pt:
-        s = _absorb(k, s, pt, n)
-    else:
-        s = _absorb_copy(k, s, pt, stage, n)
+@function(noinline=True)
+def siv_seal_on(path: u32, kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64,
+                pt: Ptr[u8], stage: Ptr[u8], ct: Ptr[u8], n: u64, tag: Ptr[u8],
+                k: Ptr[SivKeys]) -> None:
+    """Seal n bytes on the session's `path` (gcmsiv_wide.WIDE_*): hash pt into S while copying it
+    to the private `stage` (pt is read once; stage may be pt when pt is private and stable), write
+    the tag, then encrypt stage into ct. `k` is the caller's private room for the record keys; it
+    is wiped on return."""
+    siv_derive(kgk, nonce, k, u32(path == WIDE_ON))
+    s = _absorb(k, v128_make(0, 0), aad, Ptr[u8](0), aad_len)
+    s = _absorb(k, s, pt, stage, n)
     t = _tag(k, s, nonce, aad_len, n)
     v128_store(tag, t)
     _ctr(k, t, stage, ct, n)
     wipe(Ptr[u8](k), sizeof(SivKeys))
 
 
-@function
-def siv_open(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, ct: Ptr[u8],
-             out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8], k: Ptr[SivKeys]) -> bool_:
-    """Decrypt n bytes of ct into the private `scratch` while hashing the plaintext, compare the
-    tag in constant time, and only if it matches copy scratch -> out. On failure out is untouched,
+@function(noinline=True)
+def siv_open_on(path: u32, kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64,
+                ct: Ptr[u8], out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8],
+                k: Ptr[SivKeys]) -> bool_:
+    """Decrypt n bytes of ct into the private `scratch`, hash the scratch, compare the tag in
+    constant time, and only if it matches copy scratch -> out. On failure out is untouched,
     scratch is wiped and False is returned; scratch == out decrypts in place. The tag is read
     once: the same value is the counter and the comparand."""
-    siv_derive(kgk, nonce, k)
+    siv_derive(kgk, nonce, k, u32(path == WIDE_ON))
     t = v128_load(tag)
-    s = _absorb(k, v128_make(0, 0), aad, aad_len)
-    s = _ctr_absorb(k, t, ct, scratch, n, s)
+    s = _absorb(k, v128_make(0, 0), aad, Ptr[u8](0), aad_len)
+    _ctr(k, t, ct, scratch, n)
+    s = _absorb(k, s, scratch, Ptr[u8](0), n)
     d = _tag(k, s, nonce, aad_len, n) ^ t
     wipe(Ptr[u8](k), sizeof(SivKeys))
     if (v128_lo(d) | v128_hi(d)) != 0:
@@ -388,6 +253,20 @@ def siv_open(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, ct
     if scratch != out:
         copy_mem(out, scratch, n)
     return True
+
+
+@function
+def siv_seal(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, pt: Ptr[u8],
+             stage: Ptr[u8], ct: Ptr[u8], n: u64, tag: Ptr[u8], k: Ptr[SivKeys]) -> None:
+    """siv_seal_on the baseline (tokens, the self-test: short records, any CPU)."""
+    siv_seal_on(0, kgk, nonce, aad, aad_len, pt, stage, ct, n, tag, k)
+
+
+@function
+def siv_open(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, ct: Ptr[u8],
+             out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8], k: Ptr[SivKeys]) -> bool_:
+    """siv_open_on the baseline."""
+    return siv_open_on(0, kgk, nonce, aad, aad_len, ct, out, n, tag, scratch, k)
 
 
 # -- C-ABI wrappers for tests and benchmarks (native runs) -------------------------------------
@@ -399,28 +278,34 @@ def mh_test_aes256_expand(key: Ptr[u8], out: Ptr[Aes256Key]) -> None:
 
 
 @function(abi="c")
-def mh_test_siv_derive(key: Ptr[u8], nonce: Ptr[u8], out: Ptr[SivKeys]) -> None:
+def mh_test_cpu_wide_ok() -> u64:
+    """The helper's own answer (CPUID, XGETBV) to whether this CPU can run the wide path."""
+    return u64(cpu_wide_ok())
+
+
+@function(abi="c")
+def mh_test_siv_derive(key: Ptr[u8], nonce: Ptr[u8], out: Ptr[SivKeys], path: u32) -> None:
     kgk: Aes256Key
     aes256_expand(key, addr(kgk))
-    siv_derive(addr(kgk), nonce, out)
+    siv_derive(addr(kgk), nonce, out, u32(path == WIDE_ON))
 
 
 @function(abi="c")
 def mh_test_siv_seal(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, pt: Ptr[u8],
-                     stage: Ptr[u8], ct: Ptr[u8], n: u64, tag: Ptr[u8]) -> None:
+                     stage: Ptr[u8], ct: Ptr[u8], n: u64, tag: Ptr[u8], path: u32) -> None:
     kgk: Aes256Key
     k: SivKeys
     aes256_expand(key, addr(kgk))
-    siv_seal(addr(kgk), nonce, aad, aad_len, pt, stage, ct, n, tag, addr(k))
+    siv_seal_on(path, addr(kgk), nonce, aad, aad_len, pt, stage, ct, n, tag, addr(k))
 
 
 @function(abi="c")
 def mh_test_siv_open(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, ct: Ptr[u8],
-                     out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8]) -> u64:
+                     out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8], path: u32) -> u64:
     kgk: Aes256Key
     k: SivKeys
     aes256_expand(key, addr(kgk))
-    if siv_open(addr(kgk), nonce, aad, aad_len, ct, out, n, tag, scratch, addr(k)):
+    if siv_open_on(path, addr(kgk), nonce, aad, aad_len, ct, out, n, tag, scratch, addr(k)):
         return 1
     return 0
 
@@ -428,24 +313,24 @@ def mh_test_siv_open(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, c
 @function(abi="c")
 def mh_bench_siv_seal(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64,
                       pt: Ptr[u8], stage: Ptr[u8], ct: Ptr[u8], n: u64, tag: Ptr[u8],
-                      reps: u64) -> None:
+                      reps: u64, path: u32) -> None:
     """`reps` seals back to back (the firmware's speed without the host call overhead)."""
     k: SivKeys
     for i in range(reps):
-        siv_seal(kgk, nonce, aad, aad_len, pt, stage, ct, n, tag, addr(k))
+        siv_seal_on(path, kgk, nonce, aad, aad_len, pt, stage, ct, n, tag, addr(k))
 
 
 @function(abi="c")
 def mh_bench_siv_open(kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64,
                       ct: Ptr[u8], out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8],
-                      reps: u64) -> u64:
+                      reps: u64, path: u32) -> u64:
     k: SivKeys
     ok: u64 = 0
     for i in range(reps):
-        if siv_open(kgk, nonce, aad, aad_len, ct, out, n, tag, scratch, addr(k)):
+        if siv_open_on(path, kgk, nonce, aad, aad_len, ct, out, n, tag, scratch, addr(k)):
             ok += 1
     return ok
 
 
-TEST_FUNCTIONS = [mh_test_aes256_expand, mh_test_siv_derive, mh_test_siv_seal, mh_test_siv_open,
-                  mh_bench_siv_seal, mh_bench_siv_open]
+TEST_FUNCTIONS = [mh_test_aes256_expand, mh_test_cpu_wide_ok, mh_test_siv_derive,
+                  mh_test_siv_seal, mh_test_siv_open, mh_bench_siv_seal, mh_bench_siv_open]

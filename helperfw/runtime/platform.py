@@ -38,6 +38,19 @@ MSR_AMD64_SEV_ENABLED = 1 << 0
 MSR_AMD64_SEV_ES_ENABLED = 1 << 1
 MSR_AMD64_SEV_ES_GHCB = 0xC0010130  # the GHCB MSR (SEV-ES guest-hypervisor communication)
 
+# -- AVX state and the wide instructions (Intel SDM vol. 2A "CPUID" leaf 7, vol. 1 §13.3;
+#    AMD APM vol. 3 appendix E) ---------------------------------------------------------------
+CPUID_1_ECX_OSXSAVE = 1 << 27  # CR4.OSXSAVE is set: XGETBV may run (else it is #UD)
+CPUID_1_ECX_AVX = 1 << 28
+CPUID_STD_MAX_LEAF = 0  # EAX: the highest standard leaf
+CPUID_EXT_FEATURES_LEAF = 7  # subleaf 0
+CPUID_7_EBX_AVX2 = 1 << 5
+CPUID_7_ECX_VAES = 1 << 9
+CPUID_7_ECX_VPCLMULQDQ = 1 << 10
+XCR0 = 0  # XGETBV's ECX: the state components the OS enabled for XSAVE and for use
+XCR0_SSE = 1 << 1  # xmm registers
+XCR0_AVX = 1 << 2  # the upper halves of the ymm registers
+
 # -- QEMU / OVMF ----------------------------------------------------------------------------------
 DEBUG_PORT = 0x402  # QEMU isa-debugcon as OVMF configures it
 

@@ -91,6 +91,9 @@ E_EXHAUSTED = _status(-17, "sequence space or epoch window exhausted")
 E_DISCARDED = _status(-18, "this helper installed pages in a receiving session that ended "
                            "without RECV_FINISH: it refuses every new session (one-shot "
                            "destination)")
+E_CPU = _status(-19, "the CPU refused an instruction CPUID had promised (#UD in the wide AEAD "
+                     "path: the host misreported CPUID); the command ended, later sessions use "
+                     "the baseline AES-NI path")
 # firmware-internal: returned inside the image and reported on the console at driver load
 E_SETUP_OPTION = _status(-100, "driver load: unknown address-space option", wire=False)
 E_SETUP_HIGH_REGION = _status(-101, "driver load, shift: a region lies above 4 GiB", wire=False)
