@@ -52,7 +52,14 @@ from helperfw import (
 
 from .aes import Aes256Key, aes256_8, aes256_block, aes256_expand, aes256_expand_v
 from .gcmsiv_keys import LOW32, MSB, SIV_BLOCKS, SivKeys, dot, karatsuba_half, reduce
-from .gcmsiv_wide import GROUP, WIDE_ON, absorb_wide, cpu_wide_ok, ctr_wide, wide_keys
+from .gcmsiv_wide import (
+    GROUP,
+    WIDE_ON,
+    absorb_wide,
+    cpu_wide_ok,
+    ctr_wide,
+    wide_keys,
+)
 from .memops import copy_mem, wipe
 
 # -- POLYVAL ------------------------------------------------------------------------------------
@@ -185,12 +192,20 @@ def _ctr8(s: Ptr[v128], k0: v128, clo: u64, chi: u64, c: u32) -> None:
         s[j] = v128_make(clo | u64(c + u32(j)), chi) ^ k0
 
 
+@function
+def _ctr_skip(t: v128, n: u64) -> v128:
+    """The tag t as a counter n bytes (a multiple of 16) further on: its first 32 bits + n/16."""
+    lo = v128_lo(t)
+    return v128_make((lo & ~u64(LOW32)) | u64(u32(lo) + u32(n >> 4)), v128_hi(t))
+
+
 @function(noinline=True)
 def _ctr(k: Ptr[SivKeys], t: v128, inp: Ptr[u8], out: Ptr[u8], n: u64) -> None:
     """out = inp ^ the keystream from the tag t; each input byte is read once (inp may be out)."""
     off: u64 = 0
     if k.wide != 0:
-        off = ctr_wide(k, t, inp, out, n)
+        ctr_wide(k, t, inp, out, n, t, False)
+        off = n & ~u64(GROUP - 1)
     st: Array[v128, 8]
     s = addr(st[0])
     clo = v128_lo(t) & ~u64(LOW32)
@@ -243,8 +258,12 @@ def siv_open_on(path: u32, kgk: Ptr[Aes256Key], nonce: Ptr[u8], aad: Ptr[u8], aa
     siv_derive(kgk, nonce, k, u32(path == WIDE_ON))
     t = v128_load(tag)
     s = _absorb(k, v128_make(0, 0), aad, Ptr[u8](0), aad_len)
-    _ctr(k, t, ct, scratch, n)
-    s = _absorb(k, s, scratch, Ptr[u8](0), n)
+    done: u64 = 0
+    if k.wide != 0:  # the whole 256-byte groups in one stitched pass
+        s = ctr_wide(k, t, ct, scratch, n, s, True)
+        done = n & ~u64(GROUP - 1)
+    _ctr(k, _ctr_skip(t, done), ct + done, scratch + done, n - done)
+    s = _absorb(k, s, scratch + done, Ptr[u8](0), n - done)
     d = _tag(k, s, nonce, aad_len, n) ^ t
     wipe(Ptr[u8](k), sizeof(SivKeys))
     if (v128_lo(d) | v128_hi(d)) != 0:

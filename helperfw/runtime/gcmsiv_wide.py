@@ -157,36 +157,70 @@ def absorb_wide(k: Ptr[SivKeys], s: v128, p: Ptr[u8], stage: Ptr[u8], n: u64) ->
         if stage != 0:
             v256_store(stage + off, x)
         _mul2(x ^ v256_make(s, v128_make(0, 0)), k, 0, a)
-        lo = v256_lo(acc[0]) ^ v256_hi(acc[0])
-        hi = v256_lo(acc[2]) ^ v256_hi(acc[2])
-        s = reduce(lo, v256_lo(acc[1]) ^ v256_hi(acc[1]) ^ lo ^ hi, hi)
+        s = _fold_reduce(a)
         off += GROUP
     return s
 
 
+@function(features=WIDE)
+def _fold_reduce(acc: Ptr[v256]) -> v128:
+    """The two lanes of the Karatsuba accumulators added, then one reduction."""
+    lo = v256_lo(acc[0]) ^ v256_hi(acc[0])
+    hi = v256_lo(acc[2]) ^ v256_hi(acc[2])
+    return reduce(lo, v256_lo(acc[1]) ^ v256_hi(acc[1]) ^ lo ^ hi, hi)
+
+
 @function(features=WIDE, noinline=True)
-def ctr_wide(k: Ptr[SivKeys], t: v128, inp: Ptr[u8], out: Ptr[u8], n: u64) -> u64:
-    """out = inp ^ the keystream from tag t (counter blocks: t with bit 127 set, its first 32
-    bits + i mod 2^32) over the whole 256-byte groups of n; returns the bytes done. 16 blocks in
-    flight: VAES's latency is hidden by 8 independent ymm registers."""
+def ctr_wide(k: Ptr[SivKeys], t: v128, inp: Ptr[u8], out: Ptr[u8], n: u64, s: v128,
+             hash_out: bool) -> v128:
+    """out = inp ^ the keystream from tag t over the whole 256-byte groups of n: counter blocks
+    are t with bit 127 set and its first 32 bits + i mod 2^32 (vpaddd on each block's low
+    dword), 16 in flight on 8 ymm registers to hide VAES's latency.
+
+    With `hash_out` (open), the output is also absorbed into s, which is returned, stitched:
+    during the AES rounds of group i, the carry-less products of group i-1 (read back from out,
+    the caller's private scratch) are issued, three per round, so the out-of-order core keeps
+    the carry-less multiplier busy while the AES units work. Without it (seal's second pass),
+    s comes back unchanged."""
     st: Array[v256, 8]
+    acc: Array[v256, 3]
+    a = addr(acc[0])
+    z = v256_broadcast(v128_make(0, 0))
     rk = addr(k.enc.rk[0])
+    two = v256_broadcast(v128_make(2, 0))
     c = v256_add32(v256_broadcast(v128_make(v128_lo(t), v128_hi(t) | MSB)),
                    v256_make(v128_make(0, 0), v128_make(1, 0)))
-    two = v256_broadcast(v128_make(2, 0))
+    sx = v256_make(s, v128_make(0, 0))
+    acc[0] = z
+    acc[1] = z
+    acc[2] = z
+    end = n & ~u64(GROUP - 1)
     off: u64 = 0
-    while n - off >= GROUP:
+    while off < end:
+        absorb = hash_out and off != 0
         k0 = v256_broadcast(rk[0])
-        for j in unroll(8):
-            st[j] = c ^ k0
+        for q in unroll(8):
+            st[q] = c ^ k0
             c = v256_add32(c, two)
         for r in range(1, AES256_ROUNDS):
+            if absorb and r <= 8:  # pair 8 - r of the previous group; pair 0 takes s
+                j = u64(8 - r)
+                x = v256_load(out + off - GROUP + 32 * j)
+                _mul2(x ^ (sx if j == 0 else z), k, j, a)
             kr = v256_broadcast(rk[r])
-            for j in unroll(8):
-                st[j] = vaesenc256(st[j], kr)
+            for q in unroll(8):
+                st[q] = vaesenc256(st[q], kr)
         kl = v256_broadcast(rk[AES256_ROUNDS])
-        for j in unroll(8):
-            v256_store(out + off + 32 * j,
-                       vaesenclast256(st[j], kl) ^ v256_load(inp + off + 32 * j))
+        for q in unroll(8):
+            v256_store(out + off + 32 * q,
+                       vaesenclast256(st[q], kl) ^ v256_load(inp + off + 32 * q))
+        if absorb:
+            s = _fold_reduce(a)
+            sx = v256_make(s, v128_make(0, 0))
+            acc[0] = z
+            acc[1] = z
+            acc[2] = z
         off += GROUP
-    return off
+    if hash_out and end != 0:  # the last group's products, with no AES left to hide them
+        s = absorb_wide(k, s, out + end - GROUP, Ptr[u8](0), GROUP)
+    return s
