@@ -29,6 +29,7 @@ from helperfw.runtime.gcmsiv_wide import (
     WIDE_REFUSED,
     cpu_wide_ok,
     wide_choose,
+    wide_refuse,
 )
 from tests.host_cpu import HAS_WIDE, needs_wide
 from tests.session_host import PAGE, NativeHelper, open_record
@@ -99,7 +100,12 @@ def test_a_session_chooses_and_a_refusal_is_for_good() -> None:
     assert it.call(wide_choose, WIDE_ON.value) == WIDE_ON.value
     assert Interpreter(env=Platform(ebx7=0)).call(wide_choose, WIDE_ON.value) == WIDE_OFF.value
     p = Platform()
-    assert Interpreter(env=p).call(wide_choose, WIDE_REFUSED.value) == WIDE_REFUSED.value
+    it = Interpreter(env=p)
+    cell = it.memory.map(0x10000, bytearray(WIDE_ON.value.to_bytes(4, "little")))
+    it.call(wide_refuse, 0x10000)  # what the #UD handler calls
+    path = int.from_bytes(cell, "little")
+    assert path == WIDE_REFUSED.value
+    assert it.call(wide_choose, path) == WIDE_REFUSED.value
     assert p.asked == []  # CPUID is not even asked again
 
 
