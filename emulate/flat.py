@@ -33,9 +33,9 @@ class FlatGuest:
     the start of RAM are left out of the allocator (e.g. page 0, kept unmapped for NULL checks)."""
 
     def __init__(self, vm: VM, *, ram_gpa: int = 0, ram_size: int = 16 << 20, hpa: int = 0,
-                 slot: int = 0, skip: int = 0) -> None:
+                 slot: int = 0, skip: int = 0, label: str = "ram") -> None:
         self.vm = vm
-        vm.set_user_memory_region(slot, ram_gpa, ram_size, hpa)
+        vm.set_user_memory_region(slot, ram_gpa, ram_size, hpa, label)
         self.ram_gpa, self.ram_size = ram_gpa, ram_size
         self.pages = PageAllocator(vm, ram_gpa + skip, ram_size - skip)
         self.pt = PageTableBuilder(self.pages.alloc, vm.read_u64, vm.write_u64,

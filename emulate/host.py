@@ -16,40 +16,38 @@ What it models, and why each piece is here:
   page dirty; fetching (and clearing) the log flushes the TLBs so the next write faults again.
 * **Firmware and helper.** The UEFI stand-in boots the guest RAM and loads the helper's PE file
   with a launch secret and the MH_CONFIG boot parameter; the driver announces its BootInfo with
-  MH_HC_ANNOUNCE. `create_mirror` then builds the mirror VM the option asks for (shift: low
-  4 GiB 1:1; tuples: the helper's regions mapped at their mirror GPAs; isolated: the regions
-  copied into mirror-only DRAM by a modelled PSP copy) plus the RAM window
-  `ram_base + ram_addr` over every block.
+  MH_HC_ANNOUNCE. `create_mirror` then builds the mirror VM the option asks for
+  (`emulate.mirror`).
+* **One seed.** Every key and random stream of this host (DRAM keys, each VM's RDRAND, the
+  firmware's load address) derives from the host's `Seeds` (`emulate.seeds`), so a run replays
+  from the one seed it prints.
 """
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from unicorn import UC_MEM_WRITE, UC_PROT_WRITE
+from unicorn import UC_PROT_WRITE
 
 from emulate.cpuid import CpuidModel
-from emulate.faults import Symbolizer
-from emulate.machine import (
+from emulate.machine import VM, VCpu
+from emulate.memctl import PAGE, MemoryController
+from emulate.mirror import FOUR_GIB, HelperInfo, Mirror, create_mirror
+from emulate.rdrand import RdrandSource
+from emulate.seeds import Seeds
+from emulate.uefi import EFI_BOOT_SERVICES_DATA, UefiStandIn
+from helperfw.runtime import protocol as P
+from helperfw.runtime.platform import (
+    KVM_EINVAL,
     KVM_ENOSYS,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     MSR_KVM_MIGRATION_CONTROL,
-    PARK_VA,
-    VM,
-    VCpu,
 )
-from emulate.memctl import PAGE, MemoryController
-from emulate.uefi import EFI_BOOT_SERVICES_DATA, UefiStandIn
-from helperfw.runtime import protocol as P
 from helperfw.runtime.secrets import KEY_ENTRY_GUID
 
-KVM_EINVAL = 22  # include/uapi/linux/kvm_para.h: hypercall error values are negative errno
-FOUR_GIB = 1 << 32
 # KVM_HC_MAP_GPA_RANGE a2 bits 3:0: page size of a1 (Linux hypercalls.rst)
 _MAP_PAGE_SIZES = {0: 1 << 12, 1: 1 << 21, 2: 1 << 30}
 
@@ -111,28 +109,13 @@ class SharedRegions:
 
 
 # -- KVM with dirty logging ---------------------------------------------------------------------
-class TrackingVCpu(VCpu):
-    """A vCPU whose write permissions follow the VM's dirty log (KVM's write protection)."""
-
-    vm: KvmVM
-
-    def _on_tlb_fill(self, uc: object, va: int, kind: int, entry: object, ud: object) -> bool:
-        ok = super()._on_tlb_fill(uc, va, kind, entry, ud)  # type: ignore[arg-type]
-        vm = self.vm
-        if ok and vm.dirty_logging and (va & ~(PAGE - 1)) != PARK_VA:
-            frame = entry.paddr // PAGE  # type: ignore[attr-defined]
-            if kind == UC_MEM_WRITE:
-                if frame not in vm.dirty_frames:  # KVM: the write-protection fault (an exit)
-                    vm.write_faults += 1
-                    vm.dirty_frames.add(frame)
-            elif frame not in vm.dirty_frames:
-                entry.perms &= ~UC_PROT_WRITE  # type: ignore[attr-defined]
-        return ok
-
-
 class KvmVM(VM):
     """A VM with KVM's dirty log. `get_dirty_log()` returns and clears the dirty host frames of
-    its memslots ({slot: [page index within the slot]}), re-arming write protection."""
+    its memslots ({slot: [page index within the slot]}), re-arming write protection.
+
+    As in KVM, by write protection: while logging is on, a TLB entry grants write only for a
+    frame already dirty; the first write to a clean frame is the write-protection fault (an
+    exit, counted in `write_faults`) that marks it."""
 
     def __init__(self, *a: object, **kw: object) -> None:
         super().__init__(*a, **kw)  # type: ignore[arg-type]
@@ -140,9 +123,17 @@ class KvmVM(VM):
         self.dirty_frames: set[int] = set()
         self.write_faults = 0
 
-    def create_vcpu(self, *, rip: int = 0, cr3: int = 0, rsp: int = 0,
-                    symbolize: Symbolizer | None = None) -> VCpu:
-        return TrackingVCpu(self, rip=rip, cr3=cr3, rsp=rsp, symbolize=symbolize)
+    def fill_permissions(self, page_hpa: int, write: bool, perms: int) -> int:
+        if not self.dirty_logging:
+            return perms
+        frame = page_hpa // PAGE
+        if write:
+            if frame not in self.dirty_frames:
+                self.write_faults += 1
+                self.dirty_frames.add(frame)
+        elif frame not in self.dirty_frames:
+            perms &= ~UC_PROT_WRITE
+        return perms
 
     def _rearm(self) -> None:
         for v in self.vcpus:
@@ -165,33 +156,6 @@ class KvmVM(VM):
         return out
 
 
-# -- the helper as announced --------------------------------------------------------------------
-@dataclass
-class HelperInfo:
-    """What MH_HC_ANNOUNCE told the host (BootInfo, parsed), plus the host's view of it."""
-
-    bootinfo_gpa: int
-    bootinfo: object  # construct Container of P.BootInfo
-    regions: list = field(default_factory=list)
-
-    @property
-    def option(self) -> int:
-        return int(self.bootinfo.option)  # type: ignore[attr-defined]
-
-
-@dataclass
-class Mirror:
-    """A mirror VM (same key as the main VM), its vCPU, and where the host reaches the mailbox."""
-
-    vm: VM
-    vcpu: VCpu
-    info: HelperInfo
-    mailbox_hpa: int
-    ram_base: int
-    ram_max: int
-    copied_bytes: int = 0  # isolated: bytes moved by the modelled PSP copy
-
-
 # -- the host -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BlockSpec:
@@ -212,18 +176,25 @@ def default_layout(mem: int) -> list[BlockSpec]:
 
 class Host:
     """QEMU+KVM for one guest on one host machine: DRAM, RAM blocks, the main VM with its
-    firmware, exits (hypercalls, MSRs), the helper's announcement and the mirror VM."""
+    firmware, exits (hypercalls, MSRs), the helper's announcement and the mirror VM.
 
-    def __init__(self, name: str, blocks: list[BlockSpec], *, cbit: int = 47, seed: int = 0,
-                 mirror_only: int = 16 << 20, uefi_seed: int | None = None) -> None:
+    `seed` (an int or a `Seeds` scope) determines every key and random stream of this host;
+    `sev_status`/`sev_es` configure the main VM's MSR_AMD64_SEV and SEV-ES flag (the mirror
+    inherits them)."""
+
+    def __init__(self, name: str, blocks: list[BlockSpec], *, cbit: int = 47,
+                 seed: int | Seeds = 0, mirror_only: int = 16 << 20,
+                 uefi_seed: int | None = None, sev_status: int | None = None,
+                 sev_es: bool = False) -> None:
         self.name = name
-        self.rng = random.Random(seed)
+        self.seeds = seed if isinstance(seed, Seeds) else Seeds(seed)
         ram = sum(b.size for b in blocks)
         if blocks[0].gpa != 0:
             raise ValueError("the first block is pc.ram at GPA 0 (ram_addr 0 == GPA 0)")
-        self.mc = MemoryController(ram + mirror_only, rng=self.rng.randbytes)
+        self.mc = MemoryController(ram + mirror_only, rng=self.seeds.rng("dram-keys").randbytes)
         self.vm = KvmVM(self.mc, cpuid=CpuidModel(sev=True, cbit=cbit), name=f"{name}-main",
-                        rdrand_seed=self.rng.getrandbits(32))
+                        rdrand=RdrandSource(self.seeds.derive("rdrand:main")),
+                        sev_status=sev_status, sev_es=sev_es)
         self.cbit = cbit
         self.blocks: list[RamBlock] = []
         off = 0
@@ -243,8 +214,10 @@ class Host:
         self.on_migration_control: Callable[[int], None] | None = None
         # firmware: pc.ram as the stand-in's identity-mapped RAM (slot 0), other blocks mapped
         pc = self.blocks[0]
-        self.uefi = UefiStandIn(self.vm, ram_size=pc.size, hpa=pc.hpa,
-                                seed=seed if uefi_seed is None else uefi_seed)
+        if uefi_seed is None:
+            uefi_seed = self.seeds.number("uefi-layout", 32)
+        self.uefi = UefiStandIn(self.vm, ram_size=pc.size, hpa=pc.hpa, seed=uefi_seed,
+                                label=pc.name)
         pc.gpa, pc.slot = 0, 0
         self._next_slot = 1
         for spec, blk in zip(blocks[1:], self.blocks[1:], strict=True):
@@ -283,8 +256,8 @@ class Host:
         """Map a block at `gpa` (a memslot) and into the firmware's identity map."""
         blk.gpa, blk.slot = gpa, self._next_slot
         self._next_slot += 1
-        self.vm.set_user_memory_region(blk.slot, gpa, blk.size, blk.hpa)
-        self.uefi.guest.map(gpa, gpa, blk.size, writable=True, executable=False)
+        self.vm.set_user_memory_region(blk.slot, gpa, blk.size, blk.hpa, blk.name)
+        self.uefi.map_ram(gpa, blk.size)
 
     def unplug(self, blk: RamBlock) -> None:
         """Remove the block's memslot: it keeps its ram_addr range and contents (and is still
@@ -350,11 +323,7 @@ class Host:
             cfg = self.uefi.allocate_pool(P.MhConfig.size, EFI_BOOT_SERVICES_DATA)
             self.vm.write(cfg, P.MhConfig.build(option=option, shift_high=shift_high))
             self.uefi.install_config_table(P.MH_CONFIG_GUID, cfg)
-        mp = Path(image).with_suffix(".map")
-        if mp.exists():
-            self.uefi.symbols = {n: s["rva"] for n, s in
-                                 json.loads(mp.read_text())["symbols"].items()}
-        r = self.uefi.start_image(Path(image))
+        r = self.uefi.start_image(Path(image))  # its link map, if beside it, names faults
         if not r.ok:
             raise RuntimeError(f"{self.name}: helper driver failed: {r.exit}; "
                                f"log: {r.debug_log.decode(errors='replace')}")
@@ -387,57 +356,10 @@ class Host:
         self._mirror_free += size
         return hpa
 
-    def psp_copy(self, src_hpa: int, dst_hpa: int, length: int) -> None:
-        """Modelled PSP copy (SEV SEND/RECEIVE_UPDATE_DATA style): decrypt with the VM's key at
-        the old location, re-encrypt for the new one, so the copy reads back correctly."""
-        kid = self.vm.key_id
-        for off in range(0, length, PAGE):
-            n = min(PAGE, length - off)
-            plain = self.mc.guest_read(src_hpa + off, n, kid, True)
-            self.mc.guest_write(dst_hpa + off, plain, kid, True)
-
     def create_mirror(self) -> Mirror:
-        """KVM_CREATE_VM + KVM_CAP_VM_COPY_ENC_CONTEXT_FROM(main), memslots for the option, and
-        a vCPU in 64-bit mode at the announced RIP/CR3/RSP."""
-        info = self.info
-        if info is None:
-            raise RuntimeError("no helper announced")
-        bi = info.bootinfo
-        mirror = VM(self.mc, mirror_of=self.vm, name=f"{self.name}-mirror")
-        slot = 0
-        copied = 0
-        mailbox_hpa = self.vm.gpa_to_hpa(bi.mailbox_gpa)  # type: ignore[attr-defined]
-        assert mailbox_hpa is not None
-        if bi.option == P.OPT_SHIFT:  # type: ignore[attr-defined]
-            for b in self.blocks:  # the low 4 GiB of the guest, 1:1
-                if b.gpa is not None and b.gpa < FOUR_GIB:
-                    size = min(b.size, FOUR_GIB - b.gpa)
-                    mirror.set_user_memory_region(slot, b.gpa, size, b.hpa)
-                    slot += 1
-        elif bi.option in (P.OPT_TUPLES, P.OPT_ISOLATED):  # type: ignore[attr-defined]
-            for r in info.regions:
-                length = -(-r.length // PAGE) * PAGE
-                src = self.vm.gpa_to_hpa(r.main_gpa)
-                if src is None or self.vm.gpa_to_hpa(r.main_gpa + length - 1) != src + length - 1:
-                    raise ValueError(f"region {r.main_gpa:#x}+{length:#x} not in one memslot")
-                hpa = src
-                if bi.option == P.OPT_ISOLATED and r.kind != P.REGION_MAILBOX:  # type: ignore[attr-defined]
-                    hpa = self.alloc_mirror_only(length)
-                    self.psp_copy(src, hpa, length)
-                    copied += length
-                mirror.set_user_memory_region(slot, r.mirror_gpa, length, hpa)
-                slot += 1
-        else:
-            raise ValueError(f"unknown option {bi.option}")  # type: ignore[attr-defined]
-        ram_base, ram_max = int(bi.ram_base), int(bi.ram_max)  # type: ignore[attr-defined]
-        if self.ram_size > ram_max:
-            raise ValueError(f"guest RAM {self.ram_size:#x} exceeds the helper's window {ram_max:#x}")
-        for b in self.blocks:  # the RAM window: ram_addr at ram_base + ram_addr, every block
-            mirror.set_user_memory_region(slot, ram_base + b.offset, b.size, b.hpa)
-            slot += 1
-        vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp,  # type: ignore[attr-defined]
-                                  symbolize=self.uefi._symbolize)
-        self.mirror = Mirror(mirror, vcpu, info, mailbox_hpa, ram_base, ram_max, copied)
+        """KVM_CREATE_VM + KVM_CAP_VM_COPY_ENC_CONTEXT_FROM(main) for the announced helper
+        (emulate.mirror); remembered as `self.mirror`."""
+        self.mirror = create_mirror(self)
         return self.mirror
 
     def settle_private_views(self) -> int:

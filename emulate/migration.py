@@ -20,6 +20,7 @@ and the destination guest must resume and keep running.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import socket
 import time
@@ -30,9 +31,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from emulate import guest as G
+from emulate import workload
 from emulate.host import Host, default_layout
 from emulate.mailbox import HelperChannel, status_name
 from emulate.memctl import PAGE
+from emulate.seeds import Seeds, transport_key
 from emulate.stream import (
     CPU_STATE,
     END,
@@ -50,12 +53,32 @@ from emulate.stream import (
     connect,
     read_stream,
 )
+from emulate.timeline import (
+    FINAL_SENT,
+    FINISHED,
+    PRIVATE,
+    SHARED,
+    SOURCE,
+    SOURCE_END,
+    STOPPED,
+    Timeline,
+)
+from helperfw.codegen.image import LinkedImage
 from helperfw.runtime import protocol as P
 
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")
 TWO_MIB = 2 << 20
 VIRTIO_MEM_SETUP_GPA = 8 << 30  # where the virtio-mem block is plugged while the guest fills it
-DEFAULT_KEY = bytes(range(0x40, 0x60))  # the guest owner's transport key (test value)
+
+
+@functools.cache
+def workload_image() -> LinkedImage:
+    """The guest workload (emulate.workload) compiled once per process (the compiler loads
+    only when a guest is started: a destination-only host never needs it)."""
+    from helperfw.codegen.pipeline import build
+
+    return build([workload.guest_main], name="guest").image
+
 
 Progress = Callable[[str, int], None]
 """progress(event, n): ("round", pages in the round), ("pages", pages just sent), ("done", 0)."""
@@ -75,8 +98,13 @@ class MigrationParams:
     slice_every: int = 8  # helper batches between guest slices
     epoch_records: int = P.EPOCH_RECORDS_MAX  # close an epoch at least this often
     hot_pages: int = 256
-    transport_key: bytes = DEFAULT_KEY
+    transport_key: bytes | None = None  # None: derived from `seed` (emulate.seeds)
     verify: bool = True
+
+    @property
+    def key(self) -> bytes:
+        """The guest owner's transport key, provisioned on both hosts: from `seed` unless given."""
+        return self.transport_key if self.transport_key is not None else transport_key(self.seed)
 
 
 @dataclass
@@ -131,6 +159,7 @@ class MigrationResult:
     guest_exits: int = 0  # source guest exits while migrating: dirty-log write faults + slices
     downtime: float | None = None  # guest stopped → destination finished (concurrent transport)
     verification: Verification | None = None
+    timeline: Timeline | None = None  # what each side did when (emulate.timeline)
 
     @property
     def pages(self) -> int:
@@ -166,8 +195,9 @@ class Source:
     def __init__(self, p: MigrationParams, layout=None) -> None:
         self.p = p
         layout = layout or default_layout(p.mem)
-        self.host = Host("source", layout, cbit=p.cbit, seed=p.seed * 2 + 1, uefi_seed=p.seed)
-        self.host.boot_helper(p.image, p.transport_key, p.option)
+        self.host = Host("source", layout, cbit=p.cbit, seed=Seeds(p.seed).child("source"),
+                         uefi_seed=p.seed)
+        self.host.boot_helper(p.image, p.key, p.option)
         self._start_guest()
         self.host.settle_private_views()
         self.mirror = self.host.create_mirror()
@@ -196,7 +226,8 @@ class Source:
                             G.Region(blk.gpa + (1 << 20), 16, G.GR_SHARED, 14),
                             G.Region(blk.gpa + (1 << 20) + 16 * PAGE, blk.size // PAGE - mib - 16,
                                      G.GR_DIRTY, 16)]
-        self.guest = G.load(h, regions, hot_va=hot.va, hot_pages=hot.pages, seed=p.seed)
+        self.guest = G.load(h, workload_image(), regions, hot_va=hot.va, hot_pages=hot.pages,
+                            seed=p.seed)
         ex = h.uefi.vcpu.run(budget=None)
         if ex.reason != "stop" or not h.migration_control:
             raise RuntimeError(f"guest set-up did not reach MSR_KVM_MIGRATION_CONTROL: {ex}")
@@ -236,9 +267,9 @@ class Destination:
 
     def __init__(self, p: MigrationParams, layout=None) -> None:
         layout = layout or default_layout(p.mem)
-        self.host = Host("destination", layout, cbit=p.cbit, seed=p.seed * 2 + 2,
-                         uefi_seed=p.seed)
-        self.host.boot_helper(p.image, p.transport_key, p.option)
+        self.host = Host("destination", layout, cbit=p.cbit,
+                         seed=Seeds(p.seed).child("destination"), uefi_seed=p.seed)
+        self.host.boot_helper(p.image, p.key, p.option)
         self.host.settle_private_views()
         self.mirror = self.host.create_mirror()
         self.ch = HelperChannel(self.host.mc, self.mirror)
@@ -250,6 +281,7 @@ class Destination:
         self.session_id = 0
         self.counts = {"private": 0, "shared": 0, "epochs": 0}
         self.challenge = 0
+        self.timeline = Timeline()
 
     def open_session(self, ram_size: int) -> int:
         """RECV_BEGIN before the source starts: the helper draws the challenge the source's
@@ -261,6 +293,7 @@ class Destination:
         h, ch = self.host, self.ch
         for rec in read_stream(inp):
             b = rec.body
+            started = self.timeline.now()
             if rec.kind == SESSION:
                 if (b.option, b.c_bit, b.page_size) != (ch.mirror.info.option, h.cbit, PAGE):
                     raise StreamError(f"session for option {b.option} C-bit {b.c_bit}, this "
@@ -302,13 +335,14 @@ class Destination:
                 if st != 0:
                     raise StreamError(f"RECV_FINISH refused: {status_name(st)}")
                 self.finished = True
-                self.finished_at = time.perf_counter()
+                self.finished_at = self.timeline.event(FINISHED)
             elif rec.kind == CPU_STATE:
                 self.cpu = {r: int(b[r]) for r in GPRS}
             elif rec.kind == ROUND:
                 pass
             elif rec.kind == END and not self.finished:
                 raise StreamError("stream ended without a FINISH token")
+            self.timeline.received(rec.kind, b, started, ch.exits)
 
     def _check_target(self, ram_addr: int) -> None:
         if ram_addr % PAGE or not 0 <= ram_addr < self.host.ram_size or ram_addr in self.skip:
@@ -344,6 +378,7 @@ class Migration:
         self.rounds: list[RoundStats] = []
         self._slices = 0
         self.challenge = 0  # set by open() (run() opens if nobody did)
+        self.timeline = self.dst.timeline  # one recorder for both sides
 
     # ---- source side ----------------------------------------------------------------------------
     def _send(self, w: StreamWriter, addrs: list[int], *, guest_runs: bool) -> tuple[int, int]:
@@ -354,13 +389,17 @@ class Migration:
         shared = [a for a in addrs if h.shared.is_shared(a)]
         for i in range(0, len(shared), ch.slots):
             chunk = shared[i : i + ch.slots]
+            started = self.timeline.now()
             w.put_shared([(a, h.read_raw(a)) for a in chunk])
+            self.timeline.batch(SOURCE, SHARED, len(chunk), started)
             self.progress("pages", len(chunk))
         for batches, i in enumerate(range(0, len(priv), ch.slots), 1):
             chunk = priv[i : i + ch.slots]
             if self._epoch_count + len(chunk) > p.epoch_records:
                 self._end_epoch(w)
+            started = self.timeline.now()
             w.put_private(chunk, ch.send(chunk))
+            self.timeline.batch(SOURCE, PRIVATE, len(chunk), started)
             self._epoch_count += len(chunk)
             self.progress("pages", len(chunk))
             if guest_runs and batches % p.slice_every == 0:
@@ -391,6 +430,7 @@ class Migration:
         while True:
             t0, touches0 = time.perf_counter(), src.touches()
             self.progress("round", len(todo))
+            self.timeline.round(SOURCE, rnd, False, src.ch.exits, self._guest_exits())
             w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n}
                                          for a, n in h.shared.ranges()])
             w.write(ROUND, round=rnd, pages=len(todo), final=0)
@@ -406,13 +446,15 @@ class Migration:
                 break
             todo, rnd = dirty, rnd + 1
         # stop-and-copy: the guest does not run again on the source
-        self.stopped_at = time.perf_counter()
+        self.stopped_at = self.timeline.event(STOPPED)
         rnd += 1
         t0 = time.perf_counter()
         self.progress("round", len(dirty))
+        self.timeline.round(SOURCE, rnd, True, src.ch.exits, self._guest_exits())
         w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n} for a, n in h.shared.ranges()])
         w.write(ROUND, round=rnd, pages=len(dirty), final=1)
         npriv, nshared = self._send(w, dirty, guest_runs=False)
+        self.timeline.event(FINAL_SENT)
         if self._epoch_count:
             self._end_epoch(w)
         w.write(CPU_STATE, **src.cpu_state())
@@ -420,7 +462,13 @@ class Migration:
         self.rounds.append(RoundStats(rnd, len(dirty), npriv, nshared, 0, 0,
                                       time.perf_counter() - t0, final=True))
         w.end()
+        self.timeline.event(SOURCE_END)
+        self.timeline.close(SOURCE, src.ch.exits, self._guest_exits())
         self.progress("done", 0)
+
+    def _guest_exits(self) -> int:
+        """Source guest exits since dirty logging began: write faults + budget slices."""
+        return self.src.host.vm.write_faults - self._faults0 + self._slices
 
     # ---- the whole thing --------------------------------------------------------------------------
     def window(self) -> int:
@@ -434,7 +482,7 @@ class Migration:
         return self.challenge
 
     def run(self) -> MigrationResult:
-        t0 = time.perf_counter()
+        t0 = self.timeline.start()
         kind = self.p.transport
         if not self.challenge:
             self.open()
@@ -459,7 +507,8 @@ class Migration:
         res = MigrationResult(self.p, self.rounds, w.private_pages, w.shared_pages, w.bytes,
                               w.records, w.epochs, self.src.ch.exits - 1, self.dst.ch.exits - 1,
                               seconds, self.session_id, self.challenge)
-        res.guest_exits = self.src.host.vm.write_faults - self._faults0 + self._slices
+        res.guest_exits = self._guest_exits()
+        res.timeline = self.timeline
         if kind.startswith("tcp"):
             res.downtime = self.dst.finished_at - self.stopped_at
         if self.p.verify:

@@ -3,9 +3,14 @@ driver uses, so the helper image runs under the emulator exactly as shipped (SPE
 
 Services are reached through the win64 ABI: every function pointer in the tables points into a
 trap page; a UC_HOOK_CODE on that page reads rcx/rdx/r8/r9 and stack arguments ([rsp+0x28]...),
-performs the service in Python, sets rax (EFI_STATUS) and simulates `ret`. Memory is identity
-mapped (VA == GPA, OVMF style) with the C-bit set on every page when SEV is on.
+performs the service in Python, sets rax (EFI_STATUS) and simulates `ret`. Each implemented
+service is declared once with its parameter spec (`@service`: name and UEFI type per argument,
+UEFI 2.10 chapter 7), so the call log reads `AllocatePages(Type=AllocateMaxAddress, ...)`.
+Memory is identity mapped (VA == GPA, OVMF style) with the C-bit set on every page when SEV is on.
 Table layouts come from helperfw.runtime.efi, the single declaration shared with the helper.
+
+The stand-in models guest firmware, so it drives its vCPU's registers from the inside
+(`vcpu.regs`), not through the host's register API.
 """
 
 from __future__ import annotations
@@ -14,17 +19,20 @@ import random
 import struct
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from unicorn import UC_HOOK_CODE, Uc
 
-from emulate.faults import GuestFault
+from emulate.faults import GuestFault, Symbolizer, image_symbolizer
 from emulate.flat import FlatGuest
 from emulate.machine import VM, Exit, VCpu
 from emulate.memctl import PAGE
+from emulate.mmu import PageFault
+from helperfw.codegen.image import Symbol, SymbolTable
 from helperfw.runtime import efi
+from ovmf_glue.linkmap import map_path_for, read_symbol_map
 
 
 # EFI_STATUS / constants from the shared declaration (UEFI 2.10 Appendix D, §7.2).
@@ -82,24 +90,6 @@ class LoadedImage:
     sections: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (va, size)
     relocations_applied: int = 0
 
-    def symbolizer(self, symbols: dict[str, int] | None = None) -> Callable[[int], str]:
-        """rip -> "name+0xoff" using RVAs in `symbols`, else "image+0xrva"."""
-        syms = sorted((rva, n) for n, rva in (symbols or {}).items())
-
-        def sym(rip: int) -> str:
-            rva = rip - self.base
-            if not 0 <= rva < self.size:
-                return ""
-            best = None
-            for s_rva, name in syms:
-                if s_rva <= rva:
-                    best = (s_rva, name)
-            if best:
-                return f"{best[1]}+{rva - best[0]:#x}"
-            return f"image+{rva:#x}"
-
-        return sym
-
 
 @dataclass
 class StartResult:
@@ -152,6 +142,112 @@ def parse_pe(data: bytes) -> dict:
     }
 
 
+# ---- service parameter specs: what each argument is, for the call log -------------------------
+MEMORY_TYPE_NAMES = (  # EFI_MEMORY_TYPE (UEFI 2.10 §7.2)
+    "EfiReservedMemoryType", "EfiLoaderCode", "EfiLoaderData", "EfiBootServicesCode",
+    "EfiBootServicesData", "EfiRuntimeServicesCode", "EfiRuntimeServicesData",
+    "EfiConventionalMemory", "EfiUnusableMemory", "EfiACPIReclaimMemory", "EfiACPIMemoryNVS",
+    "EfiMemoryMappedIO", "EfiMemoryMappedIOPortSpace", "EfiPalCode", "EfiPersistentMemory",
+    "EfiUnacceptedMemoryType")
+ALLOCATE_TYPE_NAMES = ("AllocateAnyPages", "AllocateMaxAddress", "AllocateAddress")
+STATUS_NAMES = {EFI_SUCCESS: "EFI_SUCCESS", EFI_LOAD_ERROR: "EFI_LOAD_ERROR",
+                EFI_INVALID_PARAMETER: "EFI_INVALID_PARAMETER",
+                EFI_UNSUPPORTED: "EFI_UNSUPPORTED", EFI_BUFFER_TOO_SMALL: "EFI_BUFFER_TOO_SMALL",
+                EFI_OUT_OF_RESOURCES: "EFI_OUT_OF_RESOURCES", EFI_NOT_FOUND: "EFI_NOT_FOUND"}
+MAX_SHOWN_CHARS = 48  # CHAR16 strings in the call log are cut here
+WIN64_STACK_ARGS = 0x28  # [rsp]: return address, then 32 bytes of shadow space, then arg 5...
+
+
+def _named(names: tuple[str, ...]) -> Callable[[VCpu, int], str]:
+    return lambda _v, x: names[x] if 0 <= x < len(names) else f"{x:#x}"
+
+
+def _guid_at(v: VCpu, ptr: int) -> str:
+    if not ptr:
+        return "NULL"
+    try:
+        return str(uuid.UUID(bytes_le=v.read_virt(ptr, 16)))
+    except PageFault:
+        return f"{ptr:#x} (unmapped)"
+
+
+def _string_at(v: VCpu, ptr: int) -> str:
+    if not ptr:
+        return "NULL"
+    out = bytearray()
+    try:
+        while len(out) < 2 * MAX_SHOWN_CHARS and (ch := v.read_virt(ptr + len(out), 2)) != b"\0\0":
+            out += ch
+    except PageFault:
+        return f"{ptr:#x} (unmapped)"
+    return repr(out.decode("utf-16-le", "replace"))
+
+
+@dataclass(frozen=True)
+class ArgType:
+    """A UEFI parameter type: its name and how the call log shows a value of it."""
+
+    name: str
+    show: Callable[[VCpu, int], str]
+
+
+UINTN = ArgType("UINTN", lambda _v, x: str(x))
+HEX = ArgType("UINT64", lambda _v, x: f"{x:#x}")
+POINTER = ArgType("VOID*", lambda _v, x: f"{x:#x}" if x else "NULL")
+EFI_TPL = ArgType("EFI_TPL", lambda _v, x: str(x))
+ALLOCATE_TYPE = ArgType("EFI_ALLOCATE_TYPE", _named(ALLOCATE_TYPE_NAMES))
+MEMORY_TYPE = ArgType("EFI_MEMORY_TYPE", _named(MEMORY_TYPE_NAMES))
+GUID_PTR = ArgType("EFI_GUID*", _guid_at)
+CHAR16_PTR = ArgType("CHAR16*", _string_at)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: ArgType
+
+
+@dataclass(frozen=True)
+class Service:
+    """One UEFI service: its parameters, what it returns, and the stand-in's implementation
+    (`impl(stand_in, vcpu, *args)`; None: answers EFI_UNSUPPORTED without reading arguments)."""
+
+    name: str
+    params: tuple[Param, ...] | None
+    impl: Callable[..., int] | None
+    returns: str = "EFI_STATUS"
+
+
+SERVICES: dict[str, Service] = {}
+
+
+def service(name: str, *params: Param, returns: str = "EFI_STATUS") -> Callable:
+    """Declare the method below as the implementation of UEFI service `name`."""
+    def register(fn: Callable[..., int]) -> Callable[..., int]:
+        SERVICES[name] = Service(name, params, fn, returns)
+        return fn
+    return register
+
+
+@dataclass
+class ServiceCall:
+    """One entry of the call log: the service, its arguments as named by the spec, the result."""
+
+    name: str
+    args: tuple[tuple[str, str], ...] | None  # None: a service without a spec here
+    returns: str
+    result: int | None = None
+
+    def __str__(self) -> str:
+        args = "..." if self.args is None else ", ".join(f"{n}={v}" for n, v in self.args)
+        text = f"{self.name}({args})"
+        if self.result is None or self.returns == "VOID":
+            return text
+        shown = STATUS_NAMES.get(self.result, f"{self.result:#x}") if (
+            self.returns == "EFI_STATUS") else str(self.result)
+        return f"{text} = {shown}"
+
+
 class UefiStandIn:
     """Boot-services environment in one VM: identity-mapped RAM, system table, page/pool
     allocator, configuration tables, ConOut; `start_image` loads and runs a PE32+ driver."""
@@ -159,10 +255,10 @@ class UefiStandIn:
     LOW = 2 << 20  # bump-allocated firmware area (tables, trap page, stacks) below this
 
     def __init__(self, vm: VM, *, ram_size: int = 64 << 20, hpa: int = 0, seed: int = 0,
-                 symbols: dict[str, int] | None = None) -> None:
+                 symbols: Mapping[str, Symbol | int] | None = None, label: str = "ram") -> None:
         self.vm = vm
         self.rng = random.Random(seed)
-        self.guest = FlatGuest(vm, ram_gpa=0, ram_size=ram_size, hpa=hpa, skip=PAGE)
+        self.guest = FlatGuest(vm, ram_gpa=0, ram_size=ram_size, hpa=hpa, skip=PAGE, label=label)
         # identity map, RWX like OVMF's DXE page tables, page 0 left out to catch NULL pointers
         self.guest.map(PAGE, PAGE, ram_size - PAGE, writable=True, executable=True)
         self.guest.pages.end = self.LOW
@@ -176,50 +272,76 @@ class UefiStandIn:
         self.config_tables: list[tuple[bytes, int]] = []
         self.events: list[tuple[int, int, int, int]] = []
         self.tpl = EFI_TPL_APPLICATION
-        self.symbols = symbols
+        self.symbols = symbols  # type: ignore[assignment]  # normalised by the setter
         self.image: LoadedImage | None = None
         self.calls: list[str] = []  # service names in call order (for tests and debugging)
+        self.call_log: list[ServiceCall] = []  # the same calls with named arguments and results
         self._build_tables()
-        self.vcpu: VCpu = self.guest.vcpu(0, rsp=0, symbolize=self._symbolize)
+        self.vcpu: VCpu = self.guest.vcpu(0, rsp=0, symbolize=self.symbolize)
         self.vcpu.uc.hook_add(UC_HOOK_CODE, self._on_trap, None, self.trap, self.trap + PAGE - 1)
+
+    # ---- symbols ------------------------------------------------------------------------------
+    @property
+    def symbols(self) -> dict[str, Symbol] | None:
+        """The loaded image's link map (None: unknown; `start_image` reads a sidecar .map)."""
+        return self._symbols
+
+    @symbols.setter
+    def symbols(self, symbols: Mapping[str, Symbol | int] | None) -> None:
+        """Accepts a link map or bare RVAs (name -> rva: symbols of unknown size)."""
+        self._symbols = None if symbols is None else {
+            n: s if isinstance(s, Symbol) else Symbol(n, s, 0, "", "")
+            for n, s in symbols.items()}
+        self._table = SymbolTable(self._symbols.values()) if self._symbols else None
+
+    def symbol_rva(self, name: str) -> int | None:
+        sym = (self._symbols or {}).get(name)
+        return None if sym is None else sym.rva
+
+    def image_symbolizer(self, base: int | None = None) -> Symbolizer:
+        """Names addresses of the loaded image, as loaded here or (`base`) mapped at another
+        VA, e.g. in a mirror VM."""
+        assert self.image is not None, "no image loaded"
+        base = self.image.base if base is None else base
+        return image_symbolizer(self._table or SymbolTable(()), base, self.image.size)
+
+    def symbolize(self, rip: int) -> str:
+        """rip -> "sym+0xoff" in the loaded image, "uefi-trap:Service" on the trap page, else ""."""
+        if self.image is not None:
+            name = self.image_symbolizer()(rip)
+            if name:
+                return name
+        if self.trap <= rip < self.trap + PAGE:
+            svc = self._services.get(rip)
+            return "uefi-trap:" + (svc.name if svc else "?")
+        return ""
 
     # ---- tables -------------------------------------------------------------------------------
     def _build_tables(self) -> None:
         g = self.guest
         self.trap = g.pages.alloc(1)
-        self._services: dict[int, tuple[str, Callable[..., int]]] = {}
+        self._services: dict[int, Service] = {}
         slot = [0]
 
-        def trap_for(name: str, fn: Callable[..., int] | None) -> int:
+        def trap_for(name: str) -> int:
             addr = self.trap + 8 * slot[0]
             slot[0] += 1
-            self._services[addr] = (name, fn or self._unsupported(name))
+            self._services[addr] = SERVICES.get(name) or Service(name, None, None)
             return addr
 
-        self.ret_trap = trap_for("<return>", None)
+        self.ret_trap = trap_for("<return>")
         trap_bytes = bytearray(b"\xcc" * PAGE)
         trap_bytes[self.ret_trap - self.trap] = 0xF4  # hlt: ends the run when the entry returns
         self.vm.write(self.trap, bytes(trap_bytes))
 
         bs_t = efi.EfiBootServices
-        impl = {
-            "RaiseTPL": self._raise_tpl, "RestoreTPL": self._restore_tpl,
-            "AllocatePages": self._allocate_pages, "FreePages": self._free_pages,
-            "AllocatePool": self._allocate_pool, "FreePool": self._free_pool,
-            "InstallConfigurationTable": self._install_config_table,
-            "Stall": self._success, "SetWatchdogTimer": self._success,
-            "CopyMem": self._copy_mem, "SetMem": self._set_mem,
-            "CalculateCrc32": self._crc32, "CreateEvent": self._create_event,
-            "CreateEventEx": self._create_event_ex, "CloseEvent": self._success,
-            "LocateProtocol": self._not_found, "HandleProtocol": self._unsupported("HandleProtocol"),
-        }
         self.boot_services = g.pages.alloc(1)
         bs = bytearray(bs_t.size)
         struct.pack_into("<QIIII", bs, 0, efi.EFI_BOOT_SERVICES_SIGNATURE, 0x2000A, bs_t.size, 0, 0)
         for name in bs_t.fields:
             if name in ("Hdr", "Reserved"):
                 continue
-            struct.pack_into("<Q", bs, bs_t.offset(name), trap_for(name, impl.get(name)))
+            struct.pack_into("<Q", bs, bs_t.offset(name), trap_for(name))
         struct.pack_into("<I", bs, 16, zlib.crc32(bs))
         self.vm.write(self.boot_services, bytes(bs))
 
@@ -227,7 +349,7 @@ class UefiStandIn:
         rs = bytearray(HDR_SIZE + 8 * len(_RUNTIME_SERVICES))
         struct.pack_into("<QIIII", rs, 0, EFI_RUNTIME_SERVICES_SIGNATURE, 0x2000A, len(rs), 0, 0)
         for i, name in enumerate(_RUNTIME_SERVICES):
-            struct.pack_into("<Q", rs, HDR_SIZE + 8 * i, trap_for(name, None))
+            struct.pack_into("<Q", rs, HDR_SIZE + 8 * i, trap_for(name))
         struct.pack_into("<I", rs, 16, zlib.crc32(rs))
         self.vm.write(self.runtime_services, bytes(rs))
 
@@ -237,8 +359,7 @@ class UefiStandIn:
         for name in to_t.fields:
             if name == "Mode":
                 continue
-            fn = self._output_string if name == "OutputString" else self._success
-            struct.pack_into("<Q", to, to_t.offset(name), trap_for("ConOut." + name, fn))
+            struct.pack_into("<Q", to, to_t.offset(name), trap_for("ConOut." + name))
         self.vm.write(self.conout_proto, bytes(to))
 
         self.vendor = g.pages.alloc(1)
@@ -284,19 +405,25 @@ class UefiStandIn:
 
     def install_launch_secret(self, entries: list[tuple[str | uuid.UUID, bytes]]) -> int:
         """Put an SEV launch-secret area in private RAM and announce it with the
-        CONFIDENTIAL_COMPUTING_SECRET config table ({u64 base; u64 size}). Returns the base."""
-        body = b""
-        for g, data in entries:
-            body += uuid.UUID(str(g)).bytes_le + struct.pack("<I", 20 + len(data)) + data
-        total = 20 + len(body)
-        area = efi.guid_bytes(efi.SECRET_TABLE_HEADER_GUID) + struct.pack("<I", total) + body
+        CONFIDENTIAL_COMPUTING_SECRET config table (CcSecretLocation). Returns the base."""
+        body = b"".join(
+            efi.SecretEntryHeader.build(Guid=uuid.UUID(str(g)).bytes_le,
+                                        Len=efi.SecretEntryHeader.size + len(data)) + data
+            for g, data in entries)
+        total = efi.SecretTableHeader.size + len(body)
+        area = efi.SecretTableHeader.build(Guid=efi.guid_bytes(efi.SECRET_TABLE_HEADER_GUID),
+                                           Len=total) + body
         pages = -(-total // PAGE)
         base = self.allocate_pages(pages, EFI_RESERVED_MEMORY_TYPE)
         self.vm.write(base, area)
-        loc = self.allocate_pool(16, EFI_RUNTIME_SERVICES_DATA)
-        self.vm.write(loc, struct.pack("<QQ", base, pages * PAGE))
+        loc = self.allocate_pool(efi.CcSecretLocation.size, EFI_RUNTIME_SERVICES_DATA)
+        self.vm.write(loc, efi.CcSecretLocation.build(Base=base, Size=pages * PAGE))
         self.install_config_table(efi.CONFIDENTIAL_COMPUTING_SECRET_GUID, loc)
         return base
+
+    def map_ram(self, gpa: int, size: int) -> None:
+        """Add hot-plugged RAM at `gpa` to the firmware's identity map (RW, NX)."""
+        self.guest.map(gpa, gpa, size, writable=True, executable=False)
 
     # ---- page allocator -------------------------------------------------------------------
     def _range_free(self, first: int, pages: int) -> bool:
@@ -340,32 +467,43 @@ class UefiStandIn:
         self.pools[base] = size
         return base
 
-    # ---- service implementations (args: vcpu, then the win64 arguments) ------------------
-    @staticmethod
-    def _unsupported(name: str) -> Callable[..., int]:
-        def fn(*_a: object) -> int:
-            return EFI_UNSUPPORTED
-        fn.__name__ = name
-        return fn
-
-    @staticmethod
-    def _success(*_a: object) -> int:
+    # ---- services (each with its parameter spec; args: vcpu, then the win64 arguments) -----
+    @service("Stall", Param("Microseconds", UINTN))
+    @service("SetWatchdogTimer", Param("Timeout", UINTN), Param("WatchdogCode", HEX),
+             Param("DataSize", UINTN), Param("WatchdogData", CHAR16_PTR))
+    @service("CloseEvent", Param("Event", POINTER))
+    @service("ConOut.Reset", Param("This", POINTER), Param("ExtendedVerification", UINTN))
+    @service("ConOut.TestString", Param("This", POINTER), Param("String", CHAR16_PTR))
+    @service("ConOut.QueryMode", Param("This", POINTER), Param("ModeNumber", UINTN),
+             Param("Columns", POINTER), Param("Rows", POINTER))
+    @service("ConOut.SetMode", Param("This", POINTER), Param("ModeNumber", UINTN))
+    @service("ConOut.SetAttribute", Param("This", POINTER), Param("Attribute", HEX))
+    @service("ConOut.ClearScreen", Param("This", POINTER))
+    @service("ConOut.SetCursorPosition", Param("This", POINTER), Param("Column", UINTN),
+             Param("Row", UINTN))
+    @service("ConOut.EnableCursor", Param("This", POINTER), Param("Visible", UINTN))
+    def _success(self, v: VCpu, *_: int) -> int:
+        """Services with nothing to model here (no timer, no watchdog, a plain console)."""
         return EFI_SUCCESS
 
-    @staticmethod
-    def _not_found(*_a: object) -> int:
-        return EFI_NOT_FOUND
+    @service("LocateProtocol", Param("Protocol", GUID_PTR), Param("Registration", POINTER),
+             Param("Interface", POINTER))
+    def _locate_protocol(self, v: VCpu, *_: int) -> int:
+        return EFI_NOT_FOUND  # no protocols are installed
 
-    def _raise_tpl(self, v: VCpu, new: int, *_: int) -> int:
+    @service("RaiseTPL", Param("NewTpl", EFI_TPL), returns="EFI_TPL")
+    def _raise_tpl(self, v: VCpu, new: int) -> int:
         old, self.tpl = self.tpl, new
         return old
 
-    def _restore_tpl(self, v: VCpu, old: int, *_: int) -> int:
+    @service("RestoreTPL", Param("OldTpl", EFI_TPL), returns="VOID")
+    def _restore_tpl(self, v: VCpu, old: int) -> int:
         self.tpl = old
         return 0
 
-    def _allocate_pages(self, v: VCpu, how: int, mem_type: int, pages: int, mem_ptr: int,
-                        *_: int) -> int:
+    @service("AllocatePages", Param("Type", ALLOCATE_TYPE), Param("MemoryType", MEMORY_TYPE),
+             Param("Pages", UINTN), Param("Memory", POINTER))
+    def _allocate_pages(self, v: VCpu, how: int, mem_type: int, pages: int, mem_ptr: int) -> int:
         if not mem_ptr:
             return EFI_INVALID_PARAMETER
         address = int.from_bytes(v.read_virt(mem_ptr, 8), "little")
@@ -378,14 +516,17 @@ class UefiStandIn:
         v.write_virt(mem_ptr, base.to_bytes(8, "little"))
         return EFI_SUCCESS
 
-    def _free_pages(self, v: VCpu, base: int, pages: int, *_: int) -> int:
+    @service("FreePages", Param("Memory", HEX), Param("Pages", UINTN))
+    def _free_pages(self, v: VCpu, base: int, pages: int) -> int:
         try:
             self.free_pages(base, pages)
         except ValueError:
             return EFI_NOT_FOUND
         return EFI_SUCCESS
 
-    def _allocate_pool(self, v: VCpu, mem_type: int, size: int, buf_ptr: int, *_: int) -> int:
+    @service("AllocatePool", Param("PoolType", MEMORY_TYPE), Param("Size", UINTN),
+             Param("Buffer", POINTER))
+    def _allocate_pool(self, v: VCpu, mem_type: int, size: int, buf_ptr: int) -> int:
         if not buf_ptr:
             return EFI_INVALID_PARAMETER
         try:
@@ -395,14 +536,16 @@ class UefiStandIn:
         v.write_virt(buf_ptr, base.to_bytes(8, "little"))
         return EFI_SUCCESS
 
-    def _free_pool(self, v: VCpu, buf: int, *_: int) -> int:
+    @service("FreePool", Param("Buffer", POINTER))
+    def _free_pool(self, v: VCpu, buf: int) -> int:
         size = self.pools.pop(buf, None)
         if size is None:
             return EFI_INVALID_PARAMETER
         self.free_pages(buf, self.allocations[buf][0])
         return EFI_SUCCESS
 
-    def _install_config_table(self, v: VCpu, guid_ptr: int, table: int, *_: int) -> int:
+    @service("InstallConfigurationTable", Param("Guid", GUID_PTR), Param("Table", POINTER))
+    def _install_config_table(self, v: VCpu, guid_ptr: int, table: int) -> int:
         if not guid_ptr:
             return EFI_INVALID_PARAMETER
         guid = v.read_virt(guid_ptr, 16)
@@ -411,32 +554,44 @@ class UefiStandIn:
         self.install_config_table(guid, table)
         return EFI_SUCCESS
 
-    def _copy_mem(self, v: VCpu, dst: int, src: int, n: int, *_: int) -> int:
+    @service("CopyMem", Param("Destination", POINTER), Param("Source", POINTER),
+             Param("Length", UINTN), returns="VOID")
+    def _copy_mem(self, v: VCpu, dst: int, src: int, n: int) -> int:
         v.write_virt(dst, v.read_virt(src, n))
         return 0
 
-    def _set_mem(self, v: VCpu, buf: int, n: int, value: int, *_: int) -> int:
+    @service("SetMem", Param("Buffer", POINTER), Param("Size", UINTN), Param("Value", HEX),
+             returns="VOID")
+    def _set_mem(self, v: VCpu, buf: int, n: int, value: int) -> int:
         v.write_virt(buf, bytes([value & 0xFF]) * n)
         return 0
 
-    def _crc32(self, v: VCpu, data: int, n: int, out: int, *_: int) -> int:
+    @service("CalculateCrc32", Param("Data", POINTER), Param("DataSize", UINTN),
+             Param("Crc32", POINTER))
+    def _crc32(self, v: VCpu, data: int, n: int, out: int) -> int:
         if not data or not out or not n:
             return EFI_INVALID_PARAMETER
         v.write_virt(out, zlib.crc32(v.read_virt(data, n)).to_bytes(4, "little"))
         return EFI_SUCCESS
 
-    def _create_event(self, v: VCpu, typ: int, tpl: int, fn: int, ctx: int, ev_ptr: int,
-                      *_: int) -> int:
+    @service("CreateEvent", Param("Type", HEX), Param("NotifyTpl", EFI_TPL),
+             Param("NotifyFunction", POINTER), Param("NotifyContext", POINTER),
+             Param("Event", POINTER))
+    def _create_event(self, v: VCpu, typ: int, tpl: int, fn: int, ctx: int, ev_ptr: int) -> int:
         handle = self.allocate_pool(8, EFI_BOOT_SERVICES_DATA)
         self.events.append((typ, tpl, fn, ctx))
         v.write_virt(ev_ptr, handle.to_bytes(8, "little"))
         return EFI_SUCCESS
 
+    @service("CreateEventEx", Param("Type", HEX), Param("NotifyTpl", EFI_TPL),
+             Param("NotifyFunction", POINTER), Param("NotifyContext", POINTER),
+             Param("EventGroup", GUID_PTR), Param("Event", POINTER))
     def _create_event_ex(self, v: VCpu, typ: int, tpl: int, fn: int, ctx: int, _group: int,
-                         ev_ptr: int, *_: int) -> int:
+                         ev_ptr: int) -> int:
         return self._create_event(v, typ, tpl, fn, ctx, ev_ptr)
 
-    def _output_string(self, v: VCpu, _this: int, s: int, *_: int) -> int:
+    @service("ConOut.OutputString", Param("This", POINTER), Param("String", CHAR16_PTR))
+    def _output_string(self, v: VCpu, _this: int, s: int) -> int:
         out = bytearray()
         while len(out) < 1 << 16:
             ch = v.read_virt(s + len(out), 2)
@@ -447,19 +602,27 @@ class UefiStandIn:
         return EFI_SUCCESS
 
     def _on_trap(self, uc: Uc, addr: int, size: int, _ud: object) -> None:
+        """A call into the trap page: read the arguments the spec names (win64: rcx, rdx, r8,
+        r9, then the stack above the shadow space), log, run the service, return."""
         if addr == self.ret_trap:
             return  # the hlt there ends the run
-        name, fn = self._services.get(addr, ("?", self._unsupported("?")))
+        svc = self._services.get(addr) or Service("?", None, None)
         v = self.vcpu
-        rsp = v.get("rsp")
-        stack = v.read_virt(rsp, 0x28 + 8 * 4)
-        args = [v.get("rcx"), v.get("rdx"), v.get("r8"), v.get("r9")]
-        args += list(struct.unpack_from("<4Q", stack, 0x28))
-        self.calls.append(name)
-        status = fn(v, *args)
-        v.set("rax", status)
-        v.set("rsp", rsp + 8)
-        v.set("rip", int.from_bytes(stack[:8], "little"))
+        r = v.regs
+        rsp = r["rsp"]
+        nargs = len(svc.params or ())
+        stack = v.read_virt(rsp, WIN64_STACK_ARGS + 8 * max(nargs - 4, 0))
+        args = [r["rcx"], r["rdx"], r["r8"], r["r9"]][:nargs]
+        args += struct.unpack_from(f"<{max(nargs - 4, 0)}Q", stack, WIN64_STACK_ARGS)
+        call = ServiceCall(svc.name, None if svc.params is None else tuple(
+            (p.name, p.type.show(v, a)) for p, a in zip(svc.params, args, strict=True)),
+            svc.returns)
+        self.calls.append(svc.name)
+        self.call_log.append(call)
+        call.result = EFI_UNSUPPORTED if svc.impl is None else svc.impl(self, v, *args)
+        r["rax"] = call.result
+        r["rsp"] = rsp + 8
+        r["rip"] = int.from_bytes(stack[:8], "little")
 
     # ---- image loading and calls ------------------------------------------------------------
     def load_image(self, data: bytes) -> LoadedImage:
@@ -512,15 +675,6 @@ class UefiStandIn:
                                  hdr["subsystem"], sections, applied)
         return self.image
 
-    def _symbolize(self, rip: int) -> str:
-        if self.image is not None:
-            s = self.image.symbolizer(self.symbols)(rip)
-            if s:
-                return s
-        if self.trap <= rip < self.trap + PAGE:
-            return "uefi-trap:" + self._services.get(rip, ("?",))[0]
-        return ""
-
     def call(self, fn: int, *args: int, budget: int | None = 50_000_000,
              stack_size: int = 256 << 10) -> tuple[int | None, Exit]:
         """Call a guest function with the win64 ABI; returns (rax or None, exit)."""
@@ -537,21 +691,35 @@ class UefiStandIn:
             struct.pack("<Q", a & (2**64 - 1)) for a in extra)
         v.write_virt(rsp, mem)
         for r, a in zip(regs, args, strict=False):
-            v.set(r, a)
-        v.set("rsp", rsp)
-        v.set("rip", fn)
+            v.regs[r] = a
+        v.regs["rsp"] = rsp
+        v.regs["rip"] = fn
         ex = v.run(budget)
         if ex.reason == "hlt" and ex.rip == self.ret_trap + 1:
-            return v.get("rax"), ex
+            return v.regs["rax"], ex
         return None, ex
 
     def start_image(self, image: str | Path | bytes) -> StartResult:
-        """Load a PE32+ file and call its entry point (ImageHandle, SystemTable)."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        """Load a PE32+ file and call its entry point (ImageHandle, SystemTable). A file's
+        link map (`X.map` beside `X.efi`) names fault addresses unless symbols were given."""
+        if isinstance(image, bytes):
+            data = image
+        else:
+            data = Path(image).read_bytes()
+            if self.symbols is None:
+                self.symbols = _sidecar_symbols(Path(image))
         self.calls = []
+        self.call_log = []
         loaded = self.load_image(data)
         status, ex = self.call(loaded.entry, self.image_handle, self.system_table)
         return StartResult(status, "".join(self.conout), bytes(self.vm.debug_log), loaded, ex)
 
 
-__all__ = ["GuestFault", "LoadedImage", "PeError", "StartResult", "UefiStandIn", "parse_pe"]
+def _sidecar_symbols(efi_file: Path) -> dict[str, Symbol] | None:
+    """The link map build.py writes beside the image, if there is one."""
+    path = map_path_for(efi_file)
+    return read_symbol_map(path) if path.exists() else None
+
+
+__all__ = ["GuestFault", "LoadedImage", "PeError", "ServiceCall", "StartResult", "UefiStandIn",
+           "parse_pe"]

@@ -6,7 +6,18 @@ helperfw/intrinsics/builtin.py, by its DSL name).
 """
 
 from .codegen import llvm_compat  # noqa: F401  (first: configures llvmlite before its import)
-from .dsl import Const, DslError, Function, Static, const, function, static, unroll
+from .dsl import (
+    Const,
+    DslError,
+    Function,
+    Routine,
+    Static,
+    const,
+    function,
+    routine,
+    static,
+    unroll,
+)
 from .intrinsics import builtin as _builtin
 from .intrinsics.builtin import *  # every built-in intrinsic, by its DSL name
 from .intrinsics.registry import INTRINSICS
@@ -36,6 +47,7 @@ __all__ = [
     "DslError",
     "Function",
     "Ptr",
+    "Routine",
     "Static",
     "StructType",
     "Type",
@@ -46,6 +58,7 @@ __all__ = [
     "i16",
     "i32",
     "i64",
+    "routine",
     "static",
     "struct",
     "u8",

@@ -162,6 +162,29 @@ def function(fn: Callable | None = None, *, abi: str = "internal", name: str | N
     return wrap(fn) if fn is not None else wrap
 
 
+@dataclass(eq=False)
+class Routine:
+    """Assembly for the little the DSL cannot say: an interrupt entry, where the CPU pushed a
+    frame and the code must switch stacks before any DSL function may run. `name` is its global
+    symbol (DSL code takes its address with `func_addr`); `calls` are the DSL functions
+    (`abi="c"`, called by their symbol names) it jumps to, compiled along with it."""
+
+    name: str
+    text: str
+    calls: tuple[Function, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<assembly routine {self.name}>"
+
+
+def routine(name: str, text: str, calls: tuple[Function, ...] = ()) -> Routine:
+    for fn in calls:
+        if fn.abi != "c":
+            raise ValueError(f"{name}: a routine calls DSL functions by symbol: {fn.name} must "
+                             "have abi='c'")
+    return Routine(name, text, tuple(calls))
+
+
 @dataclass(frozen=True)
 class Const:
     """A typed module constant: `SLOTS = const(u32, 64)`. Plain ints are untyped literals."""

@@ -11,15 +11,19 @@ an RVA in the PE file; the emulator and `helperfw inspect` rely on that.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Iterable
-from pathlib import Path
 
 import lief
 import pefile
 
-from helperfw.codegen.image import PAGE, LinkedImage, Section, Symbol
+from helperfw.codegen.image import PAGE, LinkedImage, Section
+from ovmf_glue.linkmap import (  # noqa: F401  (the map format lives there; re-exported for callers)
+    MAP_FORMAT,
+    map_path_for,
+    read_symbol_map,
+    write_symbol_map,
+)
 
 # PE/COFF constants (Microsoft PE Format specification, "Optional Header Windows-Specific Fields").
 IMAGE_FILE_MACHINE_AMD64 = 0x8664
@@ -27,7 +31,6 @@ IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER = 12
 IMAGE_REL_BASED_DIR64 = 10
 SECTION_ALIGNMENT = PAGE  # EDK2 requires 4 KiB alignment for runtime drivers on X64
 FILE_ALIGNMENT = 0x200
-MAP_FORMAT = "helperfw-map/1"
 
 _SCN = lief.PE.Section.CHARACTERISTICS
 _DLL = lief.PE.OptionalHeader.DLL_CHARACTERISTICS
@@ -233,40 +236,3 @@ def _verify(raw: bytes, image: LinkedImage, contents: dict[str, bytearray]) -> N
         data = raw[got.PointerToRawData : got.PointerToRawData + len(sec.data)] if sec.data else b""
         if got.SizeOfRawData < len(sec.data) or data != bytes(contents[sec.name]):
             raise PackagingError(f"lief wrote the contents of {sec.name} wrongly")
-
-
-def write_symbol_map(image: LinkedImage, path: str | Path) -> None:
-    """Write the sidecar link map (`X.map` next to `X.efi`) that `helperfw inspect/disasm` read.
-
-    JSON rather than a text map so tools need no parser; keys sorted for reproducible output."""
-    doc = {
-        "format": MAP_FORMAT,
-        "entry": image.entry,
-        "image_size": image.size,
-        "sections": [
-            {"name": s.name, "rva": s.rva, "vsize": s.vsize, "perms": s.perms}
-            for s in sorted(image.sections, key=lambda s: s.rva)
-        ],
-        "symbols": {
-            name: {"rva": s.rva, "size": s.size, "section": s.section, "kind": s.kind}
-            for name, s in sorted(image.symbols.items())
-        },
-        "relocs": sorted(image.relocs),
-    }
-    Path(path).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-
-
-def read_symbol_map(path: str | Path) -> dict[str, Symbol]:
-    """Symbols from a map written by `write_symbol_map`."""
-    doc = json.loads(Path(path).read_text())
-    if doc.get("format") != MAP_FORMAT:
-        raise ValueError(f"{path}: not a {MAP_FORMAT} symbol map")
-    return {
-        name: Symbol(name, s["rva"], s["size"], s["section"], s["kind"])
-        for name, s in doc["symbols"].items()
-    }
-
-
-def map_path_for(efi: str | Path) -> Path:
-    """The sidecar map path for an .efi file (same stem, `.map`)."""
-    return Path(efi).with_suffix(".map")

@@ -95,7 +95,8 @@ def boot(cbit: int, option: int, *, key: bytes = KEY, seed: int = 31337,
     """Load the driver in a main VM with SEV; return (mc, vm, BootInfo)."""
     efi = efi_path()
     mc = MemoryController(RAM + (16 << 20))
-    vm = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), name="main", key=xts_key)
+    vm = VM(mc, cpuid=CpuidModel(sev=True, cbit=cbit), name="main", key=xts_key,
+            rdrand_seed=seed)
     host = _Announced()
     vm.hypercall = host
     u = UefiStandIn(vm, ram_size=RAM, seed=seed + option, symbols=symbols())

@@ -43,10 +43,16 @@ from helperfw import (
     bool_,
     const,
     cpuid,
+    emms,
     function,
     i32,
     i64,
     inb,
+    mask8,
+    mask8_256,
+    mask_block,
+    mask_key,
+    mask_next,
     offsetof,
     outb,
     pclmulqdq,
@@ -92,11 +98,11 @@ from helperfw import (
 )
 from helperfw import interp as ref
 from helperfw.codegen.pipeline import build
-from helperfw.interp import Env, Interpreter
+from helperfw.interp import Env, Interpreter, MmxMasks
 from helperfw.native import NativeImage
 from helperfw.types import INT_TYPES, IntType
 from helperfw.ucrun import UcRunner
-from tests.host_cpu import needs_wide
+from tests.host_cpu import HAS_WIDE, needs_wide
 
 SEED = int(os.environ.get("DSL_DIFF_SEED", "20240611"))
 N_INPUTS = int(os.environ.get("DSL_DIFF_N", "300"))
@@ -483,6 +489,39 @@ def wide_aes(key: Ptr[u8], blk: Ptr[u8], out: Ptr[u8]) -> u64:
     return v128_lo(v256_lo(s)) ^ v128_lo(v256_hi(s))
 
 
+
+@function(abi="c", features=WIDE)
+def masks(key: Ptr[u64], p: Ptr[u8], out: Ptr[u8], serial: u64, first: u64) -> u64:
+    """The staging masks three ways on the same 8 blocks at p, ids first..first+7, after
+    mask_key and `serial` mask_next: mask_block each (out[0:128]), mask8 (out[128:256]),
+    mask8_256 on them two per ymm (out[256:384])."""
+    mask_key(key[0], key[1])
+    for i in range(serial):
+        mask_next()
+    for j in range(8):
+        v128_store(out + 16 * j, mask_block(v128_load(p + 16 * j), first + u64(j)))
+    m0, m1, m2, m3, m4, m5, m6, m7 = mask8(
+        v128_load(p), v128_load(p + 16), v128_load(p + 32), v128_load(p + 48),
+        v128_load(p + 64), v128_load(p + 80), v128_load(p + 96), v128_load(p + 112), first)
+    o = Ptr[v128](out + 128)
+    o[0] = m0
+    o[1] = m1
+    o[2] = m2
+    o[3] = m3
+    o[4] = m4
+    o[5] = m5
+    o[6] = m6
+    o[7] = m7
+    y0, y1, y2, y3 = mask8_256(v256_load(p), v256_load(p + 32), v256_load(p + 64),
+                               v256_load(p + 96), first)
+    w = Ptr[v256](out + 256)
+    w[0] = y0
+    w[1] = y1
+    w[2] = y2
+    w[3] = y3
+    emms()
+    return 0
+
 # Arithmetic of every integer type, from one template (a DSL function's source must be a file).
 ARITH_TEMPLATE = '''
 from helperfw import *
@@ -830,3 +869,32 @@ def test_clmul_matches_schoolbook() -> None:
                 if (a >> i) & (b >> j) & 1:
                     want ^= 1 << (i + j)
         assert ref.clmul64(a, b) == want
+
+
+def test_wide_masks_are_the_baselines() -> None:
+    """mask8_256 (the wide path's staging masks) gives, block for block, what mask8 and
+    mask_block give and what x86.mask models (the interpreter's MmxMasks): so either path can
+    unmask the other's stage or scratch. The interpreter runs everywhere, natively where the CPU
+    has VAES; ids cross 2^64 (they wrap) and serials 1..3."""
+    rng = random.Random(f"{SEED}:masks")
+    native = NativeImage(build([masks]).image) if HAS_WIDE else None
+    for k in range(12):
+        key = [rng.getrandbits(64), rng.getrandbits(64)]
+        data = rng.randbytes(128)
+        serial = 1 + k % 3
+        first = rng.choice([rng.getrandbits(64), (1 << 64) - 1 - rng.randrange(8),
+                            rng.getrandbits(12) << 4])
+        m = [ref.aesenc(((first + j) % (1 << 64) | (serial << 64)) ^ (key[0] | key[1] << 64),
+                        key[0] | key[1] << 64).to_bytes(16, "little") for j in range(8)]
+        want = bytes(b ^ m[i >> 4][i & 15] for i, b in enumerate(data)) * 3
+        it = Interpreter(env=MmxMasks())
+        it.memory.map(BUF_BASE, bytearray(16 + 128 + 384))
+        it.memory.write(BUF_BASE, b"".join(x.to_bytes(8, "little") for x in key) + data)
+        it.call(masks, BUF_BASE, BUF_BASE + 16, BUF_BASE + 144, serial, first)
+        assert it.memory.read(BUF_BASE + 144, 384) == want, f"interpreter, case {k}"
+        if native is not None:
+            kb, pb = (ctypes.c_uint64 * 2)(*key), (ctypes.c_uint8 * 128)(*data)
+            ob = (ctypes.c_uint8 * 384)()
+            native.call("masks", ctypes.addressof(kb), ctypes.addressof(pb),
+                        ctypes.addressof(ob), serial, first)
+            assert bytes(ob) == want, f"native, case {k}"

@@ -124,7 +124,7 @@ ERROR_CASES = pytest.mark.parametrize(
         ("@function\ndef f() -> u64:\n    x, y = cpuid(1, 0)[0], 2\n    return x\n", 5, 12,
          r"cpuid returns four values: a, b, c, d = cpuid\(leaf, sub\)"),
         ("@function\ndef f() -> u64:\n    x, y = pshufd\n    return x\n", 5, 12,
-         r"only cpuid\(\), rdrand64\(\) or a tuple can be unpacked"),
+         r"only cpuid\(\), mask8\(\), rdrand64\(\), mask8_256\(\) or a tuple can be unpacked"),
         ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(n):\n        pass\n    return n\n",
          5, 21, r"unroll bounds must be integer literals"),
         (("@function\ndef f(n: u64) -> u64:\n    while n > 1:\n        for j in unroll(4):\n"

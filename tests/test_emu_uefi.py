@@ -3,6 +3,7 @@ the win64 trap page, configuration tables, ConOut, the SEV launch-secret table."
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 
@@ -20,6 +21,7 @@ from emulate.uefi import (
     UefiStandIn,
 )
 from helperfw.codegen.emit import assemble
+from helperfw.codegen.image import Symbol
 from helperfw.runtime import efi
 
 SEED = 1_000_003
@@ -144,6 +146,12 @@ def test_start_image_relocated_services_and_tables(seed: int, cbit: int) -> None
     assert n == 1
     assert u.vm.read(arr, 16) == TEST_GUID.bytes_le and u.vm.read_u64(arr + 16) == table
     assert u.calls == ["ConOut.OutputString", "AllocatePages", "InstallConfigurationTable"]
+    # the call log names every argument from the service's parameter spec
+    out, alloc, install = map(str, u.call_log)
+    assert out == f"ConOut.OutputString(This={u.conout_proto:#x}, String='Hi!') = EFI_SUCCESS"
+    assert re.fullmatch(r"AllocatePages\(Type=AllocateAnyPages, MemoryType=EfiRuntimeServicesData, "
+                        r"Pages=1, Memory=0x[0-9a-f]+\) = EFI_SUCCESS", alloc), alloc
+    assert install == f"InstallConfigurationTable(Guid={TEST_GUID}, Table={table:#x}) = EFI_SUCCESS"
     # private memory: the image is not visible as plaintext to the host
     assert b"H\0i\0!\0" not in u.vm.mc.host_read(r.image.base, r.image.size)
 
@@ -180,6 +188,14 @@ def test_services_through_trap_page_with_stack_args() -> None:
     assert status == EFI_SUCCESS and u.pools[pool] == 100
     assert u.call(fn("FreePool"), pool)[0] == EFI_SUCCESS and pool not in u.pools
     assert u.call(fn("GetMemoryMap"), 0, 0, 0, 0, 0)[0] == efi.EFI_UNSUPPORTED.value
+    log = [str(c) for c in u.call_log]
+    assert log[0] == (f"AllocatePages(Type=AllocateMaxAddress, MemoryType=EfiRuntimeServicesData, "
+                      f"Pages=2, Memory={out:#x}) = EFI_SUCCESS")
+    assert log[1] == (f"AllocatePages(Type=AllocateAddress, MemoryType=EfiRuntimeServicesData, "
+                      f"Pages=1, Memory={out:#x}) = EFI_NOT_FOUND")
+    assert log[3] == (f"CreateEventEx(Type=0x200, NotifyTpl=8, NotifyFunction=0x1234, "
+                      f"NotifyContext=0x5678, EventGroup=NULL, Event={out + 8:#x}) = EFI_SUCCESS")
+    assert log[-1] == "GetMemoryMap(...) = EFI_UNSUPPORTED", "no spec: arguments not read"
 
 
 def test_launch_secret_table_layout() -> None:
@@ -210,7 +226,7 @@ def test_rejects_non_amd64_or_pe32(kw: dict, msg: str) -> None:
 def test_entry_fault_is_reported_with_image_symbol() -> None:
     u = stand_in(SEED)
     text = assemble("xor %eax, %eax\nmov (%rax), %rax\nret")
-    u.symbols = {"DriverEntry": 0x1000}
+    u.symbols = {"DriverEntry": Symbol("DriverEntry", 0x1000, len(text), ".text", "func")}
     r = u.start_image(build_pe(text, [], 0x1000))
     assert r.status is None and r.exit.fault is not None
     assert r.exit.fault.symbol == "DriverEntry+0x2" and r.exit.fault.cr2 == 0

@@ -15,6 +15,7 @@ single-fetch rule of seal (what is encrypted is what was hashed).
 from __future__ import annotations
 
 import ctypes
+import functools
 import random
 
 import pytest
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.codegen.pipeline import build
+from helperfw.intrinsics import x86
 from helperfw.native import NativeImage
 from helperfw.runtime import aes, gcmsiv, gcmsiv_keys
 from helperfw.runtime.gcmsiv_wide import WIDE_OFF, WIDE_ON
@@ -43,12 +45,42 @@ def buf(data: bytes | int):
     return b
 
 
+MKEY = (0x0123456789ABCDEF, 0xFEDCBA9876543210)  # the staging-mask key the wrappers set
+
+
+@functools.cache
+def mask(block_id: int, serial: int = 1) -> bytes:
+    """The mask of block `block_id` (x86.mask, the interpreter's model of mask_block) under
+    MKEY; serial 1 is a wrapper's one record (mask_key restarts the serial, mask_next adds 1)."""
+    return x86.mask(MKEY[0] | (MKEY[1] << 64), serial, block_id).to_bytes(16, "little")
+
+
+def stage_ids(n: int) -> list[int]:
+    """Seal's stage: block i of the page has id i."""
+    return list(range((n + 15) // 16))
+
+
+def scratch_ids(page: int, n: int) -> list[int]:
+    """Open's scratch: the block at offset o is meant for page + o; its id is the address of
+    its 128-byte group + its index there (mask8's ids), a lone block's its own address."""
+    whole = n & ~127
+    return [page + (o & ~127) + ((o & 127) >> 4) if o < whole else page + o
+            for o in range(0, n, 16)]
+
+
+def masked(data: bytes, ids: list[int], serial: int = 1) -> bytes:
+    """data with block i XORed with the mask of ids[i] (a partial last block: its bytes)."""
+    return bytes(b ^ mask(ids[i >> 4], serial)[i & 15] for i, b in enumerate(data))
+
+
 class Siv:
     """ctypes buffers around the image's C-ABI test wrappers (keeps every buffer alive), on one
-    path (gcmsiv_wide.WIDE_*)."""
+    path (gcmsiv_wide.WIDE_*). Every seal checks that the stage holds the page masked exactly as
+    the baseline's mask_block would (so either path can unmask it)."""
 
     def __init__(self, img: NativeImage, path: int = WIDE_OFF.value) -> None:
         self.img, self.path = img, path
+        self.mkey = (ctypes.c_uint64 * 2)(*MKEY)
 
     def round_keys(self, key: bytes) -> list[bytes]:
         k, o = buf(key), buf(aes.Aes256Key.size)
@@ -68,21 +100,29 @@ class Siv:
         stage = p if in_place else buf(len(pt))
         c, t = (p, buf(16)) if in_place else (buf(len(pt)), buf(16))
         self.img.call("mh_test_siv_seal", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c),
-                      len(pt), A(t), self.path)
-        if not in_place:
-            assert bytes(stage)[: len(pt)] == pt  # the stage holds exactly what was hashed
+                      len(pt), A(t), self.path, A(self.mkey))
+        if not in_place:  # the stage holds the page masked: no plaintext block waits there
+            assert bytes(stage)[: len(pt)] == masked(pt, stage_ids(len(pt)))
         return bytes(c)[: len(pt)] + bytes(t)
 
-    def open(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes,
-             fill: int = 0xA5) -> tuple[bool, bytes, bytes]:
-        """(ok, out buffer, scratch buffer) after siv_open; out/scratch start filled with fill."""
+    def open_raw(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes, fill: int = 0xA5
+                 ) -> tuple[int, ctypes.Array, ctypes.Array]:
+        """(result, out buffer, scratch buffer) after siv_open; out/scratch start filled with
+        fill. result is gcmsiv.SIV_OK / SIV_AUTH / SIV_CHANGED."""
         ct, tag = ct_tag[:-16], ct_tag[-16:]
         n = len(ct)
         k, i, a, c, t = (buf(x) for x in (key, nonce, aad, ct, tag))
         out, scratch = buf(bytes([fill]) * n), buf(bytes([fill]) * n)
-        ok = self.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(c), A(out), n, A(t),
-                           A(scratch), self.path)
-        return bool(ok), bytes(out)[:n], bytes(scratch)[:n]
+        r = self.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(c), A(out), n, A(t),
+                          A(scratch), self.path, A(self.mkey))
+        return r, out, scratch
+
+    def open(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes,
+             fill: int = 0xA5) -> tuple[int, bytes, bytes]:
+        """open_raw's buffers as bytes."""
+        n = len(ct_tag) - 16
+        r, out, scratch = self.open_raw(key, nonce, ct_tag, aad, fill)
+        return r, bytes(out)[:n], bytes(scratch)[:n]
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +234,8 @@ def test_rfc8452_vectors(siv: Siv, key: str, nonce: str, aad: str, pt: str, resu
     k, n, a, p, r = (bytes.fromhex(x) for x in (key, nonce, aad, pt, result))
     assert AESGCMSIV(k).encrypt(n, p, a) == r  # the reference agrees with the RFC
     assert siv.seal(k, n, p, a) == r
-    ok, out, _ = siv.open(k, n, r, a)
-    assert ok and out == p
+    res, out, _ = siv.open(k, n, r, a)
+    assert res == gcmsiv.SIV_OK and out == p
 
 
 def test_rfc8452_record_keys(siv: Siv) -> None:
@@ -234,8 +274,10 @@ def test_open_matches_cryptography(siv: Siv, aad_kind: str) -> None:
     for n in LENGTHS:
         key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), _aad(
             rng, aad_kind)
-        ok, out, scratch = siv.open(key, nonce, AESGCMSIV(key).encrypt(nonce, pt, aad), aad)
-        assert ok and out == pt and scratch == pt, (n, len(aad))
+        r, out, scratch = siv.open(key, nonce, AESGCMSIV(key).encrypt(nonce, pt, aad), aad)
+        assert r == gcmsiv.SIV_OK and out == pt, (n, len(aad))
+        # the scratch held the plaintext masked, never as it is
+        assert all(scratch[i:i + 16] != pt[i:i + 16] for i in range(0, n - 15, 16))
 
 
 def test_in_place(siv: Siv) -> None:
@@ -247,8 +289,8 @@ def test_in_place(siv: Siv) -> None:
         assert siv.seal(key, nonce, pt, aad, in_place=True) == ref
         k, i, a, data, t = buf(key), buf(nonce), buf(aad), buf(ref[:n]), buf(ref[n:])
         ok = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(data), A(data), n, A(t),
-                          A(data), siv.path)
-        assert ok == 1 and bytes(data)[:n] == pt
+                          A(data), siv.path, A(siv.mkey))
+        assert ok == gcmsiv.SIV_OK and bytes(data)[:n] == pt
 
 
 def test_layouts() -> None:
@@ -278,19 +320,19 @@ def test_tamper_rejected_and_output_untouched(siv: Siv, n: int, where: str) -> N
             s[n + rng.randrange(16)] ^= 1 << rng.randrange(8)
         with pytest.raises(InvalidTag):
             AESGCMSIV(key).decrypt(bytes(nn), bytes(s), bytes(a))
-        ok, out, scratch = siv.open(key, bytes(nn), bytes(s), bytes(a), fill=0xA5)
-        assert not ok
+        r, out, scratch = siv.open(key, bytes(nn), bytes(s), bytes(a), fill=0xA5)
+        assert r == gcmsiv.SIV_AUTH
         assert out == b"\xa5" * n  # a failed record never modifies the destination
         assert scratch == bytes(n)  # and the unauthenticated plaintext is wiped
-    ok, out, _ = siv.open(key, nonce, sealed, aad)
-    assert ok and out == pt
+    r, out, _ = siv.open(key, nonce, sealed, aad)
+    assert r == gcmsiv.SIV_OK and out == pt
 
 
 def test_wrong_key_rejected(siv: Siv) -> None:
     rng = random.Random(5)
     key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(4096), rng.randbytes(48)
     sealed = AESGCMSIV(key).encrypt(nonce, pt, aad)
-    assert not siv.open(bytes(32), nonce, sealed, aad)[0]
+    assert siv.open(bytes(32), nonce, sealed, aad)[0] == gcmsiv.SIV_AUTH
 
 
 def test_repeated_nonce_reveals_only_equality(siv: Siv) -> None:
@@ -307,3 +349,144 @@ def test_repeated_nonce_reveals_only_equality(siv: Siv) -> None:
     x_pt = bytes(a ^ b for a, b in zip(p1, p2, strict=True))
     assert all(x_ct[i:i + 16] != x_pt[i:i + 16] for i in range(0, 4096, 16))
     assert siv.seal(key, nonce, p1, aad) == r1
+
+
+# -- memory discipline: masks, the bound page, the copy-out's check (gcmsiv.py's docstring) ------
+# On the wide path these are the only tests of it that run on hardware: the emulator's hostile
+# tests (test_hostile_rollback.py) run the baseline (unicorn has no AVX).
+
+MASK_LENGTHS = [16, 100, 128, 255, 256, 257, 511, 512, 1000, 4095, 4096]
+
+
+def _envelope_aad(rng: random.Random, ram_addr: int) -> bytes:
+    """48 AAD bytes shaped like an envelope's: the u64 at offset 8 is the record's ram_addr."""
+    aad = bytearray(rng.randbytes(48))
+    aad[8:16] = ram_addr.to_bytes(8, "little")
+    return bytes(aad)
+
+
+@pytest.mark.parametrize("n", MASK_LENGTHS)
+def test_stage_holds_the_page_masked(siv: Siv, n: int) -> None:
+    """After a seal, the stage holds each block XORed with the mask of its block index
+    (x86.mask under the wrappers' key, serial 1): exactly the baseline's masks on both paths,
+    and no plaintext block anywhere in it. (Siv.seal checks the same on every seal.)"""
+    rng = random.Random(f"stage-{n}")
+    key, nonce, pt = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n)
+    k, i, a, p, stage, c, t = (buf(x) for x in (key, nonce, b"\0" * 48, pt, n, n, 16))
+    siv.img.call("mh_test_siv_seal", A(k), A(i), A(a), 48, A(p), A(stage), A(c), n, A(t),
+                 siv.path, A(siv.mkey))
+    st = bytes(stage)[:n]
+    assert st == masked(pt, stage_ids(n))
+    blocks = {pt[j:j + 16] for j in range(0, n - 15, 16)}
+    assert not any(st[j:j + 16] in blocks for j in range(n - 15))
+
+
+@pytest.mark.parametrize("n", MASK_LENGTHS)
+def test_scratch_holds_the_plaintext_masked_for_its_address(siv: Siv, n: int) -> None:
+    """After an open, the scratch holds the plaintext masked with the ids of the addresses the
+    blocks are meant for (the bound page = base + the AAD's ram_addr; mask8's numbering), on both
+    paths the same; no plaintext block is left in it."""
+    rng = random.Random(f"scratch-{n}")
+    key, nonce, pt = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n)
+    aad = _envelope_aad(rng, 0x12345000)
+    r, out, scratch = siv.open_raw(key, nonce, AESGCMSIV(key).encrypt(nonce, pt, aad), aad)
+    assert r == gcmsiv.SIV_OK and bytes(out)[:n] == pt
+    sc = bytes(scratch)[:n]
+    assert sc == masked(pt, scratch_ids(A(out), n))
+    blocks = {pt[j:j + 16] for j in range(0, n - 15, 16)}
+    assert not any(sc[j:j + 16] in blocks for j in range(n - 15))
+
+
+def test_the_page_is_base_plus_the_aads_ram_addr(siv: Siv) -> None:
+    """siv_seal/siv_open take no page pointer: the page is base + the ram_addr in the AAD block
+    the tag covers. Seal reads exactly that page (a page beside it is not what the record
+    carries) and open writes exactly that page (the pages around it, the ciphertext and the
+    tag stay as they were)."""
+    rng = random.Random(11)
+    key, nonce = rng.randbytes(32), rng.randbytes(12)
+    region = buf(rng.randbytes(3 * 4096))
+    before = bytes(region)
+    ram_addr = 0x7654000
+    aad = _envelope_aad(rng, ram_addr)
+    base = A(region) + 4096 - ram_addr  # base + ram_addr = the middle page
+    k, i, a, stage, c, t = (buf(x) for x in (key, nonce, aad, 4096, 4096, 16))
+    # the seal wrapper takes `pt` only to compute base = pt - ram_addr: give it the middle page
+    siv.img.call("mh_test_siv_seal", A(k), A(i), A(a), 48, base + ram_addr, A(stage), A(c),
+                 4096, A(t), siv.path, A(siv.mkey))
+    record = bytes(c) + bytes(t)
+    assert AESGCMSIV(key).decrypt(nonce, record, aad) == before[4096:8192]
+    assert bytes(region) == before  # seal only reads
+    # open another page's content into the middle page; its neighbours stay untouched
+    new = rng.randbytes(4096)
+    ct = AESGCMSIV(key).encrypt(nonce, new, aad)
+    c2, t2, scratch = buf(ct[:4096]), buf(ct[4096:]), buf(4096)
+    r = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(c2), A(region) + 4096, 4096,
+                     A(t2), A(scratch), siv.path, A(siv.mkey))
+    assert r == gcmsiv.SIV_OK
+    got = bytes(region)
+    assert got[:4096] == before[:4096] and got[8192:] == before[8192:] and got[4096:8192] == new
+    assert bytes(c2) + bytes(t2) == ct
+
+
+def _open_rewound(siv: Siv, key: bytes, nonce: bytes, aad: bytes, record: bytes, out,
+                  old: bytes, serial: int, path: int | None = None) -> int:
+    """mh_test_siv_open_rewound: open `record` into `out`, the scratch replaced by `old` between
+    the tag check and the copy-out (the host writing back an older ciphertext of it)."""
+    n = len(record) - 16
+    k, i, a, c, t, scratch, o = (buf(x) for x in (key, nonce, aad, record[:n], record[n:],
+                                                  n, old))
+    return siv.img.call("mh_test_siv_open_rewound", A(k), A(i), A(a), len(aad), A(c), A(out),
+                        n, A(t), A(scratch), siv.path if path is None else path, A(siv.mkey),
+                        A(o), serial)
+
+
+@pytest.mark.parametrize("serial", [1, 2], ids=["same-serial", "next-serial"])
+def test_scratch_rewound_before_the_copy_out_installs_nothing(siv: Siv, serial: int) -> None:
+    """The destination's scratch written back, between B's tag check and its copy-out, to what
+    it held for record A (opened just before into the same page): the copy-out unmasks it with
+    B's masks (ids = the addresses stored to, B's serial) and hashes what it stores; that is not
+    B's verified hash, so the page is zeroed and the result is SIV_CHANGED. With the serial
+    repeated (a rolled-back helper) the masks match and A's plaintext is what is unmasked: the
+    hash alone catches it. Without the check: noise (next serial) or page A (same serial)
+    installed at B with SIV_OK; without the masks and the check: page A."""
+    rng = random.Random(f"rewind-{serial}")
+    key = rng.randbytes(32)
+    aad = _envelope_aad(rng, 0x200000)
+    page_a, page_b = rng.randbytes(4096), rng.randbytes(4096)
+    na, nb = rng.randbytes(12), rng.randbytes(12)
+    rec_a, rec_b = (AESGCMSIV(key).encrypt(nn, p, aad) for nn, p in ((na, page_a), (nb, page_b)))
+    out = buf(4096)
+    k, i, a, c, t, scratch_a = (buf(x) for x in (key, na, aad, rec_a[:4096], rec_a[4096:], 4096))
+    assert siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(c), A(out), 4096, A(t),
+                        A(scratch_a), siv.path, A(siv.mkey)) == gcmsiv.SIV_OK
+    assert bytes(out) == page_a
+    old = bytes(scratch_a)  # A's masked plaintext, serial 1, ids of this page
+    r = _open_rewound(siv, key, nb, aad, rec_b, out, old, serial)
+    got = bytes(out)
+    assert not [j for j in range(0, 4096, 16) if got[j:j + 16] == page_a[j:j + 16]]
+    assert (r, got) == (gcmsiv.SIV_CHANGED, bytes(4096))
+    # the same wrapper with B's own scratch (no rewind) installs B: the refusal above is the
+    # rewind's doing
+    r = _open_rewound(siv, key, nb, aad, rec_b, out, masked(page_b, scratch_ids(A(out), 4096)), 1)
+    assert (r, bytes(out)) == (gcmsiv.SIV_OK, page_b)
+
+
+@needs_wide
+@pytest.mark.parametrize("n", [256, 300, 4096])
+@pytest.mark.parametrize("first, then", [("wide", "base"), ("base", "wide")])
+def test_either_path_unmasks_the_others_scratch(image: NativeImage, first: str, then: str,
+                                                n: int) -> None:
+    """A record decrypted into the scratch by one path and copied out by the other (the rewound
+    wrapper, given the first path's scratch as it was, under the same serial) installs the
+    page: the wide masks are the baseline's, block for block, so a record could even change
+    path between its passes."""
+    rng = random.Random(f"cross-{first}-{n}")
+    key, nonce, pt = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n)
+    aad = _envelope_aad(rng, 0x3000)
+    record = AESGCMSIV(key).encrypt(nonce, pt, aad)
+    a, b = Siv(image, PATHS[first]), Siv(image, PATHS[then])
+    r, out, scratch = a.open_raw(key, nonce, record, aad)
+    assert r == gcmsiv.SIV_OK
+    ctypes.memset(out, 0, n)
+    assert _open_rewound(b, key, nonce, aad, record, out, bytes(scratch)[:n], 1) == gcmsiv.SIV_OK
+    assert bytes(out)[:n] == pt

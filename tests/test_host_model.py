@@ -13,10 +13,12 @@ import pytest
 
 from emulate import guest as G
 from emulate.host import FOUR_GIB, Host, SharedRegions, default_layout
-from emulate.machine import KVM_HC_MAP_GPA_RANGE
 from emulate.mailbox import HelperChannel, MailboxError
 from emulate.memctl import PAGE
+from emulate.migration import workload_image
+from emulate.seeds import transport_key
 from helperfw.runtime import protocol as P
+from helperfw.runtime.platform import KVM_HC_MAP_GPA_RANGE
 from tests.session_host import open_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +79,21 @@ def test_map_gpa_range_hypercall_is_recorded_by_ram_addr():
     assert hc(None, 99, 0, 0, 0, 0) == NEG - 1000  # -KVM_ENOSYS
 
 
+def test_every_key_and_stream_derives_from_the_host_seed():
+    """DRAM keys and the main VM's RDRAND replay from the host's seed and change with it."""
+    def fingerprint(seed: int) -> tuple[bytes, list[int]]:
+        h = Host("t", default_layout(MEM), seed=seed)
+        h.vm.write(0x10000, bytes(PAGE), encrypted=True)
+        return h.read_raw(0x10000, 64), [h.vm.rdrand.draw(64)[0] for _ in range(3)]
+
+    print("seed", SEED)
+    assert fingerprint(SEED) == fingerprint(SEED)
+    other = fingerprint(SEED + 1)
+    assert all(a != b for a, b in zip(fingerprint(SEED), other, strict=True))
+    assert transport_key(SEED) == transport_key(SEED) != transport_key(SEED + 1)
+    assert len(transport_key(SEED)) == 32
+
+
 def boot_guest(h: Host, *, plug_vmem: bool = True):
     """The workload's set-up in a firmware-only VM; returns (loaded guest, regions by name)."""
     vmem = h.blocks[2]
@@ -90,7 +107,8 @@ def boot_guest(h: Host, *, plug_vmem: bool = True):
         "dimm": G.Region(FOUR_GIB, 256, G.GR_DIRTY, 4),
         "vmem": G.Region(vmem.gpa, 64, G.GR_PRIVATE, 5),
     }
-    g = G.load(h, list(named.values()), hot_va=base + 25 * PAGE, hot_pages=64, seed=SEED)
+    g = G.load(h, workload_image(), list(named.values()), hot_va=base + 25 * PAGE,
+               hot_pages=64, seed=SEED)
     ex = h.uefi.vcpu.run(budget=None)
     assert ex.reason == "stop" and "MSR_KVM_MIGRATION_CONTROL=1" in ex.detail, ex
     return g, named
@@ -178,6 +196,8 @@ def test_mirror_for_each_option_runs_the_helper(image, option):
             else:
                 assert hpa == h.vm.gpa_to_hpa(reg.main_gpa)
         assert m.copied_bytes > 0 if option == P.OPT_ISOLATED else m.copied_bytes == 0
+    entry = h.info.bootinfo.entry_rip
+    assert m.vcpu.symbolize(entry) == "mh_entry+0x0", "faults name the helper's mirror VAs"
     ch = HelperChannel(h.mc, m)
     hello = ch.hello()
     assert (hello.version, hello.slots, hello.option, hello.c_bit) == (2, 64, option, 51)
@@ -214,3 +234,7 @@ def test_mailbox_refusals_raise_and_leave_memory_alone(image):
     assert d.read_private(0x200000) == before
     assert dch.recv([0x200000], recs) == [0]
     assert d.read_private(0x200000) == h.read_private(0x200000)
+    # each VM's RDRAND is its own stream from its host's seed: the mirrors' differ from each
+    # other and from their main VMs'
+    seeds = {x.rdrand.seed for x in (h.vm, h.mirror.vm, d.vm, d.mirror.vm)}
+    assert len(seeds) == 4

@@ -132,3 +132,29 @@ def test_fuzz_native_100k(native_workers):
     print("\n".join(lines))
     print(f"native commands: {total}")
     assert total >= 100_000
+
+
+@pytest.mark.parametrize("errata", ["stuck-ones", "stuck-value", "stuck-zero", "fail", "repeat",
+                                    "fail-then-heal"])
+def test_rdrand_errata_give_no_session(errata):
+    """A RDRAND that returns a constant with CF=1 (known AMD errata), fails (CF=0) or repeats
+    itself gives neither a session id nor a challenge: *_BEGIN says E_RNG and no session
+    starts. Transient failures are retried: a generator that recovers within the retry bound
+    still gives fresh, distinct values."""
+    from tests.mirror_host import RAM, MirrorHost
+
+    h = MirrorHost(47, P.OPT_TUPLES, seed=7044, track_writes=False)
+    rd = h.mirror.rdrand
+    {"stuck-ones": lambda: rd.stuck(), "stuck-value": lambda: rd.stuck(0x1234_5678_9ABC_DEF0),
+     "stuck-zero": lambda: rd.stuck(0), "fail": lambda: rd.fail(), "repeat": lambda: rd.repeat(),
+     "fail-then-heal": lambda: rd.fail(times=5)}[errata]()
+    want = 0 if errata == "fail-then-heal" else F.ST["E_RNG"]
+    for op in (P.OP_RECV_BEGIN, P.OP_SEND_BEGIN):
+        r = h.command(op, ram_size=RAM, challenge=0xC4A1)
+        assert r.status == want, (errata, op, F.name(r.status))
+        if want == 0:
+            reply = P.HelloReply.parse(h.read_slot(0, P.HelloReply.size))
+            assert reply.challenge not in (0, 2**64 - 1)
+            assert h.command(P.OP_ABORT).status == 0
+        else:
+            assert h.command(P.OP_SEND, [(0x200000, 0)]).status == F.ST["E_BAD_STATE"]

@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from helperfw.runtime import protocol as P
 from helperfw.runtime.session import HelperCtx
@@ -190,32 +191,44 @@ def _cmd(op: int, pages: list[int], **fields) -> bytes:
     return pack_command(op, [(a, 0) for a in pages], **fields)
 
 
+def siv_keystream(ks: bytes, nonce: bytes, tag: bytes, n: int) -> bytes:
+    """The AES-256-GCM-SIV keystream for (K_s, nonce, tag) (RFC 8452 §4): the record
+    encryption key from blocks 2..5 of AES_Ks(LE32(i) ‖ nonce), counter = the tag with bit 127
+    set, its first 32 bits counting (little-endian, mod 2^32)."""
+    kgk = Cipher(algorithms.AES(ks), modes.ECB()).encryptor()
+    enc_key = b"".join(kgk.update(struct.pack("<I", i) + nonce)[:8] for i in range(2, 6))
+    aes = Cipher(algorithms.AES(enc_key), modes.ECB()).encryptor()
+    ctr0 = bytearray(tag)
+    ctr0[15] |= 0x80
+    first = int.from_bytes(ctr0[:4], "little")
+    blocks = [struct.pack("<I", (first + i) & 0xFFFFFFFF) + bytes(ctr0[4:])
+              for i in range(-(-n // 16))]
+    return aes.update(b"".join(blocks))[:n]
+
+
 def check_records(records: list[Record], forger: Forger, versions: dict[int, list[bytes]]) -> None:
     """GCM-SIV's promise under a repeated nonce. Same key and nonce: the keystream is fixed by
-    the tag (the counter's start), so two different records may share nonce and tag only if
-    their ciphertexts are identical; with AES-GCM the keystream depends on key and nonce alone.
-    Where both plaintexts are known, no block of the ciphertexts' XOR is the plaintexts' XOR.
-    Every record that authenticates carries a genuine version of the page its envelope names."""
-    by_nonce: dict[tuple[int, int], list[Record]] = {}
+    the tag (the counter's start), so a host learns the XOR of two inputs only if two records
+    were really encrypted with one (nonce, tag) keystream; with AES-GCM the keystream depends on
+    key and nonce alone. Checked exactly, with the key: decrypting each pair of records that
+    share (nonce, tag) under that keystream must not give two different genuine pages (a record
+    whose envelope or tag a rollback replaced decrypts to garbage there). Every record that
+    authenticates carries a genuine version of the page its envelope names."""
+    by_nonce: dict[tuple[int, int, bytes], list[Record]] = {}
+    genuine = {v for vs in versions.values() for v in vs}
     for r in records:
         got = forger.open(r.raw)
         if got is not None:
             assert got in versions[r.ram_addr], \
                 f"record for {r.ram_addr:#x} authenticates content that page never held"
-        by_nonce.setdefault(r.nonce, []).append(r)
-    for group in by_nonce.values():
-        for i, x in enumerate(group):
-            for y in group[i + 1:]:
-                if x.raw == y.raw:
-                    continue
-                assert x.tag != y.tag or x.ct == y.ct, "two inputs share key, nonce and keystream"
-                if x.plain == y.plain or not (forger.open(x.raw) and forger.open(y.raw)):
-                    continue
-                for b in range(0, PAGE, 16):
-                    xc = bytes(p ^ q for p, q in zip(x.ct[b:b + 16], y.ct[b:b + 16], strict=True))
-                    xp = bytes(p ^ q for p, q in zip(x.plain[b:b + 16], y.plain[b:b + 16],
-                                                    strict=True))
-                    assert xc != xp, "ciphertexts XOR to the plaintexts' XOR: keystream reuse"
+        by_nonce.setdefault((*r.nonce, r.tag), []).append(r)
+    for (epoch, seq, tag), group in by_nonce.items():
+        inputs = {r.ct: r for r in group}
+        if len(inputs) < 2:
+            continue
+        ksm = siv_keystream(forger.ks, struct.pack("<IQ", epoch, seq), tag, PAGE)
+        plain = {bytes(a ^ b for a, b in zip(ct, ksm, strict=True)) for ct in inputs}
+        assert len(plain & genuine) < 2, "two pages encrypted with one keystream"
 
 
 # -- the issue's finding: the context rolled back between SEND batches -------------------------
@@ -362,12 +375,21 @@ def _deliver(dest: MirrorHost, s: Stream, page: int | None, rng: random.Random,
              inside: bool) -> list[int]:
     """Deliver the stream with forgeries mixed in; the host copies `page` during/after the
     first batch of epoch 1 and writes it back during/before epoch 2's batch. Returns the
-    statuses; checks that nothing but a genuine version of each address is ever installed and
-    that no refused record wrote guest memory."""
+    statuses. Checks after every batch: each 16-byte block of a page is that block of one of the
+    page's own versions (a batch cut short leaves a page half old, half new) or noise (no block
+    of any page's content: what a rewind that turns a mask wrong leaves, or zero where the
+    helper caught it, E_CHANGED). The host gets both by writing older or random ciphertext into
+    the page's DRAM, which SEV-ES never prevents. No refused record wrote guest memory except an E_CHANGED one (zeroed); and
+    a session that finishes holds only genuine versions."""
     dest.restore(dest.saved)
     initial = {a: dest.guest_page(a) for a in PAGES}
     statuses: list[int] = []
     acts = Acts(dest, page) if page is not None else None
+    known = LeakScanner()  # every content a page can legitimately hold
+    for a in PAGES:
+        known.add(initial[a])
+        for v in s.versions[a]:
+            known.add(v)
     scan = LeakScanner()
     for vs in s.versions.values():
         for v in vs:
@@ -387,13 +409,21 @@ def _deliver(dest: MirrorHost, s: Stream, page: int | None, rng: random.Random,
             assert inside, f"batch did not complete: {r.exit}"
         else:
             ok = {a for (a, _), st in zip(recs, r.entry_status, strict=True) if st == 0}
-            assert r.window_pages_written <= ok, "a refused record wrote guest memory"
+            changed = {a for (a, _), st in zip(recs, r.entry_status, strict=True)
+                       if st == ST["E_CHANGED"]}
+            assert r.window_pages_written <= ok | changed, "a refused record wrote guest memory"
             statuses.extend(r.entry_status)
         hits = scan.scan(dest.read_mailbox())
         assert not hits, f"private plaintext or key in the mailbox at {hits[:4]}"
         for a in PAGES:
             got = dest.guest_page(a)
-            assert got == initial[a] or got in s.versions[a], f"page {a:#x} is not genuine"
+            if got == initial[a] or got in s.versions[a]:
+                continue
+            own = [initial[a], *s.versions[a]]
+            for b in range(0, PAGE, 16):
+                blk = got[b:b + 16]
+                assert any(v[b:b + 16] == blk for v in own) or not known.scan(blk), \
+                    f"page {a:#x} holds at {b:#x} a block that is neither its own nor noise"
 
     def token(op: int, tok: bytes) -> None:
         r = dest.batch(_cmd(op, [], session_id=s.sid), {0: tok})
@@ -442,13 +472,7 @@ def test_destination_survives_rollback_of_any_private_page(dest, stream, inside)
             _deliver(dest, stream, hpa, rng, inside)
         except AssertionError as e:
             failures[label] = str(e).splitlines()[0]
-    # The one documented residual (test_scratch_swapped_between_verify_and_copy): a rewind of
-    # the plaintext scratch between the tag check and the copy-out installs another page's
-    # genuine content. Anything else is a new finding.
-    scratch = set(dest.private_hpas(dest.symbol_gpa("CTX") + HelperCtx.offset("scratch"), PAGE))
-    residual = {label for label, hpa in pages.items() if hpa in scratch} if inside else set()
-    unexpected = {k: v for k, v in failures.items() if k not in residual}
-    assert not unexpected, unexpected
+    assert not failures, failures
 
 
 def test_guest_page_rollback_on_the_source_gives_genuine_records(dest):
@@ -527,61 +551,216 @@ def test_private_page_sizes_cover_the_whole_state():
 
 
 # -- documented residuals: rewinds timed inside one record ---------------------------------------
-def instructions_until(h: MirrorHost, command: bytes, slots: dict[int, bytes], rip: int,
-                       rdi: int) -> int:
-    """Instructions the helper runs in this batch before it reaches `rip` with `rdi` (measured
-    on a copy of the machine): the moment a host that single-steps the mirror would pick."""
+def instructions_before_write(h: MirrorHost, command: bytes, slots: dict[int, bytes],
+                              hpa: int) -> int:
+    """Instructions the helper runs in this batch before its first write to the page at `hpa`
+    (measured on a copy of the machine): the moment a host that single-steps the mirror picks."""
+    from unicorn import UC_HOOK_MEM_WRITE
+
+    return _instructions_before(h, command, slots, UC_HOOK_MEM_WRITE, hpa, hpa + PAGE - 1)
+
+
+def instructions_before_call(h: MirrorHost, command: bytes, slots: dict[int, bytes],
+                             symbol: str, nth: int) -> int:
+    """Instructions the helper runs in this batch before it enters `symbol` the nth time."""
+    from unicorn import UC_HOOK_CODE
+
+    va = h.symbol_gpa(symbol)  # the image is mapped at VA = GPA
+    return _instructions_before(h, command, slots, UC_HOOK_CODE, va, va, nth)
+
+
+def _instructions_before(h: MirrorHost, command: bytes, slots: dict[int, bytes], kind: int,
+                         begin: int, end: int, nth: int = 1) -> int:
     from unicorn import UC_HOOK_CODE
 
     saved = h.save(PAGES)
-    n, hit = [0], [None]
+    n, hits = [0], []
 
-    def on(uc, address, size, _ud):
+    def on_code(*_):
         n[0] += 1
-        if hit[0] is None and address == rip and h.vcpu.get("rdi") == rdi:
-            hit[0] = n[0] - 1
-    hook = h.vcpu.uc.hook_add(UC_HOOK_CODE, on)
+
+    def on_event(*_):
+        hits.append(n[0] - 1)  # the instruction is counted already
+    hooks = [h.vcpu.uc.hook_add(UC_HOOK_CODE, on_code),
+             h.vcpu.uc.hook_add(kind, on_event, None, begin, end)]
     try:
         h.batch(command, slots)
     finally:
-        h.vcpu.uc.hook_del(hook)
+        for hook in hooks:
+            h.vcpu.uc.hook_del(hook)
         h.restore(saved)
-    assert hit[0] is not None, "the helper never reached that point"
-    return hit[0]
+    assert len(hits) >= nth, "the helper never got there"
+    return hits[nth - 1]
 
 
-@pytest.mark.xfail(strict=True, reason="open residual: plaintext in the scratch page can be "
-                   "rewound between the tag check and the copy-out; closing it needs a secret "
-                   "the host cannot rewind (SEV-ES registers), see docs/SECURITY.md")
-def test_scratch_swapped_between_verify_and_copy(dest, stream):
-    """The host single-steps the destination to the copy-out of record i (page B) and rewinds
-    the scratch page to its state after record h (page A) was opened: B must not receive A's
-    content."""
-    from tests.mirror_host import symbols
-
+def test_scratch_rewound_between_verify_and_copy(dest, stream):
+    """The host single-steps the destination to the copy-out of record i (page B), after its
+    tag verified, and writes back the scratch page's ciphertext from when record h (page A)
+    waited there. The copy hashes what it stores (gcmsiv.siv_open) and finds it is not what
+    was verified: B is zeroed, the entry refused with E_CHANGED and the session can no longer
+    finish. Without that check A's genuine page landed at B, reported installed."""
     dest.restore(dest.saved)
     h_rec, i_rec = stream.epochs[0][0], stream.epochs[0][1]
-    assert dest.command(P.OP_RECV, [(h_rec.ram_addr, 0)], session_id=stream.sid,
-                        slots={0: h_rec.raw}).entry_status == [0]
     scratch = dest.private_hpas(dest.symbol_gpa("CTX") + HelperCtx.offset("scratch"), PAGE)
-    # the scratch is wiped at the end of each batch: the host copies it while record h is
-    # being copied out
-    dest.restore(dest.saved)
+    b_hpa = dest.vm.gpa_to_hpa(i_rec.ram_addr)
+    a_hpa = dest.vm.gpa_to_hpa(h_rec.ram_addr)
+    # the scratch is wiped after each batch: the host copies it just before h's copy-out
     cmd_h = _cmd(P.OP_RECV, [h_rec.ram_addr], session_id=stream.sid)
-    copy_mem = dest.image_base + symbols()["copy_mem"]
-    at_h = instructions_until(dest, cmd_h, {0: h_rec.raw}, copy_mem,
-                              dest.ram_base + h_rec.ram_addr)
-    snap_all = [None]
-
-    def take(*_):
-        snap_all[0] = dest.hands.snapshot(scratch)
-
-    r = dest.batch(cmd_h, {0: h_rec.raw}, preempt=[(at_h, take)])
-    assert r.entry_status == [0]
+    at_h = instructions_before_write(dest, cmd_h, {0: h_rec.raw}, a_hpa)
+    snap = [None]
+    r = dest.batch(cmd_h, {0: h_rec.raw},
+                   preempt=[(at_h, lambda *_: snap.__setitem__(0, dest.hands.snapshot(scratch)))])
+    assert r.entry_status == [0] and snap[0] is not None
     cmd_i = _cmd(P.OP_RECV, [i_rec.ram_addr], session_id=stream.sid)
-    at_i = instructions_until(dest, cmd_i, {0: i_rec.raw}, copy_mem,
-                              dest.ram_base + i_rec.ram_addr)
-    r = dest.batch(cmd_i, {0: i_rec.raw},
-                   preempt=[(at_i, lambda *_: dest.hands.restore(snap_all[0]))])
-    assert r.entry_status == [0]
-    assert dest.guest_page(i_rec.ram_addr) != h_rec.plain, "another page's content installed"
+    at_i = instructions_before_write(dest, cmd_i, {0: i_rec.raw}, b_hpa)
+    r = dest.batch(cmd_i, {0: i_rec.raw}, preempt=[(at_i, lambda *_: dest.hands.restore(snap[0]))])
+    assert r.status == 0 and name(r.entry_status[0]) == "E_CHANGED"
+    assert dest.guest_page(i_rec.ram_addr) == bytes(PAGE)
+    # the rest of the stream is genuine, but this session can never finish
+    rest = stream.epochs[0][2:]
+    r = dest.batch(_cmd(P.OP_RECV, [x.ram_addr for x in rest], session_id=stream.sid),
+                   {j: x.raw for j, x in enumerate(rest)})
+    assert r.entry_status == [0] * len(rest)
+    r = dest.batch(_cmd(P.OP_RECV_END_EPOCH, [], session_id=stream.sid), {0: stream.tokens[0]})
+    assert r.status != 0
+
+
+def test_staging_mask_key_is_drawn_per_vcpu_run(dest, source_base):
+    """The masks above are only as good as their key: each helper draws it from RDRAND when its
+    vCPU starts, into mm6:mm7. A plain-SEV host reads it at any exit (it reads every register,
+    so masks add nothing there); under SEV-ES the register file is out of its reach. Here: the
+    key is not zero (a zero key makes every mask public) and the two helpers' keys differ."""
+    keys = [(h.vcpu.get("mm6"), h.vcpu.get("mm7")) for h in (dest, source_base.src.h)]
+    assert all(lo and hi for lo, hi in keys), keys
+    assert keys[0] != keys[1]
+
+
+def test_all_private_memory_rewound_at_the_copy_out(dest, stream):
+    """The strongest rewind of one record: when record i (page B) has verified and its copy-out
+    begins (the second `_absorb`: the copy's hash restarts from the AAD), the host writes back
+    *all* of the destination's private memory (context, scratch, stack, tables) as it was at
+    the same instruction of record h (page A). Memory then says "h, verified, copying to A";
+    only the registers are i's. Unmasked, the copy would store A's plaintext wherever the
+    register-held pointer goes (B), and the hash of what it stored would match the rewound one:
+    A's page installed at B and reported OK. The masks' ids are the addresses stored to and
+    their serial is in a register, so the scratch unmasks to noise and the copy is refused."""
+    dest.restore(dest.saved)
+    h_rec, i_rec = stream.epochs[0][0], stream.epochs[0][1]
+    pages = list(private_pages(dest).values())
+    snap, rips = [None], []
+
+    def take(*_: object) -> None:
+        snap[0] = dest.hands.snapshot(pages)
+        rips.append(dest.vcpu.get("rip"))
+
+    def put(*_: object) -> None:
+        dest.hands.restore(snap[0])
+        rips.append(dest.vcpu.get("rip"))
+
+    for rec, act in ((h_rec, take), (i_rec, put)):
+        cmd = _cmd(P.OP_RECV, [rec.ram_addr], session_id=stream.sid)
+        at = instructions_before_call(dest, cmd, {0: rec.raw}, "_absorb", 2)
+        r = dest.batch(cmd, {0: rec.raw}, preempt=[(at, act)])
+    assert len(rips) == 2 and rips[0] == rips[1] == dest.symbol_gpa("_absorb")
+    got = dest.guest_page(i_rec.ram_addr)
+    misplaced = [b for b in range(0, PAGE, 16) if got[b:b + 16] == h_rec.plain[b:b + 16]]
+    assert not misplaced, f"{len(misplaced)} blocks of page A landed at B ({r.entry_status})"
+    # the helper caught it and zeroed B; the rewound stack then sends the batch astray (DoS)
+    assert got == bytes(PAGE) and (r.status is None or r.entry_status == [ST["E_CHANGED"]])
+
+
+def test_source_stage_rewound_between_hash_and_encryption(dest):
+    """Seal hashes a page into its private stage, then encrypts the stage. The host rolls the
+    source's context back so one nonce is used three times: for page Y (secret), for page X
+    (KNOWN) untouched, and for X again with the stage written back, between the two passes,
+    to what it held for Y. Unmasked, the third record would be Y's
+    plaintext under X's keystream, and XOR with the second and KNOWN would give Y. The stage's
+    masks change with the serial in mm5, which the rollback cannot touch: the result is noise."""
+    src = Source.begin(dest.challenge, SEED + 3)
+    x, y = PAGES[0], PAGES[5]
+    ctx = src.h.hands.snapshot(private_pages(src.h).values())
+    scratch = src.h.private_hpas(src.h.symbol_gpa("CTX") + HelperCtx.offset("scratch"), PAGE)
+    stage = [None]
+
+    def seal(page: int, act=None) -> Record:
+        src.h.hands.restore(ctx)
+        cmd = _cmd(P.OP_SEND, [page])
+        pre = None
+        if act is not None:
+            # the last 8-block POLYVAL step: the stage is complete, the CTR pass not begun
+            pre = [(instructions_before_call(src.h, cmd, {}, "_absorb8", PAGE // 128), act)]
+        r = src.h.batch(cmd, preempt=pre)
+        assert r.status == 0 and r.entry_status == [0]
+        return Record(src.h.read_slot(0), b"")
+
+    r_y = seal(y, lambda *_: stage.__setitem__(0, src.h.hands.snapshot(scratch)))
+    r_x = seal(x)
+    r_x2 = seal(x, lambda *_: src.h.hands.restore(stage[0]))
+    assert r_y.nonce == r_x.nonce == r_x2.nonce and r_x.tag == r_x2.tag
+    guess = bytes(a ^ b ^ k for a, b, k in zip(r_x2.ct, r_x.ct, KNOWN, strict=True))
+    secret = src.versions[y][-1]
+    leaked = [b for b in range(0, PAGE, 16) if guess[b:b + 16] == secret[b:b + 16]]
+    assert not leaked, f"{len(leaked)} blocks of page Y recovered"
+    assert r_x2.ct != r_x.ct  # the rewind did land (the record is noise, refused downstream)
+
+
+
+# -- a record's address and its content come from one read --------------------------------------
+def _rewind_all_at(h: MirrorHost, symbol: str, cmds: list[tuple[bytes, dict[int, bytes]]],
+                   extra=None) -> object:
+    """Run the batches in turn, each stopped where it first enters `symbol`: the first
+    snapshots all private memory there, the second gets it written back (and `extra()` runs).
+    Returns the second batch's result."""
+    pages = list(private_pages(h).values())
+    snap, rips = [None], []
+
+    def take(*_: object) -> None:
+        snap[0] = h.hands.snapshot(pages)
+        rips.append(h.vcpu.get("rip"))
+
+    def put(*_: object) -> None:
+        h.hands.restore(snap[0])
+        if extra is not None:
+            extra()
+        rips.append(h.vcpu.get("rip"))
+
+    r = None
+    for (cmd, slots), act in zip(cmds, (take, put), strict=True):
+        at = instructions_before_call(h, cmd, slots, symbol, 1)
+        r = h.batch(cmd, slots, preempt=[(at, act)])
+    assert len(rips) == 2 and rips[0] == rips[1] == h.symbol_gpa(symbol)
+    return r
+
+
+def test_source_rewound_before_the_seal_seals_what_the_envelope_names(dest):
+    """At the instant the source derives record keys for page Y, the host writes back all of
+    its private memory as it was at that instant for page X: the envelope, nonce and keys are
+    X's, the registers Y's. The record's content must still be X's page: the helper reads the
+    page at the address inside the very AAD block it authenticates. Otherwise the record is
+    Y's page under X's address, with a valid tag, and the destination installs it at X."""
+    src = Source.begin(dest.challenge, SEED + 4)
+    x, y = PAGES[1], PAGES[6]
+    _rewind_all_at(src.h, "siv_derive", [(_cmd(P.OP_SEND, [x]), {}), (_cmd(P.OP_SEND, [y]), {})])
+    raw = src.h.read_slot(0)
+    at = struct.unpack_from("<Q", raw, 0x08)[0]
+    got = src.forger.open(raw)
+    assert got is not None, "the rewound seal should still give a valid record"
+    assert got in src.versions[at], f"a valid record for {at:#x} carries another page"
+
+
+def test_destination_rewound_before_the_open_installs_where_the_envelope_says(dest, stream):
+    """When the destination starts hashing record Y's AAD (header checks passed, keys derived),
+    the host writes back all private memory as it was at that instant for record X, and puts
+    X's ciphertext in the slot: envelope, nonce and keys say X, the registers Y. Without the
+    binding X's genuine record verifies and lands where the register-held pointer says (Y).
+    With it, the address comes from the AAD block absorbed (Y's, loaded before the rewind),
+    the rest of the AAD is X's, and the tag fails."""
+    dest.restore(dest.saved)
+    xr, yr = stream.epochs[0][2], stream.epochs[0][3]
+    _rewind_all_at(
+        dest, "_absorb", [(_cmd(P.OP_RECV, [r.ram_addr], session_id=stream.sid), {0: r.raw})
+               for r in (xr, yr)],
+        extra=lambda: dest.write_slot(0, xr.raw))
+    got = dest.guest_page(yr.ram_addr)
+    misplaced = [b for b in range(0, PAGE, 16) if got[b:b + 16] == xr.plain[b:b + 16]]
+    assert not misplaced, f"{len(misplaced)} blocks of page X landed at Y"

@@ -119,7 +119,7 @@ def check_stream_file(path: Path, session_id: int, challenge: int, src) -> None:
                 continue
             for pg in rec.body.pages:
                 if vmem.offset <= pg.ram_addr < vmem.end and opened < 8:
-                    _env, plain = open_record(src.p.transport_key, session_id, challenge,
+                    _env, plain = open_record(src.p.key, session_id, challenge,
                                               pg.record)
                     assert plain == src.host.read_private(pg.ram_addr)
                     opened += 1

@@ -8,7 +8,10 @@ the target's RVA and are listed in ``relocs``; a loader adds its base to each.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 PAGE = 0x1000
@@ -37,6 +40,34 @@ class Symbol:
     kind: str  # "func" or "object"
 
 
+class SymbolTable:
+    """Symbols by RVA: the one symbolizer for fault reports, disassembly and `helperfw inspect`.
+
+    A symbol covers [rva, rva + max(size, 1)); where symbols overlap, the one starting last wins
+    (an object inside a larger one, an alias). Lookup is a bisection plus a walk back bounded by
+    the largest symbol, so crash dumps and per-instruction disassembly stay cheap."""
+
+    def __init__(self, symbols: Iterable[Symbol]) -> None:
+        self._syms = sorted(symbols, key=lambda s: (s.rva, s.name))
+        self._rvas = [s.rva for s in self._syms]
+        self._span = max((max(s.size, 1) for s in self._syms), default=1)
+
+    def lookup(self, rva: int) -> Symbol | None:
+        """The symbol covering `rva`, or None."""
+        i = bisect.bisect_right(self._rvas, rva) - 1
+        while i >= 0 and self._syms[i].rva + self._span > rva:
+            s = self._syms[i]
+            if rva < s.rva + max(s.size, 1):
+                return s
+            i -= 1
+        return None
+
+    def symbolize(self, rva: int) -> str | None:
+        """'name+0xoff' for an RVA inside a symbol, else None."""
+        s = self.lookup(rva)
+        return f"{s.name}+{rva - s.rva:#x}" if s else None
+
+
 @dataclass(frozen=True)
 class LinkedImage:
     sections: tuple[Section, ...]
@@ -62,13 +93,13 @@ class LinkedImage:
         except KeyError:
             raise KeyError(f"no symbol {name!r} in image") from None
 
+    @functools.cached_property
+    def symbol_table(self) -> SymbolTable:
+        return SymbolTable(self.symbols.values())
+
     def symbolize(self, rva: int) -> str:
         """'name+0xoff' for an RVA inside a function or object, else hex."""
-        best = None
-        for s in self.symbols.values():
-            if s.rva <= rva < s.rva + max(s.size, 1) and (best is None or s.rva >= best.rva):
-                best = s
-        return f"{best.name}+{rva - best.rva:#x}" if best else f"{rva:#x}"
+        return self.symbol_table.symbolize(rva) or f"{rva:#x}"
 
     def flat(self, base: int = 0) -> bytearray:
         """The image as loaded at `base` (headers page zero, bss zero, relocations applied)."""

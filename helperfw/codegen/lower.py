@@ -18,7 +18,7 @@ from typing import Any
 from llvmlite import ir
 
 from .. import features
-from ..dsl import DslError, Function, Static
+from ..dsl import DslError, Function, Routine, Static
 from ..frontend import COMPARISONS, TV, FrontEnd, check_signature
 from ..intrinsics.registry import Intrinsic
 from ..types import BoolType, IntType, PtrType, Type, bool_, i64, u64
@@ -52,6 +52,7 @@ class ModuleLowerer:
         self._queue: list[Function] = []
         self._kept: list[tuple[Static, ir.GlobalVariable]] = []
         self._names: dict[str, object] = {}
+        self.routines: dict[str, tuple[Routine, ir.Function]] = {}
 
     # -- declarations -------------------------------------------------------------------------
     def _claim(self, name: str, owner: object, err: DslError) -> None:
@@ -120,6 +121,28 @@ class ModuleLowerer:
             llvm_compat.hide_declaration(g)  # dso_local: PC-relative, no GOT
             self.externs[name] = g
         return self.externs[name]
+
+    def routine_ref(self, r: Routine) -> ir.Function:
+        """Declare an assembly routine (a hidden external function the module's asm defines) and
+        queue the DSL functions it calls."""
+        if r.name not in self.routines:
+            self._claim(r.name, r, DslError("<routine>", 0, f"duplicate symbol name {r.name!r}"))
+            f = ir.Function(self.module, ir.FunctionType(ir.VoidType(), []), r.name)
+            llvm_compat.hide_declaration(f)
+            self.routines[r.name] = (r, f)
+            for fn in r.calls:
+                self.declare(fn)
+        return self.routines[r.name][1]
+
+    def module_asm(self) -> str:
+        """The routines' text as `module asm` lines, appended to the module's IR."""
+        lines = [".text"]
+        for r, _f in self.routines.values():
+            lines += [f".globl {r.name}", f".hidden {r.name}", *r.text.strip().splitlines()]
+        if len(lines) == 1:
+            return ""
+        return "".join('module asm "' + ln.replace("\\", "\\5C").replace('"', "\\22") + '"\n'
+                       for ln in lines)
 
     def intrinsic(self, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
         if name not in self.intrinsic_fns:
@@ -490,6 +513,9 @@ class FunctionLowerer(FrontEnd):
 
     def function_ref(self, fn: Function) -> ir.Function:
         return self.ml.declare(fn)
+
+    def routine_ref(self, r: Routine) -> ir.Function:
+        return self.ml.routine_ref(r)
 
 
 def _llvm_reason(exc: RuntimeError) -> str:

@@ -20,7 +20,7 @@ class Build:
 def build(roots: list[Function], entry: str | None = None, opt: int = 2,
           name: str = "helper", keep: tuple[tuple[str, Static], ...] = ()) -> Build:
     ml = lower.ModuleLowerer(name)
-    ir_text = str(ml.lower(roots, keep))
+    ir_text = str(ml.lower(roots, keep)) + ml.module_asm()
     try:
         opt_mod = emit.optimize(ir_text, opt)
     except RuntimeError as exc:  # LLVM refused the IR: say which DSL function it came from

@@ -15,7 +15,7 @@ from typing import Any
 from llvmlite import ir
 
 from ..codegen import llvm_compat
-from ..dsl import Function
+from ..dsl import Function, Routine
 from ..frontend import TV, FrontEnd
 from ..structs import StructType
 from ..types import PtrType, Type, VecType, u64, v128, v256, void
@@ -124,17 +124,18 @@ def symbol_addr(em: Emitter, name: str) -> ir.Value:
 
 def _func_addr_rule(fe: FrontEnd, node: ast.Call) -> Checked:
     if len(node.args) != 1 or not isinstance(node.args[0], ast.Name):
-        raise fe.err(node, "func_addr takes a DSL function name")
+        raise fe.err(node, "func_addr takes a DSL function or routine name")
     g = fe.lookup_global(node.args[0].id)
-    if not isinstance(g, Function):
-        raise fe.err(node, f"{node.args[0].id!r} is not a DSL function")
+    if not isinstance(g, Function | Routine):
+        raise fe.err(node, f"{node.args[0].id!r} is not a DSL function or assembly routine")
     return Checked([g], u64)
 
 
 @intrinsic(typing=_func_addr_rule, spelling="(f) -> u64", group=IMAGE, evaluate=ask_env(),
-           doc="run-time address of a DSL function")
-def func_addr(em: Emitter, fn: Function) -> ir.Value:
-    return em.b.ptrtoint(em.function_ref(fn), I64)
+           doc="run-time address of a DSL function or an assembly `routine`")
+def func_addr(em: Emitter, fn: Function | Routine) -> ir.Value:
+    ref = em.routine_ref(fn) if isinstance(fn, Routine) else em.function_ref(fn)
+    return em.b.ptrtoint(ref, I64)
 
 
 def _efi_call_rule(fe: FrontEnd, node: ast.Call) -> Checked:
@@ -234,6 +235,129 @@ def hlt(em: Emitter) -> None:
 @intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True), doc="spin-loop hint")
 def pause(em: Emitter) -> None:
     _alone(em, "pause")
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(),
+           doc="VMGEXIT (`rep vmmcall`): SEV-ES exit to the host through the GHCB MSR and page")
+def vmgexit(em: Emitter) -> None:
+    _alone(em, "rep vmmcall")
+
+
+_SCRATCH_GPRS = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="zero xmm0-15 and the caller-saved GPRs: no key or plaintext is left in a "
+               "register when the vCPU exits")
+def clear_scratch_regs(em: Emitter) -> None:
+    regs = [f"xmm{i}" for i in range(16)]
+    text = "\n\t".join([f"xorps %{r}, %{r}" for r in regs] +
+                        [f"xorl %{r}d, %{r}d" if r.startswith("r") and r[1:].isdigit() else
+                         f"xorl %e{r[1:]}, %e{r[1:]}" for r in _SCRATCH_GPRS])
+    clobbers = ",".join(f"~{{{r}}}" for r in (*regs, *_SCRATCH_GPRS, "flags", "memory"))
+    em.asm(VOID, text, clobbers, [])
+
+
+@intrinsic("(lo: u64, hi: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="set the 128-bit staging-mask key (mm6:mm7; compiled code never uses MMX) and "
+               "restart the serial (mm5 = 0)")
+def mask_key(em: Emitter, lo: ir.Value, hi: ir.Value) -> None:
+    em.asm(VOID, "movq $0, %mm6\n\tmovq $1, %mm7\n\tpxor %mm5, %mm5", "r,r,~{mm5},~{mm6},~{mm7}",
+           [lo, hi])
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(),
+           doc="advance the staging-mask serial (mm5): every record's masks differ")
+def mask_next(em: Emitter) -> None:
+    em.asm(VOID, "movq %mm5, %rax\n\tincq %rax\n\tmovq %rax, %mm5", "~{rax},~{mm5},~{flags}", [])
+
+
+@intrinsic("(va: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="hold a record's page address in mm4: every later use reads it from there, "
+               "so no rewound memory can redirect the record to another page")
+def bind_page(em: Emitter, va: ir.Value) -> None:
+    em.asm(VOID, "movq $0, %mm4", "r,~{mm4}", [va])
+
+
+@intrinsic("() -> u64", group=PLATFORM, evaluate=ask_env(), doc="the address bind_page() holds")
+def bound_page(em: Emitter) -> ir.Value:
+    return em.asm(I64, "movq %mm4, $0", "=r", [])
+
+
+_MASK_BLOCK = (
+    "movq2dq %mm6, $1", "movq2dq %mm7, $2", "punpcklqdq $2, $1",  # t1 = the key
+    "movq $5, $2", "movq2dq %mm5, $3", "punpcklqdq $3, $2",  # t2 = id | serial << 64
+    "pxor $1, $2", "aesenc $1, $2",  # t2 = M
+    "pxor $2, $0")
+
+
+@intrinsic("(x: v128, id: u64) -> v128", group=PLATFORM, evaluate=ask_env(),
+           doc="x ^ M, M = an AES round keyed by mm6:mm7 over (id, mm5): a mask no host "
+               "can compute or roll back (the key and serial exist only in MMX registers)")
+def mask_block(em: Emitter, x: ir.Value, blk: ir.Value) -> ir.Value:
+    st = ir.LiteralStructType([x.type, x.type, x.type, x.type])
+    r = em.asm(st, "\n\t".join(_MASK_BLOCK), "=x,=&x,=&x,=&x,0,r", [x, blk])
+    return em.b.extract_value(r, 0)
+
+
+def _mask8_text() -> str:
+    """mask_block for 8 values, the key and serial fetched once: ids id..id+7."""
+    head = ["movq2dq %mm6, $8", "movq2dq %mm7, $10", "punpcklqdq $10, $8",  # $8 = the key
+            "movq2dq %mm5, $9", "pslldq $$8, $9",  # $9 = serial << 64
+            "mov $20, $11"]  # $11 = the id
+    body = []
+    for j in range(8):
+        body += ["movq $11, $10", "por $9, $10", "pxor $8, $10", "aesenc $8, $10",
+                 f"pxor $10, ${j}"]
+        if j < 7:
+            body.append("inc $11")
+    return "\n\t".join(head + body)
+
+
+_V8 = ", ".join(f"x{j}: v128" for j in range(8))
+
+
+@intrinsic(f"({_V8}, id: u64) -> (v128, v128, v128, v128, v128, v128, v128, v128)",
+           group=PLATFORM, evaluate=ask_env(),
+           doc="mask_block of 8 values for ids id..id+7 (same masks, fewer instructions)",
+           unpack_reason="mask8 returns eight values: a, b, ... = mask8(...)")
+def mask8(em: Emitter, *vals: ir.Value) -> list[ir.Value]:
+    xs, blk = list(vals[:8]), vals[8]
+    t = xs[0].type
+    st = ir.LiteralStructType([t] * 11 + [I64])
+    cons = ",".join(["=x"] * 8 + ["=&x"] * 3 + ["=&r"] + [str(j) for j in range(8)] + ["r"])
+    r = em.asm(st, _mask8_text(), cons + ",~{flags}", [*xs, blk])
+    return [em.b.extract_value(r, j) for j in range(8)]
+
+
+@intrinsic("()", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="EMMS: mark the x87 stack free again (native test entry points, after MMX use)")
+def emms(em: Emitter) -> None:
+    _alone(em, "emms")
+
+
+@intrinsic("(p: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="load the IDT register from the 10-byte limit/base at p")
+def lidt(em: Emitter, p: ir.Value) -> None:
+    em.asm(VOID, "lidt ($0)", "r,~{memory}", [p])
+
+
+@intrinsic("() -> u64", group=PLATFORM, evaluate=ask_env(), doc="the faulting address of a #PF")
+def read_cr2(em: Emitter) -> ir.Value:
+    return em.asm(I64, "mov %cr2, $0", "=r", [])
+
+
+@intrinsic("() -> u16", group=PLATFORM, evaluate=ask_env(), doc="the code segment selector")
+def read_cs(em: Emitter) -> ir.Value:
+    return em.asm(ir.IntType(16), "mov %cs, $0", "=r", [])
+
+
+@intrinsic("(rsp: u64, rip: u64)", group=PLATFORM, evaluate=ask_env(),
+           doc="continue at rip on the stack rsp, never returning (leave an exception handler)")
+def resume_at(em: Emitter, rsp: ir.Value, rip: ir.Value) -> None:
+    em.asm(VOID, "mov $0, %rsp\n\tjmp *$1", "r,r,~{memory}", [rsp, rip])
+    em.b.unreachable()
+    em.b.position_at_end(em.b.block.parent.append_basic_block("after_resume"))
 
 
 @intrinsic("() -> (u64, bool)", group=PLATFORM, evaluate=ask_env(),
@@ -597,6 +721,39 @@ def v256_bsl(em: Emitter, v: ir.Value, n: int) -> ir.Value:
            doc="shift each lane right by n bytes (vpsrldq)")
 def v256_bsr(em: Emitter, v: ir.Value, n: int) -> ir.Value:
     return _byte_shift256(em, v, n, False)
+
+
+
+def _mask8_256_text() -> str:
+    """mask8 on 8 blocks held two per ymm register ($0..$3, block 2j+l in lane l of $j): the key
+    ($4, both lanes) and (id, serial | id + 1, serial) ($5) built once from MMX in VEX encodings,
+    then one VAESENC per register; $6 = (2, 0 | 2, 0) steps the ids, $7 and $8 are scratch."""
+    head = ["movq %mm6, $8", "vmovq $8, ${4:x}", "movq %mm7, $8", "vpinsrq $$1, $8, ${4:x}, ${4:x}",
+            "vinserti128 $$1, ${4:x}, $4, $4",  # $4 = K | K
+            "movq %mm5, $8", "vmovq $8, ${7:x}", "vpslldq $$8, ${7:x}, ${7:x}",  # (0, serial)
+            "vmovq $13, ${5:x}", "vpor ${7:x}, ${5:x}, ${5:x}",  # (id, serial)
+            "lea 1($13), $8", "vmovq $8, ${6:x}", "vpor ${7:x}, ${6:x}, ${6:x}",
+            "vinserti128 $$1, ${6:x}, $5, $5",  # $5 = (id, serial | id + 1, serial)
+            "mov $$2, $8", "vmovq $8, ${6:x}", "vinserti128 $$1, ${6:x}, $6, $6"]
+    body = []
+    for j in range(4):
+        body += ["vpxor $4, $5, $7", "vaesenc $4, $7, $7", f"vpxor $7, ${j}, ${j}"]
+        if j < 3:
+            body.append("vpaddq $6, $5, $5")
+    return "\n\t".join(head + body)
+
+
+@intrinsic("(y0: v256, y1: v256, y2: v256, y3: v256, id: u64) -> (v256, v256, v256, v256)",
+           group=WIDE, features=VAES, evaluate=ask_env(),
+           doc="mask8 of the 8 blocks in four v256 (block 2j+l in lane l of yj), ids "
+               "id..id+7: bit-identical masks, one VAESENC per two blocks",
+           unpack_reason="mask8_256 returns four values: a, b, c, d = mask8_256(...)")
+def mask8_256(em: Emitter, *vals: ir.Value) -> list[ir.Value]:
+    ys, blk = list(vals[:4]), vals[4]
+    st = ir.LiteralStructType([V4I64] * 8 + [I64])
+    cons = ",".join(["=x"] * 4 + ["=&x"] * 4 + ["=&r"] + [str(j) for j in range(4)] + ["r"])
+    r = em.asm(st, _mask8_256_text(), cons, [*ys, blk])
+    return [em.b.extract_value(r, j) for j in range(4)]
 
 
 # `from helperfw import *`-style export of every built-in intrinsic (only they are registered

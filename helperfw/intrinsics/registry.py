@@ -40,7 +40,7 @@ from ..types import Type, void
 if TYPE_CHECKING:
     from llvmlite import ir
 
-    from ..dsl import Function
+    from ..dsl import Function, Routine
     from ..frontend import TV, FrontEnd
 
 # Groups, in the order docs/DSL.md lists them.
@@ -165,6 +165,9 @@ class Emitter(Protocol):
 
     def function_ref(self, fn: Function) -> ir.Function:
         """A DSL function's declaration (queued for lowering if it is new)."""
+
+    def routine_ref(self, r: Routine) -> ir.Function:
+        """An assembly routine's declaration (its text and callees join the module)."""
 
 
 class Machine(Protocol):

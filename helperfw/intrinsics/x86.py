@@ -196,3 +196,12 @@ def add32(a: int, b: int, bits: int) -> int:
         d = (((a >> (32 * i)) & 0xFFFFFFFF) + ((b >> (32 * i)) & 0xFFFFFFFF)) & 0xFFFFFFFF
         out |= d << (32 * i)
     return out
+
+
+# -- the staging masks (builtin.py's mask_block, mask8, mask8_256) --------------------------------
+
+def mask(key: int, serial: int, block_id: int) -> int:
+    """M = AESENC(K ^ (id ‖ serial), K): the mask mask_block XORs into a block, for the key K
+    (mm6 low, mm7 high), the serial (mm5) and the block's id (all modulo their widths)."""
+    w = (block_id & MASK64) | ((serial & MASK64) << 64)
+    return aesenc(w ^ key, key)

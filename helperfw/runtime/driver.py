@@ -18,7 +18,7 @@ from .efi import (
     EfiSystemTable,
     guid_bytes,
 )
-from .gcmsiv import SivKeys, siv_open, siv_seal
+from .gcmsiv import SIV_AUTH, SIV_OK, SivKeys, aad_base, siv_open, siv_seal
 from .memops import bytes_eq, wipe
 from .mirror import SetupParams, announce, mirror_setup
 from .pagetables import (
@@ -164,22 +164,23 @@ def selftest_aead() -> u32:
     scratch: Array[u8, 64]
     tag: Array[u8, 16]
     aes256_expand(k + K_KEY, addr(kgk))
-    siv_seal(addr(kgk), k + K_IV, k + K_AAD, 48, k + K_PT, addr(scratch[0]), addr(buf[0]), 64,
-             addr(tag[0]), addr(rec))
+    siv_seal(addr(kgk), k + K_IV, k + K_AAD, 48, aad_base(k + K_PT, k + K_AAD, 48),
+             addr(scratch[0]), addr(buf[0]), 64, addr(tag[0]), addr(rec))
     if not bytes_eq(addr(buf[0]), k + K_CT, 64):
         return 1
     if not bytes_eq(addr(tag[0]), k + K_TAG, 16):
         return 2
-    if not siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
-                    addr(tag[0]), addr(scratch[0]), addr(rec)):
+    base = aad_base(addr(out[0]), k + K_AAD, 48)
+    if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), base, 64, addr(tag[0]),
+                addr(scratch[0]), addr(rec)) != SIV_OK:
         return 3
     if not bytes_eq(addr(out[0]), k + K_PT, 64):
         return 4
     for i in range(64):
         out[i] = 0xEE
     buf[17] = buf[17] ^ 4
-    if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), addr(out[0]), 64,
-                addr(tag[0]), addr(scratch[0]), addr(rec)):
+    if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), base, 64, addr(tag[0]),
+                addr(scratch[0]), addr(rec)) != SIV_AUTH:
         return 5
     for i in range(64):
         if out[i] != 0xEE:

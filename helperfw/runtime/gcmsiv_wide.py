@@ -7,14 +7,23 @@ them and under emulation (unicorn and QEMU TCG's default model have no AVX), and
 whatever is left after the whole 256-byte groups the kernels here take: tails, the AAD, partial
 blocks.
 
+The kernels keep the baseline's memory discipline (gcmsiv.py's module docstring) block for block:
+the page is read (seal) or written (open) only through `bound_page()`, re-read for every group;
+whatever plaintext waits in the stage or the scratch is masked with `mask8_256`, whose masks are
+bit-identical to the baseline's `mask8`/`mask_block` for the same ids (seal's stage: the block
+index; open's scratch: the bound page + the offset of the block's 128-byte group, + its index in
+the group, as the baseline numbers them), so the two paths can finish each other's records; the
+plaintext is unmasked only in registers, and POLYVAL hashes plaintext, never masked data.
+
 The kernels are `@function(features=WIDE)`: only they may use v256 (the front end refuses it
 elsewhere), LLVM never inlines them into 128-bit code, and they run only for a record whose
 `SivKeys.wide` was set because the session chose them (`wide_choose`, once per session, in the
 mirror: the mirror vCPU's CPUID and XCR0 are whatever the host set, not the guest's).
 
 A host controls CPUID (SEV, SEV-ES without SNP): one that claims VAES on a CPU without it makes
-the first wide instruction raise #UD. The #UD handler (SEV-ES work, issue 18) ends the command
-with E_CPU and calls `wide_refuse`, so every later session takes the baseline whatever CPUID says.
+the first wide instruction raise #UD. The helper's exception handler (vcpu.mh_fault) ends the
+batch with E_FAULT and calls `wide_refuse`, so every later session takes the baseline whatever
+CPUID says.
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ from helperfw import (
     Array,
     Ptr,
     addr,
+    bound_page,
     const,
     cpuid,
     function,
+    mask8_256,
     u8,
     u32,
     u64,
@@ -50,7 +61,7 @@ from helperfw import (
 )
 
 from .aes import AES256_ROUNDS
-from .gcmsiv_keys import MSB, WIDE_BLOCKS, SivKeys, dot, karatsuba_half, reduce
+from .gcmsiv_keys import MSB, SIV_BLOCKS, WIDE_BLOCKS, SivKeys, dot, karatsuba_half, reduce
 from .platform import (
     CPUID_1_ECX_AVX,
     CPUID_1_ECX_OSXSAVE,
@@ -67,6 +78,7 @@ from .platform import (
 
 WIDE = "+avx2,+vaes,+vpclmulqdq"
 GROUP = WIDE_BLOCKS * 16  # bytes per kernel iteration: 8 ymm registers of two blocks
+HALF = SIV_BLOCKS * 16  # one mask8_256 (and one baseline group): 4 ymm registers
 
 # A session's path (HelperCtx.wide): chosen at *_BEGIN by wide_choose.
 WIDE_OFF = const(u32, 0)  # the baseline: 128-bit AES-NI and PCLMULQDQ
@@ -108,8 +120,8 @@ def wide_choose(path: u32) -> u32:
 
 @function(small=True)
 def wide_refuse(path: Ptr[u32]) -> None:
-    """For the #UD handler: the CPU refused a wide instruction CPUID promised, so later sessions
-    use the baseline whatever CPUID says (the command that faulted ends with E_CPU)."""
+    """For the #UD handler (vcpu.mh_fault): the CPU refused an instruction CPUID promised, so
+    later sessions use the baseline whatever CPUID says."""
     path[0] = WIDE_REFUSED
 
 
@@ -135,31 +147,22 @@ def _mul2(x: v256, k: Ptr[SivKeys], j: u64, acc: Ptr[v256]) -> None:
     acc[1] = acc[1] ^ vpclmulqdq256(vpshufd256(x, 0x4E) ^ x, v256_load(addr(k.hk[2 * j])), 0x00)
 
 
-@function(features=WIDE, noinline=True)
-def absorb_wide(k: Ptr[SivKeys], s: v128, p: Ptr[u8], stage: Ptr[u8], n: u64) -> v128:
-    """POLYVAL of the whole 256-byte groups at p into s, each copied to stage unless it is null:
-    16 blocks per reduction. The blocks that do not depend on s are multiplied first, while the
-    previous group's reduction, the chain from one group to the next, completes."""
-    acc: Array[v256, 3]
-    a = addr(acc[0])
-    z = v256_broadcast(v128_make(0, 0))
-    off: u64 = 0
-    while n - off >= GROUP:
-        acc[0] = z
-        acc[1] = z
-        acc[2] = z
-        for j in unroll(1, WIDE_BLOCKS // 2):
-            x = v256_load(p + off + 32 * j)
-            if stage != 0:
-                v256_store(stage + off + 32 * j, x)
-            _mul2(x, k, j, a)
-        x = v256_load(p + off)
-        if stage != 0:
-            v256_store(stage + off, x)
-        _mul2(x ^ v256_make(s, v128_make(0, 0)), k, 0, a)
-        s = _fold_reduce(a)
-        off += GROUP
-    return s
+@function(features=WIDE)
+def _mul8(k: Ptr[SivKeys], acc: Ptr[v256], j: u64, x0: v256, x1: v256, x2: v256,
+          x3: v256) -> None:
+    """_mul2 of four registers, pairs j..j+3: one half group."""
+    _mul2(x0, k, j, acc)
+    _mul2(x1, k, j + 1, acc)
+    _mul2(x2, k, j + 2, acc)
+    _mul2(x3, k, j + 3, acc)
+
+
+@function(features=WIDE)
+def _store4(p: Ptr[u8], y0: v256, y1: v256, y2: v256, y3: v256) -> None:
+    v256_store(p, y0)
+    v256_store(p + 32, y1)
+    v256_store(p + 64, y2)
+    v256_store(p + 96, y3)
 
 
 @function(features=WIDE)
@@ -170,57 +173,124 @@ def _fold_reduce(acc: Ptr[v256]) -> v128:
     return reduce(lo, v256_lo(acc[1]) ^ v256_hi(acc[1]) ^ lo ^ hi, hi)
 
 
-@function(features=WIDE, noinline=True)
-def ctr_wide(k: Ptr[SivKeys], t: v128, inp: Ptr[u8], out: Ptr[u8], n: u64, s: v128,
-             hash_out: bool) -> v128:
-    """out = inp ^ the keystream from tag t over the whole 256-byte groups of n: counter blocks
-    are t with bit 127 set and its first 32 bits + i mod 2^32 (vpaddd on each block's low
-    dword), 16 in flight on 8 ymm registers to hide VAES's latency.
-
-    With `hash_out` (open), the output is also absorbed into s, which is returned, stitched:
-    during the AES rounds of group i, the carry-less products of group i-1 (read back from out,
-    the caller's private scratch) are issued, three per round, so the out-of-order core keeps
-    the carry-less multiplier busy while the AES units work. Without it (seal's second pass),
-    s comes back unchanged."""
-    st: Array[v256, 8]
-    acc: Array[v256, 3]
-    a = addr(acc[0])
+@function(features=WIDE)
+def _zero(acc: Ptr[v256]) -> None:
     z = v256_broadcast(v128_make(0, 0))
-    rk = addr(k.enc.rk[0])
-    two = v256_broadcast(v128_make(2, 0))
-    c = v256_add32(v256_broadcast(v128_make(v128_lo(t), v128_hi(t) | MSB)),
-                   v256_make(v128_make(0, 0), v128_make(1, 0)))
-    sx = v256_make(s, v128_make(0, 0))
     acc[0] = z
     acc[1] = z
     acc[2] = z
+
+
+@function(features=WIDE, noinline=True)
+def copy_wide(k: Ptr[SivKeys], s: v128, buf: Ptr[u8], n: u64, opening: bool) -> v128:
+    """The copy passes over the whole 256-byte groups of n, POLYVAL of the plaintext into s, 16
+    blocks per reduction. Seal (`opening` False): the bound page is copied to the private
+    stage `buf`, masked (ids = block indexes), each block read once and hashed as read (buf may
+    be the page). Open's copy-out: the masked scratch `buf` is unmasked into the bound page
+    (ids = the addresses stored to) and each block hashed from the register that is stored.
+    The page address is re-read from mm4 for every group. The half group without s goes first,
+    so its products overlap the previous group's reduction, the chain between groups."""
+    acc: Array[v256, 3]
+    a = addr(acc[0])
+    off: u64 = 0
+    while n - off >= GROUP:
+        page = Ptr[u8](bound_page()) + off
+        _zero(a)
+        for i in unroll(2):
+            h = 1 - i
+            p = page + HALF * h
+            q = buf + off + HALF * h
+            if opening:
+                x0, x1, x2, x3 = mask8_256(v256_load(q), v256_load(q + 32), v256_load(q + 64),
+                                           v256_load(q + 96), u64(p))
+                _store4(p, x0, x1, x2, x3)
+            else:
+                x0 = v256_load(p)
+                x1 = v256_load(p + 32)
+                x2 = v256_load(p + 64)
+                x3 = v256_load(p + 96)
+                m0, m1, m2, m3 = mask8_256(x0, x1, x2, x3, (off >> 4) + SIV_BLOCKS * h)
+                _store4(q, m0, m1, m2, m3)
+            sx = v256_make(s, v128_make(0, 0)) if h == 0 else v256_broadcast(v128_make(0, 0))
+            _mul8(k, a, u64(4 * h), x0 ^ sx, x1, x2, x3)
+        s = _fold_reduce(a)
+        off += GROUP
+    return s
+
+
+@function(features=WIDE)
+def _absorb_regs(k: Ptr[SivKeys], s: v128, g: Ptr[v256]) -> v128:
+    """POLYVAL of one group of plaintext held in g (16 blocks) into s."""
+    acc: Array[v256, 3]
+    a = addr(acc[0])
+    _zero(a)
+    _mul8(k, a, 4, g[4], g[5], g[6], g[7])
+    _mul8(k, a, 0, g[0] ^ v256_make(s, v128_make(0, 0)), g[1], g[2], g[3])
+    return _fold_reduce(a)
+
+
+@function(features=WIDE, noinline=True)
+def ctr_wide(k: Ptr[SivKeys], t: v128, inp: Ptr[u8], out: Ptr[u8], n: u64, s: v128,
+             opening: bool) -> v128:
+    """CTR over the whole 256-byte groups of n from the tag t: counter blocks are t with bit 127
+    set and its first 32 bits + i mod 2^32 (vpaddd on each block's low dword), 16 in flight on
+    8 ymm registers to hide VAES's latency.
+
+    Seal (`opening` False): inp is the masked stage, unmasked in registers (ids = block
+    indexes) just before the keystream is XORed in; out is the ciphertext; s comes back
+    unchanged. Open: inp is the ciphertext; the plaintext is masked into the private scratch
+    `out` (ids = the bound page + the group's offset + index, the addresses it is meant for) and
+    absorbed into s, which is returned. Stitched: the plaintext of group i waits in `g` and its
+    carry-less products are issued during the AES rounds of group i+1, three per round, so the
+    carry-less multiplier works while the AES units do; POLYVAL never reads the scratch."""
+    st: Array[v256, 8]
+    g: Array[v256, 8]
+    acc: Array[v256, 3]
+    a = addr(acc[0])
+    rk = addr(k.enc.rk[0])
+    two = v256_broadcast(v128_make(2, 0))
+    z = v256_broadcast(v128_make(0, 0))
+    c = v256_add32(v256_broadcast(v128_make(v128_lo(t), v128_hi(t) | MSB)),
+                   v256_make(v128_make(0, 0), v128_make(1, 0)))
+    sx = v256_make(s, v128_make(0, 0))
+    _zero(a)
     end = n & ~u64(GROUP - 1)
     off: u64 = 0
     while off < end:
-        absorb = hash_out and off != 0
+        absorb = opening and off != 0
         k0 = v256_broadcast(rk[0])
         for q in unroll(8):
             st[q] = c ^ k0
             c = v256_add32(c, two)
         for r in range(1, AES256_ROUNDS):
             if absorb and r <= 8:  # pair 8 - r of the previous group; pair 0 takes s
-                j = u64(8 - r)
-                x = v256_load(out + off - GROUP + 32 * j)
-                _mul2(x ^ (sx if j == 0 else z), k, j, a)
+                pair = u64(8 - r)
+                _mul2(g[pair] ^ (sx if pair == 0 else z), k, pair, a)
             kr = v256_broadcast(rk[r])
             for q in unroll(8):
                 st[q] = vaesenc256(st[q], kr)
         kl = v256_broadcast(rk[AES256_ROUNDS])
         for q in unroll(8):
-            v256_store(out + off + 32 * q,
-                       vaesenclast256(st[q], kl) ^ v256_load(inp + off + 32 * q))
+            st[q] = vaesenclast256(st[q], kl)
         if absorb:
             s = _fold_reduce(a)
             sx = v256_make(s, v128_make(0, 0))
-            acc[0] = z
-            acc[1] = z
-            acc[2] = z
+            _zero(a)
+        for h in unroll(2):
+            p = inp + off + HALF * h
+            q = out + off + HALF * h
+            if opening:
+                for j in unroll(4):
+                    g[4 * h + j] = st[4 * h + j] ^ v256_load(p + 32 * j)
+                m0, m1, m2, m3 = mask8_256(g[4 * h], g[4 * h + 1], g[4 * h + 2], g[4 * h + 3],
+                                           bound_page() + off + HALF * h)
+                _store4(q, m0, m1, m2, m3)
+            else:
+                x0, x1, x2, x3 = mask8_256(v256_load(p), v256_load(p + 32), v256_load(p + 64),
+                                           v256_load(p + 96), (off >> 4) + SIV_BLOCKS * h)
+                _store4(q, st[4 * h] ^ x0, st[4 * h + 1] ^ x1, st[4 * h + 2] ^ x2,
+                        st[4 * h + 3] ^ x3)
         off += GROUP
-    if hash_out and end != 0:  # the last group's products, with no AES left to hide them
-        s = absorb_wide(k, s, out + end - GROUP, Ptr[u8](0), GROUP)
+    if opening and end != 0:  # the last group's products, with no AES left to hide them
+        s = _absorb_regs(k, s, addr(g[0]))
     return s

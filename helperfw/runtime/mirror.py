@@ -61,7 +61,8 @@ from .protocol import (
     REGION_RODATA,
     BootInfo,
 )
-from .session import STACK, STACK_SIZE, HelperCtx, mh_entry
+from .session import STACK, STACK_SIZE, HelperCtx
+from .vcpu import mh_entry
 
 PT_POOL_PAGES = 32  # static tables (~10 pages) plus 1 GiB-page windows up to ~10 TiB
 PT_POOL = static(Array[u8, PT_POOL_PAGES * 4096], align=4096)

@@ -38,6 +38,16 @@ MSR_AMD64_SEV_ENABLED = 1 << 0
 MSR_AMD64_SEV_ES_ENABLED = 1 << 1
 MSR_AMD64_SEV_ES_GHCB = 0xC0010130  # the GHCB MSR (SEV-ES guest-hypervisor communication)
 
+# SVM intercept exit codes (AMD APM vol. 2 appendix C; Linux arch/x86/include/uapi/asm/svm.h):
+# what a VM exit reports to the host and, under SEV-ES, the error code of the #VC the guest gets
+SVM_EXIT_CPUID = 0x72
+SVM_EXIT_HLT = 0x78
+SVM_EXIT_IOIO = 0x7B
+SVM_EXIT_MSR = 0x7C  # RDMSR and WRMSR (EXITINFO1 0 / 1)
+SVM_EXIT_VMMCALL = 0x81
+X86_TRAP_UD = 6  # #UD, invalid opcode (e.g. an instruction CPUID promised but the CPU lacks)
+X86_TRAP_VC = 29  # #VC, the SEV-ES VMM communication exception
+
 # -- AVX state and the wide instructions (Intel SDM vol. 2A "CPUID" leaf 7, vol. 1 §13.3;
 #    AMD APM vol. 3 appendix E) ---------------------------------------------------------------
 CPUID_1_ECX_OSXSAVE = 1 << 27  # CR4.OSXSAVE is set: XGETBV may run (else it is #UD)

@@ -91,9 +91,15 @@ E_EXHAUSTED = _status(-17, "sequence space or epoch window exhausted")
 E_DISCARDED = _status(-18, "this helper installed pages in a receiving session that ended "
                            "without RECV_FINISH: it refuses every new session (one-shot "
                            "destination)")
-E_CPU = _status(-19, "the CPU refused an instruction CPUID had promised (#UD in the wide AEAD "
-                     "path: the host misreported CPUID); the command ended, later sessions use "
-                     "the baseline AES-NI path")
+E_FAULT = _status(-19, "the CPU raised an exception while the helper ran the batch (an "
+                       "instruction CPUID promised but the CPU lacks, a #VC, an unmapped page): "
+                       "the session was ended, FaultRecord says where; entry statuses are void. "
+                       "After a #UD later sessions use the baseline AEAD path (no VAES), "
+                       "whatever CPUID says")
+E_CHANGED = _status(-20, "private memory changed under the helper between a record's tag check "
+                         "and its installation (the host wrote back older ciphertext of the "
+                         "helper's scratch or of the guest page): the page was zeroed and the "
+                         "session poisoned")
 # firmware-internal: returned inside the image and reported on the console at driver load
 E_SETUP_OPTION = _status(-100, "driver load: unknown address-space option", wire=False)
 E_SETUP_HIGH_REGION = _status(-101, "driver load, shift: a region lies above 4 GiB", wire=False)
@@ -201,6 +207,8 @@ class BootInfo:
     ram_max: u64  # largest RAM window the mirror address space allows
     nregions: u32
     active: u32  # 0: no SEV or no key: the helper stays inactive
+    sev_status: u32  # MSR_AMD64_SEV as the driver read it: bit 0 SEV, bit 1 SEV-ES
+    reserved: u32
     regions: Array[Region, MAX_REGIONS]
 
 
@@ -220,6 +228,21 @@ class Control:
 
 
 CONTROL_OFFSET = 2048
+
+
+@struct
+class FaultRecord:
+    """Follows Control on page 0: the last CPU exception the helper caught (Control.status is
+    then E_FAULT). Written before the session's keys are wiped and the batch is completed."""
+
+    count: u32  # exceptions caught since the driver loaded
+    vector: u32  # 0 #DE, 6 #UD, 13 #GP, 14 #PF, 29 #VC, ...
+    error_code: u64  # pushed by the CPU (0 for vectors without one); for #VC the exit code
+    rip: u64  # faulting instruction, as an offset into the image (RVA)
+    cr2: u64  # #PF: the faulting address
+
+
+FAULT_OFFSET = CONTROL_OFFSET + Control.size
 
 
 @struct
@@ -290,4 +313,5 @@ ST_RECEIVING = 2
 ST_DONE = 3
 ST_ABORTED = 4
 
-WIRE_STRUCTS = [ImageDescriptor, MhConfig, Region, BootInfo, Control, Entry, Command, HelloReply, Envelope, EpochToken]
+WIRE_STRUCTS = [ImageDescriptor, MhConfig, Region, BootInfo, Control, FaultRecord, Entry,
+                Command, HelloReply, Envelope, EpochToken]

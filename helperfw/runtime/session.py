@@ -4,8 +4,9 @@ Everything the host wrote is copied into private memory (`HelperCtx.cmd`, `.env`
 before any field is examined, and every field is read from that copy only, so a host rewriting
 the mailbox while the helper runs can change nothing but the ciphertext it gets back. Guest
 memory is written only after a record's tag verified (`siv_open` decrypts into a private
-scratch page and copies out on success); a page is sealed from a private snapshot of it, so
-what is encrypted is what was authenticated.
+scratch page, copies out on success and reads the page back: a host that rewound the scratch
+in between gets the page zeroed and E_CHANGED); a page is sealed from a private snapshot of it,
+so what is encrypted is what was authenticated.
 
 Sessions are fresh on both sides: the destination's RECV_BEGIN draws a `challenge` with RDRAND,
 the source's SEND_BEGIN takes it and draws the `session_id`, and the session keys bind both
@@ -19,8 +20,8 @@ from helperfw import (
     Array,
     Ptr,
     addr,
+    emms,
     function,
-    hlt,
     i32,
     mfence,
     rdrand64,
@@ -41,7 +42,15 @@ from helperfw import (
 )
 
 from .aes import Aes256Key, aes256_block, aes256_expand, aes256_expand_v
-from .gcmsiv import SivKeys, siv_open, siv_open_on, siv_seal, siv_seal_on
+from .gcmsiv import (
+    SIV_CHANGED,
+    SIV_OK,
+    SivKeys,
+    siv_open,
+    siv_open_on,
+    siv_seal,
+    siv_seal_on,
+)
 from .gcmsiv_wide import wide_choose
 from .memops import copy_mem, wipe
 from .pagetables import MAP_ENC, MAP_W, PAGE_1G, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
@@ -56,6 +65,7 @@ from .protocol import (
     E_BAD_COUNT,
     E_BAD_OP,
     E_BAD_STATE,
+    E_CHANGED,
     E_DISCARDED,
     E_EPOCH,
     E_EXHAUSTED,
@@ -135,7 +145,10 @@ class HelperCtx:
     regions: Array[Region, MAX_REGIONS]
     flags: u32
     state: u32
-    last_bell: u64
+    last_bell: u64  # doorbell of the last batch handled
+    cur_bell: u64  # doorbell of the batch in hand (a fault completes it: vcpu.mh_fault)
+    sev_status: u32  # MSR_AMD64_SEV at driver load: bit 0 SEV, bit 1 SEV-ES
+    faults: u32  # CPU exceptions caught (vcpu.mh_fault)
     processed: u32
     poisoned: u32  # RECEIVING saw a refusal: RECV_FINISH can never succeed
     session_id: u64
@@ -421,9 +434,9 @@ def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
     env.challenge = c.challenge
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, seq)
-    siv_seal_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
-                Ptr[u8](c.ram_base + ram_addr), addr(c.scratch[0]),
-                Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]), addr(c.rec))
+    siv_seal_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN, c.ram_base,
+                addr(c.scratch[0]), Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE,
+                addr(env.tag[0]), addr(c.rec))
     copy_mem(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
     count_record(c, ram_addr, seq)
 
@@ -462,8 +475,8 @@ def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64
     t.challenge = c.challenge
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), nonce_epoch, 0)
-    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, addr(c.scratch[0]),
-             addr(c.scratch[0]), addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.rec))
+    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, 0, addr(c.scratch[0]),
+             addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.rec))  # no data: no page
     copy_mem(Ptr[u8](mailbox_slot(c, 0)), Ptr[u8](t), sizeof(EpochToken))
 
 
@@ -541,6 +554,16 @@ def bind_session(c: Ptr[HelperCtx]) -> i32:
 
 
 @function
+def siv_status(r: u32) -> i32:
+    """siv_open's result as a wire status."""
+    if r == SIV_OK:
+        return OK
+    if r == SIV_CHANGED:
+        return E_CHANGED
+    return E_AUTH
+
+
+@function
 def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
     copy_mem(Ptr[u8](addr(c.env)), Ptr[u8](slot), sizeof(Envelope))
     env = addr(c.env)
@@ -561,10 +584,13 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
         return E_REPLAY  # this page already came in this epoch (see installed_slot)
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
-    if not siv_open_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
-                       Ptr[u8](slot + sizeof(Envelope)), Ptr[u8](c.ram_base + ram_addr),
-                       PAGE_SIZE, addr(env.tag[0]), addr(c.scratch[0]), addr(c.rec)):
-        return E_AUTH
+    r = siv_open_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
+                    Ptr[u8](slot + sizeof(Envelope)), c.ram_base, PAGE_SIZE, addr(env.tag[0]),
+                    addr(c.scratch[0]), addr(c.rec))
+    if r == SIV_CHANGED:
+        c.installed_any = 1  # the page was written (and zeroed): one-shot applies
+    if r != SIV_OK:
+        return siv_status(r)
     c.installed_any = 1
     c.seen[off >> 6] = c.seen[off >> 6] | bit
     c.installed[slot_i] = ram_addr | 1
@@ -608,10 +634,9 @@ def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i3
         return E_REPLAY
     nonce: Array[u8, 16]
     make_nonce(addr(nonce[0]), FINISH_EPOCH if nonce_epoch_is_finish else t.epoch, 0)
-    if not siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, addr(c.scratch[0]),
-                    addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.scratch[0]), addr(c.rec)):
-        return E_AUTH
-    return OK
+    return siv_status(siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN,
+                               addr(c.scratch[0]), 0, 0, addr(t.tag[0]), addr(c.scratch[0]),
+                               addr(c.rec)))  # no data: no page
 
 
 @function(small=True)  # once per session or epoch
@@ -719,6 +744,7 @@ def process_batch(c: Ptr[HelperCtx]) -> None:
     c.processed = 0
     st: i32 = E_BAD_STATE
     if bell != c.last_bell:
+        c.cur_bell = bell
         copy_mem(Ptr[u8](addr(c.cmd)), Ptr[u8](mailbox_command(c)), sizeof(Command))
         c.refused = 0
         st = dispatch(c)
@@ -731,16 +757,6 @@ def process_batch(c: Ptr[HelperCtx]) -> None:
     vstore(addr(ctl.completed), bell)
 
 
-@function(abi="c", name="mh_entry")
-def mh_entry() -> None:
-    """The mirror vCPU starts here (RIP from BootInfo) and never returns: each HLT hands the
-    batch back to the host, which re-enters after the HLT with the next doorbell."""
-    c = addr(CTX)
-    while True:
-        process_batch(c)
-        hlt()
-
-
 # -- native test entry points (the host plays both sides in-process) ----------------------------
 @function(abi="c")
 def mh_test_ctx_size() -> u64:
@@ -750,6 +766,7 @@ def mh_test_ctx_size() -> u64:
 @function(abi="c")
 def mh_test_process(c: Ptr[HelperCtx]) -> i32:
     process_batch(c)
+    emms()  # the staging masks used MMX registers: leave the x87 stack free for the host
     return Ptr[Control](c.mailbox + CONTROL_OFFSET).status
 
 

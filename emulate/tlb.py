@@ -1,0 +1,119 @@
+"""A vCPU's address translation: unicorn's TLB filled from the Python page walk.
+
+Why: unicorn honours only 40 physical-address bits, so with C-bit 47/51 or mirror GPAs at 2^42+
+its own walker faults. The vCPU runs with UC_TLB_VIRTUAL and this UC_HOOK_TLB_FILL walks the
+guest's tables (emulate.mmu), resolves the GPA through the VM's memslots to a host-physical
+address, makes the memory controller present the page in the view the C-bit asks for, and hands
+unicorn that HPA (DRAM is mapped 1:1 at HPA in every Uc instance). A failed walk is kept as the
+pending page fault the run loop reports.
+
+Two more jobs ride on the fill: fetched pages are passed to the vCPU's intercept scanner (which
+hooks the instructions that exit), and the VM may narrow the permissions (KVM's dirty-log write
+protection). The park page (PARK_VA → a page of HLT bytes) lets an exit handler end a run at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from unicorn import (
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH,
+    UC_MEM_WRITE,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    Uc,
+)
+
+from emulate.memctl import PAGE
+from emulate.mmu import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, Translation, walk
+
+if TYPE_CHECKING:
+    from emulate.machine import VCpu
+
+# Park page: a VA the fill hook maps to a page of HLT bytes. Moving RIP there ends a run at once
+# (emu_stop only takes effect at the end of a translation block); unicorn also probes the page of
+# `until - 1` at the end of a run, so `until` is placed right after it.
+PARK_VA = 0xFFFF_FFFF_FFFF_E000
+UNTIL_VA = PARK_VA + PAGE
+HLT = b"\xf4"
+
+
+class Tlb:
+    """Translation for one vCPU: `translate`, guest-virtual reads/writes, and the fill hook."""
+
+    def __init__(self, vcpu: VCpu) -> None:
+        self.vcpu = vcpu
+        self.vm = vcpu.vm
+        self.mc = vcpu.vm.mc
+        self.fills = 0
+        self.pending_pf: PageFault | None = None  # the first failed walk of the current run
+        uc = vcpu.uc
+        self.park_hpa = self.mc.size  # one page just above DRAM, private to this Uc
+        uc.mem_map(self.park_hpa, PAGE, UC_PROT_ALL)
+        uc.mem_write(self.park_hpa, HLT * PAGE)
+        uc.hook_add(UC_HOOK_TLB_FILL, self.on_fill)
+
+    def _read_qword(self, gpa: int, encrypted: bool) -> int:
+        hpa = self.vm.gpa_to_hpa(gpa)
+        if hpa is None:
+            raise PageFault(gpa, ACCESS_READ, 0, f"page-table GPA {gpa:#x} not in any memslot",
+                            gpa_missing=gpa)
+        return int.from_bytes(self.mc.guest_read(hpa, 8, self.vm.key_id, encrypted), "little")
+
+    def translate(self, va: int, access: str = ACCESS_READ) -> tuple[Translation, int]:
+        """(translation, hpa) for `va` with the vCPU's CR3; raises PageFault."""
+        t = walk(self._read_qword, self.vcpu.regs["cr3"], va, access, self.vm.layout)
+        hpa = self.vm.gpa_to_hpa(t.gpa)
+        if hpa is None:
+            raise PageFault(va, access, 0, f"GPA {t.gpa:#x} not in any memslot",
+                            gpa_missing=t.gpa)
+        return t, hpa
+
+    def read_virt(self, va: int, n: int) -> bytes:
+        """Read guest-virtual memory as the guest sees it (Python walk; no state change)."""
+        out = bytearray()
+        end = va + n
+        while va < end:
+            ln = min(PAGE - va % PAGE, end - va)
+            t, hpa = self.translate(va)
+            out += self.mc.guest_read(hpa, ln, self.vm.key_id, t.encrypted)
+            va += ln
+        return bytes(out)
+
+    def write_virt(self, va: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            ln = min(PAGE - (va + pos) % PAGE, len(data) - pos)
+            t, hpa = self.translate(va + pos, ACCESS_WRITE)
+            self.mc.guest_write(hpa, data[pos : pos + ln], self.vm.key_id, t.encrypted)
+            pos += ln
+
+    def on_fill(self, uc: Uc, va: int, kind: int, entry: object, _ud: object) -> bool:
+        """UC_HOOK_TLB_FILL: walk, convert the page's view, set paddr/perms (False: #PF)."""
+        self.fills += 1
+        page_va = va & ~(PAGE - 1)
+        if page_va == PARK_VA:
+            entry.paddr, entry.perms = self.park_hpa, UC_PROT_READ | UC_PROT_EXEC  # type: ignore[attr-defined]
+            return True
+        access = ACCESS_FETCH if kind == UC_MEM_FETCH else (
+            ACCESS_WRITE if kind == UC_MEM_WRITE else ACCESS_READ)
+        try:
+            t, hpa = self.translate(va, access)
+        except PageFault as pf:
+            if self.pending_pf is None:
+                self.pending_pf = pf
+            return False
+        page_hpa = hpa & ~(PAGE - 1)
+        self.mc.make_state(page_hpa, PAGE, self.vm.key_id, t.encrypted)
+        perms = UC_PROT_READ | (UC_PROT_WRITE if t.writable else 0) | (
+            UC_PROT_EXEC if t.executable else 0)
+        if t.executable:
+            self.mc.exec_pages.add(page_hpa)
+        if access == ACCESS_FETCH:
+            self.vcpu.intercepts.page_fetched(page_va, page_hpa)
+        entry.paddr = page_hpa  # type: ignore[attr-defined]
+        entry.perms = self.vm.fill_permissions(page_hpa, kind == UC_MEM_WRITE, perms)  # type: ignore[attr-defined]
+        return True
