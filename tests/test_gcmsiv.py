@@ -429,15 +429,53 @@ def test_the_page_is_base_plus_the_aads_ram_addr(siv: Siv) -> None:
 
 
 def _open_rewound(siv: Siv, key: bytes, nonce: bytes, aad: bytes, record: bytes, out,
-                  old: bytes, serial: int, path: int | None = None) -> int:
+                  old: bytes, serial: int, path: int | None = None, check: int = 1) -> int:
     """mh_test_siv_open_rewound: open `record` into `out`, the scratch replaced by `old` between
-    the tag check and the copy-out (the host writing back an older ciphertext of it)."""
+    the tag check and the copy-out (the host writing back an older ciphertext of it); check=0
+    skips the copy-out's hash comparison (a control)."""
     n = len(record) - 16
     k, i, a, c, t, scratch, o = (buf(x) for x in (key, nonce, aad, record[:n], record[n:],
                                                   n, old))
     return siv.img.call("mh_test_siv_open_rewound", A(k), A(i), A(a), len(aad), A(c), A(out),
                         n, A(t), A(scratch), siv.path if path is None else path, A(siv.mkey),
-                        A(o), serial)
+                        A(o), serial, check)
+
+
+def _seal_rewound(siv: Siv, key: bytes, nonce: bytes, aad: bytes, pt: bytes, old: bytes | None,
+                  serial: int) -> tuple[bytes, bytes]:
+    """(record, stage) of mh_test_siv_seal_rewound: `pt` sealed under `serial`, the stage
+    replaced by `old` between the hash pass and the CTR pass (None: by its own content, no
+    rewind)."""
+    n = len(pt)
+    k, i, a, p, stage, c, t = (buf(x) for x in (key, nonce, aad, pt, n, n, 16))
+    o = buf(old if old is not None else masked(pt, stage_ids(n), serial))
+    siv.img.call("mh_test_siv_seal_rewound", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c),
+                 n, A(t), siv.path, A(siv.mkey), A(o), serial)
+    return bytes(c)[:n] + bytes(t), bytes(stage)[:n]
+
+
+@pytest.mark.parametrize("serial", [2, 1], ids=["next-serial", "serial-rolled-back"])
+def test_stage_rewound_between_the_passes_gives_noise(siv: Siv, serial: int) -> None:
+    """test_hostile_rollback's stage rewind on this path: one nonce three times (a rolled-back
+    source context): page Y (secret), page X (known), then X again with the stage written back,
+    between the hash and the CTR pass, to what it held for Y. The third record is what the CTR
+    pass makes of Y's masked stage under X's keystream; XORed with the second and X it gives
+    Y's stage unmasked with this record's masks. Their serial (mm5) has moved on, which no
+    memory rollback can undo: noise, not one block of Y. The control (`serial-rolled-back`:
+    the masks repeated, as if mm5 were in memory) recovers all of Y, so the test can fail."""
+    rng = random.Random(f"stage-rewind-{siv.path}")
+    key, nonce = rng.randbytes(32), rng.randbytes(12)
+    aad = _envelope_aad(rng, 0x5000)
+    page_x, page_y = rng.randbytes(4096), rng.randbytes(4096)
+    _, stage_y = _seal_rewound(siv, key, nonce, aad, page_y, None, 1)
+    rec_x, _ = _seal_rewound(siv, key, nonce, aad, page_x, None, 1)
+    assert stage_y == masked(page_y, stage_ids(4096))
+    assert rec_x == AESGCMSIV(key).encrypt(nonce, page_x, aad)  # the wrapper seals genuinely
+    rec_x2, _ = _seal_rewound(siv, key, nonce, aad, page_x, stage_y, serial)
+    assert rec_x2[4096:] == rec_x[4096:] and rec_x2 != rec_x  # X's tag; the rewind landed
+    guess = bytes(a ^ b ^ c for a, b, c in zip(rec_x2, rec_x, page_x))
+    leaked = [j for j in range(0, 4096, 16) if guess[j:j + 16] == page_y[j:j + 16]]
+    assert len(leaked) == (256 if serial == 1 else 0), f"{len(leaked)} blocks of Y recovered"
 
 
 @pytest.mark.parametrize("serial", [1, 2], ids=["same-serial", "next-serial"])
@@ -465,6 +503,13 @@ def test_scratch_rewound_before_the_copy_out_installs_nothing(siv: Siv, serial: 
     got = bytes(out)
     assert not [j for j in range(0, 4096, 16) if got[j:j + 16] == page_a[j:j + 16]]
     assert (r, got) == (gcmsiv.SIV_CHANGED, bytes(4096))
+    # the control: without the copy-out's check the same rewind installs with SIV_OK what the
+    # masks make of A's scratch: A itself under a repeated serial, noise under the next one
+    r = _open_rewound(siv, key, nb, aad, rec_b, out, old, serial, check=0)
+    got = bytes(out)
+    a_blocks = len([j for j in range(0, 4096, 16) if got[j:j + 16] == page_a[j:j + 16]])
+    assert (r, a_blocks) == (gcmsiv.SIV_OK, 256 if serial == 1 else 0)
+    assert got != page_b
     # the same wrapper with B's own scratch (no rewind) installs B: the refusal above is the
     # rewind's doing
     r = _open_rewound(siv, key, nb, aad, rec_b, out, masked(page_b, scratch_ids(A(out), 4096)), 1)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.codegen.pipeline import build
-from helperfw.interp import Env, InterpError, Interpreter
+from helperfw.interp import Env, InterpError, Interpreter, MmxMasks
 from helperfw.native import NativeImage
 from helperfw.runtime import gcmsiv
 from helperfw.runtime import platform as PF
@@ -324,3 +325,131 @@ def test_both_paths_on_the_interpreter(path: int, n: int) -> None:
     r = it.call(gcmsiv.mh_test_siv_open, at["key"], at["nonce"], at["aad"], 48, at["ct"],
                 at["out"], n, at["tag"], at["scratch"], path, at["mkey"])
     assert r == gcmsiv.SIV_AUTH and bytes(mem[lay["out"]:lay["out"] + n]) == bytes(n)
+
+
+# -- the rewinds on an emulated VAES CPU (the interpreter), with the defences' controls --------
+
+class NoMasks(MmxMasks):
+    """The platform without the register-anchored masks (every mask zero; the page is still
+    bound through mm4): the code before that defence, for the controls below."""
+
+    def _m(self, block_id: int) -> int:
+        return 0
+
+
+INTERP_AT = {"key": 0, "nonce": 64, "aad": 128, "mkey": 192, "tag": 208, "pt": 0x1000,
+             "stage": 0x2000, "ct": 0x3000, "out": 0x4000, "scratch": 0x5000, "old": 0x6000}
+
+
+class InterpSiv:
+    """The AEAD's C-ABI test wrappers on the reference interpreter (any host: it models VAES,
+    VPCLMULQDQ and the MMX-held masks), buffers at fixed addresses of one mapped region."""
+
+    BASE = 0x100000
+
+    def __init__(self, env: MmxMasks, path: int, key: bytes, aad: bytes) -> None:
+        from tests.test_gcmsiv import MKEY
+
+        self.it, self.path, self.aad_len = Interpreter(env=env), path, len(aad)
+        self.mem = self.it.memory.map(self.BASE, bytearray(0x7000))
+        self.put("key", key)
+        self.put("aad", aad)
+        self.put("mkey", b"".join(x.to_bytes(8, "little") for x in MKEY))
+
+    def a(self, name: str) -> int:
+        return self.BASE + INTERP_AT[name]
+
+    def put(self, name: str, data: bytes) -> None:
+        self.mem[INTERP_AT[name]:INTERP_AT[name] + len(data)] = data
+
+    def get(self, name: str, n: int) -> bytes:
+        return bytes(self.mem[INTERP_AT[name]:INTERP_AT[name] + n])
+
+    def seal_rewound(self, nonce: bytes, pt: bytes, old: bytes, serial: int) -> bytes:
+        """The record of pt sealed under `serial`, the stage replaced by old between the
+        passes (mh_test_siv_seal_rewound)."""
+        n = len(pt)
+        self.put("nonce", nonce)
+        self.put("pt", pt)
+        self.put("old", old)
+        self.it.call(gcmsiv.mh_test_siv_seal_rewound, self.a("key"), self.a("nonce"),
+                     self.a("aad"), self.aad_len, self.a("pt"), self.a("stage"), self.a("ct"),
+                     n, self.a("tag"), self.path, self.a("mkey"), self.a("old"), serial)
+        return self.get("ct", n) + self.get("tag", 16)
+
+    def open_rewound(self, nonce: bytes, record: bytes, old: bytes, serial: int,
+                     check: int = 1) -> int:
+        """mh_test_siv_open_rewound of record into `out`, the scratch replaced by old between
+        the tag check and the copy-out."""
+        n = len(record) - 16
+        self.put("nonce", nonce)
+        self.put("ct", record[:n])
+        self.put("tag", record[n:])
+        self.put("old", old)
+        return self.it.call(gcmsiv.mh_test_siv_open_rewound, self.a("key"), self.a("nonce"),
+                            self.a("aad"), self.aad_len, self.a("ct"), self.a("out"), n,
+                            self.a("tag"), self.a("scratch"), self.path, self.a("mkey"),
+                            self.a("old"), serial, check)
+
+
+def _blocks_of(page: bytes, got: bytes) -> int:
+    return len([j for j in range(0, len(page), 16) if got[j:j + 16] == page[j:j + 16]])
+
+
+@pytest.mark.parametrize("masks", ["masks", "no-masks"])
+@pytest.mark.parametrize("path", [WIDE_ON.value, WIDE_OFF.value], ids=["wide", "base"])
+def test_stage_rewind_on_an_emulated_vaes_cpu(path: int, masks: str) -> None:
+    """test_hostile_rollback's stage rewind (tests/test_gcmsiv.py's native form) with the wide
+    path forced on an emulated VAES CPU: one nonce for page Y, page X, then X with the stage
+    written back between the passes to Y's, in the next record (mm5 moved on). With the masks
+    the third record XOR the second XOR X is noise; without them (NoMasks, the control) it is
+    all of Y: the test fails without the defence."""
+    from tests.test_gcmsiv import masked, stage_ids
+
+    rng = random.Random(f"interp-stage-{path}")
+    key, nonce, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(48)
+    page_x, page_y = rng.randbytes(PAGE), rng.randbytes(PAGE)
+    env = MmxMasks() if masks == "masks" else NoMasks()
+    siv = InterpSiv(env, path, key, aad)
+    own_y = masked(page_y, stage_ids(PAGE)) if masks == "masks" else page_y
+    siv.seal_rewound(nonce, page_y, own_y, 1)  # no rewind: the stage is what it holds anyway
+    stage_y = siv.get("stage", PAGE)
+    assert stage_y == own_y
+    own_x = masked(page_x, stage_ids(PAGE)) if masks == "masks" else page_x
+    rec_x = siv.seal_rewound(nonce, page_x, own_x, 1)
+    assert rec_x == AESGCMSIV(key).encrypt(nonce, page_x, aad)
+    rec_x2 = siv.seal_rewound(nonce, page_x, stage_y, 2)
+    guess = bytes(a ^ b ^ c for a, b, c in zip(rec_x2, rec_x, page_x))
+    assert _blocks_of(page_y, guess) == (0 if masks == "masks" else PAGE // 16)
+
+
+@pytest.mark.parametrize("defence", ["masks+check", "masks", "check", "none"])
+@pytest.mark.parametrize("path", [WIDE_ON.value, WIDE_OFF.value], ids=["wide", "base"])
+def test_scratch_rewind_on_an_emulated_vaes_cpu(path: int, defence: str) -> None:
+    """The destination's scratch written back, between record B's tag check and its copy-out,
+    to what it held for record A, opened just before into the same page (next serial), with
+    the wide path forced on an emulated VAES CPU. With the copy-out's check B is zeroed and
+    SIV_CHANGED; with the masks alone noise is installed with SIV_OK; with neither (the
+    control) page A is installed at B with SIV_OK."""
+    from tests.test_gcmsiv import masked, scratch_ids
+
+    rng = random.Random(f"interp-scratch-{path}")
+    key, aad = rng.randbytes(32), rng.randbytes(48)
+    page_a, page_b = rng.randbytes(PAGE), rng.randbytes(PAGE)
+    na, nb = rng.randbytes(12), rng.randbytes(12)
+    rec_a = AESGCMSIV(key).encrypt(na, page_a, aad)
+    rec_b = AESGCMSIV(key).encrypt(nb, page_b, aad)
+    env = MmxMasks() if "masks" in defence else NoMasks()
+    check = int("check" in defence)
+    siv = InterpSiv(env, path, key, aad)
+    out = siv.a("out")
+    own_a = masked(page_a, scratch_ids(out, PAGE)) if "masks" in defence else page_a
+    assert siv.open_rewound(na, rec_a, own_a, 1, check) == gcmsiv.SIV_OK  # no rewind: A
+    assert siv.get("out", PAGE) == page_a and siv.get("scratch", PAGE) == own_a
+    r = siv.open_rewound(nb, rec_b, own_a, 2, check)
+    got = siv.get("out", PAGE)
+    if check:
+        assert (r, got) == (gcmsiv.SIV_CHANGED, bytes(PAGE))
+    else:
+        assert r == gcmsiv.SIV_OK and got != page_b
+        assert _blocks_of(page_a, got) == (0 if defence == "masks" else PAGE // 16)
