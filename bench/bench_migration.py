@@ -5,7 +5,8 @@ keeps up with pre-copy; this puts numbers on both for each address-space option 
 image (run `python build.py` first). Each run migrates a guest that keeps dirtying memory.
 `--protocol N` also seals and opens the same N private pages through the same helpers with
 64-page batches and with one page per command (the RFC's granularity), to isolate the protocol.
-Run: python bench/bench_migration.py [--mem 64M] [--cbit 47] [--transport tcp] [--protocol N]
+Run: python bench/bench_migration.py [--mem 64M] [--cbit 47] [--transport tcp] [--sev-es]
+[--protocol N]
 """
 
 from __future__ import annotations
@@ -108,13 +109,15 @@ def main() -> None:
     ap.add_argument("--mem", type=parse_size, default=parse_size("64M"))
     ap.add_argument("--cbit", type=int, default=47)
     ap.add_argument("--transport", default="tcp")
+    ap.add_argument("--sev-es", action="store_true", help="SEV-ES guests (the guest parks)")
     ap.add_argument("--protocol", type=int, default=0, metavar="N",
                     help="also compare 64-page batches with one page per command on N pages")
     args = ap.parse_args()
     rows = []
     for opt in OPTION_NAMES:
         rows.append(measure(MigrationParams(mem=args.mem, option=opt, cbit=args.cbit,
-                                            transport=args.transport, verify=False)))
+                                            transport=args.transport, verify=False,
+                                            sev_es=args.sev_es)))
     print(table(["option", "pages", "pages/s", "exits/page", "rounds", "MiB wire", "seconds"],
                 [[r["option"], r["pages"], r["pages_per_s"], r["exits_per_page"], r["rounds"],
                   r["wire_mib"], r["seconds"]] for r in rows]))
@@ -126,7 +129,7 @@ def main() -> None:
                     [[r["batch"], r["exits_per_page_per_side"], r["src_pages_per_s"],
                       r["dst_pages_per_s"], r["src_ms_per_command"]] for r in proto]))
     print(json_line("migration", mem=args.mem, cbit=args.cbit, transport=args.transport,
-                    runs=rows, **({"protocol": proto} if proto else {})))
+                    sev_es=args.sev_es, runs=rows, **({"protocol": proto} if proto else {})))
 
 
 if __name__ == "__main__":

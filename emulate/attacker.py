@@ -6,7 +6,10 @@ DRAM ciphertext of any private page and can write it back later at the same host
 address, where the guest then reads its *old* plaintext (the memory controller binds ciphertext
 to key and address, not to time). The host also reads and writes every shared page at any
 moment, decides when a vCPU runs and for how many instructions (preemption at any instruction
-boundary), and, on plain SEV only, reads and writes every register at every exit.
+boundary), and, on plain SEV only, reads and writes every register at every exit. Every
+register access here goes through the vCPU's host API (`VCpu.get`, `save_state`...), which
+refuses a launched SEV-ES vCPU: its VMSA is encrypted and integrity-checked, so a snapshot of
+an SEV-ES machine keeps DRAM but cannot keep (or put back) its registers.
 
 Everything here works on host-physical addresses (HPAs: offsets into the MemoryController's
 DRAM) because that is the host's view; `page_hpas` turns a guest range into them.
@@ -87,7 +90,7 @@ class HostHands:
                          hpas: Iterable[int] | None = None) -> MachineSnapshot:
         """All of DRAM, or only the pages `hpas` (faster; valid when nothing else changes)."""
         mc = self.mc
-        ctxs = [(v, v.uc.context_save()) for v in vcpus]
+        ctxs = [(v, v.save_state()) for v in vcpus]
         if hpas is None:
             return MachineSnapshot({}, bytes(mc.mem), list(mc.state), ctxs)
         pages = {h & ~(PAGE - 1): (bytes(mc.mem[h & ~(PAGE - 1):(h & ~(PAGE - 1)) + PAGE]),
@@ -105,7 +108,7 @@ class HostHands:
             mc.mem[:] = snap.dram
             mc.state[:] = snap.states
         for v, ctx in snap.contexts:
-            v.uc.context_restore(ctx)
+            v.restore_state(ctx)
         for v, _ in snap.contexts:
             v.flush_tlb()
             v._mark_code_dirty()
@@ -113,6 +116,7 @@ class HostHands:
     # -- registers (plain SEV: the host sees and sets them at every exit) ------------------------
     @staticmethod
     def registers(vcpu: VCpu, names: Iterable[str]) -> dict[str, int]:
+        """Raises RegisterAccessDenied for a launched SEV-ES vCPU."""
         return {n: vcpu.get(n) for n in names}
 
     @staticmethod

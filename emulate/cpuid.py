@@ -35,6 +35,7 @@ EDX81_LM = 1 << 29
 
 EAX1F_SME = 1 << 0
 EAX1F_SEV = 1 << 1
+EAX1F_SEV_ES = 1 << 3
 
 KVM_FEATURE_MIGRATION_CONTROL = 17  # Documentation/virt/kvm/x86/cpuid.rst
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
@@ -46,10 +47,12 @@ def _regs_from_bytes(sig: bytes) -> tuple[int, int, int]:
 
 @dataclass
 class CpuidModel:
-    """CPUID answers. `cbit`/`reduction` feed leaf 0x8000001F; MAXPHYADDR defaults to 48 when the
-    C-bit is below 48, else 52 (what EPYC parts report). `overrides` replaces whole leaves."""
+    """CPUID answers. `cbit`/`reduction` feed leaf 0x8000001F, which reports SEV-ES (EAX bit 3)
+    when `sev_es`; MAXPHYADDR defaults to 48 when the C-bit is below 48, else 52 (what EPYC
+    parts report). `overrides` replaces whole leaves."""
 
     sev: bool = True
+    sev_es: bool = False
     cbit: int = 47
     reduction: int = 5
     maxphyaddr: int | None = None
@@ -60,6 +63,8 @@ class CpuidModel:
             self.maxphyaddr = 48 if self.cbit < 48 else 52
         if not 32 <= self.cbit < 64:
             raise ValueError(f"C-bit {self.cbit} out of range")
+        if self.sev_es and not self.sev:
+            raise ValueError("SEV-ES needs SEV")
 
     @property
     def phys_bits(self) -> int:
@@ -96,5 +101,6 @@ class CpuidModel:
             if not self.sev:
                 return (0, 0, 0, 0)
             # EBX[5:0] C-bit, EBX[11:6] physical address reduction; ECX encrypted guests; EDX min ASID
-            return (EAX1F_SME | EAX1F_SEV, self.cbit | (self.reduction << 6), 509, 1)
+            eax = EAX1F_SME | EAX1F_SEV | (EAX1F_SEV_ES if self.sev_es else 0)
+            return (eax, self.cbit | (self.reduction << 6), 509, 1)
         return (0, 0, 0, 0)

@@ -32,6 +32,10 @@ Symbolizer = Callable[[int], str]
 DUMP_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
                   *(f"r{i}" for i in range(8, 16)), "rip", "rflags", "cr0", "cr3", "cr4")
 ERROR_CODE_KINDS = ("#PF", "#GP", "#VC")  # exceptions that push an error code worth showing
+# Exception vectors by mnemonic (AMD APM vol. 2 §8.2); "vector N" names any other.
+VECTORS = {"#DE": 0, "#DB": 1, "#BP": 3, "#OF": 4, "#BR": 5, "#UD": 6, "#NM": 7, "#DF": 8,
+           "#TS": 10, "#NP": 11, "#SS": 12, "#GP": 13, "#PF": 14, "#MF": 16, "#AC": 17,
+           "#MC": 18, "#XM": 19, "#VE": 20, "#CP": 21, "#VC": 29, "#SX": 30}
 MAX_RUNS_PER_SLOT = 8  # page-view runs listed per memslot before "(+N more)"
 
 
@@ -40,6 +44,16 @@ def disassemble_one(code: bytes, rip: int) -> str:
     for insn in _CS.disasm(code, rip, 1):
         return f"{insn.mnemonic} {insn.op_str}".strip()
     return f"<undecodable {code[:8].hex()}>"
+
+
+def vector_of(kind: str) -> int | None:
+    """The exception vector a fault kind raises in the guest; None for what is no guest
+    exception (a nested-paging miss "NPF", an emulator error)."""
+    if kind in VECTORS:
+        return VECTORS[kind]
+    if kind.startswith("vector ") and kind[7:].isdigit():
+        return int(kind[7:])
+    return None
 
 
 def capture_fault(v: VCpu, kind: str, rip: int, reason: str, **kw: object) -> GuestFault:
@@ -145,6 +159,11 @@ class GuestFault(Exception):
     memory_map: list[MemRange] = field(default_factory=list)
     key_id: int = 0  # the faulting VM's key: its own pages read "C=1 key <key_id>"
     commands: list[str] = field(default_factory=list)  # last mailbox commands, oldest first
+    delivery: str = ""  # why the guest could not take it (no IDT, bad gate, ...): a triple fault
+
+    @property
+    def vector(self) -> int | None:
+        return vector_of(self.kind)
 
     def __post_init__(self) -> None:
         super().__init__(str(self))
@@ -162,6 +181,8 @@ class GuestFault(Exception):
             parts.append(f"error_code={self.error_code:#x}")
         if self.disasm:
             parts.append(f"insn: {self.disasm}")
+        if self.delivery:
+            parts.append(f"triple fault: {self.delivery}")
         return "; ".join(parts)
 
     def dump(self) -> str:

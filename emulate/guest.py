@@ -1,9 +1,10 @@
 """Loading the guest workload (`emulate.workload`, a DSL program) into a main VM, host side.
 
 `load` takes the program's built image (a LinkedImage), places it, a config page, a stack and a
-page-table pool in the main VM through the UEFI stand-in's allocator, writes the configuration
-and points the firmware's vCPU at `guest_main(cfg)`; the helpers below describe the regions and
-check what the guest wrote.
+page-table pool in the main VM through the UEFI stand-in's allocator (under SEV-ES also a GHCB,
+a control page and an AP jump table page), writes the configuration and points the firmware's
+vCPU at `guest_main(cfg)`; the helpers below describe the regions, check what the guest wrote
+and ask it to park (`request_park`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from emulate.memctl import PAGE
 from emulate.uefi import EFI_LOADER_CODE, EFI_LOADER_DATA
 from emulate.workload import (
     GR_DIRTY,
@@ -38,6 +40,7 @@ __all__ = [
     "expected_page",
     "load",
     "read_cfg",
+    "request_park",
 ]
 
 
@@ -52,7 +55,8 @@ class Region:
 
 
 def config_bytes(regions: list[Region], *, pt_pool: int, pt_pool_pages: int, hot_va: int,
-                 hot_pages: int, cold_shift: int = 3, seed: int = 1) -> bytes:
+                 hot_pages: int, cold_shift: int = 3, seed: int = 1, ghcb: int = 0,
+                 ctl: int = 0, jt: int = 0) -> bytes:
     if len(regions) > MAX_GUEST_REGIONS:
         raise ValueError(f"at most {MAX_GUEST_REGIONS} regions")
     regs = [{"va": r.va, "pages": r.pages, "flags": r.flags, "seed": r.seed} for r in regions]
@@ -61,7 +65,8 @@ def config_bytes(regions: list[Region], *, pt_pool: int, pt_pool_pages: int, hot
         magic=GUEST_MAGIC, nregions=len(regions), regions=regs, pt_pool=pt_pool,
         pt_pool_pages=pt_pool_pages, pt_pool_used=0, hot_va=hot_va, hot_pages=hot_pages,
         cold_shift=cold_shift, phase=0, rng=seed | 1, generation=0, touches=0, shared_calls=0,
-        hc_errors=0, dirty_pages=0)
+        hc_errors=0, dirty_pages=0, ghcb=ghcb, ctl=ctl, jt=jt, park_seen=0, parks=0, sev_es=0,
+        reserved=0)
 
 
 def expected_page(va: int, gen: int) -> bytes:
@@ -89,6 +94,9 @@ class LoadedGuest:
     regions: list[Region]
     hot_va: int
     hot_pages: int
+    ghcb: int = 0  # SEV-ES only: its GHCB, the host's control page, its AP jump table
+    ctl: int = 0
+    jt: int = 0
 
 
 def load(host: Host, img: LinkedImage, regions: list[Region], *, hot_va: int, hot_pages: int,
@@ -101,9 +109,12 @@ def load(host: Host, img: LinkedImage, regions: list[Region], *, hot_va: int, ho
     cfg = u.allocate_pages(1, EFI_LOADER_DATA)
     stack = u.allocate_pages(GUEST_STACK // 4096, EFI_LOADER_DATA)
     pool = u.allocate_pages(PT_POOL_PAGES, EFI_LOADER_DATA)
+    ghcb = ctl = jt = 0
+    if host.vm.sev_es:
+        ghcb, ctl, jt = (u.allocate_pages(1, EFI_LOADER_DATA) for _ in range(3))
     host.vm.write(cfg, config_bytes(regions, pt_pool=pool, pt_pool_pages=PT_POOL_PAGES,
                                     hot_va=hot_va, hot_pages=hot_pages, cold_shift=cold_shift,
-                                    seed=seed))
+                                    seed=seed, ghcb=ghcb, ctl=ctl, jt=jt))
     top = stack + GUEST_STACK
     regs = u.vcpu.regs  # the firmware starts the program: guest-side register access
     rsp = top - 16
@@ -111,8 +122,21 @@ def load(host: Host, img: LinkedImage, regions: list[Region], *, hot_va: int, ho
     regs["rsp"] = rsp - 8
     regs["rdi"] = cfg
     regs["rip"] = base + img.symbol("guest_main").rva
-    return LoadedGuest(base, cfg, top, list(regions), hot_va, hot_pages)
+    return LoadedGuest(base, cfg, top, list(regions), hot_va, hot_pages, ghcb, ctl, jt)
 
 
 def read_cfg(host: Host, g: LoadedGuest):
     return GuestCfg.parse(host.vm.read(g.cfg, GuestCfg.size))
+
+
+def request_park(host: Host, g: LoadedGuest) -> int:
+    """SEV-ES: the host asks the workload to park its vCPU (the next request number in the
+    shared control page; QEMU's write is in the migration dirty log like any other)."""
+    if not g.ctl:
+        raise ValueError("the workload has no control page (not an SEV-ES guest)")
+    hpa = host.vm.gpa_to_hpa(g.ctl)
+    assert hpa is not None
+    req = int.from_bytes(host.mc.host_read(hpa, 8), "little") + 1
+    host.mc.host_write(hpa, req.to_bytes(8, "little"))
+    host.vm.note_write(hpa & ~(PAGE - 1), PAGE)
+    return req

@@ -135,6 +135,10 @@ class KvmVM(VM):
             perms &= ~UC_PROT_WRITE
         return perms
 
+    def note_write(self, hpa: int, n: int) -> None:
+        if self.dirty_logging:
+            self.dirty_frames.update(range(hpa // PAGE, (hpa + n - 1) // PAGE + 1))
+
     def _rearm(self) -> None:
         for v in self.vcpus:
             v.flush_tlb()
@@ -180,7 +184,8 @@ class Host:
 
     `seed` (an int or a `Seeds` scope) determines every key and random stream of this host;
     `sev_status`/`sev_es` configure the main VM's MSR_AMD64_SEV and SEV-ES flag (the mirror
-    inherits them)."""
+    inherits them). With `sev_es` the CPUID model reports SEV-ES, the firmware has a GHCB and a
+    #VC handler (the UEFI stand-in), and its GHCB page is in the shared-region list from boot."""
 
     def __init__(self, name: str, blocks: list[BlockSpec], *, cbit: int = 47,
                  seed: int | Seeds = 0, mirror_only: int = 16 << 20,
@@ -192,7 +197,8 @@ class Host:
         if blocks[0].gpa != 0:
             raise ValueError("the first block is pc.ram at GPA 0 (ram_addr 0 == GPA 0)")
         self.mc = MemoryController(ram + mirror_only, rng=self.seeds.rng("dram-keys").randbytes)
-        self.vm = KvmVM(self.mc, cpuid=CpuidModel(sev=True, cbit=cbit), name=f"{name}-main",
+        self.vm = KvmVM(self.mc, cpuid=CpuidModel(sev=True, sev_es=sev_es, cbit=cbit),
+                        name=f"{name}-main",
                         rdrand=RdrandSource(self.seeds.derive("rdrand:main")),
                         sev_status=sev_status, sev_es=sev_es)
         self.cbit = cbit
@@ -226,6 +232,8 @@ class Host:
         self.vm.hypercall = self._hypercall
         self.vm.msr_write = self._msr_write
         self.vm.msr_read = lambda msr: self.migration_control
+        if sev_es:  # the firmware's early boot: its GHCB is shared, and the host learns it
+            self.uefi.report_shared_ghcb()
 
     # ---- address conversions ------------------------------------------------------------------
     def block(self, name: str) -> RamBlock:

@@ -6,7 +6,13 @@ pages under another key. A VM is a key plus KVM_SET_USER_MEMORY_REGION-style slo
 hpa), its CPUID, its MSR_AMD64_SEV value, its RDRAND source and its exit table. A VCpu is one
 unicorn instance in long mode; this module keeps its core (set-up, registers, the run loop and
 how faults end a run). Translation is `emulate.tlb`, the exits are the VM's table in
-`emulate.exits`, crash reports are `emulate.faults`.
+`emulate.exits`, crash reports are `emulate.faults`, exception delivery through the guest's IDT
+is `emulate.idt`, and an SEV-ES VM's VMGEXITs are served by `emulate.ghcb`.
+
+SEV-ES per VM (`VM(sev_es=True)`): the exit table raises #VC for every non-automatic exit, the
+vCPU holds the GHCB MSR, a VMGEXIT exits to the host (the VM's `ghcb`), a vCPU can wait in the
+AP reset hold until the host wakes it (`VCpu.sipi`), and after launch the host API refuses its
+registers (`VCpu.get/set`, `save_state/restore_state`).
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ from unicorn import (
 from unicorn import x86_const as X
 
 from emulate.cpuid import CpuidModel
-from emulate.exits import ExitHandler, Insn, Intercepts, PortIo, host_exit_table
+from emulate.exits import (
+    ExitHandler,
+    Insn,
+    Intercepts,
+    PortIo,
+    host_exit_table,
+    sev_es_exit_table,
+)
 from emulate.faults import (
     DUMP_REGISTERS,
     BudgetExhausted,
@@ -42,16 +55,19 @@ from emulate.faults import (
     capture_fault,
     fault_address,
 )
+from emulate.ghcb import GhcbHost
 from emulate.memctl import PAGE, RAW, MemoryController
 from emulate.mmu import PageFault, PhysLayout, Translation
 from emulate.rdrand import RdrandSource
 from emulate.tlb import PARK_VA, UNTIL_VA, Tlb
 from helperfw.runtime.platform import (
+    GHCB_MSR_AP_RESET_HOLD_RESP,
     KVM_ENOSYS,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     MSR_AMD64_SEV_ENABLED,
     MSR_AMD64_SEV_ES_ENABLED,
+    SVM_EXIT_NPF,
 )
 
 DEFAULT_BUDGET = 50_000_000
@@ -78,7 +94,10 @@ class MemSlot:
 
 @dataclass
 class Exit:
-    """Why `VCpu.run` returned: "hlt", "fault" (see .fault), "budget" or "stop" (a handler asked)."""
+    """Why `VCpu.run` returned: "hlt", "fault" (see .fault), "budget", "stop" (a handler asked),
+    or, under SEV-ES, "reset_hold" (the vCPU waits in the AP reset hold for `VCpu.sipi`),
+    "terminate" (the guest asked the host to end it) or "invalid" (a VMGEXIT the host cannot
+    serve: KVM fails KVM_RUN)."""
 
     reason: str
     rip: int
@@ -118,8 +137,10 @@ class VM:
     MSR_KVM_MIGRATION_CONTROL and port reads.
 
     `sev_status` (MSR_AMD64_SEV) defaults to what CPUID and `sev_es` say but is set on its own, so
-    a test can model a host whose CPUID claims SEV while the MSR denies it. A mirror inherits the
-    main VM's CPUID, SEV status and SEV-ES flag, and forks its own RDRAND stream."""
+    a test can model a host whose CPUID claims SEV while the MSR denies it; `sev_es` defaults to
+    what the CPUID model reports. A mirror inherits the main VM's CPUID, SEV status and SEV-ES
+    flag, and forks its own RDRAND stream. `ghcb` is the host's side of VMGEXIT (KVM's), with
+    the AP jump table the guest registered."""
 
     def __init__(self, mc: MemoryController, *, cpuid: CpuidModel | None = None,
                  mirror_of: VM | None = None, key: bytes | None = None, name: str = "vm",
@@ -130,7 +151,9 @@ class VM:
         self.cpuid = cpuid or (mirror_of.cpuid if mirror_of else CpuidModel())
         self.key_id = mirror_of.key_id if mirror_of else mc.new_key(key)
         self.mirror_of = mirror_of
-        self.sev_es = sev_es if sev_es is not None else bool(mirror_of and mirror_of.sev_es)
+        if sev_es is None:
+            sev_es = mirror_of.sev_es if mirror_of else self.cpuid.sev_es
+        self.sev_es = sev_es
         if sev_status is None:
             sev_status = mirror_of.sev_status if mirror_of else (
                 (MSR_AMD64_SEV_ENABLED if self.cpuid.sev else 0)
@@ -138,7 +161,8 @@ class VM:
         self.sev_status = sev_status
         self.rdrand = rdrand or (mirror_of.rdrand.fork(name) if mirror_of
                                  else RdrandSource(rdrand_seed))
-        self.exits: dict[str, ExitHandler] = host_exit_table()
+        self.exits: dict[str, ExitHandler] = sev_es_exit_table() if sev_es else host_exit_table()
+        self.ghcb = GhcbHost(self)
         self.slots: dict[int, MemSlot] = {}
         self.debug_log = bytearray()
         self.io_log: list[tuple[int, int, int]] = []
@@ -165,6 +189,10 @@ class VM:
     def note_command(self, text: str) -> None:
         """Remember a mailbox command (one line) for the crash dump of this VM's next fault."""
         self.commands.append(text)
+
+    def note_write(self, hpa: int, n: int) -> None:
+        """Guest memory [hpa, hpa+n) was written on the guest's behalf outside unicorn (an
+        exception frame the CPU pushed, firmware modelled in Python): KVM's dirty log sees it."""
 
     def fill_permissions(self, page_hpa: int, write: bool, perms: int) -> int:
         """The unicorn permissions a TLB entry for `page_hpa` gets (a `write` access filled it).
@@ -300,9 +328,14 @@ class VCpu:
         self.tlb = Tlb(self)
         self.intercepts = Intercepts(self)  # installs the hooks that catch the exits
         self.launched = False
+        self.ghcb_msr = 0  # MSR 0xC0010130: in the (encrypted) VMSA; KVM sees it on VMGEXIT
+        self.exceptions_delivered = 0  # faults the guest took through its IDT
+        self.hold: tuple[str, int] | None = None  # AP reset hold: ("msr" | "ghcb", GHCB GPA)
+        self.terminated: str | None = None  # the guest's termination request, once made
         self._code_dirty = False
         self._fault: GuestFault | None = None
         self._stop_reason: str | None = None
+        self._stop_kind = "stop"
         self._resume_rip: int | None = None
         self._hlt_at: int | None = None
         self._long_mode(rip, cr3, rsp)
@@ -337,6 +370,32 @@ class VCpu:
         """Host write of a register (KVM_SET_REGS); refused for a launched SEV-ES vCPU."""
         self._host_access(reg, "write")
         self.regs[reg] = value
+
+    def save_state(self) -> object:
+        """The whole architectural state (a host that snapshots the VM: KVM_GET_REGS, SREGS,
+        FPU, MSRs at once); refused for a launched SEV-ES vCPU (its VMSA is encrypted and
+        integrity-checked: the host can neither read it nor put an old one back)."""
+        self._host_access("state", "save")
+        return self.uc.context_save()
+
+    def restore_state(self, state: object) -> None:
+        self._host_access("state", "restore")
+        self.uc.context_restore(state)  # type: ignore[arg-type]
+
+    def sipi(self) -> None:
+        """Wake a vCPU waiting in the AP reset hold (INIT-SIPI under SEV-ES): "start this vCPU
+        at its jump table" is all a host can ask, since it cannot set the registers. As KVM
+        does, the hold's VMGEXIT completes with a non-zero result (GHCB SwExitInfo2 = 1, or the
+        MSR protocol's response bits 63:12 = 1); the guest's own hold loop then jumps through
+        the AP jump table it knows."""
+        if self.hold is None:
+            raise RuntimeError(f"{self.vm.name} vCPU {self.index} is not in the AP reset hold")
+        kind, gpa = self.hold
+        if kind == "msr":
+            self.ghcb_msr = GHCB_MSR_AP_RESET_HOLD_RESP | 1 << 12
+        else:
+            self.vm.ghcb.wake(gpa)
+        self.hold = None
 
     # ---- translation (emulate.tlb) ------------------------------------------------------------
     @property
@@ -376,6 +435,17 @@ class VCpu:
             next_rip = PARK_VA
         self.regs["rip"] = next_rip
 
+    def continue_at(self, next_rip: int) -> None:
+        """For guest software modelled in Python (the UEFI stand-in's #VC handler): continue
+        the guest at next_rip, or end the run there if the host asked to stop meanwhile."""
+        self._advance(next_rip)
+
+    def take_fault(self, kind: str, rip: int, reason: str, **kw: object) -> None:
+        """For guest software modelled in Python: the guest takes fault `kind` at `rip` now; it
+        continues at the handler its IDT names, or the run ends with the crash report."""
+        resume = self.raise_fault(kind, rip, reason, **kw)
+        self.regs["rip"] = PARK_VA if resume is None else resume
+
     def dispatch_io(self, io: PortIo) -> None:
         """An IN/OUT, from inside the instruction: its entry handles it; a fault or a stop ends
         the run at the end of the block (unicorn completes the instruction itself)."""
@@ -397,26 +467,48 @@ class VCpu:
         """The HLT at `addr` is about to end the run (a guest HLT, not the park page's)."""
         self._hlt_at = addr
 
-    def request_stop(self, reason: str = "stop") -> None:
-        """From a handler (hypercall, MSR callback): end the current run after this exit; the
-        next run resumes after the instruction."""
+    def request_stop(self, reason: str = "stop", kind: str = "stop") -> None:
+        """From a handler (hypercall, MSR callback, VMGEXIT): end the current run after this
+        exit with Exit(kind); the next run resumes after the instruction."""
         self._stop_reason = reason
+        self._stop_kind = kind
+
+    def enter_reset_hold(self, kind: str, ghcb_gpa: int = 0) -> None:
+        """VMGEXIT AP_RESET_HOLD (by the MSR or the GHCB page protocol): the run ends and the
+        vCPU waits until the host calls `sipi`."""
+        self.hold = (kind, ghcb_gpa)
+        self.request_stop("AP reset hold: waiting for INIT-SIPI", kind="reset_hold")
+
+    def terminate(self, reason: str) -> None:
+        """The guest asked the host to end it (GHCB termination request): the run ends and the
+        vCPU never runs again."""
+        self.terminated = reason
+        self.request_stop(reason, kind="terminate")
 
     # ---- faults ---------------------------------------------------------------------------------
     def raise_fault(self, kind: str, rip: int, reason: str, **kw: object) -> int | None:
         """The guest takes a fault at `rip`: the table's "fault" entry delivers it (returns the
-        RIP to continue at) or not (returns None; the run ends with the crash report)."""
-        fault = capture_fault(self, kind, rip, reason, **kw)
-        resume = self.vm.exits["fault"].handle(self, fault)
+        RIP to continue at) or not (returns None; the run ends with the crash report, which is
+        only built then: delivered faults, e.g. every #VC of an SEV-ES guest, stay cheap)."""
+        event = GuestFault(kind, rip, reason, **kw)  # type: ignore[arg-type]
+        resume = self.vm.exits["fault"].handle(self, event)
         if resume is None and self._fault is None:
-            self._fault = fault
+            self._fault = capture_fault(self, kind, rip, reason, delivery=event.delivery, **kw)
         return resume
 
     def _memory_fault(self, pf: PageFault, rip: int) -> int | None:
-        """The walk failure the TLB fill kept, raised as #PF (or NPF: no memslot) at `rip`."""
-        kind = "NPF" if pf.gpa_missing is not None else "#PF"
-        return self.raise_fault(kind, rip, pf.reason, cr2=fault_address(self, pf, rip),
-                                access=pf.access, error_code=pf.error_code)
+        """The walk failure the TLB fill kept, raised as #PF at `rip`. A GPA without memslot is
+        a nested-paging miss: an exit to the host ("NPF", the run ends), except for an SEV-ES
+        guest, where KVM's MMIO handling makes it a #VC (error code SVM_EXIT_NPF)."""
+        cr2 = fault_address(self, pf, rip)
+        if pf.gpa_missing is None:
+            return self.raise_fault("#PF", rip, pf.reason, cr2=cr2, access=pf.access,
+                                    error_code=pf.error_code)
+        if self.vm.sev_es:
+            return self.raise_fault("#VC", rip, f"NPF under SEV-ES: {pf.reason}", cr2=cr2,
+                                    access=pf.access, error_code=SVM_EXIT_NPF)
+        return self.raise_fault("NPF", rip, pf.reason, cr2=cr2, access=pf.access,
+                                error_code=pf.error_code)
 
     # ---- run loop ---------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -428,11 +520,16 @@ class VCpu:
         # No TLB flush otherwise: page-state changes and memslot updates flush every vCPU.
         self._fault = self.tlb.pending_pf = None
         self._stop_reason = self._resume_rip = self._hlt_at = None
+        self._stop_kind = "stop"
 
     def run(self, budget: int | None = DEFAULT_BUDGET) -> Exit:
         """Run from the current RIP. budget: max instructions (None = unlimited; counted again
         from zero after a fault the guest handles)."""
         self.launch()
+        if self.terminated is not None:
+            return Exit("terminate", self.regs["rip"], detail=self.terminated)
+        if self.hold is not None:
+            return Exit("reset_hold", self.regs["rip"], detail="waiting for INIT-SIPI")
         self._prepare()
         while True:
             err: UcError | None = None
@@ -467,7 +564,7 @@ class VCpu:
         if self._stop_reason is not None:
             resume = rip if self._resume_rip is None else self._resume_rip  # None: an IN/OUT
             self.regs["rip"] = resume
-            return Exit("stop", resume, detail=self._stop_reason)
+            return Exit(self._stop_kind, resume, detail=self._stop_reason)
         if self._hlt_at is not None and rip == self._hlt_at + 1:
             return Exit("hlt", rip)
         return Exit("budget", rip, detail=f"budget exhausted after {budget} instructions")

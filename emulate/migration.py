@@ -12,6 +12,14 @@ Destination: a second host with its own VM key boots the same firmware and helpe
 transport key), opens a RECV session and installs every record through its own mirror; it
 adopts the shared-region list and the guest's vCPU state.
 
+Under SEV-ES (`MigrationParams.sev_es`) no host can read or set the guest's registers, so the
+CPU_STATE record is not used: before stop-and-copy the host asks the guest to park its vCPU
+(`guest.request_park`); the guest saves its state into private pages and waits in the AP reset
+hold; those pages go out with the last dirty set; the stream's VCPU_PARKED record carries the
+AP jump table the guest registered (host state, as KVM keeps it). The destination's firmware
+waits in its own AP reset hold from boot; the destination host wakes it (`VCpu.sipi`, "start
+this vCPU at its jump table": the only choice it has), and the guest restores its state.
+
 Verification: every page outside the helpers' own ranges, private ones read through C=1 views
 with each side's own key, shared ones raw, must be equal; private DRAM must differ (other key);
 and the destination guest must resume and keep running.
@@ -47,6 +55,7 @@ from emulate.stream import (
     SESSION,
     SHARED_LIST,
     SHARED_PAGES,
+    VCPU_PARKED,
     Listener,
     StreamError,
     StreamWriter,
@@ -100,6 +109,7 @@ class MigrationParams:
     hot_pages: int = 256
     transport_key: bytes | None = None  # None: derived from `seed` (emulate.seeds)
     verify: bool = True
+    sev_es: bool = False  # SEV-ES guest: no register access; the guest parks its vCPU (SPEC §9)
 
     @property
     def key(self) -> bytes:
@@ -114,7 +124,8 @@ class RoundStats:
     private: int
     shared: int
     guest_touches: int  # pages the guest wrote while the round ran
-    dirty_after: int  # pages dirtied during the round (the next round's work)
+    dirty_after: int  # pages dirtied during the round (the next round's work; under SEV-ES the
+    # last pre-copy round's includes what the guest wrote while parking)
     seconds: float
     final: bool = False
 
@@ -196,7 +207,7 @@ class Source:
         self.p = p
         layout = layout or default_layout(p.mem)
         self.host = Host("source", layout, cbit=p.cbit, seed=Seeds(p.seed).child("source"),
-                         uefi_seed=p.seed)
+                         uefi_seed=p.seed, sev_es=p.sev_es)
         self.host.boot_helper(p.image, p.key, p.option)
         self._start_guest()
         self.host.settle_private_views()
@@ -261,6 +272,14 @@ class Source:
         v = self.host.uefi.vcpu
         return {r: v.get("eflags" if r == "rflags" else r) for r in GPRS}
 
+    def park_guest(self, budget: int = 2_000_000) -> None:
+        """SEV-ES: ask the guest to park and run its vCPU until it waits in the AP reset hold
+        (its registers are then in private pages the dirty log has seen)."""
+        G.request_park(self.host, self.guest)
+        ex = self.host.uefi.vcpu.run(budget)
+        if ex.reason != "reset_hold":
+            raise RuntimeError(f"source guest did not park: {ex}")
+
 
 class Destination:
     """The destination host: its own VM key, same firmware and helper, incoming session."""
@@ -268,14 +287,18 @@ class Destination:
     def __init__(self, p: MigrationParams, layout=None) -> None:
         layout = layout or default_layout(p.mem)
         self.host = Host("destination", layout, cbit=p.cbit,
-                         seed=Seeds(p.seed).child("destination"), uefi_seed=p.seed)
+                         seed=Seeds(p.seed).child("destination"), uefi_seed=p.seed,
+                         sev_es=p.sev_es)
         self.host.boot_helper(p.image, p.key, p.option)
+        if p.sev_es:  # a migration target's firmware waits for the incoming guest
+            self.host.uefi.park_for_incoming()
         self.host.settle_private_views()
         self.mirror = self.host.create_mirror()
         self.ch = HelperChannel(self.host.mc, self.mirror)
         self.ch.hello()
         self.skip = _page_set(self.host.helper_ram_ranges())
         self.cpu: dict[str, int] | None = None
+        self.ap_jump_table: int | None = None  # SEV-ES: where the parked guest resumes
         self.finished = False
         self.finished_at = 0.0
         self.session_id = 0
@@ -337,7 +360,14 @@ class Destination:
                 self.finished = True
                 self.finished_at = self.timeline.event(FINISHED)
             elif rec.kind == CPU_STATE:
+                if h.vm.sev_es:
+                    raise StreamError("CPU_STATE for an SEV-ES guest: its registers cannot be "
+                                      "set by the host")
                 self.cpu = {r: int(b[r]) for r in GPRS}
+            elif rec.kind == VCPU_PARKED:
+                if not h.vm.sev_es:
+                    raise StreamError("VCPU_PARKED record, but this destination is not SEV-ES")
+                self.ap_jump_table = int(b.ap_jump_table)
             elif rec.kind == ROUND:
                 pass
             elif rec.kind == END and not self.finished:
@@ -349,12 +379,20 @@ class Destination:
             raise StreamError(f"page {ram_addr:#x} outside guest RAM or inside the helper")
 
     def resume(self, budget: int = 200_000) -> bool:
-        """Start the guest's vCPU from the migrated state; True if it runs on without a fault."""
-        if self.cpu is None:
-            return False
+        """Start the guest's vCPU from the migrated state; True if it runs on without a fault.
+        SEV-ES: the host can only wake the vCPU waiting in the firmware's AP reset hold, which
+        enters the guest's AP jump table (the GPA the source host learned, KVM state)."""
         v = self.host.uefi.vcpu
-        for r, val in self.cpu.items():
-            v.set("eflags" if r == "rflags" else r, val)
+        if self.host.vm.sev_es:
+            if self.ap_jump_table is None:
+                return False
+            self.host.vm.ghcb.ap_jump_table = self.ap_jump_table
+            v.sipi()
+        elif self.cpu is None:
+            return False
+        else:
+            for r, val in self.cpu.items():
+                v.set("eflags" if r == "rflags" else r, val)
         ex = v.run(budget)
         return ex.reason == "budget"
 
@@ -447,6 +485,10 @@ class Migration:
             todo, rnd = dirty, rnd + 1
         # stop-and-copy: the guest does not run again on the source
         self.stopped_at = self.timeline.event(STOPPED)
+        if p.sev_es:  # it parks first: what that writes joins the last dirty set
+            src.park_guest()
+            dirty = sorted(set(dirty) | set(src.dirty_pages()))
+            self.rounds[-1].dirty_after = len(dirty)
         rnd += 1
         t0 = time.perf_counter()
         self.progress("round", len(dirty))
@@ -457,7 +499,10 @@ class Migration:
         self.timeline.event(FINAL_SENT)
         if self._epoch_count:
             self._end_epoch(w)
-        w.write(CPU_STATE, **src.cpu_state())
+        if p.sev_es:
+            w.write(VCPU_PARKED, ap_jump_table=h.vm.ghcb.ap_jump_table)
+        else:
+            w.write(CPU_STATE, **src.cpu_state())
         w.write(FINISH, token=src.ch.token(P.OP_SEND_FINISH))
         self.rounds.append(RoundStats(rnd, len(dirty), npriv, nshared, 0, 0,
                                       time.perf_counter() - t0, final=True))

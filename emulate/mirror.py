@@ -1,8 +1,11 @@
 """Mirror-VM creation: what the host does once the helper has announced its BootInfo (SPEC §4).
 
-KVM_CREATE_VM + KVM_CAP_VM_COPY_ENC_CONTEXT_FROM(main VM): the mirror shares the main VM's key,
-gets the memslots its option asks for, the RAM window `ram_base + ram_addr` over every RAM block
-(unplugged ones too), and one vCPU in 64-bit mode at the announced RIP/CR3/RSP:
+KVM_CREATE_VM + KVM_CAP_VM_COPY_ENC_CONTEXT_FROM(main VM): the mirror shares the main VM's key
+(and its SEV-ES mode), gets the memslots its option asks for, the RAM window
+`ram_base + ram_addr` over every RAM block (unplugged ones too), and one vCPU in 64-bit mode at
+the announced RIP/CR3/RSP: its initial state (under SEV-ES the VMSA, built from BootInfo and
+nothing else, LAUNCH_UPDATE_VMSA) is launched at once, after which an SEV-ES host can no longer
+read or write its registers:
 
 * shift: the guest's low 4 GiB mapped 1:1;
 * tuples: each helper region (code, rodata, data, mailbox) mapped at its mirror GPA;

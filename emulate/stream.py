@@ -16,7 +16,8 @@ Record kinds and why each exists:
 | PRIVATE_PAGES | (ram_addr, 64-byte envelope + 4096-byte ciphertext) × n | one helper batch of sealed records (docs/PROTOCOL.md) |
 | EPOCH_TOKEN | 80 bytes | SEND_END_EPOCH's token, fed to RECV_END_EPOCH |
 | FINISH | 80 bytes | SEND_FINISH's token, fed to RECV_FINISH |
-| CPU_STATE | guest vCPU registers | device state, so the destination resumes the guest |
+| CPU_STATE | guest vCPU registers | device state, so the destination resumes the guest (not under SEV-ES: the host cannot read them) |
+| VCPU_PARKED | the AP jump table GPA the guest registered | SEV-ES: the guest parked its vCPU (its state is in private pages); the destination host starts the vCPU at that jump table |
 | END | record/page totals, CRC-32 | truncation or corruption of the stream is detected |
 
 Private pages are authenticated by the helpers (anything changed is refused); the CRC only
@@ -58,9 +59,11 @@ Frame = Struct("kind" / Int8ul, "length" / Int32ul)
 
 SESSION, SHARED_LIST, ROUND, SHARED_PAGES, PRIVATE_PAGES, EPOCH_TOKEN, FINISH, CPU_STATE, END = (
     range(1, 10))
+VCPU_PARKED = 10
 KIND_NAMES = {SESSION: "SESSION", SHARED_LIST: "SHARED_LIST", ROUND: "ROUND",
               SHARED_PAGES: "SHARED_PAGES", PRIVATE_PAGES: "PRIVATE_PAGES",
-              EPOCH_TOKEN: "EPOCH_TOKEN", FINISH: "FINISH", CPU_STATE: "CPU_STATE", END: "END"}
+              EPOCH_TOKEN: "EPOCH_TOKEN", FINISH: "FINISH", CPU_STATE: "CPU_STATE", END: "END",
+              VCPU_PARKED: "VCPU_PARKED"}
 
 Range = Struct("ram_addr" / Int64ul, "length" / Int64ul)
 Block = Struct("name" / PascalString(Int8ul, "utf8"), "offset" / Int64ul, "size" / Int64ul)
@@ -84,6 +87,7 @@ BODIES = {
     EPOCH_TOKEN: Struct("token" / Bytes(TOKEN_SIZE)),
     FINISH: Struct("token" / Bytes(TOKEN_SIZE)),
     CPU_STATE: Struct(*(name / Int64ul for name in GPRS)),
+    VCPU_PARKED: Struct("ap_jump_table" / Int64ul),
     END: Struct("records" / Int64ul, "private_pages" / Int64ul, "shared_pages" / Int64ul,
                 "epochs" / Int32ul, "crc32" / Int32ul),
 }

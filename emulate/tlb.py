@@ -84,11 +84,13 @@ class Tlb:
         return bytes(out)
 
     def write_virt(self, va: int, data: bytes) -> None:
+        """Write guest-virtual memory as the guest would (the VM's dirty log sees it)."""
         pos = 0
         while pos < len(data):
             ln = min(PAGE - (va + pos) % PAGE, len(data) - pos)
             t, hpa = self.translate(va + pos, ACCESS_WRITE)
             self.mc.guest_write(hpa, data[pos : pos + ln], self.vm.key_id, t.encrypted)
+            self.vm.note_write(hpa, ln)
             pos += ln
 
     def on_fill(self, uc: Uc, va: int, kind: int, entry: object, _ud: object) -> bool:

@@ -11,6 +11,16 @@ Table layouts come from helperfw.runtime.efi, the single declaration shared with
 
 The stand-in models guest firmware, so it drives its vCPU's registers from the inside
 (`vcpu.regs`), not through the host's register API.
+
+Under SEV-ES (the VM's `sev_es`) it also sets up what OVMF has before DXE drivers run: a GHCB
+page mapped shared and registered in the GHCB MSR, an IDT whose #VC gate enters the trap page,
+and a #VC handler that serves CPUID, IN/OUT, RDMSR/WRMSR, VMMCALL and WBINVD the way OVMF's
+CcExitLib does: it decodes the faulting instruction, fills the GHCB with exactly the inputs
+OVMF puts there (VMMCALL: RAX and CPL only), performs the VMGEXIT through the host's handler,
+copies the answer into the guest's registers and returns past the instruction. Anything it
+cannot serve ends the guest with a GHCB termination request, as OVMF does. A migration target
+parks its vCPU in the AP reset hold (`park_for_incoming`) until the host wakes it, then enters
+the AP jump table the guest registered.
 """
 
 from __future__ import annotations
@@ -24,15 +34,62 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unicorn import UC_HOOK_CODE, Uc
+from unicorn.x86_const import UC_X86_REG_IDTR
 
-from emulate.faults import GuestFault, Symbolizer, image_symbolizer
+from emulate import idt
+from emulate.exits import Insn
+from emulate.faults import VECTORS, GuestFault, Symbolizer, image_symbolizer
 from emulate.flat import FlatGuest
+from emulate.ghcb import GhcbPage
 from emulate.machine import VM, Exit, VCpu
 from emulate.memctl import PAGE
 from emulate.mmu import PageFault
 from helperfw.codegen.image import Symbol, SymbolTable
 from helperfw.runtime import efi
+from helperfw.runtime.platform import (
+    GHCB_CPL,
+    GHCB_HV_RESP_ISSUE_EXCEPTION,
+    GHCB_HV_RESP_NO_ACTION,
+    GHCB_MSR_INFO_MASK,
+    GHCB_MSR_TERM_REQ,
+    GHCB_PROTOCOL_VERSION,
+    GHCB_RAX,
+    GHCB_RBX,
+    GHCB_RCX,
+    GHCB_RDX,
+    GHCB_SHARED_BUFFER,
+    GHCB_SW_EXIT_CODE,
+    GHCB_SW_EXIT_INFO1,
+    GHCB_SW_EXIT_INFO2,
+    GHCB_USAGE,
+    GHCB_VALID_BITMAP,
+    GHCB_VERSION_MIN,
+    GHCB_XCR0,
+    IOIO_DATA_8,
+    IOIO_DATA_16,
+    IOIO_DATA_32,
+    IOIO_PORT_SHIFT,
+    IOIO_TYPE_IN,
+    KVM_HC_MAP_GPA_RANGE,
+    MSR_AMD64_SEV_ES_GHCB,
+    SVM_EXIT_CPUID,
+    SVM_EXIT_IOIO,
+    SVM_EXIT_MSR,
+    SVM_EXIT_VMMCALL,
+    SVM_EXIT_WBINVD,
+    SVM_VMGEXIT_AP_JUMP_TABLE,
+    SVM_VMGEXIT_AP_JUMP_TABLE_GET,
+    X86_TRAP_VC,
+)
 from ovmf_glue.linkmap import map_path_for, read_symbol_map
+from ovmf_glue.pe_format import (
+    IMAGE_DIRECTORY_ENTRY_BASERELOC,
+    IMAGE_FILE_MACHINE_AMD64,
+    IMAGE_REL_BASED_ABSOLUTE,
+    IMAGE_REL_BASED_DIR64,
+    IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER,
+    PE32_PLUS_MAGIC,
+)
 
 
 # EFI_STATUS / constants from the shared declaration (UEFI 2.10 Appendix D, §7.2).
@@ -57,14 +114,6 @@ ALLOCATE_ANY_PAGES = efi.ALLOCATE_ANY_PAGES
 ALLOCATE_MAX_ADDRESS = efi.ALLOCATE_MAX_ADDRESS
 ALLOCATE_ADDRESS = efi.ALLOCATE_ADDRESS
 
-# PE/COFF (Microsoft PE format specification)
-IMAGE_FILE_MACHINE_AMD64 = 0x8664
-PE32_PLUS_MAGIC = 0x20B
-IMAGE_REL_BASED_ABSOLUTE = 0
-IMAGE_REL_BASED_DIR64 = 10
-IMAGE_DIRECTORY_ENTRY_BASERELOC = 5
-IMAGE_SUBSYSTEM_EFI_RUNTIME_DRIVER = 12
-
 # EFI_RUNTIME_SERVICES is not used by the driver at load; all members answer EFI_UNSUPPORTED.
 _RUNTIME_SERVICES = ("GetTime", "SetTime", "GetWakeupTime", "SetWakeupTime",
                      "SetVirtualAddressMap", "ConvertPointer", "GetVariable",
@@ -74,6 +123,86 @@ _RUNTIME_SERVICES = ("GetTime", "SetTime", "GetWakeupTime", "SetWakeupTime",
 EFI_RUNTIME_SERVICES_SIGNATURE = 0x56524553544E5552  # "RUNTSERV"
 EFI_TPL_APPLICATION = 4
 HDR_SIZE = efi.EfiTableHeader.size
+
+MASK32 = 0xFFFF_FFFF
+IDT_VECTORS = 32
+IO_WIDTHS = {"al": (1, IOIO_DATA_8), "ax": (2, IOIO_DATA_16), "eax": (4, IOIO_DATA_32)}
+GHCB_TERM_GENERAL = 0  # TERM_REQ reason set 0 (general), reason code 0: what OVMF sends
+VECTOR_KINDS = {v: k for k, v in VECTORS.items()}
+# The valid-bitmap byte holding the bits of SwExitCode, SwExitInfo1 and SwExitInfo2 (qwords
+# 0x72-0x74 of the page: one byte, bits 2-4).
+EXIT_VALID_BYTE = GHCB_VALID_BITMAP + GHCB_SW_EXIT_CODE // 64
+assert EXIT_VALID_BYTE == GHCB_VALID_BITMAP + GHCB_SW_EXIT_INFO2 // 64
+EXIT_VALID_BITS = sum(1 << (off // 8 % 8) for off in (GHCB_SW_EXIT_CODE, GHCB_SW_EXIT_INFO1,
+                                                        GHCB_SW_EXIT_INFO2))
+INFO2_VALID_BIT = 1 << (GHCB_SW_EXIT_INFO2 // 8 % 8)
+# OVMF's SEV-ES AP reset hold, for a migration target: hold (GHCB MSR protocol) until woken,
+# re-register the GHCB, ask for the AP jump table (page protocol) and enter it with RDI = the
+# table; anything unexpected is a termination request. Position independent; no stack.
+AP_HOLD_ASM = f"""
+    mov ${MSR_AMD64_SEV_ES_GHCB}, %ecx
+    rdmsr
+    mov %eax, %r12d
+    mov %edx, %r13d
+1:  mov ${MSR_AMD64_SEV_ES_GHCB}, %ecx
+    mov $6, %eax
+    xor %edx, %edx
+    wrmsr
+    rep vmmcall
+    rdmsr
+    mov %eax, %esi
+    and ${GHCB_MSR_INFO_MASK}, %esi
+    cmp $7, %esi
+    jne 8f
+    shr $12, %eax
+    or %edx, %eax
+    jz 1b
+    mov %r12d, %eax
+    mov %r13d, %edx
+    wrmsr
+    mov %r13, %rdi
+    shl $32, %rdi
+    or %r12, %rdi
+    lea {GHCB_SHARED_BUFFER}(%rdi), %rcx
+    mov %rdi, %rsi
+2:  movq $0, (%rsi)
+    add $8, %rsi
+    cmp %rcx, %rsi
+    jne 2b
+    mov ${SVM_VMGEXIT_AP_JUMP_TABLE}, %eax
+    mov %rax, {GHCB_SW_EXIT_CODE}(%rdi)
+    movq ${SVM_VMGEXIT_AP_JUMP_TABLE_GET}, {GHCB_SW_EXIT_INFO1}(%rdi)
+    movq $0, {GHCB_SW_EXIT_INFO2}(%rdi)
+    orb ${EXIT_VALID_BITS:#x}, {EXIT_VALID_BYTE:#x}(%rdi)
+    movw ${GHCB_VERSION_MIN}, {GHCB_PROTOCOL_VERSION:#x}(%rdi)
+    movl $0, {GHCB_USAGE:#x}(%rdi)
+    rep vmmcall
+    cmpl $0, {GHCB_SW_EXIT_INFO1}(%rdi)
+    jne 8f
+    testb ${INFO2_VALID_BIT:#x}, {EXIT_VALID_BYTE:#x}(%rdi)
+    jz 8f
+    mov {GHCB_SW_EXIT_INFO2}(%rdi), %rdi
+    test %rdi, %rdi
+    jz 8f
+    jmp *(%rdi)
+8:  mov ${MSR_AMD64_SEV_ES_GHCB}, %ecx
+    mov ${GHCB_MSR_TERM_REQ}, %eax
+    xor %edx, %edx
+    wrmsr
+    rep vmmcall
+9:  hlt
+    jmp 9b
+"""
+
+
+# AP_HOLD_ASM assembled (tests/test_sev_es.py checks they agree): the LLVM assembler costs
+# seconds to load, too much for every SEV-ES VM the emulator creates.
+AP_HOLD_CODE = bytes.fromhex(
+    "b9300101c00f324189c44189d5b9300101c0b80600000031d20f30f30f01d90f3289c681e6ff0f000083fe07"
+    "0f8593000000c1e80c09d074d44489e04489ea0f304c89ef48c1e7204c09e7488d8f000800004889fe48c706"
+    "000000004883c6084839ce75f0b8050000804889879003000048c787980300000100000048c787a003000000"
+    "000000808ffe0300001c66c787fa0f00000100c787fc0f000000000000f30f01d983bf98030000007517f687"
+    "fe03000010740e488bbfa00300004885ff7402ff27b9300101c0b80001000031d20f30f30f01d9f4ebfd")
 
 
 class PeError(ValueError):
@@ -279,6 +408,10 @@ class UefiStandIn:
         self._build_tables()
         self.vcpu: VCpu = self.guest.vcpu(0, rsp=0, symbolize=self.symbolize)
         self.vcpu.uc.hook_add(UC_HOOK_CODE, self._on_trap, None, self.trap, self.trap + PAGE - 1)
+        self.ghcb = self.idt = self.ap_hold = 0
+        self.vc_count = 0  # #VCs the handler served
+        if vm.sev_es:
+            self._setup_sev_es()
 
     # ---- symbols ------------------------------------------------------------------------------
     @property
@@ -330,6 +463,7 @@ class UefiStandIn:
             return addr
 
         self.ret_trap = trap_for("<return>")
+        self.vc_trap = trap_for("<#VC handler>")
         trap_bytes = bytearray(b"\xcc" * PAGE)
         trap_bytes[self.ret_trap - self.trap] = 0xF4  # hlt: ends the run when the entry returns
         self.vm.write(self.trap, bytes(trap_bytes))
@@ -606,6 +740,9 @@ class UefiStandIn:
         r9, then the stack above the shadow space), log, run the service, return."""
         if addr == self.ret_trap:
             return  # the hlt there ends the run
+        if addr == self.vc_trap:
+            self._on_vc()
+            return
         svc = self._services.get(addr) or Service("?", None, None)
         v = self.vcpu
         r = v.regs
@@ -623,6 +760,152 @@ class UefiStandIn:
         r["rax"] = call.result
         r["rsp"] = rsp + 8
         r["rip"] = int.from_bytes(stack[:8], "little")
+
+    # ---- SEV-ES: the firmware's GHCB, #VC handler and AP reset hold -------------------------
+    def _setup_sev_es(self) -> None:
+        """OVMF's SEV-ES state before DXE drivers run: a GHCB page mapped shared (its PTE with
+        C=0) and registered in the GHCB MSR, an IDT whose #VC gate points at the trap page
+        (the other gates not present), and the AP reset-hold code."""
+        g, v = self.guest, self.vcpu
+        self.ghcb = g.pages.alloc(1, encrypted=False)
+        g.map(self.ghcb, self.ghcb, PAGE, writable=True, executable=False, encrypted=False)
+        v.ghcb_msr = self.ghcb
+        self.idt = g.pages.alloc(1)
+        h = self.vc_trap
+        gate = idt.GATE.pack(h & 0xFFFF, v.regs["cs"], 0, idt.GATE_PRESENT | idt.GATE_INTERRUPT,
+                             h >> 16 & 0xFFFF, h >> 32, 0)
+        self.vm.write(self.idt + X86_TRAP_VC * idt.GATE_SIZE, gate)
+        v.uc.reg_write(UC_X86_REG_IDTR, (0, self.idt, IDT_VECTORS * idt.GATE_SIZE - 1, 0))
+        self.ap_hold = g.pages.alloc(1)
+        self.vm.write(self.ap_hold, AP_HOLD_CODE)
+
+    def report_shared_ghcb(self) -> int:
+        """Tell the host the GHCB page is shared (KVM_HC_MAP_GPA_RANGE through the GHCB, as
+        OVMF's SetMemoryEncDecHypercall3 does under SEV-ES); returns the hypercall's result."""
+        page = self._ghcb_exit(self.vcpu, SVM_EXIT_VMMCALL, 0, 0, {
+            GHCB_RAX: KVM_HC_MAP_GPA_RANGE, GHCB_RBX: self.ghcb, GHCB_RCX: 1, GHCB_RDX: 0,
+            GHCB_CPL: 0})
+        return -1 if page is None else page.get(GHCB_RAX)
+
+    def _ghcb_exit(self, v: VCpu, code: int, info1: int, info2: int,
+                   inputs: dict[int, int]) -> GhcbPage | None:
+        """Fill the GHCB the GHCB MSR names (OVMF finds it there) with a fresh save area, the
+        exit and `inputs`, VMGEXIT through the host's handler, and return the page as the host
+        left it (None: no GHCB registered). The firmware's map is the identity with the GHCB
+        shared, so the page is accessed by its GPA with C=0 (no page walk per #VC)."""
+        gpa = v.ghcb_msr
+        if not gpa or gpa & GHCB_MSR_INFO_MASK:
+            return None
+        page = GhcbPage(self.vm.read(gpa, PAGE, encrypted=False))
+        page.data[:GHCB_SHARED_BUFFER] = bytes(GHCB_SHARED_BUFFER)  # OVMF's VmgInit
+        page.version = GHCB_VERSION_MIN
+        for off, value in inputs.items():
+            page.set(off, value)
+        page.set(GHCB_SW_EXIT_CODE, code)
+        page.set(GHCB_SW_EXIT_INFO1, info1)
+        page.set(GHCB_SW_EXIT_INFO2, info2)
+        self.vm.write(gpa, bytes(page.data), encrypted=False)
+        self.vm.note_write(self.vm.gpa_to_hpa(gpa) or 0, PAGE)
+        self.vm.ghcb.vmgexit(v)
+        return GhcbPage(self.vm.read(gpa, PAGE, encrypted=False))
+
+    def _terminate(self, v: VCpu, rip: int) -> None:
+        """OVMF's answer to what it cannot serve: a GHCB termination request (MSR protocol)."""
+        v.ghcb_msr = GHCB_MSR_TERM_REQ | GHCB_TERM_GENERAL << 12
+        self.vm.ghcb.vmgexit(v)
+        v.continue_at(rip)
+
+    def _on_vc(self) -> None:
+        """The #VC handler (entered through the IDT with the CPU's frame on the stack): serve
+        the exit through the GHCB, then IRET past the instruction."""
+        v = self.vcpu
+        r = v.regs
+        code, rip, cs, rflags, rsp, _ss = struct.unpack("<6Q", v.read_virt(r["rsp"], 48))
+        r["rsp"], r["rflags"] = rsp, rflags  # IRETQ (the frame is popped in every outcome)
+        self.vc_count += 1
+        insn = v.intercepts.decode(rip)
+        served = self._serve_vc(v, code, insn, cs)
+        if served is True:
+            v.continue_at(insn.next)
+        elif served is None:
+            self._terminate(v, rip)
+        else:  # the host asked for an exception: OVMF raises it
+            kind = VECTOR_KINDS.get(served, f"vector {served}")
+            v.take_fault(kind, rip, f"{kind} the host injected through the GHCB")
+
+    def _serve_vc(self, v: VCpu, code: int, insn: Insn, cs: int) -> bool | int | None:
+        """One exit through the GHCB: True when served (the registers updated), the vector of
+        an exception the host asked the guest to raise, None when it cannot be served."""
+        r = v.regs
+        inputs: dict[int, int] = {}
+        info1 = 0
+        if code == SVM_EXIT_CPUID:
+            inputs = {GHCB_RAX: r["rax"] & MASK32, GHCB_RCX: r["rcx"] & MASK32}
+            if r["rax"] & MASK32 == 0xD:
+                inputs[GHCB_XCR0] = 1
+        elif code == SVM_EXIT_IOIO:
+            io = io_operands(insn, r["rdx"])
+            if io is None:
+                return None
+            port, size, bit, is_in = io
+            info1 = port << IOIO_PORT_SHIFT | bit | (IOIO_TYPE_IN if is_in else 0)
+            if not is_in:
+                inputs = {GHCB_RAX: r["rax"] & ((1 << 8 * size) - 1)}
+        elif code == SVM_EXIT_MSR:
+            inputs = {GHCB_RCX: r["rcx"] & MASK32}
+            if insn.mnemonic == "wrmsr":
+                info1 = 1
+                inputs |= {GHCB_RAX: r["rax"] & MASK32, GHCB_RDX: r["rdx"] & MASK32}
+        elif code == SVM_EXIT_VMMCALL:
+            inputs = {GHCB_RAX: r["rax"], GHCB_CPL: cs & 3}  # OVMF passes nothing else
+        elif code != SVM_EXIT_WBINVD:
+            return None  # string I/O, MMIO (NPF), ...: not served here
+        page = self._ghcb_exit(v, code, info1, 0, inputs)
+        if page is None or not page.is_valid(GHCB_SW_EXIT_INFO1):
+            return None
+        status = page.get(GHCB_SW_EXIT_INFO1) & MASK32
+        if status == GHCB_HV_RESP_ISSUE_EXCEPTION and page.is_valid(GHCB_SW_EXIT_INFO2):
+            return page.get(GHCB_SW_EXIT_INFO2) & 0xFF
+        if status != GHCB_HV_RESP_NO_ACTION:
+            return None
+        return self._vc_results(v, code, insn, info1, page)
+
+    @staticmethod
+    def _vc_results(v: VCpu, code: int, insn: Insn, info1: int, page: GhcbPage) -> bool | None:
+        """Copy the host's answer into the registers; None if an output is not valid."""
+        r = v.regs
+        outs = {SVM_EXIT_CPUID: (GHCB_RAX, GHCB_RBX, GHCB_RCX, GHCB_RDX),
+                SVM_EXIT_VMMCALL: (GHCB_RAX,)}.get(code, ())
+        if code == SVM_EXIT_MSR and info1 == 0:
+            outs = (GHCB_RAX, GHCB_RDX)
+        if code == SVM_EXIT_IOIO and info1 & IOIO_TYPE_IN:
+            outs = (GHCB_RAX,)
+        if not all(page.is_valid(o) for o in outs):
+            return None
+        names = {GHCB_RAX: "rax", GHCB_RBX: "rbx", GHCB_RCX: "rcx", GHCB_RDX: "rdx"}
+        for off in outs:
+            value = page.get(off)
+            if code in (SVM_EXIT_CPUID, SVM_EXIT_MSR):
+                value &= MASK32  # 32-bit results, zero-extended
+            elif code == SVM_EXIT_IOIO:
+                size = next(n for n, bit in IO_WIDTHS.values() if info1 & bit)
+                mask = (1 << 8 * size) - 1
+                value = r["rax"] & ~mask | value & mask
+            r[names[off]] = value
+        return True
+
+    def park_for_incoming(self, budget: int = 100_000) -> Exit:
+        """OVMF on an SEV-ES migration target: with its drivers loaded (the helper among them)
+        the vCPU boots no OS but waits in the AP reset hold for the migrated guest. Woken by the
+        host (`VCpu.sipi`), it asks for the AP jump table the guest registered and enters it."""
+        if not self.ap_hold:
+            raise RuntimeError("the AP reset hold exists under SEV-ES only")
+        v = self.vcpu
+        v.regs["rip"] = self.ap_hold
+        ex = v.run(budget)
+        if ex.reason != "reset_hold":
+            raise RuntimeError(f"firmware did not reach the AP reset hold: {ex}")
+        return ex
 
     # ---- image loading and calls ------------------------------------------------------------
     def load_image(self, data: bytes) -> LoadedImage:
@@ -713,6 +996,21 @@ class UefiStandIn:
         loaded = self.load_image(data)
         status, ex = self.call(loaded.entry, self.image_handle, self.system_table)
         return StartResult(status, "".join(self.conout), bytes(self.vm.debug_log), loaded, ex)
+
+
+def io_operands(insn: Insn, rdx: int) -> tuple[int, int, int, bool] | None:
+    """(port, size, IOIO data-size bit, is IN) of an IN/OUT (Intel syntax from capstone: "in al,
+    dx", "out 0x80, al"); None for what the handler does not serve (string I/O)."""
+    if insn.mnemonic not in ("in", "out"):
+        return None
+    ops = [o.strip() for o in insn.op_str.split(",")]
+    if len(ops) != 2:
+        return None
+    reg, port = (ops[0], ops[1]) if insn.mnemonic == "in" else (ops[1], ops[0])
+    if reg not in IO_WIDTHS:
+        return None
+    size, bit = IO_WIDTHS[reg]
+    return (rdx & 0xFFFF if port == "dx" else int(port, 0)), size, bit, insn.mnemonic == "in"
 
 
 def _sidecar_symbols(efi_file: Path) -> dict[str, Symbol] | None:

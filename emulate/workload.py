@@ -11,6 +11,24 @@ the vCPU; after that, every run of the vCPU with an instruction budget is one sl
 dirtying loop. All state lives in `GuestCfg` (private guest memory), so the loop resumes
 exactly where a budget exit left it, also on the destination after migration.
 
+Under SEV-ES (MSR_AMD64_SEV bit 1, and the host gave it a GHCB page) the host can neither read
+nor set its registers, so the program parks its vCPU cooperatively, the way SEV-ES guests
+offline CPUs (SPEC §9):
+
+* at set-up it shares its GHCB and a control page (clears their C-bits, reports them with
+  KVM_HC_MAP_GPA_RANGE through the GHCB: under OVMF's #VC handler a plain VMMCALL would pass
+  RAX only) and registers its AP jump table (VMGEXIT AP_JUMP_TABLE set), a private page;
+* each loop iteration reads a request counter the host writes into the control page; a new
+  value makes it park: `guest_park` saves the callee-saved registers, RSP, RFLAGS and CR3 into
+  the jump table page and holds (VMGEXIT AP_RESET_HOLD, the "AP HLT loop") until woken;
+* the jump table page, stack and config migrate as ordinary private pages; on the destination
+  the firmware's own hold loop, woken by the host, enters the table's `entry` (`guest_wake`,
+  RDI = the table), which restores the saved state and returns into the loop. Woken on the
+  source instead (a migration that failed), the hold returns through the same restore.
+
+Its CPUID, MSR and VMMCALL instructions become #VC, served by the firmware's #VC handler (the
+UEFI stand-in), as for any OS running on OVMF's IDT.
+
 It is compiled like any DSL program (`helperfw.codegen.pipeline.build([guest_main])`); the
 emulator's loader (`emulate.guest.load`) places a built image in a main VM.
 """
@@ -23,23 +41,36 @@ from helperfw import (
     addr,
     const,
     cpuid,
+    efi_call,
+    func_addr,
     function,
+    rdmsr,
     read_cr3,
+    routine,
     struct,
+    u8,
     u32,
     u64,
+    vload,
     vmmcall,
     write_cr3,
     wrmsr,
 )
+from helperfw.runtime.ghcb import ghcb_begin, ghcb_exit, ghcb_get, ghcb_valid, ghcb_vmmcall
 from helperfw.runtime.platform import (
     CPUID_SEV_LEAF,
+    GHCB_SW_EXIT_INFO2,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MIGRATION_READY,
+    MSR_AMD64_SEV,
+    MSR_AMD64_SEV_ES_ENABLED,
     MSR_KVM_MIGRATION_CONTROL,
     PTE_P,
     PTE_PS,
     PTE_RW,
+    SVM_VMGEXIT_AP_JUMP_TABLE,
+    SVM_VMGEXIT_AP_JUMP_TABLE_SET,
+    SVM_VMGEXIT_AP_RESET_HOLD,
 )
 
 GUEST_MAGIC = 0x54534547  # "GEST"
@@ -52,6 +83,7 @@ GR_DIRTY = 2  # the loop may write here after set-up (else: filled once, never t
 PHYS_MASK = const(u64, 0x000F_FFFF_FFFF_F000)  # bits 51:12; the C-bit is cleared from it separately
 WORDS_PER_TOUCH = 8  # u64 stores per dirtied page (spread over the page)
 MIX = 0x9E3779B97F4A7C15  # golden-ratio multiplier: a cheap, well-spread page pattern
+JT_MAGIC = 0x544A5041  # "APJT": a woken vCPU enters only a table this program wrote
 
 
 @struct
@@ -82,6 +114,35 @@ class GuestCfg:
     shared_calls: u64  # KVM_HC_MAP_GPA_RANGE calls made
     hc_errors: u64  # hypercalls that returned non-zero
     dirty_pages: u64  # total pages of GR_DIRTY regions (computed at set-up)
+    ghcb: u64  # SEV-ES: this vCPU's GHCB page (0: none given)
+    ctl: u64  # SEV-ES: the shared page the host writes park requests into (u64 counter)
+    jt: u64  # SEV-ES: the AP jump table page (private; ApJumpTable)
+    park_seen: u64  # the last park request honoured
+    parks: u64  # times this vCPU parked and came back (on either side)
+    sev_es: u32  # set-up found SEV-ES on and registered the jump table
+    reserved: u32
+
+
+@struct
+class ApJumpTable:
+    """The page registered with VMGEXIT AP_JUMP_TABLE: a woken vCPU enters `entry` with RDI =
+    this table; the rest is the state `guest_park` saved (win64 callee-saved registers: the
+    park is called through efi_call)."""
+
+    entry: u64
+    magic: u64
+    rbx: u64
+    rbp: u64
+    rsi: u64
+    rdi: u64
+    r12: u64
+    r13: u64
+    r14: u64
+    r15: u64
+    rsp: u64
+    rflags: u64
+    cr3: u64
+    xmm: Array[u8, 160]  # xmm6 .. xmm15
 
 
 @function
@@ -166,15 +227,115 @@ def set_encrypted(c: Ptr[GuestCfg], va: u64, enc: bool) -> bool:
 
 
 @function
+def guest_hypercall(c: Ptr[GuestCfg], nr: u64, a0: u64, a1: u64, a2: u64) -> u64:
+    """VMMCALL, or under SEV-ES through this vCPU's GHCB (with all its arguments)."""
+    if c.sev_es != 0:
+        return ghcb_vmmcall(c.ghcb, nr, a0, a1, a2)
+    return vmmcall(nr, a0, a1, a2, 0)
+
+
+@function
 def make_shared(c: Ptr[GuestCfg], va: u64, pages: u64) -> None:
     for i in range(pages):
         if not set_encrypted(c, va + i * 4096, False):
             c.hc_errors += 1
     write_cr3(read_cr3())  # flush: no stale C=1 translation may survive the conversion
     # a2: bit 4 clear = decrypted, low bits 0 = 4 KiB pages (Linux hypercalls.rst)
-    if vmmcall(KVM_HC_MAP_GPA_RANGE, va, pages, 0, 0) != 0:
+    if guest_hypercall(c, KVM_HC_MAP_GPA_RANGE, va, pages, 0) != 0:
         c.hc_errors += 1
     c.shared_calls += 1
+
+
+# ---- SEV-ES: parking the vCPU ------------------------------------------------------------------
+def _jt(name: str) -> int:
+    return ApJumpTable.offset(name)
+
+
+_SAVED = ("rbx", "rbp", "rsi", "rdi", "r12", "r13", "r14", "r15")
+
+
+def _park_text() -> str:
+    """guest_park(jt, cfg) (win64: RCX, RDX): save the state into the table, hold; woken on this
+    side, continue through guest_wake like a vCPU woken elsewhere."""
+    lines = [f"mov %{r}, {_jt(r)}(%rcx)" for r in _SAVED]
+    lines += [f"movdqu %xmm{6 + i}, {_jt('xmm') + 16 * i}(%rcx)" for i in range(10)]
+    return "\n".join(["guest_park:", *lines,
+                      "pushfq", f"popq {_jt('rflags')}(%rcx)",
+                      "mov %cr3, %rax", f"mov %rax, {_jt('cr3')}(%rcx)",
+                      f"mov %rsp, {_jt('rsp')}(%rcx)",
+                      "mov %rcx, %rbx",  # callee-saved across the hold: the table
+                      "mov %rdx, %rdi",
+                      "sub $8, %rsp",  # the call below needs RSP = 0 mod 16
+                      "call guest_hold",
+                      "mov %rbx, %rdi",
+                      "jmp guest_wake"])
+
+
+def _wake_text() -> str:
+    """guest_wake (RDI = the table): the saved state back, then return from guest_park."""
+    lines = [f"cmpq ${JT_MAGIC}, {_jt('magic')}(%rdi)", "jne 1f",
+             f"mov {_jt('cr3')}(%rdi), %rax", "mov %rax, %cr3",
+             f"mov {_jt('rsp')}(%rdi), %rsp"]
+    lines += [f"mov {_jt(r)}(%rdi), %{r}" for r in _SAVED if r != "rdi"]
+    lines += [f"movdqu {_jt('xmm') + 16 * i}(%rdi), %xmm{6 + i}" for i in range(10)]
+    lines += [f"pushq {_jt('rflags')}(%rdi)", "popfq", f"mov {_jt('rdi')}(%rdi), %rdi",
+              "mov $1, %eax", "ret", "1: ud2"]
+    return "\n".join(["guest_wake:", *lines])
+
+
+@function(abi="c")
+def guest_hold(c: Ptr[GuestCfg]) -> None:
+    """The AP reset hold (the "AP HLT loop"): VMGEXIT until the host wakes this vCPU here."""
+    while True:
+        ghcb_begin(c.ghcb)
+        answered = ghcb_exit(c.ghcb, SVM_VMGEXIT_AP_RESET_HOLD, 0, 0) == 0
+        if answered and ghcb_valid(c.ghcb, GHCB_SW_EXIT_INFO2) and ghcb_get(
+                c.ghcb, GHCB_SW_EXIT_INFO2) != 0:
+            return  # woken (SwExitInfo2 != 0); anything else: hold again
+
+
+GUEST_WAKE = routine("guest_wake", _wake_text())
+GUEST_PARK = routine("guest_park", _park_text(), calls=(guest_hold,))
+
+
+@function
+def share_page(c: Ptr[GuestCfg], va: u64) -> None:
+    """One page shared under SEV-ES: C-bit cleared (and flushed), zeroed through C=0 (it read
+    as ciphertext), reported through the GHCB."""
+    if not set_encrypted(c, va, False):
+        c.hc_errors += 1
+    write_cr3(read_cr3())
+    p = Ptr[u64](va)
+    for i in range(512):
+        p[i] = 0
+    if guest_hypercall(c, KVM_HC_MAP_GPA_RANGE, va, 1, 0) != 0:
+        c.hc_errors += 1
+    c.shared_calls += 1
+
+
+@function
+def es_setup(c: Ptr[GuestCfg]) -> None:
+    """SEV-ES: share the GHCB and the control page, register the AP jump table."""
+    c.sev_es = 1  # hypercalls go through the GHCB: the first one reports the GHCB itself
+    share_page(c, c.ghcb)
+    share_page(c, c.ctl)
+    jt = Ptr[ApJumpTable](c.jt)
+    jt.entry = func_addr(GUEST_WAKE)
+    jt.magic = JT_MAGIC
+    ghcb_begin(c.ghcb)
+    if ghcb_exit(c.ghcb, SVM_VMGEXIT_AP_JUMP_TABLE, SVM_VMGEXIT_AP_JUMP_TABLE_SET, c.jt) != 0:
+        c.hc_errors += 1
+    c.park_seen = vload(Ptr[u64](c.ctl))
+
+
+@function
+def park_if_asked(c: Ptr[GuestCfg]) -> None:
+    """A new request in the control page: park (returns once woken, here or elsewhere)."""
+    req = vload(Ptr[u64](c.ctl))
+    if req != c.park_seen:
+        c.park_seen = req
+        efi_call(func_addr(GUEST_PARK), c.jt, u64(c))
+        c.parks += 1
 
 
 @function
@@ -195,6 +356,8 @@ def guest_main(c: Ptr[GuestCfg]) -> None:
     if c.magic != GUEST_MAGIC:
         return
     # 1. set-up: private patterns, shared conversions, then migration may start
+    if c.ghcb != 0 and (rdmsr(MSR_AMD64_SEV) & MSR_AMD64_SEV_ES_ENABLED) != 0:
+        es_setup(c)
     c.dirty_pages = 0
     for i in range(c.nregions):
         g = addr(c.regions[i])
@@ -208,6 +371,8 @@ def guest_main(c: Ptr[GuestCfg]) -> None:
     wrmsr(MSR_KVM_MIGRATION_CONTROL, KVM_MIGRATION_READY)
     # 2. keep dirtying memory until the host stops running this vCPU
     while True:
+        if c.sev_es != 0:
+            park_if_asked(c)
         r = xorshift(c)
         c.generation += 1
         if c.dirty_pages != 0 and (r & ((u64(1) << u64(c.cold_shift)) - 1)) == 0:

@@ -28,12 +28,13 @@ import pefile
 from helperfw.codegen.image import LinkedImage, Symbol
 from helperfw.runtime.protocol import OPTION_NAMES
 from ovmf_glue.pe import map_path_for, read_symbol_map
+from ovmf_glue.pe_format import IMAGE_SCN_MEM_EXECUTE as _SCN_EXECUTE
+from ovmf_glue.pe_format import IMAGE_SCN_MEM_READ as _SCN_READ
+from ovmf_glue.pe_format import IMAGE_SCN_MEM_WRITE as _SCN_WRITE
+from ovmf_glue.pe_format import RELOC_TYPE_NAMES as _RELOC_TYPES
 
 DEFAULT_IMAGE = Path("out/MigrationHelper.efi")  # where build.py writes it
 DESCRIPTOR_SYMBOL = "mh_descriptor"
-
-_SCN_EXECUTE, _SCN_READ, _SCN_WRITE = 0x2000_0000, 0x4000_0000, 0x8000_0000
-_RELOC_TYPES = {0: "ABSOLUTE", 3: "HIGHLOW", 10: "DIR64"}
 
 
 class CliError(Exception):
@@ -392,12 +393,13 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
     layout = default_layout(args.mem)
     p = MigrationParams(mem=args.mem, option=option, cbit=args.cbit, seed=args.seed,
                         image=args.image, transport=args.transport, max_rounds=args.max_rounds,
-                        converge_pages=args.converge)
+                        converge_pages=args.converge, sev_es=args.sev_es)
     blocks = ", ".join(f"{b.name} {_mib(b.size)} " + (f"@ GPA {b.gpa:#x}" if b.gpa is not None
                                                         else "unplugged")
                        for b in layout)
-    print(f"migrate: {_mib(args.mem)} guest ({blocks}); option {args.option}, C-bit {args.cbit}, "
-          f"transport {args.transport}, seed {args.seed}", file=out)
+    platform = "SEV-ES" if args.sev_es else "SEV"
+    print(f"migrate: {_mib(args.mem)} {platform} guest ({blocks}); option {args.option}, C-bit "
+          f"{args.cbit}, transport {args.transport}, seed {args.seed}", file=out)
     print(f"helper: {args.image}", file=out)
     bar = None if args.no_progress else tqdm(total=0, unit="page", desc="booting",
                                             file=sys.stderr, dynamic_ncols=True)
@@ -529,6 +531,8 @@ def register_migrate(subparsers: argparse._SubParsersAction) -> None:  # type: i
                    help="pre-copy rounds at most")
     p.add_argument("--converge", type=_int_at_least(0), default=384,
                    help="stop-and-copy once a round leaves at most this many dirty pages")
+    p.add_argument("--sev-es", action="store_true",
+                   help="SEV-ES guests: registers hidden from the host, the guest parks its vCPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report", type=Path, metavar="PATH.html|PATH.svg",
                    help="write a report with charts (needs the 'plot' extra)")

@@ -148,6 +148,73 @@ stream from this section alone (`tests/session_host.py` and `tests/hostile_commo
 """
 
 
+SEV_ES_LAUNCH = """\
+## SEV-ES launch
+
+Under SEV-ES (`MSR_AMD64_SEV` bit 1; CPUID `0x8000001F` EAX bit 3) the register file of every
+vCPU is encrypted and integrity-checked by the CPU (the VMSA): the host can neither read nor
+set it. Every exit that is not automatic (CPUID, IN/OUT, RDMSR/WRMSR, VMMCALL, ...) becomes a
+#VC (vector {vc}, error code = the SVM exit code) in the guest, whose handler asks the host
+through the GHCB by VMGEXIT (`rep vmmcall`). HLT stays an automatic exit. `BootInfo.sev_status`
+is `MSR_AMD64_SEV` as the driver read it.
+
+**The mirror's VMSA.** The host creates the mirror VM as under SEV (`KVM_CREATE_VM`,
+`KVM_CAP_VM_COPY_ENC_CONTEXT_FROM`, the memslots of the option), then builds its vCPU's initial
+VMSA from BootInfo and nothing else: 64-bit mode with paging (CR0.PE, PG, WP; CR4.PAE;
+EFER.LME, LMA, NXE), a flat 64-bit code segment, `rip = entry_rip`, `cr3 = cr3`, `rsp = rsp`,
+RFLAGS 2, every other register 0, and hands it to `LAUNCH_UPDATE_VMSA`. From then on it only
+runs the vCPU: each batch ends in HLT (the host re-enters after it); the helper never issues a
+VMGEXIT in the mirror. An exception there (a #VC included: an MMIO access after the host removed
+a memslot, an instruction the host's CPUID promised) goes to the helper's own IDT, which writes
+the FaultRecord, ends the session and completes the batch with `E_FAULT`.
+
+**The VMGEXITs of the helper and of the guest.** GHCB page protocol unless noted; the GHCB is a
+shared page whose GPA is in the GHCB MSR (`{ghcb_msr:#x}`) at the VMGEXIT; inputs are marked in
+its valid bitmap.
+
+| who | request | inputs | answer |
+|---|---|---|---|
+| driver load (main VM) | CPUID ({cpuid:#x}), by OVMF's #VC handler | RAX, RCX | RAX, RBX, RCX, RDX |
+| driver load | IOIO ({ioio:#x}), OUT to port {debug_port:#x}, by OVMF's #VC handler | RAX | |
+| driver load | VMMCALL ({vmmcall:#x}) `KVM_HC_MAP_GPA_RANGE` ({map_gpa}), through the firmware's GHCB | RAX = {map_gpa}, RBX = mailbox GPA, RCX = {mailbox_pages} pages, RDX = 0, CPL | RAX |
+| driver load | VMMCALL `MH_HC_ANNOUNCE`, through the firmware's GHCB | RAX = `{announce:#x}`, RBX = BootInfo GPA, RCX = {version}, RDX = 0, CPL | RAX |
+| mirror | none (HLT ends each batch) | | |
+| guest OS, once | AP_JUMP_TABLE ({jump_table:#x}), SwExitInfo1 = 0 (set) | SwExitInfo2 = the table's GPA | |
+| guest OS, parking | AP_RESET_HOLD ({reset_hold:#x}) | | SwExitInfo2 ≠ 0 once woken |
+| target firmware | MSR protocol AP_RESET_HOLD request ({hold_req:#05x}) | | response {hold_resp:#05x}, bits 63:12 ≠ 0 once woken |
+| target firmware | AP_JUMP_TABLE, SwExitInfo1 = 1 (get) | | SwExitInfo2 = the table's GPA |
+
+The driver makes its two hypercalls through the GHCB itself, as OVMF's MemEncryptSevLib does:
+OVMF's #VC handler passes only RAX and CPL for a VMMCALL, so the arguments of a plain
+`vmmcall` would never reach the host.
+
+**What a guest OS must do: park its vCPUs.** Migrating a vCPU means moving its register state,
+and under SEV-ES only the guest can put that state where the helper can move it: memory.
+
+1. At boot, register an AP jump table (a private page) with VMGEXIT AP_JUMP_TABLE.
+2. When asked to (any channel the guest trusts to request it, such as a flag in a shared page),
+   each vCPU saves its state (general and vector registers, RSP, RFLAGS, CR3, the rest of its
+   CPU context) into a private page and enters the AP reset hold: VMGEXIT AP_RESET_HOLD until
+   the answer says it was woken. The host then stops the VM; the pages written while parking
+   are dirty and go out with stop-and-copy, sealed by the helper like every private page.
+3. The migration stream carries the jump table's GPA (host state, as KVM keeps it). On the
+   destination the firmware has loaded the helper and waits in its own AP reset hold; the
+   host can only wake it (INIT-SIPI); the firmware asks for the jump table (AP_JUMP_TABLE get)
+   and enters the address at its offset 0 with RDI = the table; the guest checks the table is
+   one it wrote (private memory the host cannot forge, though it can replay it) and restores
+   its state.
+
+The emulator's guest program (`emulate/workload.py`) does exactly this. **Why no design
+without the PSP or SNP avoids it:** a VMSA the CPU accepts is created only by the PSP
+(`LAUNCH_UPDATE_VMSA` from host-visible plaintext, at launch; `SEND/RECEIVE_UPDATE_VMSA` in
+the PSP's own migration, the flow this helper replaces) or, with SNP, by the guest itself (AP
+creation into an RMP-validated page). Neither the host nor a helper inside the guest can read
+a running vCPU's VMSA or produce one the destination CPU would run. So a destination vCPU can
+only start from a state fixed at launch, and the guest's live registers must reach memory
+first, which only the guest can do.
+"""
+
+
 def struct_table(t: StructType) -> str:
     rows = [f"### {t.name} ({t.size} bytes{', packed' if t.packed else ''})", ""]
     if t.doc:
@@ -205,6 +272,16 @@ def generate() -> str:
             env_magic=P.ENVELOPE_MAGIC, tok_magic=P.TOKEN_MAGIC, fin_magic=P.FINISH_MAGIC,
             env_aad_last=P.ENVELOPE_AAD_LEN - 1, tok_aad_last=P.TOKEN_AAD_LEN - 1,
             first_epoch=P.FIRST_EPOCH, first_seq=P.FIRST_SEQ, finish_epoch=P.FINISH_EPOCH),
+        SEV_ES_LAUNCH.format(
+            vc=platform.X86_TRAP_VC, ghcb_msr=platform.MSR_AMD64_SEV_ES_GHCB,
+            cpuid=platform.SVM_EXIT_CPUID, ioio=platform.SVM_EXIT_IOIO,
+            debug_port=platform.DEBUG_PORT, vmmcall=platform.SVM_EXIT_VMMCALL,
+            map_gpa=platform.KVM_HC_MAP_GPA_RANGE, mailbox_pages=P.MAILBOX_PAGES,
+            announce=P.MH_HC_ANNOUNCE, version=P.PROTOCOL_VERSION.value,
+            jump_table=platform.SVM_VMGEXIT_AP_JUMP_TABLE,
+            reset_hold=platform.SVM_VMGEXIT_AP_RESET_HOLD,
+            hold_req=platform.GHCB_MSR_AP_RESET_HOLD_REQ,
+            hold_resp=platform.GHCB_MSR_AP_RESET_HOLD_RESP),
     ]
     return "\n".join(parts).rstrip() + "\n"
 

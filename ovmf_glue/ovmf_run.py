@@ -21,9 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from helperfw.runtime.platform import DEBUG_PORT as DEBUGCON_PORT  # OVMF's PcdDebugIoPort
+
 QEMU = "qemu-system-x86_64"
-DEBUGCON_PORT = 0x402  # OVMF's PcdDebugIoPort; QEMU's isa-debugcon listens there when told to
 IMAGE_NAME = "MigrationHelper.efi"
+DEFAULT_CPU = "max"  # TCG's default qemu64 model has no AES-NI; "max,aes=off" takes it away again
+# Lists every image still loaded, with its file path and CodeView (PDB) name: run after `load`,
+# it shows whether the driver stayed resident and under which name the firmware knows it.
+LIST_IMAGES = "dh -p LoadedImage -v"
 
 # Debian's `ovmf` package: 4 MiB variable store builds first (current default), then the
 # older 2 MiB ones. Never the .secboot/.ms variants: Secure Boot would refuse an unsigned image.
@@ -38,6 +43,8 @@ FIRMWARE_CANDIDATES: tuple[tuple[str, str], ...] = (
 #   Image 'FS0:\MigrationHelper.efi' is not an image.
 _LOADED_RE = re.compile(r"Image '([^']*)' loaded at (?:0x)?([0-9A-Fa-f]+) - ([^\n]+)")
 _REFUSED_RE = re.compile(r"Image '([^']*)' (?!loaded at)([^\n]+)")
+# `dh -v` prints, per image handle, "FilePath......: \X.efi" and "PdbFileName...: X.efi".
+_DH_FIELD_RE = re.compile(r"^\s*(FilePath|PdbFileName)\.+:\s*(\S.*?)\s*$", re.MULTILINE)
 _COUNTDOWN = "Press ESC in"
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1b[()][A-Za-z0-9]")
 
@@ -69,6 +76,17 @@ class BootResult:
         """True when the shell reported the image loaded and its entry returned EFI_SUCCESS."""
         return self.load_status == "Success"
 
+    def resident_images(self) -> list[tuple[str, str | None]]:
+        """(file path, PDB name) of every image `dh -p LoadedImage -v` listed after the load
+        (empty unless the boot ran LIST_IMAGES). The PDB name comes from the CodeView record."""
+        images: list[tuple[str, str | None]] = []
+        for field, value in _DH_FIELD_RE.findall(self.console):
+            if field == "FilePath":
+                images.append((value, None))
+            elif images and images[-1][1] is None:
+                images[-1] = (images[-1][0], value)
+        return images
+
 
 def find_firmware() -> Firmware | None:
     """The first installed OVMF code/vars pair, or None."""
@@ -87,24 +105,27 @@ def missing_requirements() -> str | None:
     return None
 
 
-def startup_script(image_name: str = IMAGE_NAME) -> str:
-    """The shell script: load the driver from the FAT drive, then power off so QEMU exits.
+def startup_script(image_name: str = IMAGE_NAME, after_load: tuple[str, ...] = ()) -> str:
+    """The shell script: load the driver from the FAT drive, run `after_load` (shell commands),
+    then power off so QEMU exits.
 
     The shell wants CRLF line endings in .nsh files."""
-    lines = ["@echo -off", "fs0:", f"load fs0:\\{image_name}", "reset -s"]
+    lines = ["@echo -off", "fs0:", f"load fs0:\\{image_name}", *after_load, "reset -s"]
     return "\r\n".join(lines) + "\r\n"
 
 
-def qemu_command(fw: Firmware, vars_copy: Path, fat_dir: Path, debug_log: Path) -> list[str]:
+def qemu_command(
+    fw: Firmware, vars_copy: Path, fat_dir: Path, debug_log: Path, cpu: str = DEFAULT_CPU
+) -> list[str]:
     """The QEMU command line for one boot (TCG: KVM is neither needed nor always present).
 
-    `-cpu max` because TCG's default qemu64 model lacks AES-NI, which the helper's self-test
-    uses; `-no-reboot` turns any reset into an exit so a crash cannot loop."""
+    `-cpu max` by default because TCG's default qemu64 model lacks AES-NI, which the helper's
+    self-test uses; `-no-reboot` turns any reset into an exit so a crash cannot loop."""
     return [
         QEMU,
         "-machine", "q35",
         "-accel", "tcg",
-        "-cpu", "max",
+        "-cpu", cpu,
         "-m", "256",
         "-nographic",
         "-no-reboot",
@@ -137,11 +158,14 @@ def boot_efi(
     timeout: float = 120.0,
     firmware: Firmware | None = None,
     workdir: str | Path | None = None,
+    cpu: str = DEFAULT_CPU,
+    after_load: tuple[str, ...] = (),
 ) -> BootResult:
     """Boot OVMF, `load` the image at `efi` from the shell, and report what happened.
 
-    `workdir` keeps the boot's files (FAT dir, logs) for inspection; by default a temporary
-    directory is used and removed. Raises RuntimeError when qemu or OVMF is missing."""
+    `cpu` is QEMU's -cpu model; `after_load` are shell commands run after the load (e.g.
+    LIST_IMAGES). `workdir` keeps the boot's files (FAT dir, logs) for inspection; by default a
+    temporary directory is used and removed. Raises RuntimeError when qemu or OVMF is missing."""
     reason = missing_requirements()
     fw = firmware or find_firmware()
     if reason is not None or fw is None:
@@ -154,12 +178,13 @@ def boot_efi(
         fat_dir = root / "esp"
         fat_dir.mkdir(exist_ok=True)
         shutil.copyfile(efi, fat_dir / IMAGE_NAME)
-        (fat_dir / "startup.nsh").write_bytes(startup_script().encode("ascii"))
+        script = startup_script(IMAGE_NAME, after_load)
+        (fat_dir / "startup.nsh").write_bytes(script.encode("ascii"))
         vars_copy = root / "OVMF_VARS.fd"
         shutil.copyfile(fw.vars, vars_copy)
         debug_log = root / "debugcon.log"
         debug_log.write_bytes(b"")
-        cmd = qemu_command(fw, vars_copy, fat_dir, debug_log)
+        cmd = qemu_command(fw, vars_copy, fat_dir, debug_log, cpu)
         return _run(cmd, debug_log, timeout)
 
 

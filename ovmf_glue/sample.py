@@ -12,8 +12,8 @@ import struct
 
 from helperfw.codegen.emit import assemble
 from helperfw.codegen.image import LinkedImage, Section, Symbol
+from helperfw.runtime.platform import DEBUG_PORT
 
-DEBUG_PORT = 0x402  # QEMU isa-debugcon, the port OVMF itself logs to
 TEXT_RVA, RODATA_RVA, DATA_RVA, BSS_RVA = 0x1000, 0x2000, 0x3000, 0x4000
 PUTS_OFF, MSG_OFF, OK_OFF, BAD_OFF = 0x80, 0xC0, 0x100, 0x140
 

@@ -29,7 +29,7 @@ def built(tmp_path_factory):
 
 
 def test_build_firmware_returns_paths_and_digests(built):
-    assert set(built.paths) == {"efi", "map", "inf", "h", "fdf.inc", "dsc.inc", "ll", "opt.ll",
+    assert set(built.paths) == {"efi", "map", "inf", "h", "fdf.inc", "rule.fdf.inc", "dsc.inc", "ll", "opt.ll",
                                 "o"}
     assert all(p.is_file() for p in built.paths.values())
     pe = built.efi.read_bytes()
@@ -59,7 +59,7 @@ def test_command_line_writes_what_the_function_builds(built, tmp_path, capsys, m
     assert f"SHA-256 {built.sha256}" in out and f"SHA-384 {built.sha384}" in out
     assert (tmp_path / "MigrationHelper.o").read_bytes() == built.paths["o"].read_bytes()
     assert not (tmp_path / "MigrationHelper.ll").exists()
-    for kind in ("efi", "map", "inf", "h", "fdf.inc", "dsc.inc"):
+    for kind in ("efi", "map", "inf", "h", "fdf.inc", "rule.fdf.inc", "dsc.inc"):
         path = built.paths[kind]
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), kind
 

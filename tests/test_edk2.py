@@ -1,25 +1,96 @@
-"""EDK2 integration files: the .inf parses as a binary DXE runtime module, the header compiles."""
+"""EDK2 integration files, checked by EDK2's own parsers: the snippets go into a platform shaped
+like OvmfPkgX64/AmdSevX64 exactly where docs/INTEGRATION.md says, and BaseTools (PyPI
+`edk2-basetools`, the code `build` and GenFds run) and edk2-pytool-library must then see the real
+DXEFV with the module in it, the binary rule applied to it, and nothing replaced. The C header
+compiles.
+"""
 
 from __future__ import annotations
 
-import configparser
+import json
 import shutil
 import subprocess
+import sys
 import uuid
+from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from edk2toollib.uefi.edk2.parsers.dsc_parser import DscParser
+from edk2toollib.uefi.edk2.parsers.fdf_parser import FdfParser
+from edk2toollib.uefi.edk2.path_utilities import Edk2Path
 
 from ovmf_glue.edk2 import (
+    DSC_INC,
+    EFI_NAME,
+    FDF_FV_INC,
+    FDF_RULE_INC,
+    INF_DIR,
     INF_PATH,
     MIGRATION_HELPER_FILE_GUID,
-    dsc_snippet,
-    fdf_snippet,
+    RULE_SECTION,
+    fdf_fv_snippet,
     guid_c_initializer,
     header_text,
-    inf_text,
     write_integration_files,
 )
+from ovmf_glue.pe import package_pe
+from ovmf_glue.sample import sample_image
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = Path(__file__).resolve().parent / "edk2_platform"
+VIEW = Path(__file__).resolve().parent / "edk2_view.py"
+DOCS = ROOT / "docs" / "INTEGRATION.md"
+FV_INCLUDE = f"!include {INF_DIR}/{FDF_FV_INC}"
+RULE_INCLUDE = f"!include {INF_DIR}/{FDF_RULE_INC}"
+DSC_INCLUDE = f"!include {INF_DIR}/{DSC_INC}"
+BASE_RULES = [
+    "RULE.COMMON.DXE_CORE", "RULE.COMMON.DXE_DRIVER", "RULE.COMMON.DXE_RUNTIME_DRIVER",
+    "RULE.COMMON.UEFI_APPLICATION", "RULE.COMMON.UEFI_APPLICATION.BINARY",
+    "RULE.COMMON.UEFI_DRIVER", "RULE.COMMON.UEFI_DRIVER.BINARY",
+]  # fmt: skip
+APRIORI = ["MdeModulePkg/Universal/DevicePathDxe/DevicePathDxe.inf", "OvmfPkg/AmdSevDxe/AmdSevDxe.inf"]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """One fixture platform: its files, and what a correct integration must leave in it."""
+
+    dsc: str
+    fdf: str
+    anchor: str  # the documented FDF line the FV snippet's !include follows
+    components: tuple[str, ...]  # the DSC's own X64 components, in order (helper excluded)
+    dxefv: tuple[str, ...]  # DXEFV's INF lines as the build sees them, helper included
+
+
+PLATFORMS = {
+    "OvmfPkgX64": Platform(
+        "OvmfPkg/OvmfPkgX64.dsc", "OvmfPkg/OvmfPkgX64.fdf", "INF  OvmfPkg/IoMmuDxe/IoMmuDxe.inf",
+        ("MdeModulePkg/Core/Dxe/DxeMain.inf",
+         "MdeModulePkg/Universal/ReportStatusCodeRouter/RuntimeDxe/ReportStatusCodeRouterRuntimeDxe.inf",
+         "MdeModulePkg/Core/RuntimeDxe/RuntimeDxe.inf", "UefiCpuPkg/CpuDxe/CpuDxe.inf",
+         "OvmfPkg/AmdSevDxe/AmdSevDxe.inf", "OvmfPkg/IoMmuDxe/IoMmuDxe.inf",
+         "ShellPkg/Application/Shell/Shell.inf"),
+        ("MdeModulePkg/Core/Dxe/DxeMain.inf",
+         "MdeModulePkg/Universal/ReportStatusCodeRouter/RuntimeDxe/ReportStatusCodeRouterRuntimeDxe.inf",
+         "MdeModulePkg/Core/RuntimeDxe/RuntimeDxe.inf", "UefiCpuPkg/CpuDxe/CpuDxe.inf",
+         "OvmfPkg/AmdSevDxe/AmdSevDxe.inf", "OvmfPkg/IoMmuDxe/IoMmuDxe.inf", INF_PATH,
+         "ShellPkg/Application/Shell/Shell.inf"),
+    ),
+    "AmdSevX64": Platform(
+        "OvmfPkg/AmdSev/AmdSevX64.dsc", "OvmfPkg/AmdSev/AmdSevX64.fdf",
+        "INF OvmfPkg/AmdSev/SecretDxe/SecretDxe.inf",
+        ("MdeModulePkg/Core/Dxe/DxeMain.inf", "MdeModulePkg/Core/RuntimeDxe/RuntimeDxe.inf",
+         "UefiCpuPkg/CpuDxe/CpuDxe.inf", "OvmfPkg/AmdSev/SecretDxe/SecretDxe.inf",
+         "OvmfPkg/AmdSev/Grub/Grub.inf", "OvmfPkg/AmdSevDxe/AmdSevDxe.inf",
+         "MdeModulePkg/Universal/Variable/RuntimeDxe/VariableRuntimeDxe.inf"),
+        ("MdeModulePkg/Core/Dxe/DxeMain.inf", "MdeModulePkg/Core/RuntimeDxe/RuntimeDxe.inf",
+         "UefiCpuPkg/CpuDxe/CpuDxe.inf", "OvmfPkg/AmdSev/SecretDxe/SecretDxe.inf", INF_PATH,
+         "OvmfPkg/AmdSev/Grub/Grub.inf", "OvmfPkg/AmdSevDxe/AmdSevDxe.inf",
+         "MdeModulePkg/Universal/Variable/RuntimeDxe/VariableRuntimeDxe.inf"),
+    ),
+}  # fmt: skip
 
 
 class FakeStruct:
@@ -46,33 +117,129 @@ CONSTANTS = [
 ]
 
 
-def _inf_sections(text: str) -> configparser.ConfigParser:
-    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    cp = configparser.ConfigParser(allow_no_value=True, delimiters=("=",))
-    cp.optionxform = str  # type: ignore[assignment,method-assign]
-    cp.read_string(body)
-    return cp
+def _stub_inf(path: Path) -> None:
+    """A minimal INF for a fixture module the platform lists (the DSC parser checks they exist)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    guid = uuid.uuid5(MIGRATION_HELPER_FILE_GUID, path.as_posix())
+    path.write_text(
+        f"[Defines]\n  INF_VERSION = 0x00010005\n  BASE_NAME = {path.stem}\n"
+        f"  FILE_GUID = {guid}\n  MODULE_TYPE = DXE_DRIVER\n"
+    )
 
 
-def test_inf_is_binary_runtime_driver() -> None:
-    cp = _inf_sections(inf_text("1.2"))
-    d = cp["Defines"]
-    assert d["BASE_NAME"] == "MigrationHelper"
-    assert d["MODULE_TYPE"] == "DXE_RUNTIME_DRIVER"
-    assert uuid.UUID(d["FILE_GUID"]) == MIGRATION_HELPER_FILE_GUID
-    assert d["VERSION_STRING"] == "1.2"
-    assert int(d["INF_VERSION"], 16) >= 0x00010005
-    assert list(cp["Binaries.X64"]) == ["PE32|MigrationHelper.efi|*"]
-    assert list(cp["Depex"]) == ["TRUE"]
-    assert "Sources" not in cp
+def make_workspace(root: Path) -> Path:
+    """The fixture tree plus what docs/INTEGRATION.md says to copy into OvmfPkg/MigrationHelper."""
+    shutil.copytree(FIXTURE, root)
+    write_integration_files(root / INF_DIR, structs=[FakeStruct()], constants=CONSTANTS)
+    (root / INF_DIR / EFI_NAME).write_bytes(package_pe(sample_image(), entry="efi_main"))
+    modules = {m for p in PLATFORMS.values() for m in (*p.components, *p.dxefv)} | set(APRIORI)
+    for inf in modules - {INF_PATH}:
+        _stub_inf(root / inf)
+    return root
 
 
-def test_snippets_reference_the_inf() -> None:
-    fdf = fdf_snippet()
-    assert "[FV.DXEFV]" in fdf and f"INF  RuleOverride = BINARY {INF_PATH}" in fdf
-    assert "[Rule.Common.DXE_RUNTIME_DRIVER.BINARY]" in fdf and "|.efi" in fdf
-    assert INF_PATH == "OvmfPkg/MigrationHelper/MigrationHelper.inf"
-    assert INF_PATH in dsc_snippet() and "[Components.X64]" in dsc_snippet()
+def basetools_view(ws: Path, platform: Platform) -> dict:
+    """BaseTools' view of the platform (tests/edk2_view.py in a fresh interpreter)."""
+    r = subprocess.run(
+        [sys.executable, str(VIEW), str(ws), platform.dsc, platform.fdf, INF_PATH],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, f"BaseTools refused {platform.fdf}:\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("edk2") / "ws")
+
+
+@pytest.fixture(scope="module", params=sorted(PLATFORMS))
+def platform(request: pytest.FixtureRequest) -> Platform:
+    return PLATFORMS[request.param]
+
+
+@pytest.fixture(scope="module")
+def view(workspace: Path, platform: Platform) -> dict:
+    return basetools_view(workspace, platform)
+
+
+def test_fixture_includes_the_snippets_where_the_docs_say(platform: Platform) -> None:
+    """The fixture follows the docs literally: each !include line, after the documented anchor
+    or as the last line, appears in docs/INTEGRATION.md exactly so."""
+    docs = [line.strip() for line in DOCS.read_text().splitlines()]  # code blocks are indented
+    docs_pairs = set(pairwise(docs))
+    fdf = (FIXTURE / platform.fdf).read_text().splitlines()
+    dsc = (FIXTURE / platform.dsc).read_text().splitlines()
+    assert fdf[fdf.index(FV_INCLUDE) - 1] == platform.anchor
+    assert (platform.anchor, FV_INCLUDE) in docs_pairs
+    assert fdf[-1] == RULE_INCLUDE and RULE_INCLUDE in docs
+    assert dsc[-1] == DSC_INCLUDE and DSC_INCLUDE in docs
+    assert f"`{platform.fdf}`:" in docs and f"`{platform.dsc}`" in " ".join(docs)
+
+
+def test_dxefv_keeps_its_modules_and_gains_the_helper(view: dict, platform: Platform) -> None:
+    """Nothing replaced: DXEFV is the platform's volume with the helper where it was included,
+    still inside FVMAIN_COMPACT in the FD, and the APRIORI list is untouched."""
+    dxefv = view["fvs"]["DXEFV"]
+    assert [e["inf"] for e in dxefv] == list(platform.dxefv)
+    assert [e["rule_override"] for e in dxefv if e["inf"] == INF_PATH] == ["BINARY"]
+    assert all(e["rule_override"] is None for e in dxefv if e["inf"] != INF_PATH)
+    assert sorted(view["fvs"]) == ["DXEFV", "FVMAIN_COMPACT"]
+    assert view["fvs"]["FVMAIN_COMPACT"] == [{"file": "FV_IMAGE"}]
+    assert view["fds"] == {"OVMF": [["FVMAIN_COMPACT"]]}
+    assert [e["inf"] for e in view["apriori"]] == APRIORI
+
+
+def test_binary_rule_is_applied_and_takes_the_efi(view: dict) -> None:
+    """GenFds picks the .BINARY rule for the module; its PE32 section takes MigrationHelper.efi
+    from the INF's [Binaries]; no DXE_DEPEX section; the platform's own rules are all kept."""
+    m = view["module"]
+    assert m["rule"] == RULE_SECTION.upper() == "RULE.COMMON.DXE_RUNTIME_DRIVER.BINARY"
+    assert (m["ffs_type"], m["name_guid"]) == ("DRIVER", "$(NAMED_GUID)")
+    assert [(s["type"], s["ext"], s["optional"]) for s in m["sections"]] == [
+        ("PE32", ".efi", False), ("UI", None, True), ("VERSION", None, True)]
+    assert m["sections"][0]["files"] == [f"{INF_DIR}/{EFI_NAME}"]
+    assert view["rules"] == sorted([*BASE_RULES, RULE_SECTION.upper()])
+
+
+def test_dsc_lists_the_module_for_x64(view: dict, platform: Platform) -> None:
+    assert view["components"] == [*platform.components, INF_PATH]
+    assert view["module"]["arch"] == "X64"
+
+
+def test_inf_is_a_binary_runtime_driver_without_pretend_depex(view: dict) -> None:
+    """No [Depex]: BaseTools ignores one in a binary module, so the file must not carry one."""
+    m = view["module"]
+    assert (m["base_name"], m["module_type"], m["version"]) == (
+        "MigrationHelper", "DXE_RUNTIME_DRIVER", "0.1")
+    assert uuid.UUID(m["guid"]) == MIGRATION_HELPER_FILE_GUID
+    assert m["binaries"] == [["PE32", f"{INF_DIR}/{EFI_NAME}"]]
+    assert m["sources"] == []
+    assert m["depex_written"] == "" and m["depex_used"] == []
+
+
+def test_pytool_library_agrees(workspace: Path, platform: Platform) -> None:
+    """edk2-pytool-library (what Tianocore's stuart CI runs) sees the same DXEFV and components."""
+    paths = Edk2Path(str(workspace), [])
+    fdf = FdfParser().SetEdk2Path(paths)
+    fdf.ParseFile(platform.fdf)
+    # its list reads the APRIORI block's lines too, and keeps each statement's options
+    assert [e.split()[-1] for e in fdf.FVs["DXEFV"]["Infs"]] == [*APRIORI, *platform.dxefv]
+    assert f"RuleOverride = BINARY {INF_PATH}" in fdf.FVs["DXEFV"]["Infs"]
+    dsc = DscParser().SetEdk2Path(paths)
+    dsc.SetInputVars({"TARGET": "DEBUG", "ARCH": "X64", "TOOL_CHAIN_TAG": "GCC"})
+    dsc.ParseFile(platform.dsc)
+    assert sorted(dsc.GetMods()) == sorted([*platform.components, INF_PATH])
+
+
+def test_a_snippet_with_a_volume_header_replaces_the_volume(tmp_path: Path) -> None:
+    """Why the FV snippet has no header (finding A): with `[FV.DXEFV]` in the included file,
+    FdfParser starts a new volume of that name and the platform's DXEFV is gone."""
+    ws = make_workspace(tmp_path / "ws")
+    (ws / INF_DIR / FDF_FV_INC).write_text("[FV.DXEFV]\n" + fdf_fv_snippet())
+    platform = PLATFORMS["AmdSevX64"]
+    dxefv = basetools_view(ws, platform)["fvs"]["DXEFV"]
+    assert [e["inf"] for e in dxefv] == list(platform.dxefv[platform.dxefv.index(INF_PATH) :])
 
 
 def test_guid_initializer_matches_efi_guid_layout() -> None:
@@ -124,6 +291,7 @@ def test_integration_files_are_reproducible(tmp_path: Path) -> None:
     assert [p.name for p in a] == [
         "MigrationHelper.inf",
         "MigrationHelper.fdf.inc",
+        "MigrationHelper.rule.fdf.inc",
         "MigrationHelper.dsc.inc",
         "MigrationHelper.h",
     ]

@@ -277,11 +277,27 @@ SEV_PROBE = """
 """
 
 
+# the same under SEV-ES, where CPUID is a #VC: leaf 0x8000001F EAX by the GHCB MSR protocol
+SEV_ES_PROBE = """
+    mov $0xc0010130, %ecx
+    mov $0x4, %eax
+    mov $0x8000001f, %edx
+    wrmsr
+    rep vmmcall
+    rdmsr
+    mov %rdx, %r12
+    mov $0xc0010131, %ecx
+    rdmsr
+    mov %rax, %r13
+    hlt
+"""
+
+
 @pytest.mark.parametrize("kw,msr", [({}, 1), ({"sev_status": 0}, 0), ({"sev_es": True}, 3)])
 def test_sev_status_msr_is_configured_per_vm(kw: dict, msr: int) -> None:
     vm = VM(MemoryController(4 << 20), cpuid=CpuidModel(sev=True), **kw)
     g = FlatGuest(vm, ram_size=4 << 20)
-    v = g.vcpu(g.place(assemble(SEV_PROBE)))
+    v = g.vcpu(g.place(assemble(SEV_ES_PROBE if vm.sev_es else SEV_PROBE)))
     assert v.run().reason == "hlt"
     assert v.regs["r12"] & 2, "CPUID reports SEV in every case"
     assert v.regs["r13"] == msr

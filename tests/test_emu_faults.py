@@ -19,7 +19,7 @@ WINDOW = 1 << 40  # a second memslot far above unicorn's 40-bit limit
 
 EXPECTED = """\
 #PF at RIP 0x5025 <snippet+0x25>: PML4E not present; CR2=0x7fff00000018; access=write; \
-error_code=0x2; insn: mov qword ptr [rax + 0x18], 1
+error_code=0x2; insn: mov qword ptr [rax + 0x18], 1; triple fault: no IDT loaded (IDTR limit 0)
 vCPU of dump-vm:
   rax=0x00007fff00000000  rbx=0x1111111111111111  rcx=0x2222222222222222  rdx=0x0000000000000000
   rsi=0x0000000000000000  rdi=0x0000000000000000  rbp=0x0000000000000000  rsp=0x0000000000015ff8

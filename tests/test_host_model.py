@@ -1,7 +1,8 @@
 """The host model (emulate.host, emulate.mailbox) and the DSL guest workload (emulate.guest):
 ram_addr bookkeeping, the shared-region list by ram_addr, MSR_KVM_MIGRATION_CONTROL, dirty
 logging by write protection, memory unplug, the mirror VM for each option from the real helper
-image, and the mailbox driver (one exit per batch, refusals)."""
+image, and the mailbox driver (one exit per batch, refusals); under SEV-ES the workload's GHCB,
+its AP jump table and the park / wake cycle of its vCPU."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 
 from emulate import guest as G
 from emulate.host import FOUR_GIB, Host, SharedRegions, default_layout
+from emulate.machine import RegisterAccessDenied
 from emulate.mailbox import HelperChannel, MailboxError
 from emulate.memctl import PAGE
 from emulate.migration import workload_image
 from emulate.seeds import transport_key
+from emulate.workload import JT_MAGIC, ApJumpTable
 from helperfw.runtime import protocol as P
 from helperfw.runtime.platform import KVM_HC_MAP_GPA_RANGE
 from tests.session_host import open_record
@@ -134,6 +137,41 @@ def test_guest_workload_shares_pages_and_enables_migration():
     assert h.read_raw(pv.va) != G.expected_page(pv.va, pv.seed)
     vm_blk = h.blocks[2]
     assert h.read_private(vm_blk.offset) == G.expected_page(vm_blk.gpa, 5)
+
+
+def test_sev_es_workload_parks_and_wakes_through_its_jump_table():
+    """Under SEV-ES the workload shares its GHCB and control page (its hypercalls carry their
+    arguments through the GHCB), registers its AP jump table, and parks on request: its state
+    goes into the table (private: ciphertext to the host) and the vCPU waits in the AP reset
+    hold; woken on the same side, it restores that state and dirties memory again, as often
+    as asked. The host never reads a register."""
+    print("seed", SEED)
+    h = Host("t", default_layout(MEM), seed=SEED, sev_es=True)
+    g, _r = boot_guest(h)
+    cfg = G.read_cfg(h, g)
+    assert (cfg.sev_es, cfg.hc_errors, cfg.shared_calls) == (1, 0, 4)
+    assert h.vm.ghcb.ap_jump_table == g.jt
+    for page in (g.ghcb, g.ctl, h.uefi.ghcb):
+        assert h.shared.is_shared(h.gpa_to_ram_addr(page)), hex(page)
+    maps = [e.inputs for e in h.vm.ghcb.log if e.request == "VMMCALL" and e.msr == g.ghcb]
+    assert [(m["rbx"], m["rcx"]) for m in maps][:2] == [(g.ghcb, 1), (g.ctl, 1)]
+    v = h.uefi.vcpu
+    for parks in (1, 2):
+        assert v.run(20_000).reason == "budget"
+        G.request_park(h, g)
+        ex = v.run(200_000)
+        assert ex.reason == "reset_hold", str(ex)
+        before = G.read_cfg(h, g).touches
+        assert v.run(200_000).reason == "reset_hold" and G.read_cfg(h, g).touches == before
+        jt = ApJumpTable.parse(h.vm.read(g.jt, ApJumpTable.size, encrypted=True))
+        assert jt.magic == JT_MAGIC and jt.rsp and jt.cr3 == v.regs["cr3"]
+        assert h.read_raw(h.gpa_to_ram_addr(g.jt))[:16] != h.vm.read(g.jt, 16, encrypted=True)
+        with pytest.raises(RegisterAccessDenied):
+            v.get("rsp")
+        v.sipi()
+        assert v.run(100_000).reason == "budget"
+        cfg = G.read_cfg(h, g)
+        assert cfg.parks == parks and cfg.touches > before
 
 
 def test_dirty_log_write_protection_and_unplug():

@@ -8,7 +8,15 @@ round 1 into several helper epochs). Success: destination private
 memory (C=1, its own key) equals the source's page for page, shared pages equal raw, private
 DRAM differs (other key), and the guest resumes on the destination. A tampered, dropped or
 replayed record in the stream is refused by the destination helper without touching memory.
-Runtime: about 1.5 minutes on the 2-core machine (64 MiB runs take 9-15 s each).
+
+SEV-ES matrix: the same options × C-bits with 32 MiB guests whose registers no host can read:
+the guest parks its vCPU before stop-and-copy (its state travels as private pages, the stream
+carries VCPU_PARKED, not CPU_STATE) and resumes on the destination from its AP jump table. One
+of them scans, at every exit of every vCPU on both hosts (every VMGEXIT included), the GHCB,
+the mailbox and all shared memory for the transport key, the session keys and the guest's
+private plaintext.
+Runtime: about 1.5 minutes on the 2-core machine for the SEV matrix (64 MiB runs take 9-15 s
+each), about as much again for SEV-ES.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ import pytest
 from emulate import guest as G
 from emulate import stream as S
 from emulate.attacker import HostHands
+from emulate.ghcb import GhcbHost
+from emulate.host import Host
+from emulate.machine import VCpu
+from emulate.memctl import PAGE
 from emulate.migration import (
     VIRTIO_MEM_SETUP_GPA,
     Destination,
@@ -32,7 +44,8 @@ from emulate.migration import (
 )
 from helperfw.cli import main as cli_main
 from helperfw.runtime import protocol as P
-from tests.session_host import open_record
+from tests.hostile_common import LeakScanner
+from tests.session_host import open_record, session_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "out" / "MigrationHelper.efi"
@@ -106,6 +119,139 @@ def test_live_migration(image, tmp_path, option, cbit, transport):
     assert src.host.shared.ranges() == dst.host.shared.ranges()
     if transport == "file":
         check_stream_file(tmp_path / "stream.bin", res.session_id, res.challenge, src)
+
+
+ES_MEM = 32 << 20
+ES_MATRIX = [  # (option, C-bit, transport), all SEV-ES
+    (P.OPT_SHIFT, 47, "memory"),
+    (P.OPT_SHIFT, 51, "file"),
+    (P.OPT_TUPLES, 47, "tcp"),
+    (P.OPT_TUPLES, 51, "memory"),
+    (P.OPT_ISOLATED, 47, "file"),
+    (P.OPT_ISOLATED, 51, "tcp"),
+]
+LEAK_SCAN = (P.OPT_SHIFT, 47)  # the SEV-ES case that scans at every exit
+SAMPLE_EVERY = 32  # private pages whose plaintext it looks for: one in SAMPLE_EVERY (a bigger
+#                    set of blocks makes every scan slower: cache misses)
+ES_SHARED_EXTRA = 3  # the firmware's GHCB, the workload's GHCB and its control page
+
+
+class ExitLeakScan:
+    """At every exit of every vCPU (each `VCpu.run` returning, each VMGEXIT as the host serves
+    it) of every host: scan the exit's GHCB page, the mailbox and every shared page for the
+    transport key, the session keys and private guest plaintext (one in SAMPLE_EVERY of the
+    source's private pages, taken once the guest has filled them). A page is scanned again only when
+    its bytes changed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, key: bytes) -> None:
+        self.scanner = LeakScanner()
+        self.scanner.add(key)
+        self.key = key
+        self.hosts: list[Host] = []
+        self.seen: dict[tuple[int, int], bytes] = {}
+        self.exits = self.scans = 0
+        self.sampled = False
+        self.sessions: set[tuple[int, int]] = set()
+        self.hits: list[str] = []
+        scan = self
+        host_init, run, record = Host.__init__, VCpu.run, GhcbHost._record
+
+        def new_host(h: Host, *a, **kw) -> None:
+            scan.hosts.append(h)
+            host_init(h, *a, **kw)
+
+        def new_run(v: VCpu, *a, **kw):
+            ex = run(v, *a, **kw)
+            scan.exit(v, None)
+            return ex
+
+        def new_record(g: GhcbHost, v: VCpu, rec):
+            scan.exit(v, rec.msr if rec.protocol == "ghcb" else None)
+            return record(g, v, rec)
+
+        monkeypatch.setattr(Host, "__init__", new_host)
+        monkeypatch.setattr(VCpu, "run", new_run)
+        monkeypatch.setattr(GhcbHost, "_record", new_record)
+
+    def learn(self, m: Migration) -> None:
+        """Secrets that appear during the run: the session keys, the guest's plaintext."""
+        sid = getattr(m, "session_id", 0)
+        if sid and (sid, m.challenge) not in self.sessions:
+            self.sessions.add((sid, m.challenge))
+            for k in session_keys(self.key, sid, m.challenge):
+                self.scanner.add(k)
+        if not self.sampled and getattr(m.src, "guest", None) is not None:
+            self.sampled = True
+            h = m.src.host
+            for ra in range(0, h.ram_size, SAMPLE_EVERY * PAGE):
+                if ra not in m.src.skip and not h.shared.is_shared(ra):
+                    self.scanner.add(h.read_private(ra))
+
+    def exit(self, v: VCpu, ghcb_gpa: int | None) -> None:
+        self.exits += 1
+        host = next((h for h in self.hosts if h.mc is v.mc), None)
+        if host is None or not hasattr(host, "shared"):
+            return
+        hpas = [host.ram_hpa(ra) for start, n in host.shared.ranges()
+                for ra in range(start, start + n, PAGE)]
+        if host.mirror is not None:
+            hpas += [host.mirror.mailbox_hpa + i * PAGE for i in range(P.MAILBOX_PAGES)]
+        if ghcb_gpa:
+            hpas.append(v.vm.gpa_to_hpa(ghcb_gpa))
+        for hpa in hpas:
+            data = host.mc.host_read(hpa, PAGE)
+            if self.seen.get((id(host), hpa)) == data:
+                continue
+            self.seen[(id(host), hpa)] = data
+            self.scans += 1
+            for off in self.scanner.scan(data):
+                self.hits.append(f"{host.name} hpa {hpa:#x}+{off:#x} at exit {self.exits}")
+
+
+@pytest.mark.parametrize(("option", "cbit", "transport"), ES_MATRIX,
+                         ids=[f"sev-es-{P.OPTION_NAMES[o]}-c{c}-{t}" for o, c, t in ES_MATRIX])
+def test_live_migration_sev_es(image, tmp_path, monkeypatch, option, cbit, transport):
+    print("seed", SEED, "SEV-ES option", P.OPTION_NAMES[option], "cbit", cbit, transport)
+    p = params(image, option, cbit, transport, tmp_path, mem=ES_MEM)
+    p.sev_es = True
+    scan = ExitLeakScan(monkeypatch, p.key) if (option, cbit) == LEAK_SCAN else None
+    m = Migration(p)
+    if scan is not None:
+        src_send = m.src.ch.send
+
+        def send(addrs):  # learn the session keys and the guest's pages as they appear
+            scan.learn(m)
+            return src_send(addrs)
+
+        m.src.ch.send = send
+    res = m.run()
+    v = res.verification
+    assert v is not None and v.ok, v.summary()
+    src, dst = m.src, m.dst
+    ram_pages = ES_MEM // P.PAGE_SIZE
+    assert v.private_pages + v.shared_pages + v.skipped_pages == ram_pages
+    assert v.shared_pages == 64 + ES_SHARED_EXTRA
+    pre = [r for r in res.rounds if not r.final]
+    assert len(pre) >= 2 and res.rounds[-1].final
+    assert all(a.dirty_after == b.pages for a, b in zip(res.rounds, res.rounds[1:]))
+    # the guest parked on the source, came back once on the destination, and runs there
+    assert src.host.uefi.vcpu.hold is not None, "the source vCPU stays in the AP reset hold"
+    src_cfg, dst_cfg = G.read_cfg(src.host, src.guest), G.read_cfg(dst.host, src.guest)
+    assert (src_cfg.sev_es, src_cfg.parks, dst_cfg.parks) == (1, 0, 1)
+    assert dst_cfg.touches > src_cfg.touches, "it kept dirtying memory on the destination"
+    assert dst.host.vm.ghcb.ap_jump_table == src.guest.jt
+    assert dst.cpu is None
+    with pytest.raises(Exception, match="SEV-ES vCPU"):
+        src.cpu_state()
+    if transport == "file":
+        kinds = {rec.kind for rec in S.read_stream((tmp_path / "stream.bin").open("rb"))}
+        assert S.VCPU_PARKED in kinds and S.CPU_STATE not in kinds
+        check_stream_file(tmp_path / "stream.bin", res.session_id, res.challenge, src)
+    if scan is not None:
+        print(f"leak scan: {scan.exits} exits, {scan.scans} page scans, "
+              f"{len(scan.scanner.blocks)} secret blocks")
+        assert scan.sampled and scan.sessions and scan.exits > 1000
+        assert not scan.hits, scan.hits[:5]
 
 
 def check_stream_file(path: Path, session_id: int, challenge: int, src) -> None:
@@ -192,6 +338,18 @@ def test_hostile_stream_is_refused(small_stream, attack):
     if attack == "tamper":
         assert dst.host.read_private(victim) == before, "a refused record wrote nothing"
     assert not dst.finished
+
+
+def test_migrate_cli_sev_es(image):
+    out = io.StringIO()
+    status = cli_main(["migrate", "--mem", "32M", "--sev-es", "--transport", "memory",
+                       "--no-progress", "--image", str(image), "--seed", str(SEED)], out=out)
+    text = out.getvalue()
+    print(text)
+    assert status == 0, text
+    for needle in ("32 MiB SEV-ES guest", "(stop-and-copy)", "verification: PASS",
+                   "guest resumed on destination: True"):
+        assert needle in text
 
 
 def test_migrate_cli(image):

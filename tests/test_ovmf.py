@@ -13,8 +13,10 @@ from pathlib import Path
 import pefile
 import pytest
 
-from ovmf_glue.ovmf_run import BootResult, boot_efi, missing_requirements
+from ovmf_glue.edk2 import EFI_NAME
+from ovmf_glue.ovmf_run import LIST_IMAGES, BootResult, boot_efi, missing_requirements
 from ovmf_glue.pe import package_pe
+from ovmf_glue.pe_format import IMAGE_DIRECTORY_ENTRY_BASERELOC, IMAGE_FILE_MACHINE_I386
 from ovmf_glue.sample import BANNER, RELOC_BAD, RELOC_OK, sample_image
 
 BOOT_TIMEOUT = 45.0  # measured ~5.5 s per boot on TCG; generous for slow CI runners
@@ -39,7 +41,7 @@ def _describe(r: BootResult) -> str:
 
 
 def test_ovmf_loads_relocates_and_runs_image(good_efi: Path) -> None:
-    r = boot_efi(good_efi, timeout=BOOT_TIMEOUT)
+    r = boot_efi(good_efi, timeout=BOOT_TIMEOUT, after_load=(LIST_IMAGES,))
     assert not r.timed_out, _describe(r)
     assert r.loaded, _describe(r)
     assert r.load_line is not None and "MigrationHelper.efi" in r.load_line
@@ -48,12 +50,14 @@ def test_ovmf_loads_relocates_and_runs_image(good_efi: Path) -> None:
     # then checks the one DIR64 fixup itself.
     assert BANNER in r.debug_log, _describe(r)
     assert RELOC_OK in r.debug_log and RELOC_BAD not in r.debug_log, _describe(r)
+    # it returned EFI_SUCCESS, so it stays loaded; EDK2's loader read the CodeView record's name
+    assert (f"\\{EFI_NAME}", EFI_NAME) in r.resident_images(), _describe(r)
     assert r.returncode == 0  # `reset -s` powered the VM off
 
 
 def _bad_machine(raw: bytes) -> bytes:
     pe = pefile.PE(data=raw, fast_load=True)
-    pe.FILE_HEADER.Machine = 0x014C  # i386: an X64 OVMF will not run it
+    pe.FILE_HEADER.Machine = IMAGE_FILE_MACHINE_I386  # an X64 OVMF will not run it
     return bytes(pe.write())
 
 
@@ -63,7 +67,7 @@ def _truncated(raw: bytes) -> bytes:
 
 def _bad_relocation(raw: bytes) -> bytes:
     pe = pefile.PE(data=raw, fast_load=True)
-    rva = pe.OPTIONAL_HEADER.DATA_DIRECTORY[5].VirtualAddress  # IMAGE_DIRECTORY_ENTRY_BASERELOC
+    rva = pe.OPTIONAL_HEADER.DATA_DIRECTORY[IMAGE_DIRECTORY_ENTRY_BASERELOC].VirtualAddress
     off = pe.get_offset_from_rva(rva) + 8  # first entry after the block header
     out = bytearray(raw)
     struct.pack_into("<H", out, off, 0xF000)  # type 15: not a relocation type EDK2 knows

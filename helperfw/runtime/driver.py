@@ -1,7 +1,7 @@
 """The EFI entry point: self-test, SEV detection, and (with SEV) the helper's set-up.
 
 Loaded by OVMF as a DXE runtime driver. Without SEV it proves it works (self-test on port 0x402
-and ConOut) and returns EFI_SUCCESS, inactive.
+and ConOut) and returns EFI_UNSUPPORTED, so OVMF unloads it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .efi import (
     ALLOCATE_ANY_PAGES,
     EFI_LOAD_ERROR,
     EFI_SUCCESS,
+    EFI_UNSUPPORTED,
     EfiBootServices,
     EfiSystemTable,
     guid_bytes,
@@ -93,11 +94,13 @@ MSG_ALLOC_FAIL = text("MigrationHelper: AllocatePages failed ")
 MSG_NL = text("\n")
 MSG_AEAD_OK = text("MigrationHelper: selftest AES-256-GCM-SIV known answers ok\n")
 MSG_AEAD_FAIL = text("MigrationHelper: selftest AES-256-GCM-SIV FAILED at check ")
-MSG_NO_AESNI = text("MigrationHelper: CPU lacks AES-NI/PCLMULQDQ, helper disabled\n")
+MSG_NO_AESNI = text("MigrationHelper: CPU lacks AES-NI/PCLMULQDQ, "
+                    "returning EFI_UNSUPPORTED (driver unloads)\n")
 MSG_SELFTEST_OK = text("MigrationHelper: selftest passed\n")
-MSG_NO_SEV = text("MigrationHelper: SEV not active, helper stays inactive\n")
+MSG_NO_SEV = text("MigrationHelper: SEV not active, returning EFI_UNSUPPORTED (driver unloads)\n")
 MSG_SEV = text("MigrationHelper: SEV active, C-bit ")
-MSG_NO_KEY = text("MigrationHelper: no transport key in the SEV secret area, inactive\n")
+MSG_NO_KEY = text("MigrationHelper: no transport key in the SEV secret area, returning "
+                  "EFI_UNSUPPORTED (driver unloads)\n")
 MSG_SETUP_FAIL = text("MigrationHelper: mirror set-up failed, inactive: ")
 MSG_ACTIVE = text("MigrationHelper: active, option ")
 MSG_BOOTINFO = text("MigrationHelper: boot info at ")
@@ -248,18 +251,22 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
     con_puts(addr(MSG_BANNER[0]))
     if not selftest(Ptr[EfiBootServices](st.BootServices)):
         con_set_conout(0)
-        return EFI_LOAD_ERROR
+        if not cpu_has_aesni():
+            return EFI_UNSUPPORTED  # not for this CPU: OVMF unloads the image
+        return EFI_LOAD_ERROR  # a self-test failed: unloaded too, and the log says which
     con_puts(addr(MSG_SELFTEST_OK[0]))
     cbit = sev_c_bit()
     if cbit == 0:
         con_puts(addr(MSG_NO_SEV[0]))
         con_set_conout(0)
-        return EFI_SUCCESS
+        return EFI_UNSUPPORTED  # not for this guest: OVMF unloads the image
     con_puts(addr(MSG_SEV[0]))
     con_hex(u64(cbit))
     con_puts(addr(MSG_NL[0]))
-    activate(st, cbit)
+    active = activate(st, cbit)
     con_set_conout(0)
+    if not active:
+        return EFI_UNSUPPORTED  # no key or no mirror: nothing to serve, OVMF unloads the image
     return EFI_SUCCESS
 
 
@@ -271,13 +278,14 @@ def report(msg: Ptr[u8], value: u64) -> None:
 
 
 @function(small=True)
-def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
-    """SEV is on: fetch the key, set up the mirror's world, announce it. Any failure leaves the
-    helper inactive (the guest still boots; migration through the helper is then refused)."""
+def activate(st: Ptr[EfiSystemTable], cbit: u32) -> bool:
+    """SEV is on: fetch the key, set up the mirror's world, announce it. False if the helper
+    cannot serve (no key, set-up failed): the driver then unloads and the guest boots without
+    it (migration through the helper is refused)."""
     c = addr(CTX)
     if secret_find_key(st, addr(c.key[0])) != OK:
         con_puts(addr(MSG_NO_KEY[0]))
-        return
+        return False
     p: SetupParams
     p.option = DEFAULT_OPTION
     p.shift_high = 0
@@ -294,7 +302,7 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
     if r != OK:
         wipe(addr(c.key[0]), 32)
         report(addr(MSG_SETUP_FAIL[0]), u64(r))
-        return
+        return False
     c.have_key = 1
     c.state = ST_IDLE
     report(addr(MSG_ACTIVE[0]), u64(p.option))
@@ -302,3 +310,4 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> None:
     ack = announce(c)
     if ack != 0:
         report(addr(MSG_NO_ACK[0]), ack)
+    return True

@@ -16,6 +16,7 @@ from helperfw import (
     func_addr,
     function,
     i32,
+    rdmsr,
     read_cr3,
     static,
     struct,
@@ -23,11 +24,11 @@ from helperfw import (
     u8,
     u32,
     u64,
-    vmmcall,
     write_cr3,
 )
 
 from .efi import ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, EfiBootServices
+from .ghcb import hypercall
 from .pagetables import (
     MAP_ENC,
     MAP_W,
@@ -38,7 +39,7 @@ from .pagetables import (
     pt_init,
     pt_map,
 )
-from .platform import KVM_HC_MAP_GPA_RANGE, PAGE_SIZE
+from .platform import KVM_HC_MAP_GPA_RANGE, MSR_AMD64_SEV, PAGE_SIZE
 from .protocol import (
     BOOTINFO_MAGIC,
     DEFAULT_SLOTS,
@@ -232,7 +233,7 @@ def share_with_host(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
     if not guest_clear_cbit(bs, va, pages, c_mask, phys_bits):
         return E_SETUP_SHARE
     # tell the host: KVM_HC_MAP_GPA_RANGE(gpa, pages, 4 KiB pages, not encrypted)
-    vmmcall(KVM_HC_MAP_GPA_RANGE, va, pages, 0, 0)
+    hypercall(KVM_HC_MAP_GPA_RANGE, va, pages, 0)
     p = Ptr[u64](va)
     for i in range(pages * (PAGE_SIZE // 8)):
         p[i] = 0  # what was there was ciphertext as seen through C=0
@@ -297,11 +298,13 @@ def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams
         d.mirror_gpa = s.mirror_gpa
         d.kind = s.kind
         d.flags = s.flags
+    c.sev_status = u32(rdmsr(MSR_AMD64_SEV))
+    bi.sev_status = c.sev_status
     bi.active = 1
     return OK
 
 
 @function(small=True)
 def announce(c: Ptr[HelperCtx]) -> u64:
-    return vmmcall(MH_HC_ANNOUNCE, c.mailbox, u64(PROTOCOL_VERSION), 0, 0)
+    return hypercall(MH_HC_ANNOUNCE, c.mailbox, u64(PROTOCOL_VERSION), 0)
 

@@ -45,8 +45,65 @@ SVM_EXIT_HLT = 0x78
 SVM_EXIT_IOIO = 0x7B
 SVM_EXIT_MSR = 0x7C  # RDMSR and WRMSR (EXITINFO1 0 / 1)
 SVM_EXIT_VMMCALL = 0x81
+SVM_EXIT_WBINVD = 0x89
+SVM_EXIT_NPF = 0x400  # nested page fault; under SEV-ES an MMIO/unbacked GPA access is a #VC
 X86_TRAP_UD = 6  # #UD, invalid opcode (e.g. an instruction CPUID promised but the CPU lacks)
 X86_TRAP_VC = 29  # #VC, the SEV-ES VMM communication exception
+
+# -- SEV-ES GHCB (AMD pub. 56421; EDK2 MdePkg/Include/Register/Amd/Ghcb.h; Linux
+# arch/x86/include/asm/sev-common.h, svm.h) -------------------------------------------------------
+# MSR protocol: GHCB MSR bits 11:0 name the request/response, the rest carries its data.
+GHCB_MSR_INFO_MASK = 0xFFF
+GHCB_MSR_SEV_INFO_RESP = 0x001  # [63:48] max version, [47:32] min version, [31:24] C-bit
+GHCB_MSR_SEV_INFO_REQ = 0x002
+GHCB_MSR_CPUID_REQ = 0x004  # [31:30] register (0 eax .. 3 edx), [63:32] function (no subleaf)
+GHCB_MSR_CPUID_RESP = 0x005  # [63:32] the value, [31:30] the register asked for
+GHCB_MSR_AP_RESET_HOLD_REQ = 0x006
+GHCB_MSR_AP_RESET_HOLD_RESP = 0x007  # [63:12] non-zero once the vCPU was woken
+GHCB_MSR_TERM_REQ = 0x100  # [15:12] reason set, [23:16] reason code
+GHCB_VERSION_MIN = 1
+GHCB_VERSION_MAX = 1  # SEV-ES; version 2 adds SNP's requests
+# The GHCB page (4 KiB, shared): byte offsets of the fields used here.
+GHCB_CPL = 0x0CB  # u8
+GHCB_RAX = 0x1F8
+GHCB_RCX = 0x308
+GHCB_RDX = 0x310
+GHCB_RBX = 0x318
+GHCB_SW_EXIT_CODE = 0x390
+GHCB_SW_EXIT_INFO1 = 0x398
+GHCB_SW_EXIT_INFO2 = 0x3A0
+GHCB_SW_SCRATCH = 0x3A8
+GHCB_XCR0 = 0x3E8
+GHCB_VALID_BITMAP = 0x3F0  # 16 bytes: bit n = qword n of the page is valid
+GHCB_SHARED_BUFFER = 0x800  # 2032 bytes
+GHCB_PROTOCOL_VERSION = 0xFFA  # u16
+GHCB_USAGE = 0xFFC  # u32, 0 = standard
+GHCB_VALID_BYTES = 16
+# VMGEXIT-only exit codes
+SVM_VMGEXIT_AP_RESET_HOLD = 0x80000004  # the AP "HLT loop": the vCPU waits for a wake-up
+SVM_VMGEXIT_AP_JUMP_TABLE = 0x80000005  # info1 0 = set, 1 = get; info2 = the table's GPA
+SVM_VMGEXIT_AP_JUMP_TABLE_SET = 0
+SVM_VMGEXIT_AP_JUMP_TABLE_GET = 1
+# SwExitInfo1 bits 31:0 after a VMGEXIT: the hypervisor's answer
+GHCB_HV_RESP_NO_ACTION = 0
+GHCB_HV_RESP_ISSUE_EXCEPTION = 1  # SwExitInfo2 = the event to raise (vector, type 3, valid)
+GHCB_HV_RESP_MALFORMED_INPUT = 2  # SwExitInfo2 = GHCB_ERR_*
+GHCB_ERR_NOT_REGISTERED = 1
+GHCB_ERR_INVALID_USAGE = 2
+GHCB_ERR_INVALID_SCRATCH_AREA = 3
+GHCB_ERR_MISSING_INPUT = 4
+GHCB_ERR_INVALID_INPUT = 5
+GHCB_ERR_INVALID_EVENT = 6
+# SVM IOIO exit information (SwExitInfo1 of an IOIO exit)
+IOIO_TYPE_IN = 1 << 0
+IOIO_STR = 1 << 2
+IOIO_REP = 1 << 3
+IOIO_DATA_8, IOIO_DATA_16, IOIO_DATA_32 = 1 << 4, 1 << 5, 1 << 6
+IOIO_ADDR_64 = 1 << 9
+IOIO_PORT_SHIFT = 16
+# an injected event (SwExitInfo2 with GHCB_HV_RESP_ISSUE_EXCEPTION): vector | type << 8 | valid
+SVM_EVTINJ_TYPE_EXCEPTION = 3 << 8
+SVM_EVTINJ_VALID = 1 << 31
 
 # -- AVX state and the wide instructions (Intel SDM vol. 2A "CPUID" leaf 7, vol. 1 §13.3;
 #    AMD APM vol. 3 appendix E) ---------------------------------------------------------------
