@@ -49,20 +49,47 @@ def test_cpu_wide_ok_agrees_with_the_os() -> None:
 
 
 class Platform(Env):
-    """CPUID leaves 0, 1, 7 and XCR0 as a test sets them; every question is logged."""
+    """CPUID leaves 0, 1, 7 and XCR0 as a test sets them; every question is logged. With `es`
+    (SEV-ES) the CPUID instruction is a #VC (the test fails), and the host answers the GHCB MSR
+    protocol's CPUID requests from the same table (`bad_answer`: with another response code)."""
 
     def __init__(self, *, max_leaf: int = 0xD, ecx1: int = ALL_LEAF1,
                  ebx7: int = PF.CPUID_7_EBX_AVX2, ecx7: int = ALL_LEAF7_ECX,
-                 xcr0: int = XCR0_OK) -> None:
+                 xcr0: int = XCR0_OK, es: bool = False, bad_answer: bool = False) -> None:
         self.max_leaf, self.ecx1, self.ebx7, self.ecx7, self.xcr0 = max_leaf, ecx1, ebx7, ecx7, xcr0
+        self.es, self.bad_answer = es, bad_answer
+        self.ghcb_msr = 0x5000  # the firmware's GHCB registration: it must survive
         self.asked: list[tuple] = []
 
-    def cpuid(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
+    def _leaf(self, leaf: int) -> tuple[int, int, int, int]:
         self.asked.append(("cpuid", leaf))
         if leaf > self.max_leaf:
             raise AssertionError(f"leaf {leaf:#x} asked beyond the maximum {self.max_leaf:#x}")
         return {0: (self.max_leaf, 0, 0, 0), 1: (0, 0, self.ecx1, 0),
                 7: (0, self.ebx7, self.ecx7, 0)}.get(leaf, (0, 0, 0, 0))
+
+    def cpuid(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
+        if self.es:
+            raise AssertionError("CPUID under SEV-ES: a #VC, the batch would end with E_FAULT")
+        return self._leaf(leaf)
+
+    def rdmsr(self, msr: int) -> int:
+        assert self.es and msr == PF.MSR_AMD64_SEV_ES_GHCB, hex(msr)
+        return self.ghcb_msr
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        assert self.es and msr == PF.MSR_AMD64_SEV_ES_GHCB, hex(msr)
+        self.ghcb_msr = value
+
+    def vmgexit(self) -> None:
+        """The host's side of the MSR protocol's CPUID request (emulate/ghcb.py serves the
+        emulator's the same way)."""
+        msr = self.ghcb_msr
+        assert msr & PF.GHCB_MSR_INFO_MASK == PF.GHCB_MSR_CPUID_REQ, hex(msr)
+        reg, leaf = (msr >> 30) & 3, msr >> 32
+        self.asked.append(("msr-protocol", leaf, reg))
+        code = PF.GHCB_MSR_SEV_INFO_RESP if self.bad_answer else PF.GHCB_MSR_CPUID_RESP
+        self.ghcb_msr = self._leaf(leaf)[reg] << 32 | reg << 30 | code
 
     def xgetbv(self, xcr: int) -> int:
         self.asked.append(("xgetbv", xcr))
@@ -71,8 +98,11 @@ class Platform(Env):
         return self.xcr0
 
 
+SEV, SEV_ES = 1, 3  # MSR_AMD64_SEV as the driver reads it
+
+
 def _ok(platform: Platform) -> bool:
-    return bool(Interpreter(env=platform).call(cpu_wide_ok))
+    return bool(Interpreter(env=platform).call(cpu_wide_ok, platform.es))
 
 
 @pytest.mark.parametrize("lacking, change", [
@@ -86,27 +116,47 @@ def _ok(platform: Platform) -> bool:
     ("XCR0.SSE", {"xcr0": 1 | PF.XCR0_AVX}),
     ("leaf 7", {"max_leaf": 6}),
 ])
-def test_the_wide_path_needs_every_feature_and_the_avx_state(lacking: str, change: dict) -> None:
-    p = Platform(**change)
+@pytest.mark.parametrize("es", [False, True], ids=["sev", "sev-es"])
+def test_the_wide_path_needs_every_feature_and_the_avx_state(lacking: str, change: dict,
+                                                             es: bool) -> None:
+    """The same rule on SEV (the CPUID instruction) and under SEV-ES (the GHCB MSR protocol's
+    CPUID, one register per request; the instruction would be a #VC)."""
+    p = Platform(**change, es=es)
     assert _ok(p) == (lacking == "nothing")
     if lacking in ("OSXSAVE", "AVX", "leaf 7"):  # XGETBV would be #UD without CR4.OSXSAVE
         assert ("xgetbv", 0) not in p.asked
     if lacking == "leaf 7":
         assert ("cpuid", 7) not in p.asked
+    if es:
+        assert p.ghcb_msr == 0x5000  # the firmware's GHCB registration is put back
+        if lacking == "nothing":
+            assert [a[1:] for a in p.asked if a[0] == "msr-protocol"] == [
+                (0, PF.CPUID_EAX), (1, PF.CPUID_ECX), (7, PF.CPUID_EBX), (7, PF.CPUID_ECX)]
+
+
+def test_a_malformed_msr_protocol_answer_reads_as_no_feature() -> None:
+    """Under SEV-ES a host that answers a CPUID request with anything but a CPUID response for
+    that register gets the baseline (every feature reads as absent)."""
+    assert _ok(Platform(es=True))
+    assert not _ok(Platform(es=True, bad_answer=True))
 
 
 def test_a_session_chooses_and_a_refusal_is_for_good() -> None:
     it = Interpreter(env=Platform())
-    assert it.call(wide_choose, WIDE_OFF.value) == WIDE_ON.value
-    assert it.call(wide_choose, WIDE_ON.value) == WIDE_ON.value
-    assert Interpreter(env=Platform(ebx7=0)).call(wide_choose, WIDE_ON.value) == WIDE_OFF.value
+    assert it.call(wide_choose, WIDE_OFF.value, SEV) == WIDE_ON.value
+    assert it.call(wide_choose, WIDE_ON.value, SEV) == WIDE_ON.value
+    assert Interpreter(env=Platform(es=True)).call(wide_choose, WIDE_OFF.value,
+                                                   SEV_ES) == WIDE_ON.value
+    assert Interpreter(env=Platform(ebx7=0)).call(wide_choose, WIDE_ON.value,
+                                                  SEV) == WIDE_OFF.value
     p = Platform()
     it = Interpreter(env=p)
     cell = it.memory.map(0x10000, bytearray(WIDE_ON.value.to_bytes(4, "little")))
     it.call(wide_refuse, 0x10000)  # what the #UD handler calls
     path = int.from_bytes(cell, "little")
     assert path == WIDE_REFUSED.value
-    assert it.call(wide_choose, path) == WIDE_REFUSED.value
+    assert it.call(wide_choose, path, SEV) == WIDE_REFUSED.value
+    assert it.call(wide_choose, path, SEV_ES) == WIDE_REFUSED.value
     assert p.asked == []  # CPUID is not even asked again
 
 
@@ -165,9 +215,8 @@ def _mirror_wide(host) -> int:
     return int.from_bytes(raw, "little")
 
 
-def _lie_about_cpuid(host) -> None:
-    """The host's CPUID for the mirror vCPU claims AVX, AVX2, VAES and VPCLMULQDQ."""
-    c = host.mirror.cpuid
+def _lie_about_cpuid(c) -> None:
+    """The host's CPUID model `c` for the mirror vCPU claims AVX, AVX2, VAES and VPCLMULQDQ."""
     a, b, ecx, d = c.query(PF.CPUID_FEATURES_LEAF, 0)
     c.overrides[(PF.CPUID_FEATURES_LEAF, 0)] = (a, b, ecx | ALL_LEAF1, d)
     c.overrides[(PF.CPUID_EXT_FEATURES_LEAF, 0)] = (0, PF.CPUID_7_EBX_AVX2, ALL_LEAF7_ECX, 0)
@@ -182,7 +231,7 @@ def test_the_emulated_helper_takes_the_baseline(cpuid: str) -> None:
 
     host = MirrorHost(track_writes=False)
     if cpuid == "lying":
-        _lie_about_cpuid(host)
+        _lie_about_cpuid(host.mirror.cpuid)
     r = host.batch(pack_command(P.OP_SEND_BEGIN, ram_size=64 << 20, challenge=0x5EED))
     assert (r.exit.reason, r.status) == ("hlt", 0), str(r.exit)
     assert _mirror_wide(host) == WIDE_OFF.value
@@ -239,8 +288,7 @@ def test_a_fault_in_the_wide_path_ends_as_a_status() -> None:
     the baseline whatever CPUID says. Any other exception leaves the path alone (the host could
     otherwise demote it with a page it takes away). Without the wide_refuse call the path stays
     WIDE_ON and the next session faults again. Run on the interpreter, which runs the handler
-    itself (the emulator does not deliver exceptions through the helper's IDT yet: the test
-    below)."""
+    itself; the emulator runs the whole story below."""
     def u(it: Interpreter, a: int, n: int) -> int:
         return int.from_bytes(it.memory.read(a, n), "little")
 
@@ -253,36 +301,97 @@ def test_a_fault_in_the_wide_path_ends_as_a_status() -> None:
     assert u(it, ctx + S.HelperCtx.offset("state"), 4) == P.ST_ABORTED
     path = u(it, ctx + S.HelperCtx.offset("wide"), 4)
     assert path == WIDE_REFUSED.value
-    assert Interpreter(env=Platform()).call(wide_choose, path) == WIDE_REFUSED.value
+    assert Interpreter(env=Platform()).call(wide_choose, path, SEV) == WIDE_REFUSED.value
     for vector in (13, 14, PF.X86_TRAP_VC):  # #GP, #PF, #VC: nothing to do with VAES
         it, ctx = _fault(vector)
         assert u(it, ctx + S.HelperCtx.offset("wide"), 4) == WIDE_ON.value
 
 
-@pytest.mark.xfail(strict=True, reason="the emulator delivers no exception through the guest's "
-                   "IDT yet (emulate/exits.py report_fault; issue 18's emulator side): a #UD "
-                   "ends the run as a crash")
-def test_a_fault_in_the_wide_path_ends_as_a_status_in_the_emulator() -> None:
-    """The same end to end: the emulated helper (unicorn has no AVX: the CPU without VAES) is
-    put on the wide path after SEND_BEGIN through the guest's view of its private memory
-    (unicorn cannot model the XCR0 lie that would choose it). Its SEND must end with E_FAULT,
-    the path refused, and the next session's SEND must run on the baseline."""
-    from helperfw.runtime.session import HelperCtx
-    from tests.mirror_host import MirrorHost, pack_command
+def _boot(sev_es: bool):
+    """The real image loaded by the UEFI stand-in in a VM with SEV (and SEV-ES), its mirror
+    created: (host, channel)."""
+    from emulate.host import Host, default_layout
+    from emulate.mailbox import HelperChannel
+    from tests.mirror_host import efi_path
 
-    host = MirrorHost(track_writes=False)
-    _lie_about_cpuid(host)
-    assert host.batch(pack_command(P.OP_SEND_BEGIN, ram_size=64 << 20,
-                                   challenge=0x5EED)).status == 0
-    host.vm.write(host.symbol_gpa("CTX") + HelperCtx.offset("wide"),
-                  WIDE_ON.value.to_bytes(4, "little"), encrypted=True)
-    r = host.batch(pack_command(P.OP_SEND, [(0x200000, 0)]))
-    assert (r.exit.reason, r.status) == ("hlt", P.STATUS["E_FAULT"][0]), str(r.exit)
-    assert _mirror_wide(host) == WIDE_REFUSED.value
-    r = host.batch(pack_command(P.OP_SEND_BEGIN, ram_size=64 << 20, challenge=0x5EEE))
-    assert r.status == 0 and _mirror_wide(host) == WIDE_REFUSED.value
-    r = host.batch(pack_command(P.OP_SEND, [(0x200000, 0)]))
-    assert (r.exit.reason, r.status, r.entry_status) == ("hlt", 0, [0])
+    host = Host("h", default_layout(32 << 20), cbit=47, seed=12_2026, sev_es=sev_es)
+    host.boot_helper(efi_path(), KEY, P.OPT_TUPLES)
+    host.settle_private_views()
+    ch = HelperChannel(host.mc, host.create_mirror())
+    ch.hello()
+    return host, ch
+
+
+def _ctx_wide_of(host) -> int:
+    """HelperCtx.wide of the emulated helper, as the guest sees its private memory."""
+    from tests.mirror_host import symbols
+
+    gpa = host.uefi.image.base + symbols()["CTX"] + S.HelperCtx.offset("wide")
+    return int.from_bytes(host.vm.read(gpa, 4, encrypted=True), "little")
+
+
+def _cpu_with_avx_state(host, ch) -> None:
+    """The mirror's XGETBV answers XCR0 = x87|SSE|AVX: unicorn cannot enable the AVX state, so
+    a code hook on the image's one XGETBV plays it. With the CPUID below that is the host's lie
+    on a CPU without VAES (unicorn has no AVX at all)."""
+    from unicorn import UC_HOOK_CODE
+    from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RDX, UC_X86_REG_RIP
+
+    img = host.uefi.image
+    code = host.vm.read(img.base, img.size, encrypted=True)
+    at = [i for i in range(len(code) - 2) if code[i:i + 3] == b"\x0f\x01\xd0"]
+    assert len(at) == 1, f"XGETBV found {len(at)} times in the image"
+    va = img.base + at[0]  # the mirror maps the image at VA = GPA
+
+    def xgetbv(uc, address, size, _ud) -> None:
+        uc.reg_write(UC_X86_REG_RAX, XCR0_OK)
+        uc.reg_write(UC_X86_REG_RDX, 0)
+        uc.reg_write(UC_X86_REG_RIP, address + 3)
+    ch.vcpu.uc.hook_add(UC_HOOK_CODE, xgetbv, None, va, va)
+
+
+@pytest.mark.parametrize("sev_es", [False, True], ids=["sev", "sev-es"])
+@pytest.mark.parametrize("host_says", ["honest", "vaes"])
+def test_the_emulated_mirror_chooses_and_survives_a_lie(sev_es: bool, host_says: str) -> None:
+    """The real image in its mirror, on SEV and under SEV-ES. The choice at SEND_BEGIN never
+    faults: under SEV-ES CPUID comes by the GHCB MSR protocol (four requests; the instruction
+    would be a #VC and end the batch with E_FAULT). An honest host (unicorn's CPUID: no AVX)
+    gets the baseline and a working SEND. A host that claims AVX, AVX2, VAES and VPCLMULQDQ,
+    with the AVX state enabled in XCR0, on this CPU without them (unicorn) gets the wide path
+    chosen, as a VAES CPU would: its SEND's first ymm instruction is #UD, which the helper's
+    handler ends with E_FAULT (FaultRecord: vector 6), refusing the path; the next session
+    takes the baseline without asking CPUID again, and its records are genuine."""
+    from tests.hostile_common import Forger
+
+    host, ch = _boot(sev_es)
+    if host_says == "vaes":
+        _lie_about_cpuid(ch.mirror.vm.cpuid)
+        _cpu_with_avx_state(host, ch)
+    pages = {ra: random.Random(ra).randbytes(PAGE) for ra in range(8 << 20, 8 << 20 | 4 * PAGE,
+                                                                    PAGE)}
+    for ra, data in pages.items():
+        host.vm.write(ra, data, encrypted=True)
+    window = 32 << 20
+    sid = ch.send_begin(window, 0xC0FFEE)
+    ghcb = [e.request for e in ch.mirror.vm.ghcb.log]
+    # SEV-ES: one request per register until a feature is missing (leaf 1's AVX, honestly)
+    assert ghcb == ["CPUID_REQ"] * (0 if not sev_es else 4 if host_says == "vaes" else 2)
+    if host_says == "vaes":
+        assert _ctx_wide_of(host) == WIDE_ON.value
+        r = ch.batch(P.OP_SEND, list(pages))
+        assert r.status == P.STATUS["E_FAULT"][0]
+        rec = P.FaultRecord.parse(host.mc.host_read(ch.mb + P.FAULT_OFFSET, P.FaultRecord.size))
+        assert (rec.count, rec.vector) == (1, PF.X86_TRAP_UD)
+        assert _ctx_wide_of(host) == WIDE_REFUSED.value
+        sid = ch.send_begin(window, 0xC0FFEF)
+        assert [e.request for e in ch.mirror.vm.ghcb.log] == ghcb  # CPUID not asked again
+        assert _ctx_wide_of(host) == WIDE_REFUSED.value
+        forger = Forger(KEY, sid, 0xC0FFEF)
+    else:
+        assert _ctx_wide_of(host) == WIDE_OFF.value
+        forger = Forger(KEY, sid, 0xC0FFEE)
+    records = ch.send(list(pages))
+    assert [forger.open(r) for r in records] == list(pages.values())
 
 
 # -- both paths on the interpreter (any host: the wide intrinsics and the masks are modelled) ---

@@ -18,12 +18,16 @@ plaintext is unmasked only in registers, and POLYVAL hashes plaintext, never mas
 The kernels are `@function(features=WIDE)`: only they may use v256 (the front end refuses it
 elsewhere), LLVM never inlines them into 128-bit code, and they run only for a record whose
 `SivKeys.wide` was set because the session chose them (`wide_choose`, once per session, in the
-mirror: the mirror vCPU's CPUID and XCR0 are whatever the host set, not the guest's).
+mirror: the mirror vCPU's CPUID and XCR0 are whatever the host set, not the guest's). CPUID is
+asked as the platform allows: the instruction on SEV; under SEV-ES, where it is a #VC that the
+mirror's handler can only end as E_FAULT, one GHCB MSR protocol request per register
+(ghcb.ghcb_cpuid: four VMGEXITs per session start, no GHCB page needed). XGETBV is never
+intercepted and runs as it is.
 
-A host controls CPUID (SEV, SEV-ES without SNP): one that claims VAES on a CPU without it makes
-the first wide instruction raise #UD. The helper's exception handler (vcpu.mh_fault) ends the
-batch with E_FAULT and calls `wide_refuse`, so every later session takes the baseline whatever
-CPUID says.
+A host controls CPUID (SEV, SEV-ES without SNP, either way it is asked): one that claims VAES on
+a CPU without it makes the first wide instruction raise #UD. The helper's exception handler
+(vcpu.mh_fault) ends the batch with E_FAULT and calls `wide_refuse`, so every later session
+takes the baseline whatever CPUID says.
 """
 
 from __future__ import annotations
@@ -62,15 +66,20 @@ from helperfw import (
 
 from .aes import AES256_ROUNDS
 from .gcmsiv_keys import MSB, SIV_BLOCKS, WIDE_BLOCKS, SivKeys, dot, karatsuba_half, reduce
+from .ghcb import ghcb_cpuid
 from .platform import (
     CPUID_1_ECX_AVX,
     CPUID_1_ECX_OSXSAVE,
     CPUID_7_EBX_AVX2,
     CPUID_7_ECX_VAES,
     CPUID_7_ECX_VPCLMULQDQ,
+    CPUID_EAX,
+    CPUID_EBX,
+    CPUID_ECX,
     CPUID_EXT_FEATURES_LEAF,
     CPUID_FEATURES_LEAF,
     CPUID_STD_MAX_LEAF,
+    MSR_AMD64_SEV_ES_ENABLED,
     XCR0,
     XCR0_AVX,
     XCR0_SSE,
@@ -90,32 +99,49 @@ WIDE_REFUSED = const(u32, 2)  # a wide instruction faulted (a lying CPUID): the 
 
 
 @function(small=True)
-def cpu_wide_ok() -> bool:
+def _cpuid_reg(leaf: u32, reg: u32, es: bool) -> u32:
+    """CPUID register `reg` of `leaf` (subleaf 0) as the platform allows: the instruction on
+    SEV (the host answers it by intercept), the GHCB MSR protocol under SEV-ES (`es`), where
+    the instruction would be a #VC and the batch would end with E_FAULT."""
+    if es:
+        return ghcb_cpuid(leaf, reg)
+    a, b, c, d = cpuid(leaf, 0)
+    if reg == CPUID_EAX:
+        return a
+    if reg == CPUID_EBX:
+        return b
+    return c if reg == CPUID_ECX else d
+
+
+@function(small=True)
+def cpu_wide_ok(es: bool) -> bool:
     """The CPU and the OS state allow the kernels: CPUID.1:ECX.OSXSAVE (XGETBV is then allowed)
     and AVX, CPUID.7.0:EBX.AVX2, ECX.VAES and VPCLMULQDQ, and XCR0 with the SSE and AVX state
-    enabled (without it every VEX.256 instruction is #UD)."""
-    max_leaf, _b, _c, _d = cpuid(CPUID_STD_MAX_LEAF, 0)
-    if max_leaf < CPUID_EXT_FEATURES_LEAF:
+    enabled (without it every VEX.256 instruction is #UD). CPUID by _cpuid_reg; XGETBV is never
+    intercepted, so it runs as it is under SEV-ES too."""
+    if _cpuid_reg(CPUID_STD_MAX_LEAF, CPUID_EAX, es) < CPUID_EXT_FEATURES_LEAF:
         return False
-    _a1, _b1, c1, _d1 = cpuid(CPUID_FEATURES_LEAF, 0)
     both = u32(CPUID_1_ECX_OSXSAVE | CPUID_1_ECX_AVX)
-    if (c1 & both) != both:
+    if (_cpuid_reg(CPUID_FEATURES_LEAF, CPUID_ECX, es) & both) != both:
         return False
-    _a7, b7, c7, _d7 = cpuid(CPUID_EXT_FEATURES_LEAF, 0)
     ext = u32(CPUID_7_ECX_VAES | CPUID_7_ECX_VPCLMULQDQ)
-    if (b7 & CPUID_7_EBX_AVX2) == 0 or (c7 & ext) != ext:
+    if (_cpuid_reg(CPUID_EXT_FEATURES_LEAF, CPUID_EBX, es) & CPUID_7_EBX_AVX2) == 0:
+        return False
+    if (_cpuid_reg(CPUID_EXT_FEATURES_LEAF, CPUID_ECX, es) & ext) != ext:
         return False
     state = u64(XCR0_SSE | XCR0_AVX)
     return (xgetbv(XCR0) & state) == state
 
 
 @function(small=True)
-def wide_choose(path: u32) -> u32:
-    """The path for a new session, given the last one: the baseline for good once a wide
-    instruction faulted, else the wide kernels if the CPU says it has them now."""
+def wide_choose(path: u32, sev_status: u32) -> u32:
+    """The path for a new session, given the last one and MSR_AMD64_SEV as the driver read it:
+    the baseline for good once a wide instruction faulted, else the wide kernels if the CPU
+    says it has them now."""
     if path == WIDE_REFUSED:
         return WIDE_REFUSED
-    return WIDE_ON if cpu_wide_ok() else WIDE_OFF
+    es = (sev_status & MSR_AMD64_SEV_ES_ENABLED) != 0
+    return WIDE_ON if cpu_wide_ok(es) else WIDE_OFF
 
 
 @function(small=True)

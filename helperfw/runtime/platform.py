@@ -110,6 +110,7 @@ SVM_EVTINJ_VALID = 1 << 31
 CPUID_1_ECX_OSXSAVE = 1 << 27  # CR4.OSXSAVE is set: XGETBV may run (else it is #UD)
 CPUID_1_ECX_AVX = 1 << 28
 CPUID_STD_MAX_LEAF = 0  # EAX: the highest standard leaf
+CPUID_EAX, CPUID_EBX, CPUID_ECX, CPUID_EDX = 0, 1, 2, 3  # a register's index, as GHCB_MSR_CPUID_REQ names it
 CPUID_EXT_FEATURES_LEAF = 7  # subleaf 0
 CPUID_7_EBX_AVX2 = 1 << 5
 CPUID_7_ECX_VAES = 1 << 9

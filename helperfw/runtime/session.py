@@ -371,7 +371,7 @@ def begin_session(c: Ptr[HelperCtx], state: u32) -> i32:
     c.installed_any = 0
     c.set_hash = v128_make(0, 0)
     clear_epoch_marks(c)
-    c.wide = wide_choose(c.wide)
+    c.wide = wide_choose(c.wide, c.sev_status)
     c.state = state
     return OK
 
