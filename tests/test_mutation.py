@@ -10,7 +10,7 @@ matter: each must be killed.
 
 MH_MUTATION_FULL=1 runs every mutant instead (about an hour on two cores) and requires the
 score docs/SECURITY.md reports: at least 95% of the non-equivalent mutants of each of
-session.py, secrets.py, pagetables.py and the AEAD code (gcmsiv.py, aes.py, memops.py) killed.
+session.py, secrets.py, pagetables.py and the AEAD code (gcmsiv*.py, aes.py, memops.py) killed.
 `python -m tests.mutation` is the same run from the command line, with a report.
 """
 
@@ -37,7 +37,7 @@ from tests.mutation.runner import (
 FULL = os.environ.get("MH_MUTATION_FULL") == "1"
 SAMPLE = int(os.environ.get("MH_MUTATION_SAMPLE", "3"))
 SEED = int(os.environ.get("MH_MUTATION_SEED", "16"))
-AEAD = ("gcmsiv", "aes", "memops")
+AEAD = ("gcmsiv", "gcmsiv_keys", "gcmsiv_wide", "aes", "memops")
 GOAL = 95.0
 # Sampled runs measure no baseline: generous limits (a mutant that hangs a test is killed by
 # the limit, only later)

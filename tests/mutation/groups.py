@@ -64,10 +64,11 @@ def _firmware() -> list[Function]:
 
 
 SESSION = frozenset({"session", "pagetables", "memops"})
+AEAD = frozenset({"gcmsiv", "gcmsiv_keys", "gcmsiv_wide"})
 GROUPS: tuple[Group, ...] = (
     Group("secrets", ("tests/test_secrets.py",), _secrets, False),
     Group("pagetables", ("tests/test_pagetables.py",), _pagetables, False),
-    Group("aead", ("tests/test_gcmsiv.py",), _aead, False),
+    Group("aead", ("tests/test_gcmsiv.py", "tests/test_gcmsiv_wide.py"), _aead, False),
     Group("session", ("tests/test_hostile_model.py", "tests/test_session.py",
                       "tests/test_hostile_state.py",
                       "tests/test_hostile_wipe.py::test_native_session_secrets_are_wiped",
@@ -83,16 +84,16 @@ GROUPS: tuple[Group, ...] = (
     Group("emu-boot", ("tests/test_emu_helper_image.py", "tests/test_mirror.py"), _firmware, True),
     Group("emu-doublefetch", ("tests/test_hostile_doublefetch.py", "-k", "not planted"),
           _firmware, True,
-          SESSION | {"gcmsiv"}),
+          SESSION | AEAD),
     Group("emu-rdrand", ("tests/test_hostile_rdrand.py",), _firmware, True,
           frozenset({"session"})),
     Group("emu-addrspace", ("tests/test_hostile_addrspace.py",), _firmware, True, SESSION),
     Group("emu-wipe", ("tests/test_hostile_wipe.py",), _firmware, True,
-          SESSION | {"gcmsiv", "vcpu"}),
+          SESSION | AEAD | {"vcpu"}),
     Group("emu-stream", ("tests/test_hostile_toctou.py", "tests/test_hostile_stream.py"),
           _firmware, True, SESSION),
     Group("emu-rollback", ("tests/test_hostile_rollback.py",), _firmware, True,
-          frozenset({"session", "gcmsiv"})),
+          frozenset({"session"}) | AEAD),
 )
 BY_NAME = {g.name: g for g in GROUPS}
 

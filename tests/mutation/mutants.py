@@ -26,11 +26,13 @@ from pathlib import Path
 from helperfw.dsl import Const, Function
 
 # The security-relevant DSL modules (helperfw/runtime/<name>.py): the protocol and its checks,
-# the secret-area parser, the page-table builder, the AEAD with what it is built from (gcmsiv:
-# also the staging masks, the address binding and the hashed copy-out), and the SEV-ES paths
+# the secret-area parser, the page-table builder, the AEAD with what it is built from (gcmsiv
+# and its wide path and key schedule: also the staging masks, the address binding and the hashed
+# copy-out), and the SEV-ES paths
 # (ghcb: hypercalls through the GHCB; vcpu: the exception handler that ends a faulted session,
 # the register wipe before each exit, the staging-mask key).
-MODULES = ("session", "secrets", "pagetables", "gcmsiv", "aes", "memops", "ghcb", "vcpu")
+MODULES = ("session", "secrets", "pagetables", "gcmsiv", "gcmsiv_keys", "gcmsiv_wide", "aes",
+           "memops", "ghcb", "vcpu")
 # Entry points that exist only for native tests and benchmarks: mutating them tests the tests.
 SKIP_FUNCTIONS = re.compile(r"^mh_(test|bench)_")
 # Status codes are not constants to be off by one: a changed code is a different, loud bug.
