@@ -28,7 +28,7 @@ from emulate.addrmap import (
 from emulate.host import FOUR_GIB
 from emulate.mmu import PageFault, walk
 from helperfw.runtime import protocol as P
-from tests.mirror_host import efi_path
+from tests.firmware import efi_path
 
 MEM = 32 << 20
 SEED = 7

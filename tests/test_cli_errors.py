@@ -13,7 +13,7 @@ import pytest
 from helperfw.cli import main
 from ovmf_glue.pe import package_pe, write_symbol_map
 from ovmf_glue.sample import sample_image
-from tests.mirror_host import efi_path
+from tests.firmware import efi_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
