@@ -26,7 +26,6 @@ from emulate.machine import Exit
 from emulate.memctl import MemoryController
 from helperfw.runtime import protocol as P
 
-PAGE = P.PAGE_SIZE
 SLOT = P.SLOT_SIZE
 STATUS_NAMES = {v: k for k, (v, _doc) in P.STATUS.items()}
 OP_NAMES = {v: k.removeprefix("OP_") for k, v in vars(P).items()
@@ -100,8 +99,8 @@ class HelperChannel:
         self.mirror = mirror
         self.vcpu = mirror.vcpu
         self.mb = mirror.mailbox_hpa
-        self.cmd_hpa = self.mb + PAGE
-        self.slot_hpa = self.mb + 2 * PAGE
+        self.cmd_hpa = self.mb + P.COMMAND_OFFSET
+        self.slot_hpa = self.mb + P.SLOTS_OFFSET
         self.slots = int(mirror.info.bootinfo.slots)  # type: ignore[attr-defined]
         self.bell = 0
         self.exits = 0

@@ -301,8 +301,11 @@ class ImageDescriptor:
 
 DESCRIPTOR_MAGIC = 0x5344484D  # "MHDS"
 
+# The mailbox: page 0 BootInfo (+ Control at CONTROL_OFFSET), page 1 the Command, then the slots.
+COMMAND_OFFSET = PAGE_SIZE
+SLOTS_OFFSET = 2 * PAGE_SIZE
 MAILBOX_DATA_PAGES = (DEFAULT_SLOTS * SLOT_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
-MAILBOX_PAGES = 2 + MAILBOX_DATA_PAGES  # boot-info/control, command, slots
+MAILBOX_PAGES = SLOTS_OFFSET // PAGE_SIZE + MAILBOX_DATA_PAGES
 
 # helper session states
 ST_IDLE = 0

@@ -48,6 +48,7 @@ from .pagetables import MAP_ENC, MAP_W, PAGE_1G, PAGE_2M, PT_OK, PtBuilder, pt_i
 from .platform import PAGE_SIZE
 from .protocol import (
     CAP_GCM_SIV,
+    COMMAND_OFFSET,
     CONTROL_OFFSET,
     DEFAULT_SLOTS,
     E_ABORTED,
@@ -93,7 +94,9 @@ from .protocol import (
     OP_SEND_END_EPOCH,
     OP_SEND_FINISH,
     PROTOCOL_VERSION,
+    REGION_DATA,
     SLOT_SIZE,
+    SLOTS_OFFSET,
     ST_ABORTED,
     ST_DONE,
     ST_IDLE,
@@ -108,6 +111,7 @@ from .protocol import (
     HelloReply,
     Region,
 )
+from .secrets import KEY_SIZE
 
 SEEN_WORDS = EPOCH_RECORDS_MAX // 64
 ADDR_SLOTS = 2 * EPOCH_RECORDS_MAX  # open addressing, never more than half full
@@ -116,13 +120,14 @@ RDRAND_TRIES = 32  # draws per random value (each value needs two distinct plaus
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 
 CTX_F_NO_CR3 = 1  # native tests: the page tables are never loaded, do not touch CR3
+NATIVE_C_BIT = 47  # native tests: the C-bit (and physical address bits) the tables assume
 
 
 @struct
 class HelperCtx:
     """All of the helper's private state (in the image's .bss: private, mapped RW+NX)."""
 
-    key: Array[u8, 32]  # transport key K from the SEV secret area
+    key: Array[u8, KEY_SIZE]  # transport key K from the SEV secret area
     have_key: u32
     option: u32
     c_bit: u32
@@ -166,11 +171,11 @@ class HelperCtx:
     seen: Array[u64, SEEN_WORDS]  # RECV: seqs of the current epoch already accepted
     installed: Array[u64, ADDR_SLOTS]  # RECV: ram_addr | 1 of each page installed this epoch
     pt: PtBuilder  # the mirror's page tables
-    scratch: Array[u8, 4096]  # seal: snapshot of the page; open: plaintext before release
+    scratch: Array[u8, PAGE_SIZE]  # seal: snapshot of the page; open: plaintext before release
 
 
-CTX = static(HelperCtx, align=4096)
-STACK = static(Array[u8, STACK_SIZE], align=4096)
+CTX = static(HelperCtx, align=PAGE_SIZE)
+STACK = static(Array[u8, STACK_SIZE], align=PAGE_SIZE)
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -183,17 +188,17 @@ def overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool:
 def make_nonce(out: Ptr[u8], epoch: u32, seq: u64) -> None:
     """nonce = epoch (u32 LE) ‖ seq (u64 LE)."""
     Ptr[u32](out)[0] = epoch
-    Ptr[u64](out + 4)[0] = seq
+    Ptr[u64](out + sizeof(u32))[0] = seq
 
 
 @function
 def mailbox_slot(c: Ptr[HelperCtx], i: u64) -> u64:
-    return c.mailbox + 2 * PAGE_SIZE + i * SLOT_SIZE
+    return c.mailbox + SLOTS_OFFSET + i * SLOT_SIZE
 
 
 @function
 def mailbox_command(c: Ptr[HelperCtx]) -> Ptr[Command]:
-    return Ptr[Command](c.mailbox + PAGE_SIZE)
+    return Ptr[Command](c.mailbox + COMMAND_OFFSET)
 
 
 @function
@@ -204,7 +209,7 @@ def set_entry_status(c: Ptr[HelperCtx], i: u64, status: i32) -> None:
 @function
 def v128_store_bytes(p: Ptr[u8], v: v128) -> None:
     Ptr[u64](p)[0] = v128_lo(v)
-    Ptr[u64](p + 8)[0] = v128_hi(v)
+    Ptr[u64](p)[1] = v128_hi(v)
 
 
 # -- randomness ----------------------------------------------------------------------------------
@@ -637,7 +642,7 @@ def op_recv_end_epoch(c: Ptr[HelperCtx]) -> i32:
     if t.epoch != c.epoch:
         return E_REPLAY  # an authentic token of another epoch: a replay, changes nothing
     h0 = Ptr[u64](addr(t.set_hash[0]))[0]
-    h1 = Ptr[u64](addr(t.set_hash[8]))[0]
+    h1 = Ptr[u64](addr(t.set_hash[0]))[1]
     if t.count != c.epoch_count or t.first_seq != c.epoch_first or t.total_records != c.total or \
             h0 != v128_lo(c.set_hash) or h1 != v128_hi(c.set_hash):
         return E_EPOCH
@@ -652,7 +657,7 @@ def op_recv_finish(c: Ptr[HelperCtx]) -> i32:
         return st
     t = addr(c.tok)
     h0 = Ptr[u64](addr(t.set_hash[0]))[0]
-    h1 = Ptr[u64](addr(t.set_hash[8]))[0]
+    h1 = Ptr[u64](addr(t.set_hash[0]))[1]
     if c.poisoned != 0 or c.epoch_count != 0 or t.epoch != c.epoch - 1 or t.count != 0 or \
             t.total_records != c.total or t.first_seq != c.epoch_first or (h0 | h1) != 0:
         return E_INCOMPLETE
@@ -764,10 +769,10 @@ def mh_test_process(c: Ptr[HelperCtx]) -> i32:
 def mh_test_ctx_init(c: Ptr[HelperCtx], key: Ptr[u8], mailbox: u64, ram_base: u64, ram_max: u64,
                      pool: u64, pool_pages: u32, self_gpa: u64, self_len: u64) -> i32:
     """Set up a context the way the driver does, with identity 'mirror' addresses (native)."""
-    copy_mem(addr(c.key[0]), key, 32)
+    copy_mem(addr(c.key[0]), key, KEY_SIZE)
     c.have_key = 1
-    c.c_bit = 47
-    c.phys_bits = 47
+    c.c_bit = NATIVE_C_BIT
+    c.phys_bits = NATIVE_C_BIT
     c.option = 1
     c.ram_base = ram_base
     c.ram_max = ram_max
@@ -778,8 +783,8 @@ def mh_test_ctx_init(c: Ptr[HelperCtx], key: Ptr[u8], mailbox: u64, ram_base: u6
     c.regions[0].main_gpa = self_gpa
     c.regions[0].length = self_len
     c.regions[0].mirror_gpa = self_gpa
-    c.regions[0].kind = 3
+    c.regions[0].kind = REGION_DATA
     c.flags = CTX_F_NO_CR3
     c.state = ST_IDLE
     c.last_bell = 0
-    return i32(pt_init(addr(c.pt), pool, pool, pool_pages, 47, 47))
+    return i32(pt_init(addr(c.pt), pool, pool, pool_pages, NATIVE_C_BIT, NATIVE_C_BIT))
