@@ -1,7 +1,7 @@
 """CPUID model for the emulated vCPU: an AMD EPYC-like part under KVM with SEV.
 
 Why a model: unicorn's built-in CPUID has no SEV leaf and no KVM signature, and the helper derives
-its C-bit position and address-space layout from CPUID (SPEC §4), so tests choose them here.
+its C-bit position and address-space layout from CPUID (docs/PROTOCOL.md), so tests choose them here.
 """
 
 from __future__ import annotations

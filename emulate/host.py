@@ -1,4 +1,4 @@
-"""The host: a Python model of QEMU + KVM around one SEV guest (SPEC §8).
+"""The host: a Python model of QEMU + KVM around one SEV guest.
 
 What it models, and why each piece is here:
 

@@ -1,4 +1,4 @@
-"""Live migration of an SEV guest through the helper, source host to destination host (SPEC §8).
+"""Live migration of an SEV guest through the helper, source host to destination host.
 
 Source: the guest boots (firmware + helper from the PE file), runs its workload's set-up (private
 patterns, shared conversions, MSR_KVM_MIGRATION_CONTROL), then migration starts: dirty logging
@@ -109,7 +109,7 @@ class MigrationParams:
     hot_pages: int = 256
     transport_key: bytes | None = None  # None: derived from `seed` (emulate.seeds)
     verify: bool = True
-    sev_es: bool = False  # SEV-ES guest: no register access; the guest parks its vCPU (SPEC §9)
+    sev_es: bool = False  # SEV-ES guest: no register access; the guest parks its vCPU (docs/PROTOCOL.md, "SEV-ES launch")
 
     @property
     def key(self) -> bytes:

@@ -1,5 +1,5 @@
 """A UEFI stand-in: loads the same PE32+ file OVMF loads and provides the boot services a runtime
-driver uses, so the helper image runs under the emulator exactly as shipped (SPEC §7).
+driver uses, so the helper image runs under the emulator exactly as shipped.
 
 Services are reached through the win64 ABI: every function pointer in the tables points into a
 trap page; a UC_HOOK_CODE on that page reads rcx/rdx/r8/r9 and stack arguments ([rsp+0x28]...),

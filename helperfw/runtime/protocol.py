@@ -20,7 +20,7 @@ MAX_REGIONS = 8
 # Chosen outside Linux's KVM_HC_* range (which is small integers); see docs/PROTOCOL.md.
 MH_HC_ANNOUNCE = 0x4D480001  # "MH" << 16 | 1
 
-# -- address-space options (SPEC §4) --------------------------------------------------------
+# -- address-space options (docs/PROTOCOL.md) -----------------------------------------------
 # Boot parameter: a UEFI configuration table with this GUID whose VendorTable points at an
 # MhConfig; without it the build's DEFAULT_OPTION applies.
 MH_CONFIG_GUID = "1c3aadd0-dc27-4e59-816d-d1593b66ba29"
