@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 # Leaf numbers and bits: AMD APM vol. 3 appendix E, Intel SDM vol. 2A "CPUID",
 # Linux Documentation/virt/kvm/x86/cpuid.rst.
+# Deliberately independent of helperfw.runtime.platform: this model is the hardware the helper's
+# CPUID parsing is tested against, so a wrong bit there fails a boot instead of agreeing with
+# itself (as emulate/mmu.py is for the page-table builder).
 LEAF_BASIC = 0x0
 LEAF_FEATURES = 0x1
 LEAF_EXT_MAX = 0x80000000

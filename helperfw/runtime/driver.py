@@ -255,25 +255,19 @@ def selftest(bs: Ptr[EfiBootServices]) -> bool:
         return False
     g = selftest_aead()
     if g != 0:
-        con_puts(addr(MSG_AEAD_FAIL[0]))
-        con_hex(u64(g))
-        con_puts(addr(MSG_NL[0]))
+        report(addr(MSG_AEAD_FAIL[0]), u64(g))
         return False
     con_puts(addr(MSG_AEAD_OK[0]))
     pool: u64 = 0
     st = efi_call(bs.AllocatePages, ALLOCATE_ANY_PAGES, EFI_BOOT_SERVICES_DATA,
                   SELFTEST_POOL_PAGES, addr(pool))
     if st != 0:
-        con_puts(addr(MSG_ALLOC_FAIL[0]))
-        con_hex(st)
-        con_puts(addr(MSG_NL[0]))
+        report(addr(MSG_ALLOC_FAIL[0]), st)
         return False
     r = selftest_pagetables(pool)
     efi_call(bs.FreePages, pool, SELFTEST_POOL_PAGES)
     if r != 0:
-        con_puts(addr(MSG_PT_FAIL[0]))
-        con_hex(u64(r))
-        con_puts(addr(MSG_NL[0]))
+        report(addr(MSG_PT_FAIL[0]), u64(r))
         return False
     con_puts(addr(MSG_PT_OK[0]))
     return True
@@ -311,9 +305,7 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
         con_puts(addr(MSG_NO_SEV[0]))
         con_set_conout(0)
         return EFI_UNSUPPORTED  # not for this guest: OVMF unloads the image
-    con_puts(addr(MSG_SEV[0]))
-    con_hex(u64(cbit))
-    con_puts(addr(MSG_NL[0]))
+    report(addr(MSG_SEV[0]), u64(cbit))
     active = activate(st, cbit)
     con_set_conout(0)
     if not active:
@@ -323,6 +315,7 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
 
 @function(small=True)
 def report(msg: Ptr[u8], value: u64) -> None:
+    """One log line: `msg`, `value` in hex, a newline."""
     con_puts(msg)
     con_hex(value)
     con_puts(addr(MSG_NL[0]))
