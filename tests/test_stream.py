@@ -187,3 +187,9 @@ def test_only_loopback_addresses():
     assert S.check_loopback("localhost").startswith("127.")
     with pytest.raises(ValueError, match="not a loopback"):
         S.check_loopback("192.0.2.1")  # TEST-NET-1: refused before any packet is sent
+
+
+def test_the_destination_has_a_handler_for_every_record_kind():
+    from emulate.migration import Destination
+
+    assert set(Destination._RECEIVERS) == set(S.BODIES)
