@@ -14,7 +14,6 @@ import random
 
 import pytest
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.codegen.pipeline import build
@@ -79,10 +78,6 @@ class Siv:
 @pytest.fixture(scope="module")
 def siv() -> Siv:
     return Siv(NativeImage(build(gcmsiv.TEST_FUNCTIONS).image))
-
-
-def _ecb(key: bytes, block: bytes) -> bytes:
-    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block)
 
 
 # -- AES-256 ----------------------------------------------------------------------------------

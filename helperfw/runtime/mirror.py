@@ -43,6 +43,7 @@ from .pagetables import (
 )
 from .platform import (
     KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
     MSR_AMD64_SEV,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -247,7 +248,7 @@ def share_with_host(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
     if not guest_clear_cbit(bs, va, pages, c_mask, phys_bits):
         return E_SETUP_SHARE
     # tell the host: KVM_HC_MAP_GPA_RANGE(gpa, pages, 4 KiB pages, not encrypted)
-    hypercall(KVM_HC_MAP_GPA_RANGE, va, pages, 0)
+    hypercall(KVM_HC_MAP_GPA_RANGE, va, pages, KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
     p = Ptr[u64](va)
     for i in range(pages * (PAGE_SIZE // sizeof(u64))):
         p[i] = 0  # what was there was ciphertext as seen through C=0

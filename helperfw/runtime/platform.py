@@ -15,7 +15,8 @@ PAGE_1G = 1 << 30
 # -- KVM (Linux Documentation/virt/kvm/x86/hypercalls.rst, msr.rst) ---------------------------
 KVM_HC_MAP_GPA_RANGE = 12  # a0 GPA, a1 pages, a2 attributes (below)
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4  # a2 bit 4: the range becomes private
-KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0  # a2 bits 3:0: the unit of a1
+KVM_MAP_GPA_RANGE_PAGE_SZ_MASK = 0xF  # a2 bits 3:0: the unit of a1
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1
 KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 2
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h: an unknown hypercall returns -KVM_ENOSYS
@@ -26,7 +27,6 @@ KVM_MIGRATION_READY = 1  # bit 0 of MSR_KVM_MIGRATION_CONTROL
 # -- AMD SEV (AMD APM vol. 2 §15.34, vol. 3 CPUID Fn8000_001F) ---------------------------------
 CPUID_SEV_LEAF = 0x8000001F  # EAX bit 1 SEV, bit 3 SEV-ES; EBX[5:0] C-bit, EBX[11:6] reduction
 CPUID_SEV_EAX_SEV = 1 << 1
-CPUID_SEV_EAX_SEV_ES = 1 << 3
 CPUID_SEV_EBX_CBIT_MASK = 0x3F  # EBX[5:0]: the C-bit position
 CPUID_SEV_EBX_REDUCTION_SHIFT = 6  # EBX[11:6]: physical-address bits lost to encryption
 CPUID_SEV_EBX_REDUCTION_MASK = 0x3F
@@ -36,7 +36,6 @@ CPUID_MAX_EXT_LEAF = 0x80000000
 CPUID_FEATURES_LEAF = 1  # ECX bit 25 AES-NI, bit 1 PCLMULQDQ, bit 30 RDRAND
 CPUID_1_ECX_PCLMULQDQ = 1 << 1
 CPUID_1_ECX_AESNI = 1 << 25
-CPUID_1_ECX_RDRAND = 1 << 30
 MSR_AMD64_SEV = 0xC0010131  # SEV_STATUS: bit 0 SEV enabled, bit 1 SEV-ES enabled
 MSR_AMD64_SEV_ENABLED = 1 << 0
 MSR_AMD64_SEV_ES_ENABLED = 1 << 1

@@ -753,11 +753,6 @@ def process_batch(c: Ptr[HelperCtx]) -> None:
 
 # -- native test entry points (the host plays both sides in-process) ----------------------------
 @function(abi="c")
-def mh_test_ctx_size() -> u64:
-    return sizeof(HelperCtx)
-
-
-@function(abi="c")
 def mh_test_process(c: Ptr[HelperCtx]) -> i32:
     process_batch(c)
     emms()  # the staging masks used MMX registers: leave the x87 stack free for the host
