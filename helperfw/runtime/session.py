@@ -113,13 +113,15 @@ from .protocol import (
 )
 from .secrets import KEY_SIZE
 
-SEEN_WORDS = EPOCH_RECORDS_MAX // 64
+WORD_BITS = 64  # `seen` holds one bit per record in u64 words
+SEEN_WORDS = EPOCH_RECORDS_MAX // WORD_BITS
 ADDR_SLOTS = 2 * EPOCH_RECORDS_MAX  # open addressing, never more than half full
 STACK_SIZE = 32768
 RDRAND_TRIES = 32  # draws per random value (each value needs two distinct plausible draws)
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 
 CTX_F_NO_CR3 = 1  # native tests: the page tables are never loaded, do not touch CR3
+NONCE_SLOT = 16  # a record's 12-byte nonce (SIV_NONCE_LEN) on the stack, in a 16-byte slot
 NATIVE_C_BIT = 47  # native tests: the C-bit (and physical address bits) the tables assume
 
 
@@ -426,7 +428,7 @@ def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
     env.reserved = 0
     env.seq = seq
     env.challenge = c.challenge
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), c.epoch, seq)
     siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN, c.ram_base,
              addr(c.scratch[0]), Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]),
@@ -467,7 +469,7 @@ def seal_token(c: Ptr[HelperCtx], magic: u32, epoch: u32, count: u64, first: u64
     v128_store_bytes(addr(t.set_hash[0]), set_hash)
     t.total_records = c.total
     t.challenge = c.challenge
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), nonce_epoch, 0)
     siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, 0, addr(c.scratch[0]),
              addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.rec))  # no data: no page
@@ -576,7 +578,7 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
     slot_i = installed_slot(c, ram_addr)
     if c.installed[slot_i] != 0:
         return E_REPLAY  # this page already came in this epoch (see installed_slot)
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
     r = siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
                  Ptr[u8](slot + sizeof(Envelope)), c.ram_base, PAGE_SIZE, addr(env.tag[0]),
@@ -626,7 +628,7 @@ def open_token(c: Ptr[HelperCtx], magic: u32, nonce_epoch_is_finish: bool) -> i3
         return E_HEADER
     if t.session_id != c.session_id or t.challenge != c.challenge:
         return E_REPLAY
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), FINISH_EPOCH if nonce_epoch_is_finish else t.epoch, 0)
     return siv_status(siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN,
                                addr(c.scratch[0]), 0, 0, addr(t.tag[0]), addr(c.scratch[0]),
