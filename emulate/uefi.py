@@ -52,6 +52,7 @@ from helperfw.runtime.platform import (
     GHCB_HV_RESP_NO_ACTION,
     GHCB_MSR_INFO_MASK,
     GHCB_MSR_TERM_REQ,
+    GHCB_MSR_TERM_SET_SHIFT,
     GHCB_PROTOCOL_VERSION,
     GHCB_RAX,
     GHCB_RBX,
@@ -72,6 +73,7 @@ from helperfw.runtime.platform import (
     IOIO_TYPE_IN,
     KVM_HC_MAP_GPA_RANGE,
     MSR_AMD64_SEV_ES_GHCB,
+    SVM_EVTINJ_VECTOR_MASK,
     SVM_EXIT_CPUID,
     SVM_EXIT_IOIO,
     SVM_EXIT_MSR,
@@ -250,8 +252,7 @@ def _seal_table(table: bytearray, signature: int) -> bytes:
     hdr = efi.EfiTableHeader
     table[: hdr.size] = hdr.build(Signature=signature, Revision=EFI_TABLE_REVISION,
                                   HeaderSize=len(table), CRC32=0, Reserved=0)
-    crc_at = hdr.offset("CRC32")
-    table[crc_at : crc_at + 4] = zlib.crc32(table).to_bytes(4, "little")
+    struct.pack_into("<I", table, hdr.offset("CRC32"), zlib.crc32(table))
     return bytes(table)
 
 
@@ -827,7 +828,7 @@ class UefiStandIn:
 
     def _terminate(self, v: VCpu, rip: int) -> None:
         """OVMF's answer to what it cannot serve: a GHCB termination request (MSR protocol)."""
-        v.ghcb_msr = GHCB_MSR_TERM_REQ | GHCB_TERM_GENERAL << 12
+        v.ghcb_msr = GHCB_MSR_TERM_REQ | GHCB_TERM_GENERAL << GHCB_MSR_TERM_SET_SHIFT
         self.vm.ghcb.vmgexit(v)
         v.continue_at(rip)
 
@@ -881,7 +882,7 @@ class UefiStandIn:
             return None
         status = page.get(GHCB_SW_EXIT_INFO1) & MASK32
         if status == GHCB_HV_RESP_ISSUE_EXCEPTION and page.is_valid(GHCB_SW_EXIT_INFO2):
-            return page.get(GHCB_SW_EXIT_INFO2) & 0xFF
+            return page.get(GHCB_SW_EXIT_INFO2) & SVM_EVTINJ_VECTOR_MASK
         if status != GHCB_HV_RESP_NO_ACTION:
             return None
         return self._vc_results(v, code, insn, info1, page)

@@ -63,6 +63,10 @@ GHCB_MSR_CPUID_RESP = 0x005  # [63:32] the value, [31:30] the register asked for
 GHCB_MSR_AP_RESET_HOLD_REQ = 0x006
 GHCB_MSR_AP_RESET_HOLD_RESP = 0x007  # [63:12] non-zero once the vCPU was woken
 GHCB_MSR_TERM_REQ = 0x100  # [15:12] reason set, [23:16] reason code
+GHCB_MSR_TERM_SET_SHIFT = 12
+GHCB_MSR_TERM_SET_MASK = 0xF
+GHCB_MSR_TERM_CODE_SHIFT = 16
+GHCB_MSR_TERM_CODE_MASK = 0xFF
 GHCB_VERSION_MIN = 1
 GHCB_VERSION_MAX = 1  # SEV-ES; version 2 adds SNP's requests
 # The GHCB page (4 KiB, shared): byte offsets of the fields used here.
@@ -106,6 +110,7 @@ IOIO_PORT_SHIFT = 16
 # an injected event (SwExitInfo2 with GHCB_HV_RESP_ISSUE_EXCEPTION): vector | type << 8 | valid
 SVM_EVTINJ_TYPE_EXCEPTION = 3 << 8
 SVM_EVTINJ_VALID = 1 << 31
+SVM_EVTINJ_VECTOR_MASK = 0xFF
 
 # -- QEMU / OVMF ----------------------------------------------------------------------------------
 DEBUG_PORT = 0x402  # QEMU isa-debugcon as OVMF configures it
