@@ -35,13 +35,11 @@ OP_NAMES = {v: k.removeprefix("OP_") for k, v in vars(P).items()
 # a watchdog thread calling emu_stop costs nothing while the helper runs.
 BATCH_TIMEOUT_S = 60.0
 
-_HDR = struct.Struct("<IIQIIQQ")  # op, count, session_id, epoch, version, ram_size, challenge
-_ENTRY = struct.Struct("<QIi")
-assert _HDR.size == P.Command.offset("entries") and _ENTRY.size == P.Entry.size
-assert (P.Command.offset("session_id"), P.Command.offset("ram_size"),
-        P.Command.offset("challenge")) == (8, 24, 32)
-_CTL = struct.Struct("<QQiIII")
-assert _CTL.size == P.Control.size
+# The layouts as struct.Struct (a doorbell packs and unpacks these; construct is too slow).
+_HDR = P.Command.pystruct(upto="entries")  # op, count, session_id, epoch, version, ram_size,
+#                                            challenge
+_ENTRY = P.Entry.pystruct()  # ram_addr, flags, status
+_CTL = P.Control.pystruct()  # doorbell, completed, status, state, processed, reserved
 
 
 def status_name(st: int) -> str:
