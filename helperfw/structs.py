@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import construct as cs
 from llvmlite import ir
 
-from .types import ArrayType, BoolType, IntType, PtrType, Type, V128Type
+from .types import ArrayType, BoolType, IntType, PtrType, Type, VecType
 
 _INT_FORMATS = {1: "Bb", 2: "Hh", 4: "Ii", 8: "Qq"}  # struct codes by size: [unsigned, signed]
 C_KEYWORDS = frozenset(
@@ -164,8 +164,8 @@ def _c_field(t: Type, name: str) -> str:
             dims += f"[{t.count}]"
             t = t.elem
         return f"{_c_field(t, name + dims)}"
-    if isinstance(t, V128Type):
-        return f"_Alignas(16) uint8_t {name}[16]"
+    if isinstance(t, VecType):
+        return f"_Alignas({t.size}) uint8_t {name}[{t.size}]"
     return f"{t.c_name()} {name}"
 
 
@@ -174,8 +174,8 @@ def _zero(t: Type) -> object:
         return 0
     if isinstance(t, BoolType):
         return False
-    if isinstance(t, V128Type):
-        return bytes(16)
+    if isinstance(t, VecType):
+        return bytes(t.size)
     if isinstance(t, ArrayType):
         return bytes(t.count) if t.elem.size == 1 and isinstance(t.elem, IntType) and not t.elem.signed else [_zero(t.elem)] * t.count
     if isinstance(t, StructType):

@@ -17,6 +17,7 @@ from typing import Any
 
 from llvmlite import ir
 
+from .. import features
 from ..dsl import DslError, Function, Routine, Static
 from ..frontend import COMPARISONS, TV, FrontEnd, check_signature
 from ..intrinsics.registry import Intrinsic
@@ -76,6 +77,9 @@ class ModuleLowerer:
         if fn.small:
             llvm_compat.add_attribute(f, "optsize")
             llvm_compat.add_attribute(f, "minsize")
+        if fn.features:  # LLVM never inlines it into a function without them
+            llvm_compat.add_attribute(
+                f, f'"target-features"="{features.target_string(fn.features)}"')
         if fn.section:
             f.section = fn.section
         self.functions[fn] = f

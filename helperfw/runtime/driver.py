@@ -34,16 +34,8 @@ from .efi import (
     EfiSystemTable,
     guid_bytes,
 )
-from .gcmsiv import (
-    SIV_AUTH,
-    SIV_NONCE_LEN,
-    SIV_OK,
-    SIV_TAG_LEN,
-    SivKeys,
-    aad_base,
-    siv_open,
-    siv_seal,
-)
+from .gcmsiv import SIV_AUTH, SIV_OK, SivKeys, aad_base, siv_open, siv_seal
+from .gcmsiv_keys import SIV_NONCE_LEN, SIV_TAG_LEN
 from .memops import bytes_eq, wipe
 from .mirror import SetupParams, announce, mirror_setup
 from .pagetables import (

@@ -50,6 +50,7 @@ SVM_EXIT_MSR = 0x7C  # RDMSR and WRMSR (EXITINFO1 0 / 1)
 SVM_EXIT_VMMCALL = 0x81
 SVM_EXIT_WBINVD = 0x89
 SVM_EXIT_NPF = 0x400  # nested page fault; under SEV-ES an MMIO/unbacked GPA access is a #VC
+X86_TRAP_UD = 6  # #UD, invalid opcode (e.g. an instruction CPUID promised but the CPU lacks)
 X86_TRAP_VC = 29  # #VC, the SEV-ES VMM communication exception
 
 # -- SEV-ES GHCB (AMD pub. 56421; EDK2 MdePkg/Include/Register/Amd/Ghcb.h; Linux
@@ -111,6 +112,20 @@ IOIO_PORT_SHIFT = 16
 SVM_EVTINJ_TYPE_EXCEPTION = 3 << 8
 SVM_EVTINJ_VALID = 1 << 31
 SVM_EVTINJ_VECTOR_MASK = 0xFF
+
+# -- AVX state and the wide instructions (Intel SDM vol. 2A "CPUID" leaf 7, vol. 1 §13.3;
+#    AMD APM vol. 3 appendix E) ---------------------------------------------------------------
+CPUID_1_ECX_OSXSAVE = 1 << 27  # CR4.OSXSAVE is set: XGETBV may run (else it is #UD)
+CPUID_1_ECX_AVX = 1 << 28
+CPUID_STD_MAX_LEAF = 0  # EAX: the highest standard leaf
+CPUID_EAX, CPUID_EBX, CPUID_ECX, CPUID_EDX = 0, 1, 2, 3  # a register's index, as GHCB_MSR_CPUID_REQ names it
+CPUID_EXT_FEATURES_LEAF = 7  # subleaf 0
+CPUID_7_EBX_AVX2 = 1 << 5
+CPUID_7_ECX_VAES = 1 << 9
+CPUID_7_ECX_VPCLMULQDQ = 1 << 10
+XCR0 = 0  # XGETBV's ECX: the state components the OS enabled for XSAVE and for use
+XCR0_SSE = 1 << 1  # xmm registers
+XCR0_AVX = 1 << 2  # the upper halves of the ymm registers
 
 # -- QEMU / OVMF ----------------------------------------------------------------------------------
 DEBUG_PORT = 0x402  # QEMU isa-debugcon as OVMF configures it

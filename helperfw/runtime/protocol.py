@@ -93,7 +93,9 @@ E_DISCARDED = _status(-18, "this helper installed pages in a receiving session t
                            "destination)")
 E_FAULT = _status(-19, "the CPU raised an exception while the helper ran the batch (an "
                        "instruction CPUID promised but the CPU lacks, a #VC, an unmapped page): "
-                       "the session was ended, FaultRecord says where; entry statuses are void")
+                       "the session was ended, FaultRecord says where; entry statuses are void. "
+                       "After a #UD later sessions use the baseline AEAD path (no VAES), "
+                       "whatever CPUID says")
 E_CHANGED = _status(-20, "private memory changed under the helper between a record's tag check "
                          "and its installation (the host wrote back older ciphertext of the "
                          "helper's scratch or of the guest page): the page was zeroed and the "

@@ -42,7 +42,16 @@ from helperfw import (
 )
 
 from .aes import Aes256Key, aes256_block, aes256_expand, aes256_expand_v
-from .gcmsiv import SIV_CHANGED, SIV_OK, SivKeys, siv_open, siv_seal
+from .gcmsiv import (
+    SIV_CHANGED,
+    SIV_OK,
+    SivKeys,
+    siv_open,
+    siv_open_on,
+    siv_seal,
+    siv_seal_on,
+)
+from .gcmsiv_wide import wide_choose
 from .memops import copy_mem, wipe
 from .pagetables import MAP_ENC, MAP_W, PAGE_1G, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
 from .platform import PAGE_SIZE
@@ -154,6 +163,7 @@ class HelperCtx:
     bound: u32  # RECEIVING: session_id known and keys derived (first RECV-family command)
     installed_any: u32  # RECEIVING: this session wrote guest memory
     discarded: u32  # a receiving session wrote guest memory and did not finish: one-shot
+    wide: u32  # the session's AEAD path (gcmsiv_wide.WIDE_*), chosen at *_BEGIN
     refused: u32  # entries refused in the current batch
     rng_last: u64  # the last value accepted from RDRAND (a repeat is refused)
     ram_size: u64
@@ -368,6 +378,7 @@ def begin_session(c: Ptr[HelperCtx], state: u32) -> i32:
     c.installed_any = 0
     c.set_hash = v128_make(0, 0)
     clear_epoch_marks(c)
+    c.wide = wide_choose(c.wide, c.sev_status)
     c.state = state
     return OK
 
@@ -430,9 +441,9 @@ def seal_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> None:
     env.challenge = c.challenge
     nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), c.epoch, seq)
-    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN, c.ram_base,
-             addr(c.scratch[0]), Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]),
-             addr(c.rec))
+    siv_seal_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN, c.ram_base,
+                addr(c.scratch[0]), Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE,
+                addr(env.tag[0]), addr(c.rec))
     copy_mem(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
     count_record(c, ram_addr, seq)
 
@@ -580,9 +591,9 @@ def open_one(c: Ptr[HelperCtx], ram_addr: u64, slot: u64) -> i32:
         return E_REPLAY  # this page already came in this epoch (see installed_slot)
     nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
-    r = siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
-                 Ptr[u8](slot + sizeof(Envelope)), c.ram_base, PAGE_SIZE, addr(env.tag[0]),
-                 addr(c.scratch[0]), addr(c.rec))
+    r = siv_open_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
+                    Ptr[u8](slot + sizeof(Envelope)), c.ram_base, PAGE_SIZE, addr(env.tag[0]),
+                    addr(c.scratch[0]), addr(c.rec))
     if r == SIV_CHANGED:
         c.installed_any = 1  # the page was written (and zeroed): one-shot applies
     if r != SIV_OK:
