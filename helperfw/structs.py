@@ -8,6 +8,7 @@ offsets computed here; tests check all three (LLVM data layout, construct, gcc's
 from __future__ import annotations
 
 import inspect
+import struct as struct_module
 from dataclasses import dataclass
 
 import construct as cs
@@ -15,6 +16,7 @@ from llvmlite import ir
 
 from .types import ArrayType, BoolType, IntType, PtrType, Type, VecType
 
+_INT_FORMATS = {1: "Bb", 2: "Hh", 4: "Ii", 8: "Qq"}  # struct codes by size: [unsigned, signed]
 C_KEYWORDS = frozenset(
     ["auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while", "_Bool", "_Alignas", "_Alignof", "_Atomic", "_Static_assert"]
 )
@@ -96,6 +98,22 @@ class StructType(Type):
                 parts.append(cs.Padding(self.size - pos))
             self._construct = cs.Struct(*parts)
         return self._construct
+
+    def pystruct(self, upto: str | None = None) -> struct_module.Struct:
+        """The integer fields (those before `upto`, or all) as one little-endian
+        `struct.Struct`, padding included: the fast view for host code that packs or unpacks a
+        layout per batch (construct is far slower). Fields must be integers."""
+        fmt, pos = "<", 0
+        for f in self.fields.values():
+            if f.name == upto:
+                break
+            if not isinstance(f.type, IntType):
+                raise TypeError(f"struct {self.name}: field {f.name} is not an integer")
+            fmt += "x" * (f.offset - pos) + _INT_FORMATS[f.type.size][f.type.signed]
+            pos = f.offset + f.type.size
+        if upto is None:
+            fmt += "x" * (self.size - pos)
+        return struct_module.Struct(fmt)
 
     def parse(self, data: bytes) -> cs.Container:
         return self.construct().parse(bytes(data[: self.size]))

@@ -72,10 +72,10 @@ from tests.session_host import image
 PAGE = P.PAGE_SIZE
 SLOT = P.SLOT_SIZE
 MB_SIZE = P.MAILBOX_PAGES * PAGE
-CMD_OFF = PAGE
-ENTRIES_OFF = PAGE + P.Command.offset("entries")
+CMD_OFF = P.COMMAND_OFFSET
+ENTRIES_OFF = P.COMMAND_OFFSET + P.Command.offset("entries")
 CTL_OFF = P.CONTROL_OFFSET
-SLOTS_OFF = 2 * PAGE
+SLOTS_OFF = P.SLOTS_OFFSET
 SENTINEL = 0x5A5A5A5A  # written into every entry's status: not a documented status
 KEY = bytes(range(7, 39))
 _CTL = struct.Struct("<QQiIII")

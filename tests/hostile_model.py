@@ -42,7 +42,7 @@ ENTRY = struct.Struct("<QIi")
 ENV = struct.Struct("<IIQQIIQQ")  # Envelope without the tag
 TOK = struct.Struct("<IIQQQ16sQQ")  # EpochToken without the tag
 RECV_OPS = (P.OP_RECV, P.OP_RECV_END_EPOCH, P.OP_RECV_FINISH)
-SLOTS_OFF = 2 * PAGE
+SLOTS_OFF = P.SLOTS_OFFSET
 OK = ST["OK"]
 
 

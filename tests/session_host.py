@@ -18,7 +18,7 @@ from helperfw.native import NativeImage
 from helperfw.runtime import protocol as P
 from helperfw.runtime import session as S
 
-PAGE = 4096
+PAGE = P.PAGE_SIZE
 
 
 def _aligned(size: int) -> tuple[ctypes.Array, int]:
@@ -89,7 +89,7 @@ class NativeHelper:
         self.write(self.ram + ram_addr, data)
 
     def slot(self, i: int) -> int:
-        return self.mailbox + 2 * PAGE + i * P.SLOT_SIZE
+        return self.mailbox + P.SLOTS_OFFSET + i * P.SLOT_SIZE
 
     # -- the doorbell ------------------------------------------------------------------------
     def command(self, op: int, entries=(), **fields) -> tuple[int, list[int]]:
@@ -102,13 +102,13 @@ class NativeHelper:
                   "ram_size": 0, "challenge": 0, **fields}
         ents += [{"ram_addr": 0, "flags": 0, "status": 0}] * (P.MAX_SLOTS - len(ents))
         raw = P.Command.build(op=op, count=count, entries=ents, **fields)
-        self.write(self.mailbox + PAGE, raw)
+        self.write(self.mailbox + P.COMMAND_OFFSET, raw)
         self.bell += 1
         self.write(self.mailbox + P.CONTROL_OFFSET, struct.pack("<Q", self.bell))
         status = self.img.call("mh_test_process", self.ctx, restype=ctypes.c_int32)
         ctl = P.Control.parse(self.read(self.mailbox + P.CONTROL_OFFSET, P.Control.size))
         assert ctl.completed == self.bell and ctl.status == status
-        cmd = P.Command.parse(self.read(self.mailbox + PAGE, P.Command.size))
+        cmd = P.Command.parse(self.read(self.mailbox + P.COMMAND_OFFSET, P.Command.size))
         return status, [cmd.entries[i].status for i in range(len(entries))]
 
     def reply(self) -> P.HelloReply:

@@ -66,6 +66,24 @@ def test_struct_offsets_agree_llvm_construct_and_gcc(t, tmp_path: Path):
     assert r.returncode == 0, r.stderr + src
 
 
+def test_pystruct_view_agrees_with_construct():
+    """The struct.Struct view packs what construct builds, padding and signedness included,
+    for whole structs and for a prefix; a field that is not an integer is refused."""
+    from helperfw.runtime import protocol as P
+
+    for t in (P.Control, P.Entry, P.FaultRecord):
+        values = {n: (-3 if f.type.signed else 7 + i) for i, (n, f) in enumerate(t.fields.items())}
+        assert t.pystruct().pack(*values.values()) == t.build(**values)
+    head = P.Command.pystruct(upto="entries")
+    assert head.size == P.Command.offset("entries")
+    names = list(P.Command.fields)[:len(head.unpack(bytes(head.size)))]
+    vals = dict(zip(names, range(1, len(names) + 1), strict=True))
+    assert head.pack(*vals.values()) == P.Command.build(**vals)[: head.size]
+    assert S.Mixed.pystruct(upto="inner").format == "<BxxxI"  # u8, padding, u32
+    with pytest.raises(TypeError, match="not an integer"):
+        P.Envelope.pystruct()
+
+
 def test_struct_c_decl_catches_a_wrong_offset(tmp_path: Path):
     """The static_asserts are live: a tampered offset must fail to compile."""
     decl = S.Packed.c_decl().replace("== 9,", "== 10,")

@@ -20,7 +20,6 @@ import random
 
 import pytest
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.codegen.pipeline import build
@@ -133,10 +132,6 @@ def image() -> NativeImage:
 @pytest.fixture(scope="module", params=[pytest.param("base"), pytest.param("wide", marks=needs_wide)])
 def siv(request, image: NativeImage) -> Siv:
     return Siv(image, PATHS[request.param])
-
-
-def _ecb(key: bytes, block: bytes) -> bytes:
-    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block)
 
 
 # -- AES-256 ----------------------------------------------------------------------------------

@@ -524,10 +524,3 @@ def _llvm_reason(exc: RuntimeError) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     parse = next((ln for ln in lines if "error: " in ln), None)
     return parse.split("error: ", 1)[1] if parse else lines[0] if lines else "?"
-
-
-def lower_functions(roots: list[Function], name: str = "helper",
-                    keep: tuple[tuple[str, Static], ...] = ()) -> ir.Module:
-    """Lower `roots` and every DSL function they call into one LLVM module; `keep` names
-    statics (symbol, static) that must be in the image even if no code reads them."""
-    return ModuleLowerer(name).lower(roots, keep)

@@ -20,7 +20,7 @@ MAX_REGIONS = 8
 # Chosen outside Linux's KVM_HC_* range (which is small integers); see docs/PROTOCOL.md.
 MH_HC_ANNOUNCE = 0x4D480001  # "MH" << 16 | 1
 
-# -- address-space options (SPEC §4) --------------------------------------------------------
+# -- address-space options (docs/PROTOCOL.md) -----------------------------------------------
 # Boot parameter: a UEFI configuration table with this GUID whose VendorTable points at an
 # MhConfig; without it the build's DEFAULT_OPTION applies.
 MH_CONFIG_GUID = "1c3aadd0-dc27-4e59-816d-d1593b66ba29"
@@ -303,8 +303,11 @@ class ImageDescriptor:
 
 DESCRIPTOR_MAGIC = 0x5344484D  # "MHDS"
 
+# The mailbox: page 0 BootInfo (+ Control at CONTROL_OFFSET), page 1 the Command, then the slots.
+COMMAND_OFFSET = PAGE_SIZE
+SLOTS_OFFSET = 2 * PAGE_SIZE
 MAILBOX_DATA_PAGES = (DEFAULT_SLOTS * SLOT_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
-MAILBOX_PAGES = 2 + MAILBOX_DATA_PAGES  # boot-info/control, command, slots
+MAILBOX_PAGES = SLOTS_OFFSET // PAGE_SIZE + MAILBOX_DATA_PAGES
 
 # helper session states
 ST_IDLE = 0
