@@ -392,7 +392,7 @@ class Fuzzer:
             elif how == 5:
                 kw["challenge"] = rng.choice(self.challenges)
             else:
-                kw[rng.choice(["flags", "reserved", "magic"])] = rng.getrandbits(32)
+                kw[rng.choice(["flags", "lane", "magic"])] = rng.getrandbits(32)
             rec = m.forger.record(ram_addr, plain, **kw)
         elif r < 0.87 and self.records:
             rec = rng.choice(self.records)[1]

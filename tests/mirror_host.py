@@ -107,9 +107,10 @@ def boot(cbit: int, option: int, *, key: bytes = KEY, seed: int = 31337,
     r = u.start_image(efi)
     assert r.ok, (r.exit, r.debug_log)
     assert host.bootinfo_gpa is not None
-    # the host reads BootInfo in plaintext: the driver made the mailbox shared and said so
-    assert (host.bootinfo_gpa, P.MAILBOX_PAGES) in host.shared
+    # the host reads BootInfo in plaintext: the driver made every lane's mailbox shared and
+    # said so
     bi = P.BootInfo.parse(mc.host_read(vm.gpa_to_hpa(host.bootinfo_gpa), P.BootInfo.size))
+    assert (host.bootinfo_gpa, P.MAILBOX_PAGES * bi.lanes) in host.shared
     assert (bi.magic, bi.version, bi.option, bi.c_bit, bi.active) == (
         P.BOOTINFO_MAGIC, P.PROTOCOL_VERSION.value, option, cbit, 1)
     return mc, vm, bi
