@@ -25,6 +25,8 @@ from helperfw.runtime import protocol as P
 
 TWO_MIB = 2 << 20
 LANE_COUNTS = (1, 2, 4)
+LINKS_GBIT = (25, 100, 400)
+RECORD_BYTES = P.SLOT_SIZE  # a private page on the wire: Envelope + 4096 bytes of ciphertext
 
 
 def _batches(chans: list[HelperChannel], parts: list[list[int]]) -> list[list[list[int]]]:
@@ -87,6 +89,31 @@ def measure(p: MigrationParams, pages: int, rounds: int = 2) -> list[dict]:
         r["src_speedup"] = round(r["src_pages_per_s"] / rows[0]["src_pages_per_s"], 2)
         r["dst_speedup"] = round(r["dst_pages_per_s"] / rows[0]["dst_pages_per_s"], 2)
     return rows
+
+
+def saturation(seal_mb_s: float, open_mb_s: float) -> list[dict]:
+    """Lanes (one core each) that saturate each link, from the measured native per-page cost
+    of seal and open (MB/s of 4 KiB plaintext): a link of G Gbit/s carries G/8e-9 /
+    RECORD_BYTES records per second, a lane seals 1e6 * MB/s / 4096 of them (the batch's exit,
+    1 per 64 pages, is left out: a few microseconds per 64 pages)."""
+    out = []
+    for g in LINKS_GBIT:
+        need = g * 1e9 / 8 / RECORD_BYTES
+        seal = seal_mb_s * 1e6 / P.PAGE_SIZE
+        opn = open_mb_s * 1e6 / P.PAGE_SIZE
+        out.append({"link_gbit": g, "records_per_s": round(need),
+                    "source_lanes": -(-need // seal), "destination_lanes": -(-need // opn),
+                    "fits_max_lanes": max(-(-need // seal), -(-need // opn)) <= P.MAX_LANES})
+    return out
+
+
+def saturation_report(rows: list[dict], seal_us: float, open_us: float) -> str:
+    return table(["link Gbit/s", "records/s", "source lanes", "destination lanes",
+                  f"<= MAX_LANES ({P.MAX_LANES})"],
+                 [[r["link_gbit"], r["records_per_s"], int(r["source_lanes"]),
+                   int(r["destination_lanes"]), r["fits_max_lanes"]] for r in rows],
+                 f"lanes to saturate a link (native: seal {seal_us:.2f} us, open {open_us:.2f} "
+                 f"us per page, one core per lane)")
 
 
 def report(rows: list[dict]) -> str:

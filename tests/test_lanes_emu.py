@@ -57,3 +57,57 @@ def test_lanes_migrate_in_parallel(sev_es: bool, lanes: int) -> None:
     assert {lane_of(a, lanes) for a in pages} == set(range(lanes))
     # per side: one exit per batch of up to 64 pages, plus one per lane per epoch token
     assert sealing_exits / len(pages) <= 1 / 32 + 2 * lanes / len(pages)
+
+
+def test_join_during_publication_is_refused_in_the_image() -> None:
+    """Lane 0's SEND_BEGIN stopped right after it wrote the publication's last field (the
+    generation still odd: every field is right, the generation not yet); lane 1's vCPU runs
+    JOIN meanwhile and gets E_UNPUBLISHED; lane 0 resumes, completes, and the same JOIN then
+    joins. The ordering as compiled, on two vCPUs of one mirror VM."""
+    import struct
+
+    from unicorn import UC_HOOK_MEM_WRITE
+
+    from helperfw.runtime.session import HelperCtx
+    from tests.mirror_host import PAGE, MirrorHost, pack_command
+
+    h = MirrorHost(47, P.OPT_SHIFT, seed=1302)
+    bi = h.bi
+    assert bi.lanes == P.DEFAULT_LANES
+    e1 = bi.lane_info[1]
+    lane1 = h.mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=e1.rsp)
+    mb1 = h.vm.gpa_to_hpa(e1.mailbox_gpa)
+    off = HelperCtx.offset("pub_ram_size")
+    last_hpa = h.symbol_hpas("CTX")[off // PAGE] + off % PAGE
+    stopped = []
+
+    def on_last(uc, _acc, _hpa, _size, value, _ud) -> None:
+        if not stopped:
+            stopped.append(value)
+            uc.emu_stop()
+
+    hook = h.vcpu.uc.hook_add(UC_HOOK_MEM_WRITE, on_last, None, last_hpa, last_hpa + 7)
+    challenge = 0xC4A1_0000_0000_0013
+    h.mc.host_write(h.mb + PAGE, pack_command(P.OP_SEND_BEGIN, count=2, ram_size=32 << 20,
+                                              challenge=challenge))
+    h.bell += 1
+    h.mc.host_write(h.mb + P.CONTROL_OFFSET, struct.pack("<Q", h.bell))
+    ex = h.vcpu.run(5_000_000)
+    assert stopped and ex.reason != "hlt"  # lane 0 is mid-publication
+
+    def join() -> int:
+        h.mc.host_write(mb1 + PAGE, pack_command(P.OP_JOIN, challenge=challenge))
+        bell = struct.unpack("<Q", h.mc.host_read(mb1 + P.CONTROL_OFFSET, 8))[0] + 1
+        h.mc.host_write(mb1 + P.CONTROL_OFFSET, struct.pack("<Q", bell))
+        assert lane1.run(5_000_000).reason == "hlt"
+        completed, status = struct.unpack_from("<Qi", h.mc.host_read(mb1 + P.CONTROL_OFFSET + 8,
+                                                                     12))
+        assert completed == bell
+        return status
+
+    assert join() == P.STATUS["E_UNPUBLISHED"][0]
+    h.remove_hook(hook)
+    assert h.vcpu.run(5_000_000).reason == "hlt"  # lane 0 finishes its SEND_BEGIN
+    ctl = struct.unpack_from("<QQi", h.mc.host_read(h.mb + P.CONTROL_OFFSET, 20))
+    assert ctl[1:] == (h.bell, 0)
+    assert join() == 0
