@@ -9,6 +9,7 @@ documented rule, so no two threads ever touch the same page, seq space or mailbo
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -34,13 +35,15 @@ def split_by_lane(ram_addrs: Sequence[int], lanes: int) -> list[list[int]]:
     return out
 
 
-def lane_channels(mc: MemoryController, mirror: Mirror, lanes: int) -> list[HelperChannel]:
-    """Lane 0's channel (the mirror's own vCPU) and a new vCPU and channel for lanes 1.."""
+def lane_channels(mc: MemoryController, mirror: Mirror, lanes: int,
+                  first: HelperChannel | None = None) -> list[HelperChannel]:
+    """Lane 0's channel (`first`, or a new one on the mirror's own vCPU) and a new vCPU and
+    channel for each of lanes 1.."""
     bi = mirror.info.bootinfo
     served = int(bi.lanes)  # type: ignore[attr-defined]
     if not 1 <= lanes <= served:
         raise ValueError(f"--lanes {lanes}: the helper serves 1 to {served} lanes")
-    chans = [HelperChannel(mc, mirror)]
+    chans = [first or HelperChannel(mc, mirror)]
     for lane in range(1, lanes):
         e = bi.lane_info[lane]  # type: ignore[attr-defined]
         hpa = mirror.vm.gpa_to_hpa(int(e.mailbox_mirror_gpa))
@@ -92,3 +95,57 @@ def begin_lanes(src: list[HelperChannel], dst: list[HelperChannel], ram_size: in
     for d in dst:
         d.bind(sid)
     return sid
+
+
+class LaneWorkers:
+    """The destination's side of the stream: work for lane l runs on lane l's thread, in the
+    order it was submitted (a lane's records before its token), lanes side by side. With one
+    lane everything runs on the caller's thread, as before lanes."""
+
+    def __init__(self, lanes: int) -> None:
+        self.errors: list[Exception] = []
+        self.queues: list[queue.Queue] = []
+        self.threads: list[threading.Thread] = []
+        if lanes > 1:
+            for i in range(lanes):
+                q: queue.Queue = queue.Queue()
+                t = threading.Thread(target=self._serve, args=(q,), name=f"lane-{i}",
+                                     daemon=True)
+                t.start()
+                self.queues.append(q)
+                self.threads.append(t)
+
+    def _serve(self, q: queue.Queue) -> None:
+        while True:
+            fn = q.get()
+            try:
+                if fn is None:
+                    return
+                if not self.errors:  # after a failure the lane only drains
+                    fn()
+            except Exception as e:  # noqa: BLE001 (re-raised by drain, in the caller's thread)
+                self.errors.append(e)
+            finally:
+                q.task_done()
+
+    def submit(self, lane: int, fn: Callable[[], object]) -> None:
+        if not self.queues:
+            fn()
+            return
+        if self.errors:
+            self.drain()
+        self.queues[lane].put(fn)
+
+    def drain(self) -> None:
+        """Wait until every lane did all its work; raise the first lane's error."""
+        for q in self.queues:
+            q.join()
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads:
+            t.join()
+        self.queues, self.threads = [], []
