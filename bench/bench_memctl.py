@@ -1,6 +1,6 @@
 """Throughput of guest code touching C=1 (private) memory vs plain unicorn RAM.
 
-Why: the SEV memory controller must not slow guest code down (SPEC §7: native unicorn speed);
+Why: the SEV memory controller must not slow guest code down (native unicorn speed);
 this prints MB/s for the same byte-copy loop in both settings and their ratio (target >= 0.5).
 Run: python bench/bench_memctl.py [--mib N] [--reps R]
 """

@@ -70,7 +70,7 @@ def protocol_compare(p: MigrationParams, pages: int, batches: tuple[int, ...] = 
     if len(priv) < need:
         raise ValueError(f"{len(priv)} private pages, need {need}: use more --mem or fewer pages")
     ram_size = -(-h.ram_size // (2 << 20)) * (2 << 20)
-    challenge = dst.ch.recv_begin(ram_size)  # protocol v2: the destination begins
+    challenge = dst.ch.recv_begin(ram_size)  # protocol v2: the destination's challenge first
     dst.ch.bind(src.ch.send_begin(ram_size, challenge))
 
     def run(todo: list[int], batch: int) -> tuple[float, float, int]:

@@ -1,118 +1,279 @@
-"""Probe for issue 8's VAES question: AES-256 rounds with AES-NI (xmm) vs VAES (ymm), natively.
+"""Where a page's time goes, natively: instruction rates and the helper's GCM-SIV passes, per path.
 
-Not part of the helper. It checks, with the project's own LLVM (llvmlite) and target machine,
-that (1) a function can carry its own "target-features" (+avx,+avx2,+vaes) inside a module built
-for the firmware's -avx target, (2) llvm.x86.aesni.aesenc.256 selects to vaesenc ymm, and (3)
-what that is worth: the same ECB kernel (8 registers in flight, 14 rounds, key schedule from the
-helper's own aes256_expand) over 64 KiB, xmm (8 blocks in flight) vs ymm (16 blocks in flight).
-Both outputs are checked against `cryptography`. See docs/PERFORMANCE.md, "VAES/VPCLMULQDQ".
-Run: python bench/vaes_probe.py
+Why: docs/PERFORMANCE.md explains what bounds the AEAD (two passes vs GCM's one, per-record key
+derivation, the CPU's AES and carry-less-multiply rates) with these figures.
+
+1. Instruction rates: 8 independent chains of one instruction, in DSL functions compiled by the
+   firmware's pipeline: AESENC (xmm), VAESENC (ymm), PCLMULQDQ (xmm), VPCLMULQDQ (ymm), and
+   4 VAESENC + 4 VPCLMULQDQ interleaved (do the two units overlap?). ns per instruction and
+   blocks per ns (an xmm instruction works on one block, a ymm one on two).
+2. The helper's own passes over one 4 KiB page (the functions in runtime/gcmsiv*.py that a
+   seal or an open calls), base (AES-NI) and wide (VAES/VPCLMULQDQ): key derivation, POLYVAL
+   with the masked copy to stage (seal's first pass), CTR unmasking the stage (seal's second
+   pass), open's CTR + POLYVAL into the masked scratch (stitched on the wide path), and the
+   copy-out that unmasks, stores and hashes again; a plain 4 KiB copy for scale.
+The wide rows are skipped, saying so, on a CPU without AVX2/VAES/VPCLMULQDQ.
+Run: python bench/vaes_probe.py [--rounds R]
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
-import mmap
 import os
-import sys
 
-import lief
-from common import best, json_line, machine
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from common import best, json_line, table
 
-from helperfw.codegen import emit
+from helperfw import (
+    Ptr,
+    aesenc,
+    bind_page,
+    emms,
+    function,
+    pclmulqdq,
+    u8,
+    u32,
+    u64,
+    v128,
+    v128_lo,
+    v128_make,
+    v256,
+    vaesenc256,
+    vpclmulqdq256,
+)
 from helperfw.codegen.pipeline import build
 from helperfw.native import NativeImage
-from helperfw.runtime import gcmsiv
+from helperfw.runtime import aes, gcmsiv
+from helperfw.runtime.gcmsiv import _copy_absorb, _ctr, siv_derive
+from helperfw.runtime.gcmsiv_keys import SivKeys
+from helperfw.runtime.gcmsiv_wide import WIDE
+from helperfw.runtime.memops import copy_mem
 
-LANES = 8  # registers in flight: 8 blocks (xmm) or 16 blocks (ymm)
-BIG = 1 << 16
-
-
-def kernel(name: str, ymm: bool) -> str:
-    """IR for `name(rk, in, out, groups)`: ECB-encrypt `groups` groups of LANES registers."""
-    t = "<4 x i64>" if ymm else "<2 x i64>"
-    vb = 32 if ymm else 16
-    sfx = ".256" if ymm else ""
-    out = [f"define void @{name}(ptr %rk, ptr %in, ptr %out, i64 %n) #{int(ymm)} {{", "entry:"]
-    for r in range(15):
-        out.append(f"  %kp{r} = getelementptr i8, ptr %rk, i64 {16 * r}")
-        out.append(f"  %kx{r} = load <2 x i64>, ptr %kp{r}, align 1")
-        lanes = "<i32 0, i32 1, i32 0, i32 1>" if ymm else "<i32 0, i32 1>"
-        out.append(f"  %k{r} = shufflevector <2 x i64> %kx{r}, <2 x i64> %kx{r}, "
-                   f"<{4 if ymm else 2} x i32> {lanes}")
-    out += ["  br label %loop", "loop:", "  %i = phi i64 [0, %entry], [%i1, %loop]",
-            f"  %off = mul i64 %i, {LANES * vb}", "  %src = getelementptr i8, ptr %in, i64 %off",
-            "  %dst = getelementptr i8, ptr %out, i64 %off"]
-    for j in range(LANES):
-        out.append(f"  %ip{j} = getelementptr i8, ptr %src, i64 {j * vb}")
-        out.append(f"  %d{j} = load {t}, ptr %ip{j}, align 1")
-        out.append(f"  %s{j}_0 = xor {t} %d{j}, %k0")
-    for r in range(1, 15):
-        op = "aesenclast" if r == 14 else "aesenc"
-        for j in range(LANES):
-            out.append(f"  %s{j}_{r} = call {t} @llvm.x86.aesni.{op}{sfx}({t} %s{j}_{r - 1}, "
-                       f"{t} %k{r})")
-    for j in range(LANES):
-        out.append(f"  %op{j} = getelementptr i8, ptr %dst, i64 {j * vb}")
-        out.append(f"  store {t} %s{j}_14, ptr %op{j}, align 1")
-    out += ["  %i1 = add i64 %i, 1", "  %c = icmp ult i64 %i1, %n",
-            "  br i1 %c, label %loop, label %exit", "exit:", "  ret void", "}"]
-    return "\n".join(out)
+PAGE = 4096
+CHAIN_REPS = 200_000  # loop iterations per timing of an instruction-rate kernel
 
 
-IR = f"""target triple = "{emit.TRIPLE}"
-{kernel("ecb_xmm", False)}
-{kernel("ecb_ymm", True)}
-declare <2 x i64> @llvm.x86.aesni.aesenc(<2 x i64>, <2 x i64>)
-declare <2 x i64> @llvm.x86.aesni.aesenclast(<2 x i64>, <2 x i64>)
-declare <4 x i64> @llvm.x86.aesni.aesenc.256(<4 x i64>, <4 x i64>)
-declare <4 x i64> @llvm.x86.aesni.aesenclast.256(<4 x i64>, <4 x i64>)
-attributes #0 = {{ nounwind }}
-attributes #1 = {{ nounwind "target-features"="+avx,+avx2,+vaes" }}
-"""
+# -- 1. instruction rates -------------------------------------------------------------------
+
+@function(abi="c")
+def probe_aes_xmm(p: Ptr[v128], reps: u64) -> None:
+    a0, a1, a2, a3, a4, a5, a6, a7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    k = p[8]
+    for i in range(reps):
+        a0 = aesenc(a0, k)
+        a1 = aesenc(a1, k)
+        a2 = aesenc(a2, k)
+        a3 = aesenc(a3, k)
+        a4 = aesenc(a4, k)
+        a5 = aesenc(a5, k)
+        a6 = aesenc(a6, k)
+        a7 = aesenc(a7, k)
+    p[0] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7
+
+
+@function(abi="c")
+def probe_clmul_xmm(p: Ptr[v128], reps: u64) -> None:
+    a0, a1, a2, a3, a4, a5, a6, a7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    k = p[8]
+    for i in range(reps):
+        a0 = pclmulqdq(a0, k, 0x01)
+        a1 = pclmulqdq(a1, k, 0x01)
+        a2 = pclmulqdq(a2, k, 0x01)
+        a3 = pclmulqdq(a3, k, 0x01)
+        a4 = pclmulqdq(a4, k, 0x01)
+        a5 = pclmulqdq(a5, k, 0x01)
+        a6 = pclmulqdq(a6, k, 0x01)
+        a7 = pclmulqdq(a7, k, 0x01)
+    p[0] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7
+
+
+@function(abi="c", features=WIDE)
+def probe_aes_ymm(p: Ptr[v256], reps: u64) -> None:
+    a0, a1, a2, a3, a4, a5, a6, a7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    k = p[8]
+    for i in range(reps):
+        a0 = vaesenc256(a0, k)
+        a1 = vaesenc256(a1, k)
+        a2 = vaesenc256(a2, k)
+        a3 = vaesenc256(a3, k)
+        a4 = vaesenc256(a4, k)
+        a5 = vaesenc256(a5, k)
+        a6 = vaesenc256(a6, k)
+        a7 = vaesenc256(a7, k)
+    p[0] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7
+
+
+@function(abi="c", features=WIDE)
+def probe_clmul_ymm(p: Ptr[v256], reps: u64) -> None:
+    a0, a1, a2, a3, a4, a5, a6, a7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    k = p[8]
+    for i in range(reps):
+        a0 = vpclmulqdq256(a0, k, 0x01)
+        a1 = vpclmulqdq256(a1, k, 0x01)
+        a2 = vpclmulqdq256(a2, k, 0x01)
+        a3 = vpclmulqdq256(a3, k, 0x01)
+        a4 = vpclmulqdq256(a4, k, 0x01)
+        a5 = vpclmulqdq256(a5, k, 0x01)
+        a6 = vpclmulqdq256(a6, k, 0x01)
+        a7 = vpclmulqdq256(a7, k, 0x01)
+    p[0] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7
+
+
+@function(abi="c", features=WIDE)
+def probe_mixed_ymm(p: Ptr[v256], reps: u64) -> None:
+    """4 VAESENC and 4 VPCLMULQDQ chains: if the units overlap, this costs what the slower
+    half costs alone."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    k = p[8]
+    for i in range(reps):
+        a0 = vaesenc256(a0, k)
+        a4 = vpclmulqdq256(a4, k, 0x01)
+        a1 = vaesenc256(a1, k)
+        a5 = vpclmulqdq256(a5, k, 0x01)
+        a2 = vaesenc256(a2, k)
+        a6 = vpclmulqdq256(a6, k, 0x01)
+        a3 = vaesenc256(a3, k)
+        a7 = vpclmulqdq256(a7, k, 0x01)
+    p[0] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7
+
+
+# -- 2. the helper's passes -----------------------------------------------------------------
+
+@function(abi="c")
+def probe_derive(kgk: Ptr[aes.Aes256Key], nonce: Ptr[u8], k: Ptr[SivKeys], wide: u32,
+                 reps: u64) -> None:
+    for i in range(reps):
+        siv_derive(kgk, nonce, k, wide)
+
+
+@function(abi="c")
+def probe_absorb(k: Ptr[SivKeys], p: Ptr[u8], stage: Ptr[u8], n: u64, reps: u64) -> u64:
+    """Seal's first pass: the page p hashed and copied, masked, to stage."""
+    s = v128_make(0, 0)
+    bind_page(u64(p))
+    for i in range(reps):
+        s = _copy_absorb(k, s, stage, n, False)
+    emms()
+    return v128_lo(s)
+
+
+@function(abi="c")
+def probe_ctr(k: Ptr[SivKeys], stage: Ptr[u8], out: Ptr[u8], n: u64, reps: u64) -> None:
+    """Seal's second pass: the masked stage unmasked and encrypted."""
+    for i in range(reps):
+        _ctr(k, v128_make(i, 0), stage, out, n, v128_make(0, 0), False)
+    emms()
+
+
+@function(abi="c")
+def probe_open(k: Ptr[SivKeys], ct: Ptr[u8], scratch: Ptr[u8], page: Ptr[u8], n: u64,
+               reps: u64) -> u64:
+    """Open's first pass: decrypted, hashed, masked into scratch for the page."""
+    s = v128_make(0, 0)
+    bind_page(u64(page))
+    for i in range(reps):
+        s = _ctr(k, s, ct, scratch, n, s, True)
+    emms()
+    return v128_lo(s)
+
+
+@function(abi="c")
+def probe_copy_out(k: Ptr[SivKeys], scratch: Ptr[u8], page: Ptr[u8], n: u64, reps: u64) -> u64:
+    """Open's copy-out: the scratch unmasked into the page, hashed as stored."""
+    s = v128_make(0, 0)
+    bind_page(u64(page))
+    for i in range(reps):
+        s = _copy_absorb(k, s, scratch, n, True)
+    emms()
+    return v128_lo(s)
+
+
+@function(abi="c")
+def probe_copy(d: Ptr[u8], s: Ptr[u8], n: u64, reps: u64) -> None:
+    for i in range(reps):
+        copy_mem(d, s, n)
+
+
+FUNCTIONS = [probe_aes_xmm, probe_clmul_xmm, probe_aes_ymm, probe_clmul_ymm, probe_mixed_ymm,
+             probe_derive, probe_absorb, probe_ctr, probe_open, probe_copy_out, probe_copy,
+             gcmsiv.mh_test_aes256_expand, gcmsiv.mh_test_cpu_wide_ok]
+
+
+def _buf(n: int, data: bytes | None = None):
+    b = (ctypes.c_uint8 * n)()
+    if data:
+        ctypes.memmove(b, data, len(data))
+    return b
+
+
+def run(rounds: int = 20, pages: int = 2000) -> dict:
+    img = NativeImage(build(FUNCTIONS).image)
+    wide = bool(img.call("mh_test_cpu_wide_ok"))
+    A = ctypes.addressof
+    r: dict[str, object] = {"wide_cpu": wide}
+    regs = _buf(9 * 32, os.urandom(9 * 32))
+    kinds = [("aes_xmm", "probe_aes_xmm", 1), ("clmul_xmm", "probe_clmul_xmm", 1)]
+    if wide:
+        kinds += [("aes_ymm", "probe_aes_ymm", 2), ("clmul_ymm", "probe_clmul_ymm", 2),
+                  ("mixed_ymm", "probe_mixed_ymm", 2)]
+    for name, fn, blocks in kinds:
+        t = best(lambda reps, fn=fn: img.call(fn, A(regs), reps), CHAIN_REPS, rounds)
+        r[f"{name}_ns"] = round(t / 8 * 1e9, 3)  # 8 instructions per iteration
+        r[f"{name}_blocks_per_ns"] = round(8 * blocks / (t * 1e9), 2)
+
+    key, nonce, kgk = _buf(32, os.urandom(32)), _buf(12, os.urandom(12)), _buf(240)
+    k = _buf(SivKeys.size)
+    img.call("mh_test_aes256_expand", A(key), A(kgk))
+    p, st, out = _buf(PAGE, os.urandom(PAGE)), _buf(PAGE), _buf(PAGE)
+    for path in (("base", "wide") if wide else ("base",)):
+        w = int(path == "wide")
+        img.call("probe_derive", A(kgk), A(nonce), A(k), w, 1)  # the keys the passes use
+        per_page = {
+            "derive": lambda reps, w=w: img.call("probe_derive", A(kgk), A(nonce), A(k), w, reps),
+            "polyval_copy": lambda reps: img.call("probe_absorb", A(k), A(p), A(st), PAGE, reps),
+            "ctr": lambda reps: img.call("probe_ctr", A(k), A(st), A(out), PAGE, reps),
+            "open_pass": lambda reps: img.call("probe_open", A(k), A(p), A(st), A(out), PAGE,
+                                               reps),
+            "copy_out": lambda reps: img.call("probe_copy_out", A(k), A(st), A(out), PAGE,
+                                              reps),
+        }
+        for name, fn in per_page.items():
+            r[f"{path}_{name}_ns"] = round(best(fn, pages, rounds) * 1e9)
+    r["copy_4k_ns"] = round(best(lambda reps: img.call("probe_copy", A(out), A(p), PAGE, reps),
+                                 pages, rounds) * 1e9)
+    return r
+
+
+def report(r: dict) -> str:
+    rows = []
+    for name, label in (("aes_xmm", "AESENC xmm"), ("aes_ymm", "VAESENC ymm"),
+                        ("clmul_xmm", "PCLMULQDQ xmm"), ("clmul_ymm", "VPCLMULQDQ ymm"),
+                        ("mixed_ymm", "4 VAESENC + 4 VPCLMULQDQ ymm")):
+        if f"{name}_ns" in r:
+            rows.append([label, r[f"{name}_ns"], r[f"{name}_blocks_per_ns"]])
+    out = table(["instruction (8 independent chains)", "ns / instruction", "blocks / ns"], rows,
+                "instruction rates")
+    rows = []
+    for name, label in (("derive", "key derivation (per record)"),
+                        ("polyval_copy", "POLYVAL + masked copy to stage (seal pass 1)"),
+                        ("ctr", "CTR from the masked stage (seal pass 2)"),
+                        ("open_pass", "CTR + POLYVAL to the masked scratch (open pass 1)"),
+                        ("copy_out", "unmask, store, POLYVAL (open's copy-out)")):
+        rows.append([label, r.get(f"base_{name}_ns", ""), r.get(f"wide_{name}_ns", "skipped")])
+    rows.append(["plain copy of 4 KiB, for scale", r["copy_4k_ns"], r["copy_4k_ns"]])
+    out += "\n" + table(["one 4 KiB page", "base ns", "wide ns"], rows, "the helper's passes")
+    if not r["wide_cpu"]:
+        out += "\n(this CPU lacks AVX2/VAES/VPCLMULQDQ: the wide rows are skipped)"
+    return out
 
 
 def main() -> None:
-    if not {"vaes", "avx2"} <= set(machine().get("flags", [])):
-        sys.exit("this CPU has no VAES/AVX2: nothing to probe")
-    mod = emit.optimize(IR, 2)
-    asm = emit.emit_assembly(mod)
-    assert "vaesenc\t%ymm" in asm or "vaesenc %ymm" in asm, "VAES ymm not selected"
-    elf = lief.ELF.parse(list(emit.emit_object(mod)))
-    text = bytes(elf.get_section(".text").content)
-    syms = {s.name: s for s in elf.symbols if s.name in ("ecb_xmm", "ecb_ymm")}
-    mem = mmap.mmap(-1, len(text), prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    mem[:] = text
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-    proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_uint64)
-    fx, fy = proto(base + syms["ecb_xmm"].value), proto(base + syms["ecb_ymm"].value)
-
-    key, data = os.urandom(32), os.urandom(BIG)
-    img = NativeImage(build([gcmsiv.mh_test_aes256_expand]).image)
-    kb, rk = ctypes.create_string_buffer(key, 32), ctypes.create_string_buffer(15 * 16)
-    a = ctypes.addressof
-    img.call("mh_test_aes256_expand", a(kb), a(rk))
-    ib, ob = ctypes.create_string_buffer(data, BIG), ctypes.create_string_buffer(BIG)
-    ref = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(data)
-    res = {}
-    for name, f, group in (("xmm", fx, LANES * 16), ("ymm", fy, LANES * 32)):
-        f(a(rk), a(ib), a(ob), BIG // group)
-        assert ob.raw == ref, f"{name} kernel disagrees with cryptography"
-
-        def go(n: int, f=f, group=group) -> None:
-            for _ in range(n):
-                f(a(rk), a(ib), a(ob), BIG // group)
-
-        res[f"aes_{name}_mbs"] = round(BIG / best(go, 100) / 1e6)
-        res[f"aes_{name}_code_bytes"] = syms[f"ecb_{name}"].size
-    res["ratio"] = round(res["aes_ymm_mbs"] / res["aes_xmm_mbs"], 2)
-    print(f"AES-256 rounds over {BIG // 1024} KiB: AES-NI xmm ({LANES} blocks in flight) "
-          f"{res['aes_xmm_mbs']} MB/s, VAES ymm ({2 * LANES} blocks) {res['aes_ymm_mbs']} MB/s, "
-          f"ratio {res['ratio']}; code {res['aes_xmm_code_bytes']} vs "
-          f"{res['aes_ymm_code_bytes']} bytes")
-    print(json_line("vaes_probe", **res))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=20, help="timing rounds (the best is kept)")
+    args = ap.parse_args()
+    r = run(args.rounds)
+    print(report(r))
+    print(json_line("vaes_probe", **r))
 
 
 if __name__ == "__main__":

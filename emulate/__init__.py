@@ -1,4 +1,4 @@
-"""Emulator for the migration helper (SPEC §8): unicorn vCPUs in long mode whose TLB is filled by
+"""Emulator for the migration helper: unicorn vCPUs in long mode whose TLB is filled by
 a Python page walk (C-bit aware, GPAs beyond 40 bits), a simulated SEV memory controller over one
 shared DRAM buffer, KVM-style VMs with memslots (mirror VMs share the key), exits through a
 per-VM handler table, and a UEFI stand-in that loads and starts the helper's PE32+ file.

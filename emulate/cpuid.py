@@ -1,7 +1,7 @@
 """CPUID model for the emulated vCPU: an AMD EPYC-like part under KVM with SEV.
 
 Why a model: unicorn's built-in CPUID has no SEV leaf and no KVM signature, and the helper derives
-its C-bit position and address-space layout from CPUID (SPEC §4), so tests choose them here.
+its C-bit position and address-space layout from CPUID (docs/PROTOCOL.md), so tests choose them here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 # Leaf numbers and bits: AMD APM vol. 3 appendix E, Intel SDM vol. 2A "CPUID",
 # Linux Documentation/virt/kvm/x86/cpuid.rst.
+# Deliberately independent of helperfw.runtime.platform: this model is the hardware the helper's
+# CPUID parsing is tested against, so a wrong bit there fails a boot instead of agreeing with
+# itself (as emulate/mmu.py is for the page-table builder).
 LEAF_BASIC = 0x0
 LEAF_FEATURES = 0x1
 LEAF_EXT_MAX = 0x80000000

@@ -51,7 +51,11 @@ from helperfw.runtime.platform import (
     GHCB_MSR_INFO_MASK,
     GHCB_MSR_SEV_INFO_REQ,
     GHCB_MSR_SEV_INFO_RESP,
+    GHCB_MSR_TERM_CODE_MASK,
+    GHCB_MSR_TERM_CODE_SHIFT,
     GHCB_MSR_TERM_REQ,
+    GHCB_MSR_TERM_SET_MASK,
+    GHCB_MSR_TERM_SET_SHIFT,
     GHCB_PROTOCOL_VERSION,
     GHCB_RAX,
     GHCB_RBX,
@@ -239,8 +243,10 @@ class GhcbHost:
             v.ghcb_msr = GHCB_MSR_AP_RESET_HOLD_RESP  # result 0 until the host wakes it
             v.enter_reset_hold("msr")
         elif fn == GHCB_MSR_TERM_REQ:
-            v.terminate(f"termination request: reason set {(msr >> 12) & 0xF}, "
-                        f"reason code {(msr >> 16) & 0xFF:#x}")
+            reason_set = msr >> GHCB_MSR_TERM_SET_SHIFT & GHCB_MSR_TERM_SET_MASK
+            reason_code = msr >> GHCB_MSR_TERM_CODE_SHIFT & GHCB_MSR_TERM_CODE_MASK
+            v.terminate(f"termination request: reason set {reason_set}, "
+                        f"reason code {reason_code:#x}")
         else:
             rec.result = "unsupported"
             v.request_stop(f"unsupported GHCB MSR protocol request {fn:#x}", kind="invalid")

@@ -1,4 +1,4 @@
-"""The host: a Python model of QEMU + KVM around one SEV guest (SPEC §8).
+"""The host: a Python model of QEMU + KVM around one SEV guest.
 
 What it models, and why each piece is here:
 
@@ -44,12 +44,20 @@ from helperfw.runtime.platform import (
     KVM_ENOSYS,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_MASK,
     MSR_KVM_MIGRATION_CONTROL,
+    PAGE_1G,
+    PAGE_2M,
+    PAGE_SIZE,
 )
 from helperfw.runtime.secrets import KEY_ENTRY_GUID
 
-# KVM_HC_MAP_GPA_RANGE a2 bits 3:0: page size of a1 (Linux hypercalls.rst)
-_MAP_PAGE_SIZES = {0: 1 << 12, 1: 1 << 21, 2: 1 << 30}
+# KVM_HC_MAP_GPA_RANGE's page-size field: the unit of a1 (Linux hypercalls.rst)
+_MAP_PAGE_SIZES = {KVM_MAP_GPA_RANGE_PAGE_SZ_4K: PAGE_SIZE, KVM_MAP_GPA_RANGE_PAGE_SZ_2M: PAGE_2M,
+                   KVM_MAP_GPA_RANGE_PAGE_SZ_1G: PAGE_1G}
 
 
 def _neg(errno: int) -> int:
@@ -278,8 +286,9 @@ class Host:
     def _hypercall(self, vcpu: VCpu, nr: int, a0: int, a1: int, a2: int, a3: int) -> int:
         self.hypercalls += 1
         if nr == KVM_HC_MAP_GPA_RANGE:
-            size = _MAP_PAGE_SIZES.get(a2 & 0xF)
-            if size is None or a0 % size or a2 & ~(0xF | KVM_MAP_GPA_RANGE_ENCRYPTED):
+            size = _MAP_PAGE_SIZES.get(a2 & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK)
+            if size is None or a0 % size or a2 & ~(KVM_MAP_GPA_RANGE_PAGE_SZ_MASK
+                                                   | KVM_MAP_GPA_RANGE_ENCRYPTED):
                 self.hypercall_errors.append((nr, a0, a1, a2))
                 return _neg(KVM_EINVAL)
             return self.map_gpa_range(a0, a1 * size, not a2 & KVM_MAP_GPA_RANGE_ENCRYPTED)

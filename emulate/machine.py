@@ -65,6 +65,7 @@ from helperfw.runtime.platform import (
     KVM_ENOSYS,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_MASK,
     MSR_AMD64_SEV_ENABLED,
     MSR_AMD64_SEV_ES_ENABLED,
     SVM_EXIT_NPF,
@@ -127,7 +128,8 @@ class HypercallLog:
     @property
     def map_gpa_ranges(self) -> list[tuple[int, int, bool, int]]:
         """(gpa, pages, encrypted, page_size_code) for each KVM_HC_MAP_GPA_RANGE call."""
-        return [(a0, a1, bool(a2 & KVM_MAP_GPA_RANGE_ENCRYPTED), a2 & 0xF)
+        return [(a0, a1, bool(a2 & KVM_MAP_GPA_RANGE_ENCRYPTED),
+                 a2 & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK)
                 for nr, a0, a1, a2, _ in self.calls if nr == KVM_HC_MAP_GPA_RANGE]
 
 

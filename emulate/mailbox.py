@@ -15,30 +15,31 @@ from __future__ import annotations
 import contextlib
 import struct
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from unicorn import UcError
 
 from emulate.host import Mirror
-from emulate.machine import VCpu
+from emulate.machine import Exit, VCpu
 from emulate.memctl import MemoryController
 from helperfw.runtime import protocol as P
 
-PAGE = P.PAGE_SIZE
 SLOT = P.SLOT_SIZE
 STATUS_NAMES = {v: k for k, (v, _doc) in P.STATUS.items()}
+OP_NAMES = {v: k.removeprefix("OP_") for k, v in vars(P).items()
+            if k.startswith("OP_") and isinstance(v, int)}
 # A batch must complete within this wall-clock time. Why not an instruction budget: unicorn
 # counts instructions with a per-instruction hook, which made the helper's AES code ~5x slower;
 # a watchdog thread calling emu_stop costs nothing while the helper runs.
 BATCH_TIMEOUT_S = 60.0
 
-_HDR = struct.Struct("<IIQIIQQ")  # op, count, session_id, epoch, version, ram_size, challenge
-_ENTRY = struct.Struct("<QIi")
-assert _HDR.size == P.Command.offset("entries") and _ENTRY.size == P.Entry.size
-assert (P.Command.offset("session_id"), P.Command.offset("ram_size"),
-        P.Command.offset("challenge")) == (8, 24, 32)
-_CTL = struct.Struct("<QQiIII")
-assert _CTL.size == P.Control.size
+# The layouts as struct.Struct (a doorbell packs and unpacks these; construct is too slow).
+_HDR = P.Command.pystruct(upto="entries")  # op, count, session_id, epoch, version, ram_size,
+#                                            challenge
+_ENTRY = P.Entry.pystruct()  # ram_addr, flags, status
+_CTL = P.Control.pystruct()  # doorbell, completed, status, state, processed, reserved
 
 
 def status_name(st: int) -> str:
@@ -60,8 +61,36 @@ class BatchResult:
     processed: int
 
 
+def pack_command(op: int, entries: Iterable[tuple[int, int]] = (), *, count: int | None = None,
+                 session_id: int = 0, epoch: int = 0, version: int = P.PROTOCOL_VERSION.value,
+                 ram_size: int = 0, challenge: int = 0) -> bytes:
+    """The whole Command page a host writes: the header, `entries` as (ram_addr, flags) pairs
+    with status 0, zeros after them. `count` defaults to the number of entries; a hostile host
+    may claim any other."""
+    ents = list(entries)
+    n = len(ents) if count is None else count
+    body = b"".join(_ENTRY.pack(a, f, 0) for a, f in ents)
+    return (_HDR.pack(op, n & 0xFFFFFFFF, session_id, epoch, version, ram_size, challenge)
+            + body + bytes(P.Command.size - _HDR.size - len(body)))
+
+
+def describe_command(command: bytes) -> str:
+    """One line naming a packed command (for the crash dump's "last mailbox commands")."""
+    op, count, session_id, epoch, _version, ram_size, challenge = _HDR.unpack_from(command)
+    name = OP_NAMES.get(op, f"op {op:#x}")
+    first = [hex(a) for a, _f, _s in _ENTRY.iter_unpack(
+        command[_HDR.size:_HDR.size + min(count, 4) * _ENTRY.size])]
+    return (f"{name} count={count} session={session_id:#x} epoch={epoch} "
+            f"ram_size={ram_size:#x} challenge={challenge:#x} entries={first}"
+            f"{'...' if count > 4 else ''}")
+
+
 class HelperChannel:
-    """Drives one helper's mailbox. Counts exits (every batch is exactly one HLT exit)."""
+    """Drives one helper's mailbox. Counts exits (every batch is exactly one HLT exit).
+
+    `batch` is the honest host's doorbell (pack, ring, run, read back, raise on failure); the
+    steps it is made of (`ring`, `run`, `completion`) are public for hosts that misbehave
+    (tests run a batch with an instruction budget or preempted, and inspect what came back)."""
 
     def __init__(self, mc: MemoryController, mirror: Mirror, *, lane: int = 0,
                  vcpu: VCpu | None = None, mailbox_hpa: int | None = None) -> None:
@@ -71,8 +100,8 @@ class HelperChannel:
         self.lane = lane
         self.vcpu = mirror.vcpu if vcpu is None else vcpu
         self.mb = mirror.mailbox_hpa if mailbox_hpa is None else mailbox_hpa
-        self.cmd_hpa = self.mb + PAGE
-        self.slot_hpa = self.mb + 2 * PAGE
+        self.cmd_hpa = self.mb + P.COMMAND_OFFSET
+        self.slot_hpa = self.mb + P.SLOTS_OFFSET
         self.slots = int(mirror.info.bootinfo.slots)  # type: ignore[attr-defined]
         self.bell = 0
         self.exits = 0
@@ -84,22 +113,48 @@ class HelperChannel:
     def batch(self, op: int, ram_addrs: list[int] = (), *, session_id: int = 0, epoch: int = 0,
               version: int = P.PROTOCOL_VERSION.value, ram_size: int = 0, challenge: int = 0,
               count: int | None = None) -> BatchResult:
-        n = len(ram_addrs)
-        cmd = bytearray(_HDR.pack(op, n if count is None else count, session_id, epoch, version,
-                                  ram_size, challenge))
-        for ra in ram_addrs:
-            cmd += _ENTRY.pack(ra, 0, 0)
-        self._store(self.cmd_hpa, bytes(cmd))
-        self.bell += 1
-        self._store(self.mb + P.CONTROL_OFFSET, struct.pack("<Q", self.bell))
-        ex = self._run_mirror()
-        self.exits += 1
+        self.ring(pack_command(op, [(ra, 0) for ra in ram_addrs], count=count,
+                               session_id=session_id, epoch=epoch, version=version,
+                               ram_size=ram_size, challenge=challenge))
+        ex = self.run()
         if ex.reason != "hlt":
             raise MailboxError(f"mirror vCPU did not complete op {op}: {ex}")
+        r = self.completion(len(ram_addrs))
+        if r is None:
+            raise MailboxError(f"op {op}: completed={self.control().completed} "
+                               f"for doorbell {self.bell}")
+        return r
+
+    def ring(self, command: bytes, slots: Mapping[int, bytes] | None = None) -> int:
+        """Write `command` (and slot contents, slot index -> bytes) and bump the doorbell; the
+        command is remembered for the mirror VM's crash dump. Returns the new doorbell."""
+        self._store(self.cmd_hpa, command)
+        for i, data in (slots or {}).items():
+            self._store(self.slot_hpa + i * SLOT, data)
+        self.bell += 1
+        self._store(self.mb + P.CONTROL_OFFSET, struct.pack("<Q", self.bell))
+        self.mirror.vm.note_command(f"#{self.bell} {describe_command(command)}")
+        return self.bell
+
+    def run(self, budget: int | None = None) -> Exit:
+        """Run the mirror vCPU for one batch (until HLT, a fault or `budget` instructions; with
+        no budget a wall-clock watchdog bounds it). Counts the exit."""
+        ex = self._run_mirror() if budget is None else self.vcpu.run(budget)
+        self.exits += 1
+        return ex
+
+    def control(self) -> Any:
+        """The Control block as the host reads it (shared page, plaintext)."""
+        return P.Control.parse(self.mc.host_read(self.mb + P.CONTROL_OFFSET, P.Control.size))
+
+    def completion(self, n: int) -> BatchResult | None:
+        """The outcome of the current doorbell with the status of its first `n` entries (at
+        most the helper's slot count), or None if the helper has not completed it."""
         _bell, completed, status, _state, processed, _r = _CTL.unpack(
             self.mc.host_read(self.mb + P.CONTROL_OFFSET, _CTL.size))
         if completed != self.bell:
-            raise MailboxError(f"op {op}: completed={completed} for doorbell {self.bell}")
+            return None
+        n = min(n, P.MAX_SLOTS)
         statuses: list[int] = []
         if n:
             raw = self.mc.host_read(self.cmd_hpa + _HDR.size, n * _ENTRY.size)

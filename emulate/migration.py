@@ -1,4 +1,4 @@
-"""Live migration of an SEV guest through the helper, source host to destination host (SPEC §8).
+"""Live migration of an SEV guest through the helper, source host to destination host.
 
 Source: the guest boots (firmware + helper from the PE file), runs its workload's set-up (private
 patterns, shared conversions, MSR_KVM_MIGRATION_CONTROL), then migration starts: dirty logging
@@ -36,7 +36,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ClassVar
+
+from construct import Container
 
 from emulate import guest as G
 from emulate import workload
@@ -110,7 +112,7 @@ class MigrationParams:
     hot_pages: int = 256
     transport_key: bytes | None = None  # None: derived from `seed` (emulate.seeds)
     verify: bool = True
-    sev_es: bool = False  # SEV-ES guest: no register access; the guest parks its vCPU (SPEC §9)
+    sev_es: bool = False  # SEV-ES guest: no register access; the guest parks its vCPU (docs/PROTOCOL.md, "SEV-ES launch")
     lanes: int = 1  # mirror vCPUs per helper, each driven from its own host thread (issue 13)
 
     @property
@@ -305,6 +307,7 @@ class Destination:
         self.ch = HelperChannel(self.host.mc, self.mirror)
         self.ch.hello()
         self.lanes = lane_channels(self.host.mc, self.mirror, p.lanes, self.ch)
+        self._workers = LaneWorkers(1)  # receive() puts one thread per lane here
         self.skip = _page_set(self.host.helper_ram_ranges())
         self.cpu: dict[str, int] | None = None
         self.ap_jump_table: int | None = None  # SEV-ES: where the parked guest resumes
@@ -328,14 +331,14 @@ class Destination:
         return sum(c.exits for c in self.lanes)
 
     def receive(self, inp: BinaryIO) -> None:
-        """Apply the stream; each lane's records and tokens go to its own thread (in stream
-        order per lane), lane 0's FINISH once every other lane has finished."""
-        workers = LaneWorkers(len(self.lanes))
+        """Apply the stream, each record through the handler of its kind (`_RECEIVERS`); each
+        lane's records and tokens run on its own thread (in stream order per lane)."""
+        self._workers = LaneWorkers(len(self.lanes))
         try:
-            self._receive(inp, workers)
-            workers.drain()
+            self._receive(inp)
+            self._workers.drain()
         finally:
-            workers.close()
+            self._workers.close()
 
     def _recv_records(self, lane: int, addrs: list[int], records: list[bytes]) -> None:
         st = self.lanes[lane].recv(addrs, records)
@@ -354,74 +357,98 @@ class Destination:
             raise StreamError(f"stream names lane {lane}; this session has {len(self.lanes)}")
         return lane
 
-    def _receive(self, inp: BinaryIO, workers: LaneWorkers) -> None:
-        h, ch = self.host, self.ch
+    def _receive(self, inp: BinaryIO) -> None:
         for rec in read_stream(inp):
-            b = rec.body
             started = self.timeline.now()
-            if rec.kind == SESSION:
-                if (b.option, b.c_bit, b.page_size) != (ch.mirror.info.option, h.cbit, PAGE):
-                    raise StreamError(f"session for option {b.option} C-bit {b.c_bit}, this "
-                                      f"host runs option {ch.mirror.info.option} C-bit {h.cbit}")
-                mine = [(x.name, x.offset, x.size) for x in h.blocks]
-                theirs = [(x.name, x.offset, x.size) for x in b.blocks]
-                if mine != theirs:
-                    raise StreamError(f"RAM blocks differ: {theirs} vs {mine}")
-                if _page_set([(r.ram_addr, r.length) for r in b.helper_ranges]) != self.skip:
-                    raise StreamError("the destination helper lives elsewhere than the source's")
-                if b.challenge != self.challenge:
-                    raise StreamError(f"stream bound to challenge {b.challenge:#x}, this "
-                                      f"destination's session drew {self.challenge:#x}")
-                if b.lanes != len(self.lanes):
-                    raise StreamError(f"stream of {b.lanes} lanes, this destination's session "
-                                      f"has {len(self.lanes)}")
-                for c in self.lanes:
-                    c.bind(b.session_id)
-                self.session_id = b.session_id
-            elif rec.kind == SHARED_LIST:
-                h.shared.replace([(r.ram_addr, r.length) for r in b.ranges])
-            elif rec.kind == SHARED_PAGES:
-                for pg in b.pages:
-                    self._check_target(pg.ram_addr)
-                    h.write_raw(pg.ram_addr, pg.data)
-                self.counts["shared"] += len(b.pages)
-            elif rec.kind == PRIVATE_PAGES:
-                addrs = [pg.ram_addr for pg in b.pages]
-                for a in addrs:
-                    self._check_target(a)
-                lane = self._lane(b.lane)
-                workers.submit(lane, functools.partial(self._recv_records, lane, addrs,
-                                                       [bytes(pg.record) for pg in b.pages]))
-                self.counts["private"] += len(addrs)
-            elif rec.kind == EPOCH_TOKEN:
-                lane = self._lane(b.lane)
-                workers.submit(lane, functools.partial(self._token, lane, P.OP_RECV_END_EPOCH,
-                                                       bytes(b.token)))
-                self.counts["epochs"] += 1
-            elif rec.kind == FINISH:
-                lane = self._lane(b.lane)
-                if lane:
-                    workers.submit(lane, functools.partial(self._token, lane, P.OP_RECV_FINISH,
-                                                           bytes(b.token)))
-                else:  # lane 0 checks every lane: they must all be done first
-                    workers.drain()
-                    self._token(0, P.OP_RECV_FINISH, bytes(b.token))
-                    self.finished = True
-                    self.finished_at = self.timeline.event(FINISHED)
-            elif rec.kind == CPU_STATE:
-                if h.vm.sev_es:
-                    raise StreamError("CPU_STATE for an SEV-ES guest: its registers cannot be "
-                                      "set by the host")
-                self.cpu = {r: int(b[r]) for r in GPRS}
-            elif rec.kind == VCPU_PARKED:
-                if not h.vm.sev_es:
-                    raise StreamError("VCPU_PARKED record, but this destination is not SEV-ES")
-                self.ap_jump_table = int(b.ap_jump_table)
-            elif rec.kind == ROUND:
-                pass
-            elif rec.kind == END and not self.finished:
-                raise StreamError("stream ended without a FINISH token")
-            self.timeline.received(rec.kind, b, started, self.exits)
+            self._RECEIVERS[rec.kind](self, rec.body)
+            self.timeline.received(rec.kind, rec.body, started, self.exits)
+
+    def _on_session(self, b: Container) -> None:
+        """The source's session must fit this host (option, C-bit, RAM blocks, where the helper
+        lives) and be bound to this destination's challenge; its id binds the helper."""
+        h, ch = self.host, self.ch
+        if (b.option, b.c_bit, b.page_size) != (ch.mirror.info.option, h.cbit, PAGE):
+            raise StreamError(f"session for option {b.option} C-bit {b.c_bit}, this "
+                              f"host runs option {ch.mirror.info.option} C-bit {h.cbit}")
+        mine = [(x.name, x.offset, x.size) for x in h.blocks]
+        theirs = [(x.name, x.offset, x.size) for x in b.blocks]
+        if mine != theirs:
+            raise StreamError(f"RAM blocks differ: {theirs} vs {mine}")
+        if _page_set([(r.ram_addr, r.length) for r in b.helper_ranges]) != self.skip:
+            raise StreamError("the destination helper lives elsewhere than the source's")
+        if b.challenge != self.challenge:
+            raise StreamError(f"stream bound to challenge {b.challenge:#x}, this "
+                              f"destination's session drew {self.challenge:#x}")
+        if b.lanes != len(self.lanes):
+            raise StreamError(f"stream of {b.lanes} lanes, this destination's session has "
+                              f"{len(self.lanes)}")
+        for c in self.lanes:
+            c.bind(b.session_id)
+        self.session_id = b.session_id
+
+    def _on_shared_list(self, b: Container) -> None:
+        self.host.shared.replace([(r.ram_addr, r.length) for r in b.ranges])
+
+    def _on_shared_pages(self, b: Container) -> None:
+        """Shared pages travel raw: the host writes them itself."""
+        for pg in b.pages:
+            self._check_target(pg.ram_addr)
+            self.host.write_raw(pg.ram_addr, pg.data)
+        self.counts["shared"] += len(b.pages)
+
+    def _on_private_pages(self, b: Container) -> None:
+        """Sealed pages: only the destination helper can install them, on the lane the stream
+        names (the helper refuses another lane's pages); any refusal ends it."""
+        addrs = [pg.ram_addr for pg in b.pages]
+        for a in addrs:
+            self._check_target(a)
+        lane = self._lane(b.lane)
+        self._workers.submit(lane, functools.partial(self._recv_records, lane, addrs,
+                                                     [bytes(pg.record) for pg in b.pages]))
+        self.counts["private"] += len(addrs)
+
+    def _on_epoch_token(self, b: Container) -> None:
+        lane = self._lane(b.lane)
+        self._workers.submit(lane, functools.partial(self._token, lane, P.OP_RECV_END_EPOCH,
+                                                     bytes(b.token)))
+        self.counts["epochs"] += 1
+
+    def _on_finish(self, b: Container) -> None:
+        """Lanes 1.. finish on their threads; lane 0 checks every lane, so it goes last, once
+        they all have."""
+        lane = self._lane(b.lane)
+        if lane:
+            self._workers.submit(lane, functools.partial(self._token, lane, P.OP_RECV_FINISH,
+                                                         bytes(b.token)))
+            return
+        self._workers.drain()
+        self._token(0, P.OP_RECV_FINISH, bytes(b.token))
+        self.finished = True
+        self.finished_at = self.timeline.event(FINISHED)
+
+    def _on_cpu_state(self, b: Container) -> None:
+        if self.host.vm.sev_es:
+            raise StreamError("CPU_STATE for an SEV-ES guest: its registers cannot be set by "
+                              "the host")
+        self.cpu = {r: int(b[r]) for r in GPRS}
+
+    def _on_vcpu_parked(self, b: Container) -> None:
+        if not self.host.vm.sev_es:
+            raise StreamError("VCPU_PARKED record, but this destination is not SEV-ES")
+        self.ap_jump_table = int(b.ap_jump_table)
+
+    def _on_round(self, b: Container) -> None:
+        """A round's header: for the timeline only."""
+
+    def _on_end(self, b: Container) -> None:
+        if not self.finished:
+            raise StreamError("stream ended without a FINISH token")
+
+    _RECEIVERS: ClassVar[dict[int, Callable[[Destination, Container], None]]] = {
+        SESSION: _on_session, SHARED_LIST: _on_shared_list, SHARED_PAGES: _on_shared_pages,
+        PRIVATE_PAGES: _on_private_pages, EPOCH_TOKEN: _on_epoch_token, FINISH: _on_finish,
+        CPU_STATE: _on_cpu_state, VCPU_PARKED: _on_vcpu_parked, ROUND: _on_round, END: _on_end,
+    }
 
     def _check_target(self, ram_addr: int) -> None:
         if ram_addr % PAGE or not 0 <= ram_addr < self.host.ram_size or ram_addr in self.skip:
@@ -528,14 +555,7 @@ class Migration:
         rnd = 1
         while True:
             t0, touches0 = time.perf_counter(), src.touches()
-            self.progress("round", len(todo))
-            self.timeline.round(SOURCE, rnd, False, src.exits, self._guest_exits())
-            w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n}
-                                         for a, n in h.shared.ranges()])
-            w.write(ROUND, round=rnd, pages=len(todo), final=0)
-            npriv, nshared = self._send(w, todo, guest_runs=True)
-            if self._epoch_count:
-                self._end_epoch(w)
+            npriv, nshared = self._round(w, rnd, todo, final=False)
             dirty = src.dirty_pages()
             self.rounds.append(RoundStats(rnd, len(todo), npriv, nshared,
                                           src.touches() - touches0, len(dirty),
@@ -552,14 +572,7 @@ class Migration:
             self.rounds[-1].dirty_after = len(dirty)
         rnd += 1
         t0 = time.perf_counter()
-        self.progress("round", len(dirty))
-        self.timeline.round(SOURCE, rnd, True, src.exits, self._guest_exits())
-        w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n} for a, n in h.shared.ranges()])
-        w.write(ROUND, round=rnd, pages=len(dirty), final=1)
-        npriv, nshared = self._send(w, dirty, guest_runs=False)
-        self.timeline.event(FINAL_SENT)
-        if self._epoch_count:
-            self._end_epoch(w)
+        npriv, nshared = self._round(w, rnd, dirty, final=True)
         if p.sev_es:
             w.write(VCPU_PARKED, ap_jump_table=h.vm.ghcb.ap_jump_table)
         else:
@@ -572,6 +585,23 @@ class Migration:
         self.timeline.event(SOURCE_END)
         self.timeline.close(SOURCE, src.exits, self._guest_exits())
         self.progress("done", 0)
+
+    def _round(self, w: StreamWriter, rnd: int, todo: list[int], *, final: bool) -> tuple[int, int]:
+        """One round, pre-copy or stop-and-copy: the shared list, the ROUND header, the pages
+        (the guest runs between batches unless `final`), the epoch closed by its token.
+        Returns (private, shared) pages sent."""
+        src = self.src
+        self.progress("round", len(todo))
+        self.timeline.round(SOURCE, rnd, final, src.exits, self._guest_exits())
+        w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n}
+                                     for a, n in src.host.shared.ranges()])
+        w.write(ROUND, round=rnd, pages=len(todo), final=int(final))
+        npriv, nshared = self._send(w, todo, guest_runs=not final)
+        if final:
+            self.timeline.event(FINAL_SENT)
+        if self._epoch_count:
+            self._end_epoch(w)
+        return npriv, nshared
 
     def _guest_exits(self) -> int:
         """Source guest exits since dirty logging began: write faults + budget slices."""

@@ -1,4 +1,5 @@
-"""Mirror-VM creation: what the host does once the helper has announced its BootInfo (SPEC §4).
+"""Mirror-VM creation: what the host does once the helper has announced its BootInfo
+(docs/PROTOCOL.md, "Address-space options").
 
 KVM_CREATE_VM + KVM_CAP_VM_COPY_ENC_CONTEXT_FROM(main VM): the mirror shares the main VM's key
 (and its SEV-ES mode), gets the memslots its option asks for, the RAM window

@@ -2,7 +2,7 @@
 
 Why a source object: the helper's session ids and challenges come from RDRAND, so each VM's stream
 must derive from the run's seed (replayable, and different for the main VM, its mirror and the
-other host). And the helper must survive a broken RDRAND (SPEC §5): parts have shipped that return
+other host). And the helper must survive a broken RDRAND (docs/SECURITY.md): parts have shipped that return
 a constant with CF=1 (all ones after resume on some family 15h/16h and Zen 2 firmware) or keep
 failing with CF=0; a stuck generator may also hand back the previous value. Tests inject each of
 these here, for a number of draws or until `heal()`.

@@ -1,6 +1,6 @@
 """One seed, many named streams: every emulated VM's RDRAND, the DRAM keys and the transport key.
 
-Why: a run must be replayable from the one `--seed` it prints (SPEC §8), and no two consumers may
+Why: a run must be replayable from the one `--seed` it prints, and no two consumers may
 share a stream by accident (the mirror VM's RDRAND must not repeat the main VM's, the source and
 the destination must not get the same memory key). Each consumer asks for its own name; the
 value is SHAKE-256 over a domain tag, the seed and the path of names, so adding a consumer never
@@ -13,7 +13,7 @@ import hashlib
 import random
 
 _DOMAIN = b"helperfw-emulate-seed/1"
-TRANSPORT_KEY_BYTES = 32  # the guest owner's AES-256 transport key (SPEC §7)
+TRANSPORT_KEY_BYTES = 32  # the guest owner's AES-256 transport key (docs/INTEGRATION.md)
 
 
 class Seeds:

@@ -1,5 +1,5 @@
 """A UEFI stand-in: loads the same PE32+ file OVMF loads and provides the boot services a runtime
-driver uses, so the helper image runs under the emulator exactly as shipped (SPEC §7).
+driver uses, so the helper image runs under the emulator exactly as shipped.
 
 Services are reached through the win64 ABI: every function pointer in the tables points into a
 trap page; a UC_HOOK_CODE on that page reads rcx/rdx/r8/r9 and stack arguments ([rsp+0x28]...),
@@ -52,6 +52,7 @@ from helperfw.runtime.platform import (
     GHCB_HV_RESP_NO_ACTION,
     GHCB_MSR_INFO_MASK,
     GHCB_MSR_TERM_REQ,
+    GHCB_MSR_TERM_SET_SHIFT,
     GHCB_PROTOCOL_VERSION,
     GHCB_RAX,
     GHCB_RBX,
@@ -72,6 +73,7 @@ from helperfw.runtime.platform import (
     IOIO_TYPE_IN,
     KVM_HC_MAP_GPA_RANGE,
     MSR_AMD64_SEV_ES_GHCB,
+    SVM_EVTINJ_VECTOR_MASK,
     SVM_EXIT_CPUID,
     SVM_EXIT_IOIO,
     SVM_EXIT_MSR,
@@ -81,6 +83,7 @@ from helperfw.runtime.platform import (
     SVM_VMGEXIT_AP_JUMP_TABLE_GET,
     X86_TRAP_VC,
 )
+from ovmf_glue import pe_format as F
 from ovmf_glue.linkmap import map_path_for, read_symbol_map
 from ovmf_glue.pe_format import (
     IMAGE_DIRECTORY_ENTRY_BASERELOC,
@@ -103,13 +106,14 @@ EFI_UNSUPPORTED = _v(efi.EFI_UNSUPPORTED)
 EFI_OUT_OF_RESOURCES = _v(efi.EFI_OUT_OF_RESOURCES)
 EFI_NOT_FOUND = _v(efi.EFI_NOT_FOUND)
 EFI_LOAD_ERROR = _v(efi.EFI_LOAD_ERROR)
-EFI_BUFFER_TOO_SMALL = (1 << 63) | 5
+EFI_BUFFER_TOO_SMALL = _v(efi.EFI_BUFFER_TOO_SMALL)
 
-EFI_LOADER_CODE, EFI_LOADER_DATA = 1, 2
-EFI_BOOT_SERVICES_CODE, EFI_BOOT_SERVICES_DATA = 3, 4
+EFI_LOADER_CODE, EFI_LOADER_DATA = efi.EFI_LOADER_CODE, efi.EFI_LOADER_DATA
+EFI_BOOT_SERVICES_CODE = efi.EFI_BOOT_SERVICES_CODE
+EFI_BOOT_SERVICES_DATA = efi.EFI_BOOT_SERVICES_DATA
 EFI_RUNTIME_SERVICES_CODE = efi.EFI_RUNTIME_SERVICES_CODE
 EFI_RUNTIME_SERVICES_DATA = efi.EFI_RUNTIME_SERVICES_DATA
-EFI_RESERVED_MEMORY_TYPE = 0
+EFI_RESERVED_MEMORY_TYPE = efi.EFI_RESERVED_MEMORY_TYPE
 ALLOCATE_ANY_PAGES = efi.ALLOCATE_ANY_PAGES
 ALLOCATE_MAX_ADDRESS = efi.ALLOCATE_MAX_ADDRESS
 ALLOCATE_ADDRESS = efi.ALLOCATE_ADDRESS
@@ -123,6 +127,13 @@ _RUNTIME_SERVICES = ("GetTime", "SetTime", "GetWakeupTime", "SetWakeupTime",
 EFI_RUNTIME_SERVICES_SIGNATURE = 0x56524553544E5552  # "RUNTSERV"
 EFI_TPL_APPLICATION = 4
 HDR_SIZE = efi.EfiTableHeader.size
+EFI_TABLE_REVISION = 0x2000A  # what each table header reports as its Revision
+FIRMWARE_REVISION = 0x10000
+QWORD = 8  # a pointer, a stack slot
+CPUID_XSAVE_LEAF = 0xD  # the one CPUID leaf whose GHCB request carries XCR0
+# What the CPU pushes for an exception with an error code (long mode): error code, RIP, CS,
+# RFLAGS, RSP, SS.
+VC_FRAME = struct.Struct("<6Q")
 
 MASK32 = 0xFFFF_FFFF
 IDT_VECTORS = 32
@@ -235,38 +246,49 @@ class StartResult:
         return self.status == EFI_SUCCESS
 
 
+def _seal_table(table: bytearray, signature: int) -> bytes:
+    """An EFI table as firmware publishes it: the header (HeaderSize is the whole table) and
+    the CRC32 over the whole table, computed with the CRC32 field zero."""
+    hdr = efi.EfiTableHeader
+    table[: hdr.size] = hdr.build(Signature=signature, Revision=EFI_TABLE_REVISION,
+                                  HeaderSize=len(table), CRC32=0, Reserved=0)
+    struct.pack_into("<I", table, hdr.offset("CRC32"), zlib.crc32(table))
+    return bytes(table)
+
+
 def parse_pe(data: bytes) -> dict:
     """Validate and parse the headers of a PE32+ AMD64 image (raises PeError)."""
-    def u16(o: int) -> int:
-        return struct.unpack_from("<H", data, o)[0]
-
-    def u32(o: int) -> int:
-        return struct.unpack_from("<I", data, o)[0]
-
-    if len(data) < 0x40 or data[:2] != b"MZ":
+    if len(data) < F.DOS_HEADER_SIZE or data[:2] != F.DOS_MAGIC:
         raise PeError("no MZ header")
-    pe = u32(0x3C)
-    if data[pe : pe + 4] != b"PE\0\0":
+    (pe,) = struct.unpack_from("<I", data, F.DOS_E_LFANEW)
+    if data[pe : pe + len(F.PE_SIGNATURE)] != F.PE_SIGNATURE:
         raise PeError("no PE signature")
-    coff = pe + 4
-    if u16(coff) != IMAGE_FILE_MACHINE_AMD64:
-        raise PeError(f"machine {u16(coff):#x} is not AMD64")
-    nsec, opt_size = u16(coff + 2), u16(coff + 16)
-    opt = coff + 20
-    if u16(opt) != PE32_PLUS_MAGIC:
-        raise PeError(f"optional header magic {u16(opt):#x} is not PE32+")
-    ndirs = u32(opt + 108)
-    dirs = [struct.unpack_from("<II", data, opt + 112 + 8 * i) for i in range(min(ndirs, 16))]
-    sections = []
-    for i in range(nsec):
-        s = opt + opt_size + 40 * i
-        name = data[s : s + 8].rstrip(b"\0").decode("ascii", "replace")
-        vsize, va, rawsize, rawptr = struct.unpack_from("<IIII", data, s + 8)
-        sections.append((name, va, vsize, rawptr, rawsize))
+    coff_at = pe + len(F.PE_SIGNATURE)
+    opt_at = coff_at + F.COFF_FILE_HEADER.size
+    try:
+        coff = F.unpack_fields(F.COFF_FILE_HEADER, F.COFF_FIELDS, data, coff_at)
+        if coff["Machine"] != IMAGE_FILE_MACHINE_AMD64:
+            raise PeError(f"machine {coff['Machine']:#x} is not AMD64")
+        (magic,) = struct.unpack_from("<H", data, opt_at)
+        if magic != PE32_PLUS_MAGIC:
+            raise PeError(f"optional header magic {magic:#x} is not PE32+")
+        opt = F.unpack_fields(F.OPTIONAL_HEADER64, F.OPTIONAL64_FIELDS, data, opt_at)
+        dirs_at = opt_at + F.OPTIONAL_HEADER64.size
+        dirs = [F.DATA_DIRECTORY.unpack_from(data, dirs_at + F.DATA_DIRECTORY.size * i)
+                for i in range(min(opt["NumberOfRvaAndSizes"], F.MAX_DATA_DIRECTORIES))]
+        sections = []
+        for i in range(coff["NumberOfSections"]):
+            sh = F.unpack_fields(F.SECTION_HEADER, F.SECTION_FIELDS, data,
+                                 opt_at + coff["SizeOfOptionalHeader"] + F.SECTION_HEADER.size * i)
+            name = sh["Name"].rstrip(b"\0").decode("ascii", "replace")
+            sections.append((name, sh["VirtualAddress"], sh["VirtualSize"],
+                             sh["PointerToRawData"], sh["SizeOfRawData"]))
+    except struct.error:
+        raise PeError("headers cut short") from None
     return {
-        "entry": u32(opt + 16), "image_base": struct.unpack_from("<Q", data, opt + 24)[0],
-        "section_alignment": u32(opt + 32), "size_of_image": u32(opt + 56),
-        "size_of_headers": u32(opt + 60), "subsystem": u16(opt + 68), "dirs": dirs,
+        "entry": opt["AddressOfEntryPoint"], "image_base": opt["ImageBase"],
+        "section_alignment": opt["SectionAlignment"], "size_of_image": opt["SizeOfImage"],
+        "size_of_headers": opt["SizeOfHeaders"], "subsystem": opt["Subsystem"], "dirs": dirs,
         "sections": sections,
     }
 
@@ -285,6 +307,7 @@ STATUS_NAMES = {EFI_SUCCESS: "EFI_SUCCESS", EFI_LOAD_ERROR: "EFI_LOAD_ERROR",
                 EFI_OUT_OF_RESOURCES: "EFI_OUT_OF_RESOURCES", EFI_NOT_FOUND: "EFI_NOT_FOUND"}
 MAX_SHOWN_CHARS = 48  # CHAR16 strings in the call log are cut here
 WIN64_STACK_ARGS = 0x28  # [rsp]: return address, then 32 bytes of shadow space, then arg 5...
+STACK_ALIGN = 16  # win64: RSP is 16-byte aligned at a call (8 mod 16 at the entry)
 
 
 def _named(names: tuple[str, ...]) -> Callable[[VCpu, int], str]:
@@ -295,7 +318,7 @@ def _guid_at(v: VCpu, ptr: int) -> str:
     if not ptr:
         return "NULL"
     try:
-        return str(uuid.UUID(bytes_le=v.read_virt(ptr, 16)))
+        return str(uuid.UUID(bytes_le=v.read_virt(ptr, efi.GUID_SIZE)))
     except PageFault:
         return f"{ptr:#x} (unmapped)"
 
@@ -457,7 +480,7 @@ class UefiStandIn:
         slot = [0]
 
         def trap_for(name: str) -> int:
-            addr = self.trap + 8 * slot[0]
+            addr = self.trap + QWORD * slot[0]  # one int3 a service: a distinct address each
             slot[0] += 1
             self._services[addr] = SERVICES.get(name) or Service(name, None, None)
             return addr
@@ -471,21 +494,17 @@ class UefiStandIn:
         bs_t = efi.EfiBootServices
         self.boot_services = g.pages.alloc(1)
         bs = bytearray(bs_t.size)
-        struct.pack_into("<QIIII", bs, 0, efi.EFI_BOOT_SERVICES_SIGNATURE, 0x2000A, bs_t.size, 0, 0)
         for name in bs_t.fields:
             if name in ("Hdr", "Reserved"):
                 continue
             struct.pack_into("<Q", bs, bs_t.offset(name), trap_for(name))
-        struct.pack_into("<I", bs, 16, zlib.crc32(bs))
-        self.vm.write(self.boot_services, bytes(bs))
+        self.vm.write(self.boot_services, _seal_table(bs, efi.EFI_BOOT_SERVICES_SIGNATURE))
 
         self.runtime_services = g.pages.alloc(1)
-        rs = bytearray(HDR_SIZE + 8 * len(_RUNTIME_SERVICES))
-        struct.pack_into("<QIIII", rs, 0, EFI_RUNTIME_SERVICES_SIGNATURE, 0x2000A, len(rs), 0, 0)
+        rs = bytearray(HDR_SIZE + QWORD * len(_RUNTIME_SERVICES))
         for i, name in enumerate(_RUNTIME_SERVICES):
-            struct.pack_into("<Q", rs, HDR_SIZE + 8 * i, trap_for(name))
-        struct.pack_into("<I", rs, 16, zlib.crc32(rs))
-        self.vm.write(self.runtime_services, bytes(rs))
+            struct.pack_into("<Q", rs, HDR_SIZE + QWORD * i, trap_for(name))
+        self.vm.write(self.runtime_services, _seal_table(rs, EFI_RUNTIME_SERVICES_SIGNATURE))
 
         to_t = efi.EfiSimpleTextOutput
         self.conout_proto = g.pages.alloc(1)
@@ -506,9 +525,8 @@ class UefiStandIn:
     def _write_system_table(self) -> None:
         st_t = efi.EfiSystemTable
         st = bytearray(st_t.size)
-        struct.pack_into("<QIIII", st, 0, efi.EFI_SYSTEM_TABLE_SIGNATURE, 0x2000A, st_t.size, 0, 0)
         vals = {
-            "FirmwareVendor": self.vendor, "FirmwareRevision": 0x10000,
+            "FirmwareVendor": self.vendor, "FirmwareRevision": FIRMWARE_REVISION,
             "ConsoleOutHandle": self.conout_proto, "ConOut": self.conout_proto,
             "StandardErrorHandle": self.conout_proto, "StdErr": self.conout_proto,
             "RuntimeServices": self.runtime_services, "BootServices": self.boot_services,
@@ -518,8 +536,7 @@ class UefiStandIn:
         for name, v in vals.items():
             fmt = "<I" if st_t.fields[name].type.size == 4 else "<Q"
             struct.pack_into(fmt, st, st_t.offset(name), v)
-        struct.pack_into("<I", st, 16, zlib.crc32(st))
-        self.vm.write(self.system_table, bytes(st))
+        self.vm.write(self.system_table, _seal_table(st, efi.EFI_SYSTEM_TABLE_SIGNATURE))
         ct_t = efi.EfiConfigurationTable
         arr = b"".join(g + struct.pack("<Q", p) for g, p in self.config_tables)
         assert len(self.config_tables) * ct_t.size == len(arr) <= PAGE
@@ -640,14 +657,14 @@ class UefiStandIn:
     def _allocate_pages(self, v: VCpu, how: int, mem_type: int, pages: int, mem_ptr: int) -> int:
         if not mem_ptr:
             return EFI_INVALID_PARAMETER
-        address = int.from_bytes(v.read_virt(mem_ptr, 8), "little")
+        address = int.from_bytes(v.read_virt(mem_ptr, QWORD), "little")
         try:
             base = self.allocate_pages(pages, mem_type, how, address)
         except MemoryError:
             return EFI_NOT_FOUND if how == ALLOCATE_ADDRESS else EFI_OUT_OF_RESOURCES
         except ValueError:
             return EFI_INVALID_PARAMETER
-        v.write_virt(mem_ptr, base.to_bytes(8, "little"))
+        v.write_virt(mem_ptr, base.to_bytes(QWORD, "little"))
         return EFI_SUCCESS
 
     @service("FreePages", Param("Memory", HEX), Param("Pages", UINTN))
@@ -667,7 +684,7 @@ class UefiStandIn:
             base = self.allocate_pool(size, mem_type)
         except MemoryError:
             return EFI_OUT_OF_RESOURCES
-        v.write_virt(buf_ptr, base.to_bytes(8, "little"))
+        v.write_virt(buf_ptr, base.to_bytes(QWORD, "little"))
         return EFI_SUCCESS
 
     @service("FreePool", Param("Buffer", POINTER))
@@ -682,7 +699,7 @@ class UefiStandIn:
     def _install_config_table(self, v: VCpu, guid_ptr: int, table: int) -> int:
         if not guid_ptr:
             return EFI_INVALID_PARAMETER
-        guid = v.read_virt(guid_ptr, 16)
+        guid = v.read_virt(guid_ptr, efi.GUID_SIZE)
         if not table and all(k != guid for k, _p in self.config_tables):
             return EFI_NOT_FOUND
         self.install_config_table(guid, table)
@@ -712,9 +729,9 @@ class UefiStandIn:
              Param("NotifyFunction", POINTER), Param("NotifyContext", POINTER),
              Param("Event", POINTER))
     def _create_event(self, v: VCpu, typ: int, tpl: int, fn: int, ctx: int, ev_ptr: int) -> int:
-        handle = self.allocate_pool(8, EFI_BOOT_SERVICES_DATA)
+        handle = self.allocate_pool(QWORD, EFI_BOOT_SERVICES_DATA)
         self.events.append((typ, tpl, fn, ctx))
-        v.write_virt(ev_ptr, handle.to_bytes(8, "little"))
+        v.write_virt(ev_ptr, handle.to_bytes(QWORD, "little"))
         return EFI_SUCCESS
 
     @service("CreateEventEx", Param("Type", HEX), Param("NotifyTpl", EFI_TPL),
@@ -748,7 +765,7 @@ class UefiStandIn:
         r = v.regs
         rsp = r["rsp"]
         nargs = len(svc.params or ())
-        stack = v.read_virt(rsp, WIN64_STACK_ARGS + 8 * max(nargs - 4, 0))
+        stack = v.read_virt(rsp, WIN64_STACK_ARGS + QWORD * max(nargs - 4, 0))
         args = [r["rcx"], r["rdx"], r["r8"], r["r9"]][:nargs]
         args += struct.unpack_from(f"<{max(nargs - 4, 0)}Q", stack, WIN64_STACK_ARGS)
         call = ServiceCall(svc.name, None if svc.params is None else tuple(
@@ -758,8 +775,8 @@ class UefiStandIn:
         self.call_log.append(call)
         call.result = EFI_UNSUPPORTED if svc.impl is None else svc.impl(self, v, *args)
         r["rax"] = call.result
-        r["rsp"] = rsp + 8
-        r["rip"] = int.from_bytes(stack[:8], "little")
+        r["rsp"] = rsp + QWORD
+        r["rip"] = int.from_bytes(stack[:QWORD], "little")
 
     # ---- SEV-ES: the firmware's GHCB, #VC handler and AP reset hold -------------------------
     def _setup_sev_es(self) -> None:
@@ -811,7 +828,7 @@ class UefiStandIn:
 
     def _terminate(self, v: VCpu, rip: int) -> None:
         """OVMF's answer to what it cannot serve: a GHCB termination request (MSR protocol)."""
-        v.ghcb_msr = GHCB_MSR_TERM_REQ | GHCB_TERM_GENERAL << 12
+        v.ghcb_msr = GHCB_MSR_TERM_REQ | GHCB_TERM_GENERAL << GHCB_MSR_TERM_SET_SHIFT
         self.vm.ghcb.vmgexit(v)
         v.continue_at(rip)
 
@@ -820,7 +837,7 @@ class UefiStandIn:
         the exit through the GHCB, then IRET past the instruction."""
         v = self.vcpu
         r = v.regs
-        code, rip, cs, rflags, rsp, _ss = struct.unpack("<6Q", v.read_virt(r["rsp"], 48))
+        code, rip, cs, rflags, rsp, _ss = VC_FRAME.unpack(v.read_virt(r["rsp"], VC_FRAME.size))
         r["rsp"], r["rflags"] = rsp, rflags  # IRETQ (the frame is popped in every outcome)
         self.vc_count += 1
         insn = v.intercepts.decode(rip)
@@ -841,7 +858,7 @@ class UefiStandIn:
         info1 = 0
         if code == SVM_EXIT_CPUID:
             inputs = {GHCB_RAX: r["rax"] & MASK32, GHCB_RCX: r["rcx"] & MASK32}
-            if r["rax"] & MASK32 == 0xD:
+            if r["rax"] & MASK32 == CPUID_XSAVE_LEAF:
                 inputs[GHCB_XCR0] = 1
         elif code == SVM_EXIT_IOIO:
             io = io_operands(insn, r["rdx"])
@@ -865,7 +882,7 @@ class UefiStandIn:
             return None
         status = page.get(GHCB_SW_EXIT_INFO1) & MASK32
         if status == GHCB_HV_RESP_ISSUE_EXCEPTION and page.is_valid(GHCB_SW_EXIT_INFO2):
-            return page.get(GHCB_SW_EXIT_INFO2) & 0xFF
+            return page.get(GHCB_SW_EXIT_INFO2) & SVM_EVTINJ_VECTOR_MASK
         if status != GHCB_HV_RESP_NO_ACTION:
             return None
         return self._vc_results(v, code, insn, info1, page)
@@ -938,13 +955,14 @@ class UefiStandIn:
         if len(dirs) > IMAGE_DIRECTORY_ENTRY_BASERELOC:
             rva, rsize = dirs[IMAGE_DIRECTORY_ENTRY_BASERELOC]
             pos, end = rva, rva + rsize
-            while pos + 8 <= end:
-                page_rva, block = struct.unpack_from("<II", img, pos)
-                if block < 8:
+            blk, ent = F.BASE_RELOCATION_BLOCK, F.BASE_RELOCATION_ENTRY
+            while pos + blk.size <= end:
+                page_rva, block = blk.unpack_from(img, pos)
+                if block < blk.size:
                     raise PeError("bad relocation block")
-                for i in range((block - 8) // 2):
-                    (e,) = struct.unpack_from("<H", img, pos + 8 + 2 * i)
-                    kind, off = e >> 12, e & 0xFFF
+                for i in range((block - blk.size) // ent.size):
+                    (e,) = ent.unpack_from(img, pos + blk.size + ent.size * i)
+                    kind, off = e >> F.RELOC_TYPE_SHIFT, e & F.RELOC_OFFSET_MASK
                     if kind == IMAGE_REL_BASED_ABSOLUTE:
                         continue
                     if kind != IMAGE_REL_BASED_DIR64:
@@ -967,10 +985,11 @@ class UefiStandIn:
         v = self.vcpu
         regs = ("rcx", "rdx", "r8", "r9")
         extra = list(args[4:])
-        frame = 0x20 + 8 * len(extra)
-        rsp = (self._stack_top - frame) & ~0xF
-        rsp -= 8  # return address: RSP = 8 (mod 16) at entry
-        mem = struct.pack("<Q", self.ret_trap) + bytes(0x20) + b"".join(
+        shadow = WIN64_STACK_ARGS - QWORD
+        frame = shadow + QWORD * len(extra)
+        rsp = (self._stack_top - frame) & ~(STACK_ALIGN - 1)
+        rsp -= QWORD  # return address: RSP = 8 (mod 16) at entry
+        mem = struct.pack("<Q", self.ret_trap) + bytes(shadow) + b"".join(
             struct.pack("<Q", a & (2**64 - 1)) for a in extra)
         v.write_virt(rsp, mem)
         for r, a in zip(regs, args, strict=False):

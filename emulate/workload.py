@@ -13,7 +13,7 @@ exactly where a budget exit left it, also on the destination after migration.
 
 Under SEV-ES (MSR_AMD64_SEV bit 1, and the host gave it a GHCB page) the host can neither read
 nor set its registers, so the program parks its vCPU cooperatively, the way SEV-ES guests
-offline CPUs (SPEC §9):
+offline CPUs (docs/PROTOCOL.md, "SEV-ES launch"):
 
 * at set-up it shares its GHCB and a control page (clears their C-bits, reports them with
   KVM_HC_MAP_GPA_RANGE through the GHCB: under OVMF's #VC handler a plain VMMCALL would pass

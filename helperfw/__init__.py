@@ -1,6 +1,6 @@
 """helperfw: the migration helper's DSL, compiler and runtime.
 
-DSL code imports its vocabulary from here: types (u8..u64, i8..i64, bool_, v128, Ptr, Array),
+DSL code imports its vocabulary from here: types (u8..u64, i8..i64, bool_, v128, v256, Ptr, Array),
 `struct`, `function`, `const`, `static`, `unroll` and the intrinsics (every entry of
 helperfw/intrinsics/builtin.py, by its DSL name).
 """
@@ -36,6 +36,7 @@ from .types import (
     u32,
     u64,
     v128,
+    v256,
     void,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "u64",
     "unroll",
     "v128",
+    "v256",
     "void",
 ]
 __all__ += _builtin.__all__

@@ -130,9 +130,11 @@ def _load_pe(path: Path) -> pefile.PE:
 
 
 def _load_map(efi: Path, map_file: Path | None, *, required: bool) -> dict[str, Symbol] | None:
+    """The symbol map: `map_file` if given (then it must exist), else the one beside `efi`
+    (which `inspect` may do without)."""
     path = map_file or map_path_for(efi)
     if not path.exists():
-        if required:
+        if required or map_file is not None:
             raise CliError(f"{path}: symbol map not found (written next to the .efi by the build)")
         return None
     try:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import features as target_features
 from .types import Type, bool_, void
 
 ABIS = ("internal", "c", "efi")
@@ -47,15 +48,21 @@ class Function:
     """A recorded DSL function: its Python source, signature and ABI."""
 
     def __init__(self, pyfunc: Callable, abi: str, name: str | None, section: str | None,
-                 small: bool = False, noinline: bool = False):
+                 small: bool = False, noinline: bool = False, features: str = ""):
         if abi not in ABIS:
             raise ValueError(f"abi must be one of {ABIS}")
+        try:  # a bad spelling is the decorator's error, reported before anything compiles
+            self.features = target_features.parse(features) if features else frozenset()
+        except ValueError as e:
+            raise ValueError(f"@function {pyfunc.__name__}: {e}") from None
         self.pyfunc = pyfunc
         self.abi = abi
         self.name = name or pyfunc.__name__
         self.section = section
         self.small = small  # optimise for size: run-once code (driver load, self-test)
         self.noinline = noinline  # keep one out-of-line copy (callers are many, the body large)
+        # what the function may use: the baseline plus `features` and what they imply
+        self.target = target_features.closure(self.features)
         self.globals = pyfunc.__globals__
         self.file = inspect.getsourcefile(pyfunc) or "<dsl>"
         self._tree: ast.FunctionDef | None = None
@@ -140,14 +147,17 @@ class Function:
 
 
 def function(fn: Callable | None = None, *, abi: str = "internal", name: str | None = None,
-             section: str | None = None, small: bool = False, noinline: bool = False):
+             section: str | None = None, small: bool = False, noinline: bool = False,
+             features: str = ""):
     """Record a DSL function. abi: "internal" (fastcc), "c" (SysV, callable from the host in
     tests and benchmarks) or "efi" (win64cc, the EFI entry point). `name` overrides the symbol.
     `small=True` optimises for size (code that runs once, where bytes matter more than cycles);
-    `noinline=True` keeps a single out-of-line copy."""
+    `noinline=True` keeps a single out-of-line copy. `features="+avx2,+vaes"` adds x86 target
+    features to this function alone (helperfw/features.py): it may then use `v256` and the wide
+    intrinsics, and must only be called once the CPU said it has them."""
 
     def wrap(f: Callable) -> Function:
-        return Function(f, abi, name, section, small, noinline)
+        return Function(f, abi, name, section, small, noinline, features)
 
     return wrap(fn) if fn is not None else wrap
 

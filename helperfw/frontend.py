@@ -33,7 +33,7 @@ from .types import (
     IntType,
     PtrType,
     Type,
-    V128Type,
+    VecType,
     bool_,
     fold_literals,
     literal_value,
@@ -51,7 +51,7 @@ COMPARISONS: dict[type, tuple[str, Callable[[Any, Any], bool]]] = {
     ast.Lt: ("<", operator.lt), ast.LtE: ("<=", operator.le),
     ast.Gt: (">", operator.gt), ast.GtE: (">=", operator.ge),
 }
-BITWISE = (ast.BitXor, ast.BitAnd, ast.BitOr)  # the only operators on bool and v128
+BITWISE = (ast.BitXor, ast.BitAnd, ast.BitOr)  # the only operators on bool and vectors
 INT_OPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, *BITWISE, ast.LShift, ast.RShift)
 
 
@@ -133,14 +133,31 @@ class Backend(Protocol):
 # -- rules over types -------------------------------------------------------------------------
 
 def check_signature(fn: Function) -> tuple[list[tuple[str, Type]], Type]:
-    """A function's parameters and result; both must be scalars (aggregates travel by Ptr)."""
+    """A function's parameters and result; both must be scalars (aggregates travel by Ptr), and
+    a wide vector only in a function with the features to hold it."""
     params, ret = fn.signature
     for pname, pt in params:
         if not pt.is_scalar:
             raise fn.error(fn.tree, f"parameter {pname!r}: pass {pt} by Ptr, not by value")
     if ret is not void and not ret.is_scalar:
         raise fn.error(fn.tree, f"return type {ret} must be a scalar")
+    for what, t in [*((f"parameter {n!r}", t) for n, t in params), ("return type", ret)]:
+        reason = missing_features(fn, getattr(t, "features", frozenset()), f"{what} {t}")
+        if reason:
+            raise fn.error(fn.tree, reason)
     return params, ret
+
+
+def missing_features(fn: Function, required: frozenset[str], what: str) -> str | None:
+    """The error when `fn` lacks target features `required` (a wide type or intrinsic needs
+    them; helperfw/features.py), else None. LLVM would otherwise split a v256 into SSE halves
+    silently, or fail instruction selection far from the DSL line."""
+    miss = sorted(required - fn.target)
+    if not miss:
+        return None
+    want = ",".join(f"+{f}" for f in sorted(required))
+    return (f'{what} needs @function(features="{want}"); {fn.name} lacks '
+            f'{",".join("+" + f for f in miss)}')
 
 
 def cast_rule(src: Type, dst: Type) -> str | None:
@@ -490,7 +507,15 @@ class FrontEnd:
             raise self.fn.internal_error(node, exc) from exc
         if r.ty is void and not allow_void:
             raise self.err(node, "this call returns nothing")
+        if isinstance(r.ty, VecType) and r.ty.features:  # every wide value is an expression
+            self.need(node, r.ty.features, f"a {r.ty} value")
         return r
+
+    def need(self, node: ast.AST, required: frozenset[str], what: str) -> None:
+        """Refuse `what` at `node` unless this function has target features `required`."""
+        reason = missing_features(self.fn, required, what)
+        if reason:
+            raise self.err(node, reason)
 
     def expr_multi(self, node: ast.expr) -> tuple[Any, list[TV]]:
         """The right-hand side of a tuple assignment: (prelude, values), see the module doc."""
@@ -554,7 +579,7 @@ class FrontEnd:
                 return v
             raise self.err(node, "~ needs a typed operand; cast the literal, e.g. ~u64(0)")
         if (isinstance(node.op, ast.USub) and isinstance(v.ty, IntType)) or (
-                isinstance(node.op, ast.Invert) and isinstance(v.ty, (IntType, V128Type))):
+                isinstance(node.op, ast.Invert) and isinstance(v.ty, (IntType, VecType))):
             return TV(self.emit_unary(node.op, v.ty, v.v), v.ty)
         raise self.err(node, f"unsupported unary operator on {v.ty}")
 
@@ -582,10 +607,10 @@ class FrontEnd:
             except (ZeroDivisionError, ValueError) as e:
                 raise self.err(node, str(e)) from None
         t = lhs.ty
-        if isinstance(t, (V128Type, BoolType)) and isinstance(op, BITWISE):
+        if isinstance(t, (VecType, BoolType)) and isinstance(op, BITWISE):
             return TV(self.emit_binop(op, t, lhs.v, rhs.v, node), t)
-        if isinstance(t, V128Type):
-            raise self.err(node, "v128 supports only ^ & |")
+        if isinstance(t, VecType):
+            raise self.err(node, f"{t} supports only ^ & |")
         if not isinstance(t, IntType):
             raise self.err(node, f"arithmetic needs integers, got {t}")
         if not isinstance(op, INT_OPS):
@@ -723,6 +748,8 @@ class FrontEnd:
         """A TV, or with `multi` (a tuple assignment) (prelude, [TV per result])."""
         if g.results is not None and not multi:
             raise self.err(node, g.unpack_reason)
+        if g.features:
+            self.need(node, g.features, g.name)
         checked = g.typing(self, node)
         if isinstance(checked, TV):
             return checked  # a front-end form: the rule computed the value

@@ -8,13 +8,15 @@ offsets computed here; tests check all three (LLVM data layout, construct, gcc's
 from __future__ import annotations
 
 import inspect
+import struct as struct_module
 from dataclasses import dataclass
 
 import construct as cs
 from llvmlite import ir
 
-from .types import ArrayType, BoolType, IntType, PtrType, Type, V128Type
+from .types import ArrayType, BoolType, IntType, PtrType, Type, VecType
 
+_INT_FORMATS = {1: "Bb", 2: "Hh", 4: "Ii", 8: "Qq"}  # struct codes by size: [unsigned, signed]
 C_KEYWORDS = frozenset(
     ["auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while", "_Bool", "_Alignas", "_Alignof", "_Atomic", "_Static_assert"]
 )
@@ -97,6 +99,22 @@ class StructType(Type):
             self._construct = cs.Struct(*parts)
         return self._construct
 
+    def pystruct(self, upto: str | None = None) -> struct_module.Struct:
+        """The integer fields (those before `upto`, or all) as one little-endian
+        `struct.Struct`, padding included: the fast view for host code that packs or unpacks a
+        layout per batch (construct is far slower). Fields must be integers."""
+        fmt, pos = "<", 0
+        for f in self.fields.values():
+            if f.name == upto:
+                break
+            if not isinstance(f.type, IntType):
+                raise TypeError(f"struct {self.name}: field {f.name} is not an integer")
+            fmt += "x" * (f.offset - pos) + _INT_FORMATS[f.type.size][f.type.signed]
+            pos = f.offset + f.type.size
+        if upto is None:
+            fmt += "x" * (self.size - pos)
+        return struct_module.Struct(fmt)
+
     def parse(self, data: bytes) -> cs.Container:
         return self.construct().parse(bytes(data[: self.size]))
 
@@ -146,8 +164,8 @@ def _c_field(t: Type, name: str) -> str:
             dims += f"[{t.count}]"
             t = t.elem
         return f"{_c_field(t, name + dims)}"
-    if isinstance(t, V128Type):
-        return f"_Alignas(16) uint8_t {name}[16]"
+    if isinstance(t, VecType):
+        return f"_Alignas({t.size}) uint8_t {name}[{t.size}]"
     return f"{t.c_name()} {name}"
 
 
@@ -156,8 +174,8 @@ def _zero(t: Type) -> object:
         return 0
     if isinstance(t, BoolType):
         return False
-    if isinstance(t, V128Type):
-        return bytes(16)
+    if isinstance(t, VecType):
+        return bytes(t.size)
     if isinstance(t, ArrayType):
         return bytes(t.count) if t.elem.size == 1 and isinstance(t.elem, IntType) and not t.elem.signed else [_zero(t.elem)] * t.count
     if isinstance(t, StructType):

@@ -30,7 +30,7 @@ class Type:
 
     @property
     def is_scalar(self) -> bool:
-        return isinstance(self, (IntType, BoolType, PtrType, V128Type))
+        return isinstance(self, (IntType, BoolType, PtrType, VecType))
 
     def __repr__(self) -> str:
         return self.name
@@ -93,20 +93,28 @@ class BoolType(Type):
         return cs.Flag
 
 
-class V128Type(Type):
-    """A 128-bit SSE value (AES block, GHASH element). Stored little-endian like movdqu."""
+class VecType(Type):
+    """A SIMD value of `bits` bits, stored little-endian like movdqu/vmovdqu: `v128` (SSE: an AES
+    block, a POLYVAL element) or `v256` (AVX2: two of them, one per 128-bit lane; lane 0 is the
+    low 16 bytes). `features` are the LLVM target features a function must have to hold one
+    (`@function(features=...)`); the front end refuses a wide value anywhere else."""
 
-    name = "v128"
-    size = align = 16
+    def __init__(self, bits: int, features: tuple[str, ...] = ()) -> None:
+        self.bits = bits
+        self.size = self.align = bits // 8
+        self.lanes = bits // 128  # 128-bit lanes: what the per-lane instructions act on
+        self.mask = (1 << bits) - 1
+        self.name = f"v{bits}"
+        self.features = frozenset(features)
 
     def llvm(self) -> ir.Type:
-        return ir.VectorType(ir.IntType(64), 2)
+        return ir.VectorType(ir.IntType(64), self.bits // 64)
 
     def c_name(self) -> str:
-        return "uint8_t"  # declared as uint8_t x[16] by the header writer
+        return "uint8_t"  # declared as uint8_t x[size] by the header writer
 
     def construct(self) -> cs.Construct:
-        return cs.Bytes(16)
+        return cs.Bytes(self.size)
 
 
 class PtrType(Type):
@@ -186,7 +194,8 @@ class _ArrayFactory:
 u8, u16, u32, u64 = (IntType(b, False) for b in (8, 16, 32, 64))
 i8, i16, i32, i64 = (IntType(b, True) for b in (8, 16, 32, 64))
 bool_ = BoolType()
-v128 = V128Type()
+v128 = VecType(128)
+v256 = VecType(256, ("avx2",))  # 256-bit integer operations are AVX2 (AVX alone splits them)
 void = VoidType()
 Ptr = _PtrFactory()
 Array = _ArrayFactory()

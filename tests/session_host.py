@@ -18,7 +18,7 @@ from helperfw.native import NativeImage
 from helperfw.runtime import protocol as P
 from helperfw.runtime import session as S
 
-PAGE = 4096
+PAGE = P.PAGE_SIZE
 
 
 def _aligned(size: int) -> tuple[ctypes.Array, int]:
@@ -102,7 +102,7 @@ class NativeHelper:
         self.write(self.ram + ram_addr, data)
 
     def slot(self, i: int, lane: int = 0) -> int:
-        return self.mailboxes[lane] + 2 * PAGE + i * P.SLOT_SIZE
+        return self.mailboxes[lane] + P.SLOTS_OFFSET + i * P.SLOT_SIZE
 
     @property
     def bell(self) -> int:
@@ -121,14 +121,14 @@ class NativeHelper:
         ents += [{"ram_addr": 0, "flags": 0, "status": 0}] * (P.MAX_SLOTS - len(ents))
         raw = P.Command.build(op=op, count=count, entries=ents, **fields)
         mb = self.mailboxes[lane]
-        self.write(mb + PAGE, raw)
+        self.write(mb + P.COMMAND_OFFSET, raw)
         self.bells[lane] += 1
         self.write(mb + P.CONTROL_OFFSET, struct.pack("<Q", self.bells[lane]))
         status = self.img.call("mh_test_lane_process", self.lane_ctx[lane],
                                restype=ctypes.c_int32)
         ctl = P.Control.parse(self.read(mb + P.CONTROL_OFFSET, P.Control.size))
         assert ctl.completed == self.bells[lane] and ctl.status == status
-        cmd = P.Command.parse(self.read(mb + PAGE, P.Command.size))
+        cmd = P.Command.parse(self.read(mb + P.COMMAND_OFFSET, P.Command.size))
         return status, [cmd.entries[i].status for i in range(len(entries))]
 
     def reply(self, lane: int = 0) -> P.HelloReply:

@@ -1,7 +1,7 @@
 """`helperfw map`: the mirror's address spaces as data and as a picture.
 
 The data model (emulate.addrmap) must say what the booted helper really set up: every BootInfo
-region at its mirror GPA and its VA with the SPEC's permissions and C-bit, the RAM window at
+region at its mirror GPA and its VA with the documented permissions and C-bit, the RAM window at
 ram_base, the markers at 2^cbit and 2^MAXPHYADDR. It is checked here against BootInfo and
 against an independent page walk (emulate.mmu.walk on the mirror VM) at addresses chosen by the
 test, for every option and C-bit 47/51. The drawing must contain each span and label of the
@@ -28,7 +28,7 @@ from emulate.addrmap import (
 from emulate.host import FOUR_GIB
 from emulate.mmu import PageFault, walk
 from helperfw.runtime import protocol as P
-from tests.mirror_host import efi_path
+from tests.firmware import efi_path
 
 MEM = 32 << 20
 SEED = 7
@@ -36,7 +36,7 @@ PAGE = P.PAGE_SIZE
 OPTIONS = [(P.OPT_SHIFT, False), (P.OPT_SHIFT, True), (P.OPT_TUPLES, False),
            (P.OPT_ISOLATED, False)]
 IDS = ["shift", "shift-high", "tuples", "isolated"]
-# what the SPEC (§4) requires of each region's mapping: (writable, executable, C-bit)
+# what docs/PROTOCOL.md "Address-space options" requires of each region's mapping: (writable, executable, C-bit)
 PERMS = {P.REGION_CODE: (False, True, True), P.REGION_RODATA: (False, False, True),
          P.REGION_DATA: (True, False, True), P.REGION_MAILBOX: (True, False, False)}
 

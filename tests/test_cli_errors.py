@@ -13,7 +13,7 @@ import pytest
 from helperfw.cli import main
 from ovmf_glue.pe import package_pe, write_symbol_map
 from ovmf_glue.sample import sample_image
-from tests.mirror_host import efi_path
+from tests.firmware import efi_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,11 +44,15 @@ CASES = {
     "inspect directory": (["inspect", "{dir}"], "not a file"),
     "inspect not a PE": (["inspect", "{not_pe}"], "cannot read PE image"),
     "inspect garbage map": (["inspect", "{bad_map}"], "bad symbol map"),
+    "inspect missing map": (["inspect", "{good}", "--map", "{missing}"], "not found"),
+    "inspect map not JSON": (["inspect", "{good}", "--map", "{not_pe}"], "bad symbol map"),
     "disasm missing image": (["disasm", "efi_main", "--image", "{missing}"], "not found"),
     "disasm not a PE": (["disasm", "efi_main", "--image", "{not_pe}"], "cannot read PE"),
     "disasm unknown function": (["disasm", "nope", "--image", "{good}"], "no symbol 'nope'"),
     "disasm bad syntax": (["disasm", "x", "--image", "{good}", "--syntax", "nasm"],
                           "invalid choice"),
+    "disasm missing map": (["disasm", "efi_main", "--image", "{good}", "--map", "{missing}"],
+                           "not found"),
     "migrate missing image": (["migrate", "--image", "{missing}"], "not found"),
     "migrate not a PE": (["migrate", "--image", "{not_pe}"], "not a PE32+ image"),
     "migrate PE that is not the helper": (["migrate", "--mem", "32M", "--image", "{other}"],
@@ -64,6 +68,7 @@ CASES = {
     "migrate negative seed": (["migrate", "--seed", "-1"], "less than 0"),
     "migrate zero rounds": (["migrate", "--max-rounds", "0"], "less than 1"),
     "migrate rounds not a number": (["migrate", "--max-rounds", "many"], "not an integer"),
+    "migrate negative converge": (["migrate", "--converge", "-5"], "less than 0"),
     "migrate unknown transport": (["migrate", "--transport", "carrier-pigeon"],
                                   "unknown transport"),
     "migrate file in a missing dir": (["migrate", "--transport", "file:{nodir}/x"],
@@ -86,6 +91,8 @@ CASES = {
     "map garbage map": (["map", "--image", "{bad_map}"], "bad symbol map"),
     "map bad mem": (["map", "--mem", "12M"], "at least 32 MiB"),
     "map bad option": (["map", "--option", "both"], "invalid choice"),
+    "map negative seed": (["map", "--seed", "-2"], "less than 0"),
+    "map bad cbit": (["map", "--cbit", "40"], "invalid choice"),
     "map all and option": (["map", "--all", "--option", "shift"], "not allowed with"),
     "map shift-high without shift": (["map", "--image", "{good}", "--shift-high"],
                                      "shift option only"),

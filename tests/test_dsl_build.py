@@ -83,3 +83,12 @@ def test_unknown_emit_kind_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "build.py: error: argument --emit: unknown emit kind 'asm'; choose from ll, o"
     assert not list(tmp_path.iterdir())
+
+
+def test_unwritable_output_directory_is_one_clear_line(built, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("helperfw.build.compile_firmware", lambda: built.compiled)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    assert _build_py().main(["--out", str(blocker / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"build.py: cannot write {blocker / 'out'}: ")

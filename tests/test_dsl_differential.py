@@ -1,7 +1,9 @@
 """Differential tests: every DSL function here runs three ways and all three must agree.
 
 (a) the reference interpreter (helperfw/interp.py), (b) the compiled image natively on the host
-CPU (helperfw/native.py), (c) the same image under unicorn (helperfw/ucrun.py). Each function gets
+CPU (helperfw/native.py), (c) the same image under unicorn (helperfw/ucrun.py). The wide
+(AVX2/VAES/VPCLMULQDQ) functions run two ways, interpreter and native, since unicorn has no AVX;
+natively only where the CPU has the features (a clear skip elsewhere). Each function gets
 N_INPUTS seeded random inputs (edge values mixed in); results, the bytes of every argument buffer
 and every static must match after each call. The seed is printed; replay a failure with
 `DSL_DIFF_SEED=<seed> pytest tests/test_dsl_differential.py`.
@@ -20,6 +22,7 @@ import ctypes
 import importlib.util
 import os
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -40,10 +43,16 @@ from helperfw import (
     bool_,
     const,
     cpuid,
+    emms,
     function,
     i32,
     i64,
     inb,
+    mask8,
+    mask8_256,
+    mask_block,
+    mask_key,
+    mask_next,
     offsetof,
     outb,
     pclmulqdq,
@@ -67,15 +76,33 @@ from helperfw import (
     v128_shl64,
     v128_shr64,
     v128_store,
+    v256,
+    v256_add32,
+    v256_broadcast,
+    v256_bsl,
+    v256_bsr,
+    v256_hi,
+    v256_lo,
+    v256_load,
+    v256_make,
+    v256_shl64,
+    v256_shr64,
+    v256_store,
+    vaesenc256,
+    vaesenclast256,
     vload,
+    vpclmulqdq256,
+    vpshufb256,
+    vpshufd256,
     vstore,
 )
 from helperfw import interp as ref
 from helperfw.codegen.pipeline import build
-from helperfw.interp import Env, Interpreter
+from helperfw.interp import Env, Interpreter, MmxMasks
 from helperfw.native import NativeImage
 from helperfw.types import INT_TYPES, IntType
 from helperfw.ucrun import UcRunner
+from tests.host_cpu import HAS_WIDE, needs_wide
 
 SEED = int(os.environ.get("DSL_DIFF_SEED", "20240611"))
 N_INPUTS = int(os.environ.get("DSL_DIFF_N", "300"))
@@ -340,9 +367,8 @@ def ks_b(t1: v128, t3: v128) -> v128:
     return t3 ^ t4 ^ t2
 
 
-@function(abi="c")
-def aes256(key: Ptr[u8], blk: Ptr[u8], out: Ptr[u8]) -> u64:
-    rk: Array[v128, 15]
+@function
+def aes256_schedule(key: Ptr[u8], rk: Ptr[v128]) -> None:
     t1 = v128_load(key)
     t3 = v128_load(key + 16)
     rk[0] = t1
@@ -372,6 +398,12 @@ def aes256(key: Ptr[u8], blk: Ptr[u8], out: Ptr[u8]) -> u64:
     t3 = ks_b(t1, t3)
     rk[13] = t3
     rk[14] = ks_a(t1, aeskeygenassist(t3, 0x40))
+
+
+@function(abi="c")
+def aes256(key: Ptr[u8], blk: Ptr[u8], out: Ptr[u8]) -> u64:
+    rk: Array[v128, 15]
+    aes256_schedule(key, addr(rk[0]))
     s = v128_load(blk) ^ rk[0]
     for r in range(1, 14):
         s = aesenc(s, rk[r])
@@ -415,6 +447,80 @@ def platform(x: u32) -> u64:
     r = u64(inb(0x60))
     return (u64(b) << 32 | u64(c)) + r
 
+
+WIDE = "+avx2,+vaes,+vpclmulqdq"
+
+
+@function(features=WIDE)
+def wide_mix(a: v256, b: v256) -> v256:
+    """A wide value passed and returned between two wide functions."""
+    return vpshufd256(a, 0x4E) ^ v256_add32(a, b)
+
+
+@function(abi="c", features=WIDE)
+def wide(p: Ptr[u8], out: Ptr[u8]) -> u64:
+    """Every 256-bit intrinsic once, on two random 32-byte values; results to out[0..10]."""
+    a = v256_load(p)
+    b = v256_load(p + 32)
+    o = Ptr[v256](out)
+    o[0] = vaesenc256(a, b)
+    o[1] = vaesenclast256(a, b)
+    for j in unroll(4):
+        o[2 + j] = vpclmulqdq256(a, b, (j & 1) | ((j >> 1) << 4))
+    o[6] = vpshufb256(a, b) ^ wide_mix(a, b)
+    o[7] = v256_bsl(a, 3) ^ v256_bsr(b, 16) ^ v256_bsr(a, 5)
+    o[8] = v256_shl64(a, 7) | v256_shr64(b, 63)
+    o[9] = v256_make(v256_hi(a), v256_lo(b)) & ~v256_broadcast(v256_lo(a))
+    v256_store(out + 320, v256_add32(a, v256_broadcast(v128_make(0xFFFFFFFF, 1))))
+    return v128_lo(v256_hi(a)) ^ v128_hi(v256_lo(o[3]))
+
+
+@function(abi="c", features=WIDE)
+def wide_aes(key: Ptr[u8], blk: Ptr[u8], out: Ptr[u8]) -> u64:
+    """AES-256 of two blocks at once, one per lane, with the key schedule of `aes256` below
+    (expanded by the 128-bit code, which LLVM may inline here: it needs no more features)."""
+    rk: Array[v128, 15]
+    aes256_schedule(key, addr(rk[0]))
+    s = v256_load(blk) ^ v256_broadcast(rk[0])
+    for r in range(1, 14):
+        s = vaesenc256(s, v256_broadcast(rk[r]))
+    s = vaesenclast256(s, v256_broadcast(rk[14]))
+    v256_store(out, s)
+    return v128_lo(v256_lo(s)) ^ v128_lo(v256_hi(s))
+
+
+
+@function(abi="c", features=WIDE)
+def masks(key: Ptr[u64], p: Ptr[u8], out: Ptr[u8], serial: u64, first: u64) -> u64:
+    """The staging masks three ways on the same 8 blocks at p, ids first..first+7, after
+    mask_key and `serial` mask_next: mask_block each (out[0:128]), mask8 (out[128:256]),
+    mask8_256 on them two per ymm (out[256:384])."""
+    mask_key(key[0], key[1])
+    for i in range(serial):
+        mask_next()
+    for j in range(8):
+        v128_store(out + 16 * j, mask_block(v128_load(p + 16 * j), first + u64(j)))
+    m0, m1, m2, m3, m4, m5, m6, m7 = mask8(
+        v128_load(p), v128_load(p + 16), v128_load(p + 32), v128_load(p + 48),
+        v128_load(p + 64), v128_load(p + 80), v128_load(p + 96), v128_load(p + 112), first)
+    o = Ptr[v128](out + 128)
+    o[0] = m0
+    o[1] = m1
+    o[2] = m2
+    o[3] = m3
+    o[4] = m4
+    o[5] = m5
+    o[6] = m6
+    o[7] = m7
+    y0, y1, y2, y3 = mask8_256(v256_load(p), v256_load(p + 32), v256_load(p + 64),
+                               v256_load(p + 96), first)
+    w = Ptr[v256](out + 256)
+    w[0] = y0
+    w[1] = y1
+    w[2] = y2
+    w[3] = y3
+    emms()
+    return 0
 
 # Arithmetic of every integer type, from one template (a DSL function's source must be a file).
 ARITH_TEMPLATE = '''
@@ -525,6 +631,14 @@ CASES = [
 ]
 
 
+# interpreter and native only (unicorn has no AVX), in an image of their own
+WIDE_CASES = [
+    Case(wide, u64, lambda r: ([Buf(0), Buf(1)], [r.randbytes(64), bytes(352)]), n=120),
+    Case(wide_aes, u64, lambda r: ([Buf(0), Buf(1), Buf(2)], [r.randbytes(32), r.randbytes(32),
+                                                             bytes(32)]), n=20),
+]
+
+
 class PlatformModel(Env):
     """A deterministic platform for cpuid/in/out: the same answers for interpreter and unicorn."""
 
@@ -623,6 +737,65 @@ def test_three_ways_agree(runners, case: Case) -> None:
     run_case(runners, case, rng)
 
 
+@needs_wide
+@pytest.mark.parametrize("case", WIDE_CASES, ids=[c.fn.name for c in WIDE_CASES])
+def test_wide_interpreter_and_native_agree(case: Case) -> None:
+    """The 256-bit intrinsics: the interpreter's per-lane models against the CPU."""
+    image = build([case.fn]).image
+    native, interp = NativeImage(image), Interpreter()
+    nbufs = [(ctypes.c_uint8 * BUF_SIZE)() for _ in range(N_BUFS)]
+    ibufs = [interp.memory.map(BUF_BASE + i * BUF_STRIDE, bytearray(BUF_SIZE))
+             for i in range(N_BUFS)]
+    rng = random.Random(f"{SEED}:{case.fn.name}")
+    for k in range(case.n):
+        args, bufs = case.gen(rng)
+        for i, b in enumerate(bufs):
+            ctypes.memmove(nbufs[i], b, len(b))
+            ibufs[i][: len(b)] = b
+        what = f"{case.fn.name} (seed {SEED}, input #{k})"
+        got_i = interp.call(case.fn, *(BUF_BASE + a.index * BUF_STRIDE for a in args))
+        got_n = native.call(case.fn.name, *(ctypes.addressof(nbufs[a.index]) for a in args))
+        assert got_n == got_i, f"native {got_n:#x} != interp {got_i:#x}: {what}"
+        for i, b in enumerate(bufs):
+            assert bytes(nbufs[i][: len(b)]) == bytes(ibufs[i][: len(b)]), f"buffer {i}: {what}"
+
+
+def test_wide_code_is_wide_and_the_rest_stays_sse() -> None:
+    """Without running anything: the wide function selects ymm VAES/VPCLMULQDQ, and a 128-bit
+    function in the same module keeps legacy SSE encodings (no AVX state assumed)."""
+    from helperfw.codegen import emit
+
+    asm = emit.emit_assembly(emit.optimize(build([wide, vec]).optimized_ir))
+    bodies = dict(re.findall(r"^(\w+):\n(.*?)\.Lfunc_end", asm, re.MULTILINE | re.DOTALL))
+    assert re.search(r"vaesenc\s+%ymm", bodies["wide"])
+    assert re.search(r"vpclmulqdq\s+\$\d+, %ymm", bodies["wide"])
+    assert "ymm" not in bodies["vec"] and not re.search(r"\bv(aes|pclmul|pxor|movdq)", bodies["vec"])
+    assert re.search(r"\baesenc\s+%xmm", bodies["vec"])
+
+
+def test_wide_models_are_two_128_bit_instructions() -> None:
+    """Each lane of a 256-bit model is the 128-bit model (what VEX.256 promises), and the lanes
+    do not mix: checked here without the CPU, on random operands."""
+    from helperfw.intrinsics import x86
+
+    rng = random.Random(f"{SEED}:wide-models")
+    for _ in range(30):
+        a, b, imm = rng.getrandbits(256), rng.getrandbits(256), rng.getrandbits(8)
+        (a0, a1), (b0, b1) = x86.lanes(a), x86.lanes(b)
+        assert x86.vaesenc256(a, b) == x86.join(ref.aesenc(a0, b0), ref.aesenc(a1, b1))
+        assert x86.vaesenclast256(a, b) == x86.join(ref.aesenclast(a0, b0),
+                                                    ref.aesenclast(a1, b1))
+        assert x86.vpclmulqdq256(a, b, imm) == x86.join(ref.pclmulqdq(a0, b0, imm),
+                                                        ref.pclmulqdq(a1, b1, imm))
+        assert x86.vpshufd256(a, imm) == x86.join(ref.pshufd(a0, imm), ref.pshufd(a1, imm))
+        n = imm % 17
+        assert x86.byte_shift256(a, n, True) == x86.join(ref.byte_shift(a0, n, True),
+                                                         ref.byte_shift(a1, n, True))
+    # vpaddd wraps each dword alone: 0xFFFFFFFF + 1 carries nothing into the next dword
+    assert x86.add32(0xFFFFFFFF, 1, 256) == 0
+    assert x86.add32(0xFFFFFFFF << 224, 3 << 224, 256) == 2 << 224
+
+
 # ---------------------------------------------------------------------------------------------
 # the reference's crypto is itself checked
 
@@ -696,3 +869,32 @@ def test_clmul_matches_schoolbook() -> None:
                 if (a >> i) & (b >> j) & 1:
                     want ^= 1 << (i + j)
         assert ref.clmul64(a, b) == want
+
+
+def test_wide_masks_are_the_baselines() -> None:
+    """mask8_256 (the wide path's staging masks) gives, block for block, what mask8 and
+    mask_block give and what x86.mask models (the interpreter's MmxMasks): so either path can
+    unmask the other's stage or scratch. The interpreter runs everywhere, natively where the CPU
+    has VAES; ids cross 2^64 (they wrap) and serials 1..3."""
+    rng = random.Random(f"{SEED}:masks")
+    native = NativeImage(build([masks]).image) if HAS_WIDE else None
+    for k in range(12):
+        key = [rng.getrandbits(64), rng.getrandbits(64)]
+        data = rng.randbytes(128)
+        serial = 1 + k % 3
+        first = rng.choice([rng.getrandbits(64), (1 << 64) - 1 - rng.randrange(8),
+                            rng.getrandbits(12) << 4])
+        m = [ref.aesenc(((first + j) % (1 << 64) | (serial << 64)) ^ (key[0] | key[1] << 64),
+                        key[0] | key[1] << 64).to_bytes(16, "little") for j in range(8)]
+        want = bytes(b ^ m[i >> 4][i & 15] for i, b in enumerate(data)) * 3
+        it = Interpreter(env=MmxMasks())
+        it.memory.map(BUF_BASE, bytearray(16 + 128 + 384))
+        it.memory.write(BUF_BASE, b"".join(x.to_bytes(8, "little") for x in key) + data)
+        it.call(masks, BUF_BASE, BUF_BASE + 16, BUF_BASE + 144, serial, first)
+        assert it.memory.read(BUF_BASE + 144, 384) == want, f"interpreter, case {k}"
+        if native is not None:
+            kb, pb = (ctypes.c_uint64 * 2)(*key), (ctypes.c_uint8 * 128)(*data)
+            ob = (ctypes.c_uint8 * 384)()
+            native.call("masks", ctypes.addressof(kb), ctypes.addressof(pb),
+                        ctypes.addressof(ob), serial, first)
+            assert bytes(ob) == want, f"native, case {k}"

@@ -66,6 +66,24 @@ def test_struct_offsets_agree_llvm_construct_and_gcc(t, tmp_path: Path):
     assert r.returncode == 0, r.stderr + src
 
 
+def test_pystruct_view_agrees_with_construct():
+    """The struct.Struct view packs what construct builds, padding and signedness included,
+    for whole structs and for a prefix; a field that is not an integer is refused."""
+    from helperfw.runtime import protocol as P
+
+    for t in (P.Control, P.Entry, P.FaultRecord):
+        values = {n: (-3 if f.type.signed else 7 + i) for i, (n, f) in enumerate(t.fields.items())}
+        assert t.pystruct().pack(*values.values()) == t.build(**values)
+    head = P.Command.pystruct(upto="entries")
+    assert head.size == P.Command.offset("entries")
+    names = list(P.Command.fields)[:len(head.unpack(bytes(head.size)))]
+    vals = dict(zip(names, range(1, len(names) + 1), strict=True))
+    assert head.pack(*vals.values()) == P.Command.build(**vals)[: head.size]
+    assert S.Mixed.pystruct(upto="inner").format == "<BxxxI"  # u8, padding, u32
+    with pytest.raises(TypeError, match="not an integer"):
+        P.Envelope.pystruct()
+
+
 def test_struct_c_decl_catches_a_wrong_offset(tmp_path: Path):
     """The static_asserts are live: a tampered offset must fail to compile."""
     decl = S.Packed.c_decl().replace("== 9,", "== 10,")
@@ -124,7 +142,7 @@ ERROR_CASES = pytest.mark.parametrize(
         ("@function\ndef f() -> u64:\n    x, y = cpuid(1, 0)[0], 2\n    return x\n", 5, 12,
          r"cpuid returns four values: a, b, c, d = cpuid\(leaf, sub\)"),
         ("@function\ndef f() -> u64:\n    x, y = pshufd\n    return x\n", 5, 12,
-         r"only cpuid\(\), mask8\(\), rdrand64\(\) or a tuple can be unpacked"),
+         r"only cpuid\(\), mask8\(\), rdrand64\(\), mask8_256\(\) or a tuple can be unpacked"),
         ("@function\ndef f(n: u64) -> u64:\n    for j in unroll(n):\n        pass\n    return n\n",
          5, 21, r"unroll bounds must be integer literals"),
         (("@function\ndef f(n: u64) -> u64:\n    while n > 1:\n        for j in unroll(4):\n"
@@ -138,11 +156,20 @@ ERROR_CASES = pytest.mark.parametrize(
          r"unroll\(...\) is only a for-loop header"),
         (("@function\ndef f(n: u64) -> u64:\n    for j in unroll(2):\n        x: u32 = 0\n"
          "    x: u32 = 1\n    return n\n"), 7, 5, r"local 'x' is already declared"),
+        ("@function\ndef f(p: Ptr[u8]) -> u64:\n    x = v256_load(p)\n    return 0\n", 5, 9,
+         r'v256_load needs @function\(features="\+avx2"\); f lacks \+avx2'),
+        (("@function(features=\"+avx2\")\ndef f(p: Ptr[v256]) -> u64:\n"
+          "    p[0] = vaesenc256(p[0], p[1])\n    return 0\n"), 5, 12,
+         r'vaesenc256 needs @function\(features="\+vaes"\); f lacks \+vaes'),
+        ("@function\ndef f(p: Ptr[v256]) -> u64:\n    p[1] = p[0]\n    return 0\n", 5, 12,
+         r'a v256 value needs @function\(features="\+avx2"\); f lacks \+avx2'),
+        ("@function\ndef f(x: v256) -> u64:\n    return 0\n", 4, 1,
+         r"parameter 'x' v256 needs @function\(features=\"\+avx2\"\)"),
     ],
     ids=["mismatch", "unknown-name", "list", "with", "literal-range", "no-return", "div",
          "aggregate-init", "intrinsic-arity", "immediate-range", "unpack-only", "not-unpackable",
          "unroll-bound", "unroll-break", "unroll-assign", "unroll-size", "unroll-value",
-         "unroll-scope"],
+         "unroll-scope", "wide-intrinsic", "wide-feature", "wide-value", "wide-param"],
 )
 
 
@@ -253,6 +280,45 @@ def test_function_attributes_present():
     attrs = re.search(r"attributes #\d+ = \{([^}]*)\}", ir).group(1)
     for a in ("noredzone", '"no-builtins"', '"no-stack-arg-probe"'):
         assert a in attrs
+
+
+def test_features_go_to_that_function_only(tmp_path):
+    """@function(features=...) becomes that function's LLVM "target-features" (the baseline's
+    plus the added ones and what they imply); its callers keep the module's SSE-only target."""
+    mod = load_module(tmp_path, """
+        @function(features="+vaes")
+        def wide(p: Ptr[v256]) -> None:
+            p[0] = vaesenc256(p[0], p[1])
+
+        @function(abi="c")
+        def f(p: Ptr[v256]) -> None:
+            wide(p)
+        """)
+    ir = build([mod.f]).optimized_ir
+    feats = re.findall(r'"target-features"="([^"]*)"', ir)
+    assert feats == [emit.FEATURES.replace("-avx,-avx2,", "").replace(
+        "+pclmul,", "+pclmul,+avx,+avx2,+vaes,")]
+    groups = dict(re.findall(r"^attributes #(\d+) = \{(.*)\}$", ir, re.MULTILINE))
+    defs = dict(re.findall(r"^define .*?@(\w+)\(.*\).* #(\d+) \{", ir, re.MULTILINE))
+    assert "target-features" in groups[defs["wide"]]
+    assert "target-features" not in groups[defs["f"]]
+    assert "-avx,-avx2" in emit.FEATURES  # the firmware's own target has no AVX
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("+avx3", r"unknown target feature 'avx3'; known: \+avx, \+avx2, \+vaes, \+vpclmulqdq"),
+    ("-avx", r"a function can only add features, spelled '\+name'"),
+    ("avx2", r"a function can only add features"),
+])
+def test_bad_feature_spelling_is_one_line_at_decoration(spec, reason):
+    from helperfw import function
+
+    def g() -> None:
+        pass
+
+    with pytest.raises(ValueError, match=r"^@function g: .*" + reason) as ei:
+        function(features=spec)(g)
+    assert "\n" not in str(ei.value)
 
 
 def test_reproducible_builds():

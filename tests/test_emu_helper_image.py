@@ -3,8 +3,6 @@ stand-in, with and without SEV, for C-bit 47 and 51; the symbol map names fault 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +14,12 @@ from emulate.uefi import EFI_SUCCESS, EFI_UNSUPPORTED, UefiStandIn
 from helperfw.runtime import secrets
 from helperfw.runtime.platform import CPUID_1_ECX_AESNI, CPUID_FEATURES_LEAF
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = 99_991
 
 
 @pytest.fixture(scope="module")
-def helper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fw")
-    subprocess.run([sys.executable, str(ROOT / "build.py"), "--out", str(out)], check=True,
-                   cwd=ROOT, capture_output=True)
-    return out / "MigrationHelper.efi"
+def helper(firmware) -> Path:
+    return firmware.efi
 
 
 @pytest.mark.parametrize("sev,cbit", [(False, 47), (True, 47), (True, 51)])

@@ -41,38 +41,39 @@ OUTPUTS = ("MigrationHelper.efi", "MigrationHelper.map", "MigrationHelper.inf",
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("out")
-    r = subprocess.run([sys.executable, str(ROOT / "build.py"), "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       check=False)
-    assert r.returncode == 0, r.stderr
-    return out, r.stdout
+def built(firmware) -> Path:
+    """The directory the session's firmware build wrote (tests/firmware.py)."""
+    return firmware.efi.parent
 
 
-def test_build_emits_all_files_and_prints_digests(built):
-    out, stdout = built
-    efi = (out / "MigrationHelper.efi").read_bytes()
-    assert len(efi) < 32 << 10
+def test_build_emits_all_files_with_digests(firmware):
+    out = firmware.efi.parent
+    efi = firmware.efi.read_bytes()
+    assert efi == firmware.pe and len(efi) < 32 << 10
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
-    assert f"SHA-256 {hashlib.sha256(efi).hexdigest()}" in stdout
-    assert f"SHA-384 {hashlib.sha384(efi).hexdigest()}" in stdout
-    assert f"{len(efi)} bytes" in stdout
+    assert firmware.sha256 == hashlib.sha256(efi).hexdigest()
+    assert firmware.sha384 == hashlib.sha384(efi).hexdigest()
 
 
-def test_build_is_reproducible(built, tmp_path):
-    out, _ = built
+def test_build_is_reproducible(firmware, tmp_path):
+    """build.py in a process of its own, with another hash seed (set and dict order must not
+    reach the image), writes the same bytes as the session's build and prints their digests."""
+    env = dict(os.environ, PYTHONHASHSEED="4242")
     r = subprocess.run([sys.executable, str(ROOT / "build.py"), "--out", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       check=False)
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+                       env=env)
     assert r.returncode == 0, r.stderr
+    out = firmware.efi.parent
     for name in OUTPUTS:
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+    assert f"SHA-256 {firmware.sha256}" in r.stdout
+    assert f"SHA-384 {firmware.sha384}" in r.stdout
+    assert f"{len(firmware.pe)} bytes" in r.stdout
 
 
 def test_image_is_a_wx_clean_runtime_driver(built):
-    out, _ = built
+    out = built
     pe = pefile.PE(str(out / "MigrationHelper.efi"))
     assert pe.FILE_HEADER.Machine == IMAGE_FILE_MACHINE_AMD64
     assert pe.OPTIONAL_HEADER.Magic == PE32_PLUS_MAGIC
@@ -108,7 +109,7 @@ def test_real_ovmf_selftests_the_firmware_then_unloads_it_without_sev(built):
     """Without SEV the driver proves it works, returns EFI_UNSUPPORTED, and OVMF unloads it:
     the shell's `load` reports the status, and no loaded image is left with its name."""
     assert _missing is None, f"CI is set but {_missing}"
-    out, _ = built
+    out = built
     r = boot_efi(out / "MigrationHelper.efi", timeout=60, after_load=(LIST_IMAGES,))
     assert r.load_line == f"Image 'FS0:\\{EFI_NAME}' error in StartImage: Unsupported", _detail(r)
     log = r.debug_log.splitlines()
@@ -124,14 +125,14 @@ def test_real_ovmf_selftests_the_firmware_then_unloads_it_without_sev(built):
 def test_real_ovmf_without_aesni_unloads_the_firmware(built):
     """A CPU without AES-NI: the driver says so and returns EFI_UNSUPPORTED before any crypto."""
     assert _missing is None, f"CI is set but {_missing}"
-    out, _ = built
+    out = built
     r = boot_efi(out / "MigrationHelper.efi", timeout=60, cpu="max,aes=off")
     assert r.load_status == "Unsupported", _detail(r)
     assert r.debug_log.splitlines() == [BANNER, NO_AESNI_LINE], _detail(r)
 
 
 def test_inspect_decodes_the_descriptor(built):
-    out, _ = built
+    out = built
     r = subprocess.run([sys.executable, "-m", "helperfw.cli", "inspect",
                         str(out / "MigrationHelper.efi")], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr

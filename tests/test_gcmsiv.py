@@ -1,28 +1,39 @@
-"""AES-256 and AES-256-GCM-SIV firmware code (helperfw/runtime/aes.py, gcmsiv.py), run natively.
+"""AES-256 and AES-256-GCM-SIV firmware code (helperfw/runtime/aes.py, gcmsiv*.py), run natively.
+
+Every AEAD test runs on both paths: "base" (128-bit AES-NI/PCLMULQDQ, the only one under
+emulation) and "wide" (VAES/VPCLMULQDQ kernels for whole 256-byte groups; skipped, saying why,
+on a CPU without them). On a VAES CPU the "base" runs are the forced baseline.
 
 Known answers: FIPS-197 and RFC 8452's AES-256 vectors (appendix C.2, with the record keys they
 list, and the C.3 counter-wrap cases); differential tests against `cryptography`'s AESGCMSIV in
-both directions on every length 0..300 and 4096 with empty, envelope-sized and random AADs;
-tamper tests (a failed open leaves the destination untouched and wipes the scratch); aliasing;
-and the single-fetch rule of seal (what is encrypted is what was hashed).
+both directions on every length 0..300, around each multiple of 256 up to 4 KiB (where the wide
+kernels hand over to the baseline) and 4096, with empty, envelope-sized and random AADs; tamper
+tests (a failed open leaves the destination untouched and wipes the scratch); aliasing; and the
+single-fetch rule of seal (what is encrypted is what was hashed).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import random
 
 import pytest
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.codegen.pipeline import build
+from helperfw.intrinsics import x86
 from helperfw.native import NativeImage
-from helperfw.runtime import aes, gcmsiv
+from helperfw.runtime import aes, gcmsiv, gcmsiv_keys
+from helperfw.runtime.gcmsiv_wide import WIDE_OFF, WIDE_ON
+from tests.host_cpu import needs_wide
 
-LENGTHS = [*range(301), 4095, 4096]
+# every length up to 300, then both sides of each 256-byte group boundary up to a page
+LENGTHS = sorted({*range(301), *(g + d for g in range(512, 4097, 256) for d in (-17, -1, 0, 1, 16)
+                                 if g + d <= 4096)})
 A = ctypes.addressof
+PATHS = {"base": WIDE_OFF.value, "wide": WIDE_ON.value}
 
 
 def buf(data: bytes | int):
@@ -33,11 +44,42 @@ def buf(data: bytes | int):
     return b
 
 
-class Siv:
-    """ctypes buffers around the image's C-ABI test wrappers (keeps every buffer alive)."""
+MKEY = (0x0123456789ABCDEF, 0xFEDCBA9876543210)  # the staging-mask key the wrappers set
 
-    def __init__(self, img: NativeImage) -> None:
-        self.img = img
+
+@functools.cache
+def mask(block_id: int, serial: int = 1) -> bytes:
+    """The mask of block `block_id` (x86.mask, the interpreter's model of mask_block) under
+    MKEY; serial 1 is a wrapper's one record (mask_key restarts the serial, mask_next adds 1)."""
+    return x86.mask(MKEY[0] | (MKEY[1] << 64), serial, block_id).to_bytes(16, "little")
+
+
+def stage_ids(n: int) -> list[int]:
+    """Seal's stage: block i of the page has id i."""
+    return list(range((n + 15) // 16))
+
+
+def scratch_ids(page: int, n: int) -> list[int]:
+    """Open's scratch: the block at offset o is meant for page + o; its id is the address of
+    its 128-byte group + its index there (mask8's ids), a lone block's its own address."""
+    whole = n & ~127
+    return [page + (o & ~127) + ((o & 127) >> 4) if o < whole else page + o
+            for o in range(0, n, 16)]
+
+
+def masked(data: bytes, ids: list[int], serial: int = 1) -> bytes:
+    """data with block i XORed with the mask of ids[i] (a partial last block: its bytes)."""
+    return bytes(b ^ mask(ids[i >> 4], serial)[i & 15] for i, b in enumerate(data))
+
+
+class Siv:
+    """ctypes buffers around the image's C-ABI test wrappers (keeps every buffer alive), on one
+    path (gcmsiv_wide.WIDE_*). Every seal checks that the stage holds the page masked exactly as
+    the baseline's mask_block would (so either path can unmask it)."""
+
+    def __init__(self, img: NativeImage, path: int = WIDE_OFF.value) -> None:
+        self.img, self.path = img, path
+        self.mkey = (ctypes.c_uint64 * 2)(*MKEY)
 
     def round_keys(self, key: bytes) -> list[bytes]:
         k, o = buf(key), buf(aes.Aes256Key.size)
@@ -47,9 +89,9 @@ class Siv:
     def derive(self, key: bytes, nonce: bytes) -> tuple[bytes, bytes]:
         """(record authentication key H, record encryption key's first two round keys)."""
         k, n, o = buf(key), buf(nonce), buf(gcmsiv.SivKeys.size)
-        self.img.call("mh_test_siv_derive", A(k), A(n), A(o))
+        self.img.call("mh_test_siv_derive", A(k), A(n), A(o), self.path)
         keys = gcmsiv.SivKeys.parse(bytes(o))
-        return keys.h[0], keys.enc.rk[0] + keys.enc.rk[1]
+        return keys.h[15], keys.enc.rk[0] + keys.enc.rk[1]
 
     def seal(self, key: bytes, nonce: bytes, pt: bytes, aad: bytes, *,
              in_place: bool = False) -> bytes:
@@ -57,14 +99,13 @@ class Siv:
         stage = p if in_place else buf(len(pt))
         c, t = (p, buf(16)) if in_place else (buf(len(pt)), buf(16))
         self.img.call("mh_test_siv_seal", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c),
-                      len(pt), A(t))
+                      len(pt), A(t), self.path, A(self.mkey))
         if not in_place:  # the stage holds the page masked: no plaintext block waits there
-            st = bytes(stage)[: len(pt)]
-            assert all(st[i:i + 16] != pt[i:i + 16] for i in range(0, len(pt) - 15, 16))
+            assert bytes(stage)[: len(pt)] == masked(pt, stage_ids(len(pt)))
         return bytes(c)[: len(pt)] + bytes(t)
 
-    def open(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes,
-             fill: int = 0xA5) -> tuple[int, bytes, bytes]:
+    def open_raw(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes, fill: int = 0xA5
+                 ) -> tuple[int, ctypes.Array, ctypes.Array]:
         """(result, out buffer, scratch buffer) after siv_open; out/scratch start filled with
         fill. result is gcmsiv.SIV_OK / SIV_AUTH / SIV_CHANGED."""
         ct, tag = ct_tag[:-16], ct_tag[-16:]
@@ -72,17 +113,25 @@ class Siv:
         k, i, a, c, t = (buf(x) for x in (key, nonce, aad, ct, tag))
         out, scratch = buf(bytes([fill]) * n), buf(bytes([fill]) * n)
         r = self.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(c), A(out), n, A(t),
-                          A(scratch))
+                          A(scratch), self.path, A(self.mkey))
+        return r, out, scratch
+
+    def open(self, key: bytes, nonce: bytes, ct_tag: bytes, aad: bytes,
+             fill: int = 0xA5) -> tuple[int, bytes, bytes]:
+        """open_raw's buffers as bytes."""
+        n = len(ct_tag) - 16
+        r, out, scratch = self.open_raw(key, nonce, ct_tag, aad, fill)
         return r, bytes(out)[:n], bytes(scratch)[:n]
 
 
 @pytest.fixture(scope="module")
-def siv() -> Siv:
-    return Siv(NativeImage(build(gcmsiv.TEST_FUNCTIONS).image))
+def image() -> NativeImage:
+    return NativeImage(build(gcmsiv.TEST_FUNCTIONS).image)
 
 
-def _ecb(key: bytes, block: bytes) -> bytes:
-    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block)
+@pytest.fixture(scope="module", params=[pytest.param("base"), pytest.param("wide", marks=needs_wide)])
+def siv(request, image: NativeImage) -> Siv:
+    return Siv(image, PATHS[request.param])
 
 
 # -- AES-256 ----------------------------------------------------------------------------------
@@ -229,25 +278,26 @@ def test_open_matches_cryptography(siv: Siv, aad_kind: str) -> None:
 def test_in_place(siv: Siv) -> None:
     """stage == pt == ct on seal, scratch == out on open."""
     rng = random.Random(3)
-    for n in (0, 1, 15, 16, 17, 127, 128, 129, 1000, 4096):
+    for n in (0, 1, 15, 16, 17, 127, 128, 129, 255, 256, 257, 300, 1000, 4096):
         key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), rng.randbytes(48)
         ref = AESGCMSIV(key).encrypt(nonce, pt, aad)
         assert siv.seal(key, nonce, pt, aad, in_place=True) == ref
         k, i, a, data, t = buf(key), buf(nonce), buf(aad), buf(ref[:n]), buf(ref[n:])
         ok = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(data), A(data), n, A(t),
-                          A(data))
+                          A(data), siv.path, A(siv.mkey))
         assert ok == gcmsiv.SIV_OK and bytes(data)[:n] == pt
 
 
 def test_layouts() -> None:
     assert aes.Aes256Key.size == 15 * 16
-    assert gcmsiv.SivKeys.size == (15 + 8 + 8) * 16
+    assert gcmsiv.SivKeys.size == (15 + 16 + 16 + 1) * 16  # + the path flag, padded
+    assert gcmsiv_keys.SivKeys.offset("h") % 16 == 0 and gcmsiv_keys.SivKeys.offset("hk") % 16 == 0
 
 
 # -- tampering --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [0, 1, 16, 33, 300, 4096])
+@pytest.mark.parametrize("n", [0, 1, 16, 33, 300, 1000, 4096])
 @pytest.mark.parametrize("where", ["ct", "tag", "aad", "nonce"])
 def test_tamper_rejected_and_output_untouched(siv: Siv, n: int, where: str) -> None:
     rng = random.Random(n * 31 + len(where))
@@ -294,3 +344,189 @@ def test_repeated_nonce_reveals_only_equality(siv: Siv) -> None:
     x_pt = bytes(a ^ b for a, b in zip(p1, p2, strict=True))
     assert all(x_ct[i:i + 16] != x_pt[i:i + 16] for i in range(0, 4096, 16))
     assert siv.seal(key, nonce, p1, aad) == r1
+
+
+# -- memory discipline: masks, the bound page, the copy-out's check (gcmsiv.py's docstring) ------
+# On the wide path these are the only tests of it that run on hardware: the emulator's hostile
+# tests (test_hostile_rollback.py) run the baseline (unicorn has no AVX).
+
+MASK_LENGTHS = [16, 100, 128, 255, 256, 257, 511, 512, 1000, 4095, 4096]
+
+
+def _envelope_aad(rng: random.Random, ram_addr: int) -> bytes:
+    """48 AAD bytes shaped like an envelope's: the u64 at offset 8 is the record's ram_addr."""
+    aad = bytearray(rng.randbytes(48))
+    aad[8:16] = ram_addr.to_bytes(8, "little")
+    return bytes(aad)
+
+
+@pytest.mark.parametrize("n", MASK_LENGTHS)
+def test_stage_holds_the_page_masked(siv: Siv, n: int) -> None:
+    """After a seal, the stage holds each block XORed with the mask of its block index
+    (x86.mask under the wrappers' key, serial 1): exactly the baseline's masks on both paths,
+    and no plaintext block anywhere in it. (Siv.seal checks the same on every seal.)"""
+    rng = random.Random(f"stage-{n}")
+    key, nonce, pt = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n)
+    k, i, a, p, stage, c, t = (buf(x) for x in (key, nonce, b"\0" * 48, pt, n, n, 16))
+    siv.img.call("mh_test_siv_seal", A(k), A(i), A(a), 48, A(p), A(stage), A(c), n, A(t),
+                 siv.path, A(siv.mkey))
+    st = bytes(stage)[:n]
+    assert st == masked(pt, stage_ids(n))
+    blocks = {pt[j:j + 16] for j in range(0, n - 15, 16)}
+    assert not any(st[j:j + 16] in blocks for j in range(n - 15))
+
+
+@pytest.mark.parametrize("n", MASK_LENGTHS)
+def test_scratch_holds_the_plaintext_masked_for_its_address(siv: Siv, n: int) -> None:
+    """After an open, the scratch holds the plaintext masked with the ids of the addresses the
+    blocks are meant for (the bound page = base + the AAD's ram_addr; mask8's numbering), on both
+    paths the same; no plaintext block is left in it."""
+    rng = random.Random(f"scratch-{n}")
+    key, nonce, pt = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n)
+    aad = _envelope_aad(rng, 0x12345000)
+    r, out, scratch = siv.open_raw(key, nonce, AESGCMSIV(key).encrypt(nonce, pt, aad), aad)
+    assert r == gcmsiv.SIV_OK and bytes(out)[:n] == pt
+    sc = bytes(scratch)[:n]
+    assert sc == masked(pt, scratch_ids(A(out), n))
+    blocks = {pt[j:j + 16] for j in range(0, n - 15, 16)}
+    assert not any(sc[j:j + 16] in blocks for j in range(n - 15))
+
+
+def test_the_page_is_base_plus_the_aads_ram_addr(siv: Siv) -> None:
+    """siv_seal/siv_open take no page pointer: the page is base + the ram_addr in the AAD block
+    the tag covers. Seal reads exactly that page (a page beside it is not what the record
+    carries) and open writes exactly that page (the pages around it, the ciphertext and the
+    tag stay as they were)."""
+    rng = random.Random(11)
+    key, nonce = rng.randbytes(32), rng.randbytes(12)
+    region = buf(rng.randbytes(3 * 4096))
+    before = bytes(region)
+    ram_addr = 0x7654000
+    aad = _envelope_aad(rng, ram_addr)
+    base = A(region) + 4096 - ram_addr  # base + ram_addr = the middle page
+    k, i, a, stage, c, t = (buf(x) for x in (key, nonce, aad, 4096, 4096, 16))
+    # the seal wrapper takes `pt` only to compute base = pt - ram_addr: give it the middle page
+    siv.img.call("mh_test_siv_seal", A(k), A(i), A(a), 48, base + ram_addr, A(stage), A(c),
+                 4096, A(t), siv.path, A(siv.mkey))
+    record = bytes(c) + bytes(t)
+    assert AESGCMSIV(key).decrypt(nonce, record, aad) == before[4096:8192]
+    assert bytes(region) == before  # seal only reads
+    # open another page's content into the middle page; its neighbours stay untouched
+    new = rng.randbytes(4096)
+    ct = AESGCMSIV(key).encrypt(nonce, new, aad)
+    c2, t2, scratch = buf(ct[:4096]), buf(ct[4096:]), buf(4096)
+    r = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(c2), A(region) + 4096, 4096,
+                     A(t2), A(scratch), siv.path, A(siv.mkey))
+    assert r == gcmsiv.SIV_OK
+    got = bytes(region)
+    assert got[:4096] == before[:4096] and got[8192:] == before[8192:] and got[4096:8192] == new
+    assert bytes(c2) + bytes(t2) == ct
+
+
+def _open_rewound(siv: Siv, key: bytes, nonce: bytes, aad: bytes, record: bytes, out,
+                  old: bytes, serial: int, path: int | None = None, check: int = 1) -> int:
+    """mh_test_siv_open_rewound: open `record` into `out`, the scratch replaced by `old` between
+    the tag check and the copy-out (the host writing back an older ciphertext of it); check=0
+    skips the copy-out's hash comparison (a control)."""
+    n = len(record) - 16
+    k, i, a, c, t, scratch, o = (buf(x) for x in (key, nonce, aad, record[:n], record[n:],
+                                                  n, old))
+    return siv.img.call("mh_test_siv_open_rewound", A(k), A(i), A(a), len(aad), A(c), A(out),
+                        n, A(t), A(scratch), siv.path if path is None else path, A(siv.mkey),
+                        A(o), serial, check)
+
+
+def _seal_rewound(siv: Siv, key: bytes, nonce: bytes, aad: bytes, pt: bytes, old: bytes | None,
+                  serial: int) -> tuple[bytes, bytes]:
+    """(record, stage) of mh_test_siv_seal_rewound: `pt` sealed under `serial`, the stage
+    replaced by `old` between the hash pass and the CTR pass (None: by its own content, no
+    rewind)."""
+    n = len(pt)
+    k, i, a, p, stage, c, t = (buf(x) for x in (key, nonce, aad, pt, n, n, 16))
+    o = buf(old if old is not None else masked(pt, stage_ids(n), serial))
+    siv.img.call("mh_test_siv_seal_rewound", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c),
+                 n, A(t), siv.path, A(siv.mkey), A(o), serial)
+    return bytes(c)[:n] + bytes(t), bytes(stage)[:n]
+
+
+@pytest.mark.parametrize("serial", [2, 1], ids=["next-serial", "serial-rolled-back"])
+def test_stage_rewound_between_the_passes_gives_noise(siv: Siv, serial: int) -> None:
+    """test_hostile_rollback's stage rewind on this path: one nonce three times (a rolled-back
+    source context): page Y (secret), page X (known), then X again with the stage written back,
+    between the hash and the CTR pass, to what it held for Y. The third record is what the CTR
+    pass makes of Y's masked stage under X's keystream; XORed with the second and X it gives
+    Y's stage unmasked with this record's masks. Their serial (mm5) has moved on, which no
+    memory rollback can undo: noise, not one block of Y. The control (`serial-rolled-back`:
+    the masks repeated, as if mm5 were in memory) recovers all of Y, so the test can fail."""
+    rng = random.Random(f"stage-rewind-{siv.path}")
+    key, nonce = rng.randbytes(32), rng.randbytes(12)
+    aad = _envelope_aad(rng, 0x5000)
+    page_x, page_y = rng.randbytes(4096), rng.randbytes(4096)
+    _, stage_y = _seal_rewound(siv, key, nonce, aad, page_y, None, 1)
+    rec_x, _ = _seal_rewound(siv, key, nonce, aad, page_x, None, 1)
+    assert stage_y == masked(page_y, stage_ids(4096))
+    assert rec_x == AESGCMSIV(key).encrypt(nonce, page_x, aad)  # the wrapper seals genuinely
+    rec_x2, _ = _seal_rewound(siv, key, nonce, aad, page_x, stage_y, serial)
+    assert rec_x2[4096:] == rec_x[4096:] and rec_x2 != rec_x  # X's tag; the rewind landed
+    guess = bytes(a ^ b ^ c for a, b, c in zip(rec_x2, rec_x, page_x))
+    leaked = [j for j in range(0, 4096, 16) if guess[j:j + 16] == page_y[j:j + 16]]
+    assert len(leaked) == (256 if serial == 1 else 0), f"{len(leaked)} blocks of Y recovered"
+
+
+@pytest.mark.parametrize("serial", [1, 2], ids=["same-serial", "next-serial"])
+def test_scratch_rewound_before_the_copy_out_installs_nothing(siv: Siv, serial: int) -> None:
+    """The destination's scratch written back, between B's tag check and its copy-out, to what
+    it held for record A (opened just before into the same page): the copy-out unmasks it with
+    B's masks (ids = the addresses stored to, B's serial) and hashes what it stores; that is not
+    B's verified hash, so the page is zeroed and the result is SIV_CHANGED. With the serial
+    repeated (a rolled-back helper) the masks match and A's plaintext is what is unmasked: the
+    hash alone catches it. Without the check: noise (next serial) or page A (same serial)
+    installed at B with SIV_OK; without the masks and the check: page A."""
+    rng = random.Random(f"rewind-{serial}")
+    key = rng.randbytes(32)
+    aad = _envelope_aad(rng, 0x200000)
+    page_a, page_b = rng.randbytes(4096), rng.randbytes(4096)
+    na, nb = rng.randbytes(12), rng.randbytes(12)
+    rec_a, rec_b = (AESGCMSIV(key).encrypt(nn, p, aad) for nn, p in ((na, page_a), (nb, page_b)))
+    out = buf(4096)
+    k, i, a, c, t, scratch_a = (buf(x) for x in (key, na, aad, rec_a[:4096], rec_a[4096:], 4096))
+    assert siv.img.call("mh_test_siv_open", A(k), A(i), A(a), 48, A(c), A(out), 4096, A(t),
+                        A(scratch_a), siv.path, A(siv.mkey)) == gcmsiv.SIV_OK
+    assert bytes(out) == page_a
+    old = bytes(scratch_a)  # A's masked plaintext, serial 1, ids of this page
+    r = _open_rewound(siv, key, nb, aad, rec_b, out, old, serial)
+    got = bytes(out)
+    assert not [j for j in range(0, 4096, 16) if got[j:j + 16] == page_a[j:j + 16]]
+    assert (r, got) == (gcmsiv.SIV_CHANGED, bytes(4096))
+    # the control: without the copy-out's check the same rewind installs with SIV_OK what the
+    # masks make of A's scratch: A itself under a repeated serial, noise under the next one
+    r = _open_rewound(siv, key, nb, aad, rec_b, out, old, serial, check=0)
+    got = bytes(out)
+    a_blocks = len([j for j in range(0, 4096, 16) if got[j:j + 16] == page_a[j:j + 16]])
+    assert (r, a_blocks) == (gcmsiv.SIV_OK, 256 if serial == 1 else 0)
+    assert got != page_b
+    # the same wrapper with B's own scratch (no rewind) installs B: the refusal above is the
+    # rewind's doing
+    r = _open_rewound(siv, key, nb, aad, rec_b, out, masked(page_b, scratch_ids(A(out), 4096)), 1)
+    assert (r, bytes(out)) == (gcmsiv.SIV_OK, page_b)
+
+
+@needs_wide
+@pytest.mark.parametrize("n", [256, 300, 4096])
+@pytest.mark.parametrize("first, then", [("wide", "base"), ("base", "wide")])
+def test_either_path_unmasks_the_others_scratch(image: NativeImage, first: str, then: str,
+                                                n: int) -> None:
+    """A record decrypted into the scratch by one path and copied out by the other (the rewound
+    wrapper, given the first path's scratch as it was, under the same serial) installs the
+    page: the wide masks are the baseline's, block for block, so a record could even change
+    path between its passes."""
+    rng = random.Random(f"cross-{first}-{n}")
+    key, nonce, pt = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n)
+    aad = _envelope_aad(rng, 0x3000)
+    record = AESGCMSIV(key).encrypt(nonce, pt, aad)
+    a, b = Siv(image, PATHS[first]), Siv(image, PATHS[then])
+    r, out, scratch = a.open_raw(key, nonce, record, aad)
+    assert r == gcmsiv.SIV_OK
+    ctypes.memset(out, 0, n)
+    assert _open_rewound(b, key, nonce, aad, record, out, bytes(scratch)[:n], 1) == gcmsiv.SIV_OK
+    assert bytes(out)[:n] == pt

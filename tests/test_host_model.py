@@ -6,8 +6,6 @@ its AP jump table and the park / wake cycle of its vCPU."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,6 @@ from helperfw.runtime import protocol as P
 from helperfw.runtime.platform import KVM_HC_MAP_GPA_RANGE
 from tests.session_host import open_record
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGE = ROOT / "out" / "MigrationHelper.efi"
 SEED = 7070
 KEY = bytes(range(0x80, 0xA0))
 CHALLENGE = 0x5EED_C0DE_0000_0001  # a destination challenge (any non-zero value seals)
@@ -34,11 +30,9 @@ NEG = 2**64
 
 
 @pytest.fixture(scope="module")
-def image() -> Path:
-    """build.py's output in out/, (re)built once per module: the helper as shipped."""
-    subprocess.run([sys.executable, str(ROOT / "build.py")], check=True, cwd=ROOT,
-                   capture_output=True)
-    return IMAGE
+def image(firmware) -> Path:
+    """The helper as shipped, built from these sources (tests/firmware.py)."""
+    return firmware.efi
 
 
 def test_shared_regions_by_page():

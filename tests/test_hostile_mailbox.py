@@ -1,4 +1,4 @@
-"""Hostile host, mailbox fuzzing (issue 7, item 1).
+"""Hostile host, mailbox fuzzing.
 
 Every CI run drives 100,000 fuzzed commands through the compiled session code natively (two
 worker processes of 50,000, guarded buffers; see tests/hostile_fuzz.py for the generator and

@@ -45,7 +45,6 @@ from tests.session_host import NativeHelper
 
 SEED = 7003
 OPTION = P.OPT_TUPLES
-CHALLENGE_AT_REST = 0  # Command.challenge for every op but SEND_BEGIN
 OTHER_KEY = bytes(range(200, 232))
 PAGES = [0x200000 + i * PAGE for i in range(24)] + [RAM - PAGE]
 EPOCHS = [PAGES[:12], PAGES[0:4] + PAGES[12:20], PAGES[0:2] + PAGES[20:]]  # pages per epoch

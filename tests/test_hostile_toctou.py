@@ -126,7 +126,7 @@ def test_envelope_rewritten_after_it_was_copied(dst):
         struct.pack_into("<Q", env, 0x08, other)
         struct.pack_into("<I", env, 0x18, 2)
         struct.pack_into("<Q", env, 0x20, 1)
-        dst.poke(2 * PAGE, bytes(env))
+        dst.poke(P.SLOTS_OFFSET, bytes(env))
 
     trig = Trigger(dst, dst.slot_hpa(0), dst.slot_hpa(0) + 63, 8, rewrite)  # 8th qword read
     r = dst.command(P.OP_RECV, [(a, 0)], session_id=SID)
@@ -154,7 +154,7 @@ def test_command_rewritten_while_it_is_copied(op):
     else:
         f = open_recv(h, SID)
     seq = 1
-    cmd_lo = h.mb + PAGE
+    cmd_lo = h.mb + P.COMMAND_OFFSET
     for trial in range(30):
         pages = PAGES[6 * trial: 6 * trial + 6]
         slots = {}
@@ -171,7 +171,7 @@ def test_command_rewritten_while_it_is_copied(op):
                                      for _ in range(64))
 
         def swap(_hpa, evil=evil):
-            h.poke(PAGE, evil)
+            h.poke(P.COMMAND_OFFSET, evil)
 
         cmd = pack_command(op, [(a, 0) for a in pages], session_id=SID)
         trig = Trigger(h, cmd_lo, cmd_lo + P.Command.size - 1,
@@ -208,7 +208,7 @@ def test_token_rewritten_after_it_was_copied(dst):
     h.write_slot(0, tok)
     bad = tok[:0x10] + struct.pack("<Q", 0) + tok[0x18:0x20] + bytes(16) + tok[0x30:]
     trig = Trigger(h, h.slot_hpa(0), h.slot_hpa(0) + P.EpochToken.size - 1,
-                   P.EpochToken.size // 8, lambda _hpa: h.poke(2 * PAGE, bad))
+                   P.EpochToken.size // 8, lambda _hpa: h.poke(P.SLOTS_OFFSET, bad))
     r = h.command(P.OP_RECV_END_EPOCH, session_id=sid)
     trig.remove()
     assert trig.fired and r.status == 0
@@ -222,7 +222,7 @@ def test_doorbell_changed_mid_batch():
     and the next run treats the new value as a new batch."""
     h = MirrorHost(47, P.OPT_TUPLES, seed=SEED + 3)
     ctl = h.mb + P.CONTROL_OFFSET
-    trig = Trigger(h, h.mb + PAGE, h.mb + PAGE + 7, 1,
+    trig = Trigger(h, h.mb + P.COMMAND_OFFSET, h.mb + P.COMMAND_OFFSET + 7, 1,
                    lambda _hpa: h.poke(P.CONTROL_OFFSET, struct.pack("<Q", 999)))
     r = h.command(P.OP_HELLO)
     trig.remove()

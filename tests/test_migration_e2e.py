@@ -1,4 +1,4 @@
-"""End-to-end live migration under emulation (SPEC §8), with out/MigrationHelper.efi on both sides.
+"""End-to-end live migration under emulation, with the built MigrationHelper.efi on both sides.
 
 Matrix: every option (shift, tuples, isolated) × C-bit 47 and 51, each with 64 MiB of guest RAM
 (pc.ram 48 MiB, a DIMM of 8 MiB at 4 GiB, an unplugged virtio-mem block of 8 MiB), the three
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,8 +45,6 @@ from helperfw.runtime import protocol as P
 from tests.hostile_common import LeakScanner
 from tests.session_host import open_record, session_keys
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGE = ROOT / "out" / "MigrationHelper.efi"
 SEED = 20261125
 MEM = 64 << 20
 
@@ -63,11 +59,9 @@ MATRIX = [  # (option, C-bit, transport)
 
 
 @pytest.fixture(scope="module")
-def image() -> Path:
-    """build.py writes out/MigrationHelper.efi (+ map): the e2e runs the image as shipped."""
-    subprocess.run([sys.executable, str(ROOT / "build.py")], check=True, cwd=ROOT,
-                   capture_output=True)
-    return IMAGE
+def image(firmware) -> Path:
+    """The image as shipped (+ map), built from these sources (tests/firmware.py)."""
+    return firmware.efi
 
 
 def params(image: Path, option: int, cbit: int, transport: str, tmp: Path, *, mem: int = MEM,

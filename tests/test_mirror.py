@@ -1,6 +1,6 @@
 """The driver's SEV-active path in the emulator, then its mirror VM for every option.
 
-Main VM: the UEFI stand-in loads out/MigrationHelper.efi with a launch secret; the driver makes
+Main VM: the UEFI stand-in loads the built MigrationHelper.efi with a launch secret; the driver makes
 its mailbox shared, builds the mirror tables and announces BootInfo. Host side: a mirror VM
 sharing the main VM's key is created the way the option says (shift: low 4 GiB 1:1; tuples:
 regions host-mapped at their mirror GPAs; isolated: regions copied into mirror-only memory),
@@ -9,10 +9,9 @@ AES-GCM-SIV to what the main VM holds at that ram_addr."""
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
+from emulate.mailbox import HelperChannel
 from helperfw.runtime import protocol as P
 from tests import mirror_host
 from tests.mirror_host import KEY, RAM
@@ -22,35 +21,29 @@ SEED = 31337
 CHALLENGE = 0x0DE5_71A7_1011_0001  # as a destination's RECV_BEGIN would have drawn
 
 
-def boot(efi, cbit: int, option: int, shift_high: int = 0):
-    return mirror_host.boot(cbit, option, key=KEY, seed=SEED, shift_high=shift_high)
+def boot(cbit: int, option: int, shift_high: int = 0):
+    """The driver loaded with SEV: the host read BootInfo in plaintext (the driver made the
+    mailbox shared and said so). Returns the host and BootInfo."""
+    host = mirror_host.boot(cbit, option, key=KEY, seed=SEED, shift_high=shift_high)
+    bi = host.info.bootinfo
+    assert host.shared.is_shared(host.gpa_to_ram_addr(host.info.bootinfo_gpa))
+    assert (bi.magic, bi.version, bi.option, bi.c_bit, bi.active) == (
+        P.BOOTINFO_MAGIC, P.PROTOCOL_VERSION.value, option, cbit, 1)
+    return host, bi
 
 
-@pytest.fixture(scope="module")
-def efi():
-    return mirror_host.efi_path()
-
-
-def doorbell(mc, vm, bi, vcpu, bell: int, op: int, entries=(), **fields) -> int:
-    ents = [{"ram_addr": a, "flags": 0, "status": 0} for a in entries]
-    ents += [{"ram_addr": 0, "flags": 0, "status": 0}] * (P.MAX_SLOTS - len(ents))
-    mb = vm.gpa_to_hpa(bi.mailbox_gpa)
-    mc.host_write(mb + P.PAGE_SIZE, P.Command.build(op=op, count=len(entries), entries=ents,
-                                                     **fields))
-    mc.host_write(mb + P.CONTROL_OFFSET, struct.pack("<Q", bell))
-    ex = vcpu.run_to_hlt(50_000_000)
-    assert ex.reason == "hlt"
-    ctl = P.Control.parse(mc.host_read(mb + P.CONTROL_OFFSET, P.Control.size))
-    assert ctl.completed == bell
-    return ctl.status
+def doorbell(ch: HelperChannel, op: int, entries=(), **fields) -> int:
+    """One batch; the helper completed it (HLT, completed == doorbell); its status."""
+    return ch.batch(op, list(entries), **fields).status
 
 
 @pytest.mark.parametrize("cbit", [47, 51])
 @pytest.mark.parametrize("option", [P.OPT_SHIFT, P.OPT_TUPLES, P.OPT_ISOLATED],
                          ids=lambda o: P.OPTION_NAMES[o])
-def test_mirror_runs_a_batch(efi, option, cbit):
+def test_mirror_runs_a_batch(option, cbit):
     print("seed", SEED)
-    mc, vm, bi = boot(efi, cbit, option)
+    host, bi = boot(cbit, option)
+    mc, vm = host.mc, host.vm
     regions = list(bi.regions)[: bi.nregions]
     kinds = {r.kind for r in regions}
     assert kinds == {P.REGION_CODE, P.REGION_RODATA, P.REGION_DATA, P.REGION_MAILBOX}
@@ -59,28 +52,23 @@ def test_mirror_runs_a_batch(efi, option, cbit):
     else:
         assert bi.ram_base == 1 << (cbit + 1 - 5 - 1)  # 2^(MAXPHYADDR - reduction - 1)
         assert all(r.mirror_gpa >= bi.ram_base // 2 for r in regions)
-    mirror = mirror_host.make_mirror(mc, vm, bi, cbit)
-    vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
-    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_HELLO, version=2) == 0
+    ch = HelperChannel(mc, host.create_mirror())
+    assert doorbell(ch, P.OP_HELLO, version=2) == 0
     # a private page of the guest: write it through the main VM's C=1 view
     page_gpa = 0x200000
     secret = bytes((i * 13 + option) & 0xFF for i in range(P.PAGE_SIZE))
     vm.write(page_gpa, secret, encrypted=True)
     assert secret not in mc.host_read(vm.gpa_to_hpa(page_gpa), P.PAGE_SIZE)
-    assert doorbell(mc, vm, bi, vcpu, 2, P.OP_SEND_BEGIN, version=2, ram_size=RAM,
-                    challenge=CHALLENGE) == 0
-    mb = vm.gpa_to_hpa(bi.mailbox_gpa)
-    slot0 = mb + 2 * P.PAGE_SIZE
-    sid = P.HelloReply.parse(mc.host_read(slot0, P.HelloReply.size)).session_id
-    assert doorbell(mc, vm, bi, vcpu, 3, P.OP_SEND, entries=[page_gpa]) == 0
-    record = mc.host_read(slot0, P.SLOT_SIZE)
+    assert doorbell(ch, P.OP_SEND_BEGIN, version=2, ram_size=RAM, challenge=CHALLENGE) == 0
+    sid = ch.reply().session_id
+    assert doorbell(ch, P.OP_SEND, entries=[page_gpa]) == 0
+    record = ch.read_slots(1)[0]
     env, plain = open_record(KEY, sid, CHALLENGE, record)
     assert env.ram_addr == page_gpa and plain == secret
     # its own code page is refused (E_SELF), and nothing faulted
     code = next(r for r in regions if r.kind == P.REGION_CODE)
-    assert doorbell(mc, vm, bi, vcpu, 4, P.OP_SEND, entries=[code.main_gpa]) == 0
-    cmd = P.Command.parse(mc.host_read(mb + P.PAGE_SIZE, P.Command.size))
-    assert cmd.entries[0].status == P.STATUS["E_SELF"][0]
+    r = ch.batch(P.OP_SEND, [code.main_gpa])
+    assert (r.status, r.entry_status) == (0, [P.STATUS["E_SELF"][0]])
 
 
 def _leaves(read_qword, cr3: int, layout) -> list[tuple[int, int, int]]:
@@ -105,17 +93,16 @@ def _leaves(read_qword, cr3: int, layout) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("option,high", [(P.OPT_SHIFT, 0), (P.OPT_SHIFT, 1), (P.OPT_TUPLES, 0),
                                          (P.OPT_ISOLATED, 0)],
                          ids=["shift-4g", "shift-high", "tuples", "isolated"])
-def test_mirror_tables_for_a_1tib_guest(efi, option, high, cbit):
+def test_mirror_tables_for_a_1tib_guest(option, high, cbit):
     """Walk the tables the driver built (plus the 1 TiB RAM window SEND_BEGIN adds) with the
     emulator's walker: every mapping and permission, for each option and C-bit."""
     from emulate.mmu import PageFault, PhysLayout, walk
 
-    mc, vm, bi = boot(efi, cbit, option, high)
-    mirror = mirror_host.make_mirror(mc, vm, bi, cbit)
-    vcpu = mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=bi.rsp)
+    host, bi = boot(cbit, option, high)
+    ch = HelperChannel(host.mc, host.create_mirror())
+    mirror = ch.mirror.vm
     tib = 1 << 40
-    assert doorbell(mc, vm, bi, vcpu, 1, P.OP_SEND_BEGIN, ram_size=tib,
-                    challenge=CHALLENGE, version=2) == 0
+    assert doorbell(ch, P.OP_SEND_BEGIN, ram_size=tib, challenge=CHALLENGE, version=2) == 0
     layout = PhysLayout(maxphyaddr=cbit + 1, cbit=cbit, reduction=5)
     phys_top = 1 << layout.phys_bits
     if option == P.OPT_SHIFT and not high:

@@ -29,6 +29,6 @@ def test_mailbox_pages_hold_their_structs():
     assert P.BootInfo.size <= P.CONTROL_OFFSET
     assert P.CONTROL_OFFSET + P.Control.size <= P.PAGE_SIZE
     assert P.Command.size <= P.PAGE_SIZE
-    assert P.Envelope.size == 64 and P.Envelope.offset("tag") == 0x30  # SPEC §6, fixed
+    assert P.Envelope.size == 64 and P.Envelope.offset("tag") == 0x30  # the wire format, fixed
     values = [v for v, _ in P.STATUS.values()]
     assert len(values) == len(set(values))

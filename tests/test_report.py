@@ -27,7 +27,7 @@ from emulate.timeline import (
     throughput,
 )
 from helperfw.plots.report import slug
-from tests.mirror_host import efi_path
+from tests.firmware import efi_path
 
 MEM = 32 << 20
 

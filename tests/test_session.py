@@ -147,8 +147,10 @@ def test_attacks_are_refused_and_leave_memory_untouched(pair):
     assert dst.put_token(P.OP_RECV_FINISH, fin) == st("E_INCOMPLETE")
 
 
-def test_finish_refused_when_an_epoch_is_missing(pair):
-    src, dst, pages = pair
+def two_epochs_first_delivered(src, dst, pages):
+    """A session of two epochs of four pages, finished by the source; the destination has
+    installed epoch 1 and its token. Returns (epoch 1's token, epoch 2's records and token,
+    the finish token)."""
     begin(src, dst)
     addrs = sorted(pages)
     recs1, tok1 = migrate_epoch(src, addrs[:4])
@@ -156,6 +158,12 @@ def test_finish_refused_when_an_epoch_is_missing(pair):
     _, fin = src.token(P.OP_SEND_FINISH)
     assert dst.recv(recs1) == [0] * 4
     assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == 0
+    return tok1, recs2, tok2, fin
+
+
+def test_finish_refused_when_an_epoch_is_missing(pair):
+    src, dst, pages = pair
+    _tok1, recs2, tok2, fin = two_epochs_first_delivered(src, dst, pages)
     # epoch 2 withheld entirely: its token cannot be skipped, finish refuses
     assert dst.put_token(P.OP_RECV_FINISH, fin) == st("E_INCOMPLETE")
     # ...and that refusal poisoned the session: delivering the rest cannot make it succeed
@@ -169,13 +177,7 @@ def test_any_refusal_poisons_and_discards(pair):
     is refused even if every genuine item arrives, and since the session had installed pages,
     the destination is discarded: no later session may start on it (one-shot)."""
     src, dst, pages = pair
-    begin(src, dst)
-    addrs = sorted(pages)
-    recs1, tok1 = migrate_epoch(src, addrs[:4])
-    recs2, tok2 = migrate_epoch(src, addrs[4:8])
-    _, fin = src.token(P.OP_SEND_FINISH)
-    assert dst.recv(recs1) == [0] * 4
-    assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == 0
+    tok1, recs2, tok2, fin = two_epochs_first_delivered(src, dst, pages)
     assert dst.put_token(P.OP_RECV_END_EPOCH, tok1) == st("E_REPLAY")
     assert dst.recv(recs2) == [0] * 4
     assert dst.put_token(P.OP_RECV_END_EPOCH, tok2) == 0

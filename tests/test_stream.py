@@ -4,11 +4,14 @@ envelopes an outside AES-GCM-SIV opens, and the loopback socket transport."""
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emulate import stream as S
 from helperfw.runtime import protocol as P
@@ -51,6 +54,49 @@ def sample_stream(rng: random.Random) -> tuple[bytes, dict]:
     w.end()
     return buf.getvalue(), {"sid": sid, "pages": pages, "shared": shared, "cpu": cpu,
                             "token": token, "fin": fin, "writer": w}
+
+
+@functools.cache
+def valid_stream() -> bytes:
+    """One valid stream, made once (sealing needs the native helper)."""
+    return sample_stream(random.Random(SEED))[0]
+
+
+def read_all(raw: bytes) -> list[S.Record]:
+    return list(S.read_stream(io.BytesIO(raw)))
+
+
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.data())
+def test_any_change_to_a_valid_stream_is_refused(data):
+    """Flipping any bits of any byte, cutting the stream anywhere or inserting bytes anywhere:
+    the reader refuses with StreamError (header, framing, END totals or CRC), never accepts,
+    never fails another way."""
+    raw = bytearray(valid_stream())
+    kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+    at = data.draw(st.integers(0, len(raw) - 1))
+    if kind == "flip":
+        raw[at] ^= data.draw(st.integers(1, 255))
+    elif kind == "cut":
+        del raw[at:]
+    else:
+        raw[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    with pytest.raises(S.StreamError):
+        read_all(bytes(raw))
+
+
+@FUZZ
+@given(st.binary(max_size=256), st.integers(0, 0xFFFF))
+def test_arbitrary_bytes_after_a_header_are_refused_cleanly(tail, version):
+    """Whatever follows the magic, the reader ends in StreamError, without a construct or
+    struct error and without trying to allocate what a length field claims."""
+    raw = S.Header.build({"version": version, "flags": 0}) + tail
+    with pytest.raises(S.StreamError):
+        read_all(raw)
 
 
 def test_every_record_round_trips_and_private_records_open_outside():
@@ -141,3 +187,9 @@ def test_only_loopback_addresses():
     assert S.check_loopback("localhost").startswith("127.")
     with pytest.raises(ValueError, match="not a loopback"):
         S.check_loopback("192.0.2.1")  # TEST-NET-1: refused before any packet is sent
+
+
+def test_the_destination_has_a_handler_for_every_record_kind():
+    from emulate.migration import Destination
+
+    assert set(Destination._RECEIVERS) == set(S.BODIES)

@@ -6,21 +6,33 @@ import functools
 
 import llvmlite.binding as llvm
 
+from .. import features
 from .llvm_compat import initialize as _init
 
 TRIPLE = "x86_64-unknown-none-elf"
 # SSE up to 4.1 plus AES-NI/PCLMULQDQ; no AVX so the image runs on any x86-64 with AES-NI.
-FEATURES = "+sse2,+ssse3,+sse4.1,+aes,+pclmul,-avx,-avx2,-avx512f"
+# A function that adds features (@function(features=...)) carries its own "target-features".
+FEATURES = features.target_string()
 CPU = "x86-64"
 
 
-@functools.cache
-def target_machine(opt: int = 2):
+def new_target_machine(opt: int = 2):
+    """A target machine of its own, for one object. Code generation with a machine that already
+    emitted another module is not reproducible: with LLVM 22, about one firmware build in four
+    in the same process came out with different bytes in efi_main; a fresh machine per object
+    gave identical bytes every time."""
     _init()
     target = llvm.Target.from_triple(TRIPLE)
     return target.create_target_machine(
         cpu=CPU, features=FEATURES, opt=opt, reloc="pic", codemodel="small"
     )
+
+
+@functools.cache
+def target_machine(opt: int = 2):
+    """The shared machine, for what keeps no state between modules: the data layout and the
+    optimisation pipeline's target information."""
+    return new_target_machine(opt)
 
 
 def data_layout() -> str:
@@ -37,7 +49,7 @@ def assemble(asm: str) -> bytes:
         for line in [".text", *asm.strip().splitlines()]
     )
     mod = llvm.parse_assembly(f'target triple = "{TRIPLE}"\n{lines}\n')
-    obj = target_machine().emit_object(mod)
+    obj = new_target_machine().emit_object(mod)
     import lief
 
     elf = lief.ELF.parse(list(obj))
@@ -65,8 +77,8 @@ def optimize(ir_text: str, opt: int = 2) -> llvm.ModuleRef:
 
 
 def emit_object(mod: llvm.ModuleRef, opt: int = 2) -> bytes:
-    return target_machine(opt).emit_object(mod)
+    return new_target_machine(opt).emit_object(mod)
 
 
 def emit_assembly(mod: llvm.ModuleRef, opt: int = 2) -> str:
-    return target_machine(opt).emit_assembly(mod)
+    return new_target_machine(opt).emit_assembly(mod)

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-PAGE = 0x1000
+PAGE = 0x1000  # section alignment: the x86-64 page, so each section gets its own permissions
 FIRST_SECTION_RVA = 0x1000  # room for the PE headers at RVA 0
 
 

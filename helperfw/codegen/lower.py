@@ -17,6 +17,7 @@ from typing import Any
 
 from llvmlite import ir
 
+from .. import features
 from ..dsl import DslError, Function, Routine, Static
 from ..frontend import COMPARISONS, TV, FrontEnd, check_signature
 from ..intrinsics.registry import Intrinsic
@@ -76,6 +77,9 @@ class ModuleLowerer:
         if fn.small:
             llvm_compat.add_attribute(f, "optsize")
             llvm_compat.add_attribute(f, "minsize")
+        if fn.features:  # LLVM never inlines it into a function without them
+            llvm_compat.add_attribute(
+                f, f'"target-features"="{features.target_string(fn.features)}"')
         if fn.section:
             f.section = fn.section
         self.functions[fn] = f
@@ -520,10 +524,3 @@ def _llvm_reason(exc: RuntimeError) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     parse = next((ln for ln in lines if "error: " in ln), None)
     return parse.split("error: ", 1)[1] if parse else lines[0] if lines else "?"
-
-
-def lower_functions(roots: list[Function], name: str = "helper",
-                    keep: tuple[tuple[str, Static], ...] = ()) -> ir.Module:
-    """Lower `roots` and every DSL function they call into one LLVM module; `keep` names
-    statics (symbol, static) that must be in the image even if no code reads them."""
-    return ModuleLowerer(name).lower(roots, keep)

@@ -27,7 +27,3 @@ def build(roots: list[Function], entry: str | None = None, opt: int = 2,
         raise ml.rejected(exc) from exc
     obj = emit.emit_object(opt_mod, opt)
     return Build(ir_text, str(opt_mod), obj, link.link(obj, entry))
-
-
-def compile_image(roots: list[Function], entry: str | None = None, opt: int = 2) -> LinkedImage:
-    return build(roots, entry, opt).image

@@ -10,7 +10,8 @@ arithmetic scales by the pointee size.
 By concern:
 
 - `memory.py`: the flat little-endian address space (`Memory`) and how typed values are held;
-- `env.py`: the platform (`Env`), asked for what the interpreter cannot compute;
+- `env.py`: the platform (`Env`), asked for what the interpreter cannot compute, and a model
+  of the MMX-held staging masks (`MmxMasks`);
 - `preparer.py`: a function turned into closures once, in the compiler's order;
 - `machine.py`: `Interpreter`, which runs prepared functions (frames, stack, statics);
 - the intrinsics' semantics are the registry's (helperfw/intrinsics), the SSE / AES-NI /
@@ -29,7 +30,7 @@ from ..intrinsics.x86 import (
     pshufb,
     pshufd,
 )
-from .env import Env
+from .env import Env, MmxMasks
 from .errors import InterpError, MemoryFault, Trap
 from .machine import STACK_SIZE, STACK_TOP, STATIC_BASE, Interpreter
 from .memory import MASK64, MASK128, Memory
@@ -37,7 +38,7 @@ from .preparer import LV, Frame, Prepared
 
 __all__ = [
     "LV", "MASK64", "MASK128", "SBOX", "STACK_SIZE", "STACK_TOP", "STATIC_BASE", "Env", "Frame",
-    "InterpError", "Interpreter", "Memory", "MemoryFault", "Prepared", "Trap", "aesenc",
+    "InterpError", "Interpreter", "Memory", "MemoryFault", "MmxMasks", "Prepared", "Trap", "aesenc",
     "aesenclast", "aeskeygenassist", "byte_shift", "clmul64", "lane_shift", "pclmulqdq",
     "pshufb", "pshufd",
 ]

@@ -2,7 +2,7 @@
 
 Pointers are plain ints. Tests can map their own bytearray at a chosen address, so the program's
 side effects land in the caller's buffer. Values of DSL types are held as Python ints the way
-`wrapper` says (signed types as negative ints, bools as 0/1, v128 as a 128-bit int); `reader`
+`wrapper` says (signed types as negative ints, bools as 0/1, v128/v256 as a 128/256-bit int); `reader`
 and `writer` move them in and out of memory in that form.
 """
 
@@ -12,7 +12,7 @@ import bisect
 from collections.abc import Callable
 from typing import Any
 
-from ..types import BoolType, IntType, PtrType, Type, V128Type
+from ..types import BoolType, IntType, PtrType, Type, VecType
 from .errors import InterpError, MemoryFault
 
 MASK64 = (1 << 64) - 1
@@ -94,8 +94,9 @@ def wrapper(t: Type) -> Callable[[Any], Any]:
         return lambda v: int(v) & MASK64
     if isinstance(t, BoolType):
         return lambda v: int(bool(v))
-    if isinstance(t, V128Type):
-        return lambda v: int(v) & MASK128
+    if isinstance(t, VecType):
+        mask = t.mask
+        return lambda v: int(v) & mask
     raise InterpError(f"cannot hold a {t} in a register")
 
 
@@ -110,8 +111,9 @@ def reader(mem: Memory, t: Type) -> Callable[[int], Any]:
         return lambda a: rd(a, 8)
     if isinstance(t, BoolType):
         return lambda a: rd(a, 1) & 1  # an i1 load: only bit 0 is the value
-    if isinstance(t, V128Type):
-        return lambda a: rd(a, 16)
+    if isinstance(t, VecType):
+        vsize = t.size
+        return lambda a: rd(a, vsize)
     raise InterpError(f"cannot load a {t}")
 
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from ..dsl import Function, Static
 from ..frontend import COMPARISONS, TV, FrontEnd, check_signature
 from ..intrinsics.registry import Intrinsic
-from ..types import IntType, Type, V128Type, trunc_div, trunc_rem, void
+from ..types import IntType, Type, VecType, trunc_div, trunc_rem, void
 from .errors import InterpError
-from .memory import MASK64, MASK128, Memory, reader, wrapper, writer
+from .memory import MASK64, Memory, reader, wrapper, writer
 
 if TYPE_CHECKING:
     from .machine import Interpreter
@@ -310,8 +310,9 @@ class Preparer(FrontEnd):
         return _const(t.wrap(value))
 
     def emit_unary(self, op: ast.unaryop, t: Type, f: Run) -> Run:
-        if isinstance(t, V128Type):  # ~v
-            return lambda fr: f(fr) ^ MASK128
+        if isinstance(t, VecType):  # ~v
+            mask = t.mask
+            return lambda fr: f(fr) ^ mask
         wrap = t.wrap
         if isinstance(op, ast.USub):
             return lambda fr: wrap(-f(fr))
@@ -335,7 +336,7 @@ class Preparer(FrontEnd):
     def emit_binop(self, op: ast.operator, t: Type, a: Run, b: Run, node: ast.AST) -> Run:
         if isinstance(t, IntType):
             return _int_op(op, t, a, b, self, node)
-        if isinstance(op, ast.BitXor):  # bool or v128
+        if isinstance(op, ast.BitXor):  # bool or a vector
             return lambda fr: a(fr) ^ b(fr)
         if isinstance(op, ast.BitAnd):
             return lambda fr: a(fr) & b(fr)

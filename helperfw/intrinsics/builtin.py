@@ -18,7 +18,7 @@ from ..codegen import llvm_compat
 from ..dsl import Function, Routine
 from ..frontend import TV, FrontEnd
 from ..structs import StructType
-from ..types import PtrType, Type, u64, v128, void
+from ..types import PtrType, Type, VecType, u64, v128, v256, void
 from . import x86
 from .registry import (
     IMAGE,
@@ -26,6 +26,7 @@ from .registry import (
     MEMORY,
     PLATFORM,
     SIMD,
+    WIDE,
     Checked,
     Emitter,
     Machine,
@@ -37,6 +38,7 @@ from .registry import (
 
 I8, I32, I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 V2I64, V16I8, V4I32 = ir.VectorType(I64, 2), ir.VectorType(I8, 16), ir.VectorType(I32, 4)
+V4I64, V32I8, V8I32 = ir.VectorType(I64, 4), ir.VectorType(I8, 32), ir.VectorType(I32, 8)
 VOID = ir.VoidType()
 
 
@@ -183,14 +185,26 @@ def cpuid(em: Emitter, leaf: ir.Value, sub: ir.Value) -> list[ir.Value]:
     return [em.b.extract_value(r, i) for i in range(4)]
 
 
-@intrinsic("(msr: u32) -> u64", group=PLATFORM, evaluate=ask_env(),
-           doc="read a model-specific register")
-def rdmsr(em: Emitter, msr: ir.Value) -> ir.Value:
-    st = ir.LiteralStructType([I32, I32])
-    r = em.asm(st, "rdmsr", "={eax},={edx},{ecx}", [msr])
+@intrinsic("(xcr: u32) -> u64", group=PLATFORM, evaluate=ask_env(),
+           doc="read an extended control register (0: XCR0, the register state the OS "
+           "enabled); #UD unless CR4.OSXSAVE, so check CPUID.1:ECX.OSXSAVE first")
+def xgetbv(em: Emitter, xcr: ir.Value) -> ir.Value:
+    return _edx_eax(em, em.asm(ir.LiteralStructType([I32, I32]), "xgetbv",
+                               "={eax},={edx},{ecx}", [xcr]))
+
+
+def _edx_eax(em: Emitter, r: ir.Value) -> ir.Value:
+    """The u64 an instruction returns in edx:eax (an asm result struct {eax, edx})."""
     lo = em.b.zext(em.b.extract_value(r, 0), I64)
     hi = em.b.zext(em.b.extract_value(r, 1), I64)
     return em.b.or_(lo, em.b.shl(hi, ir.Constant(I64, 32)))
+
+
+@intrinsic("(msr: u32) -> u64", group=PLATFORM, evaluate=ask_env(),
+           doc="read a model-specific register")
+def rdmsr(em: Emitter, msr: ir.Value) -> ir.Value:
+    return _edx_eax(em, em.asm(ir.LiteralStructType([I32, I32]), "rdmsr",
+                               "={eax},={edx},{ecx}", [msr]))
 
 
 @intrinsic("(msr: u32, value: u64)", group=PLATFORM, evaluate=ask_env(),
@@ -245,9 +259,11 @@ def clear_scratch_regs(em: Emitter) -> None:
 
 
 @intrinsic("(lo: u64, hi: u64)", group=PLATFORM, evaluate=ask_env(),
-           doc="set the 128-bit staging-mask key (mm6:mm7; compiled code never uses MMX)")
+           doc="set the 128-bit staging-mask key (mm6:mm7; compiled code never uses MMX) and "
+               "restart the serial (mm5 = 0)")
 def mask_key(em: Emitter, lo: ir.Value, hi: ir.Value) -> None:
-    em.asm(VOID, "movq $0, %mm6\n\tmovq $1, %mm7", "r,r,~{mm6},~{mm7}", [lo, hi])
+    em.asm(VOID, "movq $0, %mm6\n\tmovq $1, %mm7\n\tpxor %mm5, %mm5", "r,r,~{mm5},~{mm6},~{mm7}",
+           [lo, hi])
 
 
 @intrinsic("()", group=PLATFORM, evaluate=ask_env(),
@@ -473,27 +489,36 @@ def v128_hi(em: Emitter, v: ir.Value) -> ir.Value:
     return em.b.extract_element(v, ir.Constant(I32, 1))
 
 
-def _v128_load_rule(fe: FrontEnd, node: ast.Call) -> Checked:
-    if len(node.args) != 1:
-        raise fe.err(node, "v128_load takes one pointer")
-    return Checked([v128, fe.ptr_arg(node, 0)], v128)
+def _vec_load_rule(t: VecType):
+    """`v128_load(p)` / `v256_load(p)`: any pointer (the bytes at p, whatever their type)."""
+    def rule(fe: FrontEnd, node: ast.Call) -> Checked:
+        if len(node.args) != 1:
+            raise fe.err(node, f"{t}_load takes one pointer")
+        return Checked([t, fe.ptr_arg(node, 0)], t)
+    return rule
 
 
-@intrinsic(typing=_v128_load_rule, spelling="(p: Ptr[T]) -> v128", group=SIMD, evaluate=_read,
-           doc="unaligned 16-byte load")
+def _vec_store_rule(t: VecType):
+    def rule(fe: FrontEnd, node: ast.Call) -> Checked:
+        if len(node.args) != 2:
+            raise fe.err(node, f"{t}_store takes a pointer and a {t}")
+        p = fe.ptr_arg(node, 0)
+        return Checked([t, p, fe.typed(node.args[1], t)], void)
+    return rule
+
+
+def _store(machine: Machine) -> Any:
+    return machine.write
+
+
+@intrinsic(typing=_vec_load_rule(v128), spelling="(p: Ptr[T]) -> v128", group=SIMD,
+           evaluate=_read, doc="unaligned 16-byte load")
 def v128_load(em: Emitter, t: Type, p: ir.Value) -> ir.Value:
     return em.mem_load(p, t)
 
 
-def _v128_store_rule(fe: FrontEnd, node: ast.Call) -> Checked:
-    if len(node.args) != 2:
-        raise fe.err(node, "v128_store takes a pointer and a v128")
-    p = fe.ptr_arg(node, 0)
-    return Checked([v128, p, fe.typed(node.args[1], v128)], void)
-
-
-@intrinsic(typing=_v128_store_rule, spelling="(p: Ptr[T], v: v128)", group=SIMD,
-           evaluate=lambda machine: machine.write, doc="unaligned 16-byte store")
+@intrinsic(typing=_vec_store_rule(v128), spelling="(p: Ptr[T], v: v128)", group=SIMD,
+           evaluate=_store, doc="unaligned 16-byte store")
 def v128_store(em: Emitter, t: Type, p: ir.Value, v: ir.Value) -> None:
     em.mem_store(p, t, v)
 
@@ -545,6 +570,190 @@ def v128_bsl(em: Emitter, v: ir.Value, n: int) -> ir.Value:
            doc="shift the whole value right by n bytes (psrldq)")
 def v128_bsr(em: Emitter, v: ir.Value, n: int) -> ir.Value:
     return _byte_shift(em, v, n, False)
+
+
+# -- 256-bit AVX2 / VAES / VPCLMULQDQ (a function with @function(features=...)) ---------------
+# The AES, carry-less multiply, shuffles and byte shifts act on each 128-bit lane alone, like two
+# of the 128-bit instructions side by side (x86.py's per_lane). Their semantics in the reference
+# interpreter are those models; natively they run only on a CPU that has the features.
+
+AVX2, VAES, VPCLMUL = ("avx2",), ("vaes",), ("vpclmulqdq",)
+
+
+def _v4(em: Emitter, name: str, *vals: ir.Value) -> ir.Value:
+    """Call an LLVM x86 intrinsic on <4 x i64> operands."""
+    return em.b.call(em.llvm_intrinsic(name, V4I64, [V4I64] * len(vals)), list(vals))
+
+
+def _shuffle(em: Emitter, a: ir.Value, b: ir.Value, idx: list[int]) -> ir.Value:
+    return em.b.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, len(idx)), idx))
+
+
+@intrinsic(typing=_vec_load_rule(v256), spelling="(p: Ptr[T]) -> v256", group=WIDE,
+           evaluate=_read, features=AVX2, doc="unaligned 32-byte load")
+def v256_load(em: Emitter, t: Type, p: ir.Value) -> ir.Value:
+    return em.mem_load(p, t)
+
+
+@intrinsic(typing=_vec_store_rule(v256), spelling="(p: Ptr[T], v: v256)", group=WIDE,
+           evaluate=_store, features=AVX2, doc="unaligned 32-byte store")
+def v256_store(em: Emitter, t: Type, p: ir.Value, v: ir.Value) -> None:
+    em.mem_store(p, t, v)
+
+
+@intrinsic("(v: v128) -> v256", group=WIDE, features=AVX2,
+           evaluate=pure(lambda v: x86.join(v, v)), doc="v in both lanes (vbroadcasti128)")
+def v256_broadcast(em: Emitter, v: ir.Value) -> ir.Value:
+    return _shuffle(em, v, v, [0, 1, 0, 1])
+
+
+@intrinsic("(lo: v128, hi: v128) -> v256", group=WIDE, features=AVX2, evaluate=pure(x86.join),
+           doc="a v256 from its lanes: lane 0 = lo (vinserti128)")
+def v256_make(em: Emitter, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    return _shuffle(em, lo, hi, [0, 1, 2, 3])
+
+
+@intrinsic("(v: v256) -> v128", group=WIDE, features=AVX2,
+           evaluate=pure(lambda v: x86.lanes(v)[0]), doc="lane 0 (the low 16 bytes)")
+def v256_lo(em: Emitter, v: ir.Value) -> ir.Value:
+    return _shuffle(em, v, v, [0, 1])
+
+
+@intrinsic("(v: v256) -> v128", group=WIDE, features=AVX2,
+           evaluate=pure(lambda v: x86.lanes(v)[1]), doc="lane 1 (vextracti128)")
+def v256_hi(em: Emitter, v: ir.Value) -> ir.Value:
+    return _shuffle(em, v, v, [2, 3])
+
+
+@intrinsic("(state: v256, round_key: v256) -> v256", group=WIDE, features=VAES,
+           evaluate=pure(x86.vaesenc256), doc="one AES encryption round on each lane")
+def vaesenc256(em: Emitter, v: ir.Value, k: ir.Value) -> ir.Value:
+    return _v4(em, "llvm.x86.aesni.aesenc.256", v, k)
+
+
+@intrinsic("(state: v256, round_key: v256) -> v256", group=WIDE, features=VAES,
+           evaluate=pure(x86.vaesenclast256), doc="the last AES round on each lane")
+def vaesenclast256(em: Emitter, v: ir.Value, k: ir.Value) -> ir.Value:
+    return _v4(em, "llvm.x86.aesni.aesenclast.256", v, k)
+
+
+@intrinsic("(a: v256, b: v256, imm: imm8) -> v256", group=WIDE, features=VPCLMUL,
+           evaluate=pure(x86.vpclmulqdq256),
+           arity_reason="vpclmulqdq256 takes two v256 values and a literal selector",
+           doc="in each lane, the carry-less product of the quadwords imm selects")
+def vpclmulqdq256(em: Emitter, a: ir.Value, b: ir.Value, imm: int) -> ir.Value:
+    f = em.llvm_intrinsic("llvm.x86.pclmulqdq.256", V4I64, [V4I64, V4I64, I8])
+    return em.b.call(f, [a, b, ir.Constant(I8, imm)])
+
+
+@intrinsic("(v: v256, mask: v256) -> v256", group=WIDE, features=AVX2,
+           evaluate=pure(x86.vpshufb256), doc="byte shuffle within each lane")
+def vpshufb256(em: Emitter, v: ir.Value, m: ir.Value) -> ir.Value:
+    f = em.llvm_intrinsic("llvm.x86.avx2.pshuf.b", V32I8, [V32I8, V32I8])
+    r = em.b.call(f, [em.b.bitcast(v, V32I8), em.b.bitcast(m, V32I8)])
+    return em.b.bitcast(r, V4I64)
+
+
+@intrinsic("(v: v256, imm: imm8) -> v256", group=WIDE, features=AVX2,
+           evaluate=pure(x86.vpshufd256),
+           arity_reason="vpshufd256 takes a v256 and a literal selector",
+           doc="dword shuffle within each lane, like pshufd")
+def vpshufd256(em: Emitter, v: ir.Value, imm: int) -> ir.Value:
+    v = em.b.bitcast(v, V8I32)
+    sel = [(imm >> (2 * i)) & 3 for i in range(4)]
+    return em.b.bitcast(_shuffle(em, v, v, sel + [4 + s for s in sel]), V4I64)
+
+
+@intrinsic("(a: v256, b: v256) -> v256", group=WIDE, features=AVX2,
+           evaluate=pure(lambda a, b: x86.add32(a, b, 256)),
+           doc="add each 32-bit lane alone, wrapping (vpaddd: counter blocks)")
+def v256_add32(em: Emitter, a: ir.Value, b: ir.Value) -> ir.Value:
+    return em.b.bitcast(em.b.add(em.b.bitcast(a, V8I32), em.b.bitcast(b, V8I32)), V4I64)
+
+
+_LANE_SHIFT256 = "lane shifts take a v256 and a literal count"
+_BYTE_SHIFT256 = "byte shifts take a v256 and a literal count"
+
+
+def _lane_shift256(em: Emitter, v: ir.Value, n: int, left: bool) -> ir.Value:
+    amt = ir.Constant(V4I64, [n] * 4)
+    return em.b.shl(v, amt) if left else em.b.lshr(v, amt)
+
+
+@intrinsic("(v: v256, n: imm(0, 63)) -> v256", group=WIDE, features=AVX2,
+           arity_reason=_LANE_SHIFT256,
+           evaluate=pure(lambda v, n: x86.lane_shift(v, n, True, 256)),
+           doc="shift each 64-bit lane left (vpsllq)")
+def v256_shl64(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _lane_shift256(em, v, n, True)
+
+
+@intrinsic("(v: v256, n: imm(0, 63)) -> v256", group=WIDE, features=AVX2,
+           arity_reason=_LANE_SHIFT256,
+           evaluate=pure(lambda v, n: x86.lane_shift(v, n, False, 256)),
+           doc="shift each 64-bit lane right, logically (vpsrlq)")
+def v256_shr64(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _lane_shift256(em, v, n, False)
+
+
+def _byte_shift256(em: Emitter, v: ir.Value, n: int, left: bool) -> ir.Value:
+    """Each 16-byte lane shifted alone; shuffle indices 32..63 select the zero vector."""
+    idx = []
+    for lane in (0, 16):
+        for i in range(16):
+            src = i - n if left else i + n
+            idx.append(lane + src if 0 <= src < 16 else 32)
+    return em.b.bitcast(_shuffle(em, em.b.bitcast(v, V32I8), ir.Constant(V32I8, None), idx),
+                        V4I64)
+
+
+@intrinsic("(v: v256, n: imm(0, 16)) -> v256", group=WIDE, features=AVX2,
+           arity_reason=_BYTE_SHIFT256,
+           evaluate=pure(lambda v, n: x86.byte_shift256(v, n, True)),
+           doc="shift each lane left by n bytes (vpslldq)")
+def v256_bsl(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _byte_shift256(em, v, n, True)
+
+
+@intrinsic("(v: v256, n: imm(0, 16)) -> v256", group=WIDE, features=AVX2,
+           arity_reason=_BYTE_SHIFT256,
+           evaluate=pure(lambda v, n: x86.byte_shift256(v, n, False)),
+           doc="shift each lane right by n bytes (vpsrldq)")
+def v256_bsr(em: Emitter, v: ir.Value, n: int) -> ir.Value:
+    return _byte_shift256(em, v, n, False)
+
+
+
+def _mask8_256_text() -> str:
+    """mask8 on 8 blocks held two per ymm register ($0..$3, block 2j+l in lane l of $j): the key
+    ($4, both lanes) and (id, serial | id + 1, serial) ($5) built once from MMX in VEX encodings,
+    then one VAESENC per register; $6 = (2, 0 | 2, 0) steps the ids, $7 and $8 are scratch."""
+    head = ["movq %mm6, $8", "vmovq $8, ${4:x}", "movq %mm7, $8", "vpinsrq $$1, $8, ${4:x}, ${4:x}",
+            "vinserti128 $$1, ${4:x}, $4, $4",  # $4 = K | K
+            "movq %mm5, $8", "vmovq $8, ${7:x}", "vpslldq $$8, ${7:x}, ${7:x}",  # (0, serial)
+            "vmovq $13, ${5:x}", "vpor ${7:x}, ${5:x}, ${5:x}",  # (id, serial)
+            "lea 1($13), $8", "vmovq $8, ${6:x}", "vpor ${7:x}, ${6:x}, ${6:x}",
+            "vinserti128 $$1, ${6:x}, $5, $5",  # $5 = (id, serial | id + 1, serial)
+            "mov $$2, $8", "vmovq $8, ${6:x}", "vinserti128 $$1, ${6:x}, $6, $6"]
+    body = []
+    for j in range(4):
+        body += ["vpxor $4, $5, $7", "vaesenc $4, $7, $7", f"vpxor $7, ${j}, ${j}"]
+        if j < 3:
+            body.append("vpaddq $6, $5, $5")
+    return "\n\t".join(head + body)
+
+
+@intrinsic("(y0: v256, y1: v256, y2: v256, y3: v256, id: u64) -> (v256, v256, v256, v256)",
+           group=WIDE, features=VAES, evaluate=ask_env(),
+           doc="mask8 of the 8 blocks in four v256 (block 2j+l in lane l of yj), ids "
+               "id..id+7: bit-identical masks, one VAESENC per two blocks",
+           unpack_reason="mask8_256 returns four values: a, b, c, d = mask8_256(...)")
+def mask8_256(em: Emitter, *vals: ir.Value) -> list[ir.Value]:
+    ys, blk = list(vals[:4]), vals[4]
+    st = ir.LiteralStructType([V4I64] * 8 + [I64])
+    cons = ",".join(["=x"] * 4 + ["=&x"] * 4 + ["=&r"] + [str(j) for j in range(4)] + ["r"])
+    r = em.asm(st, _mask8_256_text(), cons, [*ys, blk])
+    return [em.b.extract_value(r, j) for j in range(4)]
 
 
 # `from helperfw import *`-style export of every built-in intrinsic (only they are registered

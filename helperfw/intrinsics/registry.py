@@ -8,7 +8,9 @@ carries
 - its **LLVM lowering**: `lower(em, *operands)`, `em` being the compiler's `Emitter`;
 - its **reference-interpreter semantics**: `evaluate(machine) -> fn(*operands)`, `machine` being
   the interpreter's `Machine` (`pure(fn)` for a computation, `ask_env()` for the platform);
-- its **doc line**: `spelling` and `doc`, from which docs/DSL.md's intrinsic table is generated.
+- its **doc line**: `spelling` and `doc`, from which docs/DSL.md's intrinsic table is generated;
+- the **target features** it needs (`features=("vaes",)`, helperfw/features.py): the front end
+  refuses it in a function without them, at the call's file:line:col.
 
 The front end (helperfw/frontend.py) applies the typing rule and hands the checked operands to
 its backend: codegen/lower.py calls `lower`, interp/ calls `evaluate`. Operands arrive in source
@@ -46,7 +48,8 @@ MEMORY = "memory"
 IMAGE = "image"
 PLATFORM = "platform"
 SIMD = "SSE / AES-NI"
-GROUPS = (MEMORY, IMAGE, PLATFORM, SIMD)
+WIDE = "AVX2 / VAES / VPCLMULQDQ"
+GROUPS = (MEMORY, IMAGE, PLATFORM, SIMD, WIDE)
 
 
 # -- typing rules -----------------------------------------------------------------------------
@@ -101,7 +104,8 @@ def _imm(lo: int, hi: int) -> Lit:
 
 # what a signature's annotations may name
 _SIGNATURE_NAMES: dict[str, Any] = {
-    **types.INT_TYPES, "bool_": types.bool_, "bool": types.bool_, "v128": types.v128, "None": void,
+    **types.INT_TYPES, "bool_": types.bool_, "bool": types.bool_, "v128": types.v128,
+    "v256": types.v256, "None": void,
     "imm": _imm, "imm8": Lit(0, 255),
 }
 
@@ -217,7 +221,7 @@ class Intrinsic:
 
     def __init__(self, name: str, *, group: str, spelling: str, doc: str,
                  typing: TypingRule, lower: Lowering | None = None,
-                 evaluate: Semantics | None = None) -> None:
+                 evaluate: Semantics | None = None, features: tuple[str, ...] = ()) -> None:
         if group not in GROUPS:
             raise ValueError(f"intrinsic {name}: group must be one of {GROUPS}")
         if (lower is None) != (evaluate is None):
@@ -226,6 +230,7 @@ class Intrinsic:
             evaluate = AskEnv(name, evaluate.idle)
         self.name, self.group, self.spelling, self.doc = name, group, spelling, doc
         self.typing, self.lower, self.evaluate = typing, lower, evaluate
+        self.features = frozenset(features)  # target features a caller must have
         self.__doc__ = f"{name}{spelling}: {doc}"
 
     @property
@@ -265,11 +270,13 @@ def unregister(name: str) -> None:
 def intrinsic(signature: str | None = None, *, group: str, doc: str, evaluate: Semantics,
               typing: TypingRule | None = None, spelling: str | None = None,
               arity_reason: str | None = None, unpack_reason: str | None = None,
-              name: str | None = None) -> Callable[[Lowering], Intrinsic]:
+              name: str | None = None, features: tuple[str, ...] = ()
+              ) -> Callable[[Lowering], Intrinsic]:
     """Register the decorated LLVM lowering as intrinsic `name` (default: the function's name).
 
     Give either `signature` (parsed by `parse_signature`; it is also the doc spelling) or a
-    special form's `typing` rule with its `spelling`."""
+    special form's `typing` rule with its `spelling`. `features`: the target features a
+    function must have to call it."""
 
     def wrap(lower: Lowering) -> Intrinsic:
         rule: TypingRule
@@ -282,7 +289,8 @@ def intrinsic(signature: str | None = None, *, group: str, doc: str, evaluate: S
             raise TypeError("an intrinsic needs a signature, or a typing rule and its spelling")
         return register(Intrinsic(name or lower.__name__, group=group,
                                   spelling=spelling or signature or "", doc=doc,
-                                  typing=rule, lower=lower, evaluate=evaluate))
+                                  typing=rule, lower=lower, evaluate=evaluate,
+                                  features=features))
     return wrap
 
 
@@ -306,7 +314,9 @@ def doc_table() -> str:
     for g in GROUPS:
         for e in INTRINSICS.values():
             if e.group == g:
-                rows.append(f"| {g} | `{e.name}{e.spelling}` | {e.doc} |")
+                need = f"; needs {', '.join('+' + f for f in sorted(e.features))}" \
+                    if e.features else ""
+                rows.append(f"| {g} | `{e.name}{e.spelling}` | {e.doc}{need} |")
     return "\n".join(rows) + "\n"
 
 

@@ -1,15 +1,19 @@
-"""Bit-exact Python models of the x86 SSE / AES-NI / PCLMULQDQ instructions.
+"""Bit-exact Python models of the x86 SSE / AES-NI / PCLMULQDQ instructions and of their
+256-bit VEX forms (AVX2, VAES, VPCLMULQDQ).
 
 They are the reference interpreter's semantics of the vector intrinsics (see builtin.py, which
 registers each with its LLVM lowering). A v128 is a Python int holding the register's 128 bits,
-byte 0 of memory in bits 0..7 (movdqu's order). tests/test_dsl_differential.py holds them to the
-CPU, to unicorn and to `cryptography`.
+byte 0 of memory in bits 0..7 (movdqu's order); a v256 holds 256 bits, lane 0 (the low 128) first.
+The 256-bit AES, carry-less multiply, shuffles and byte shifts act on each 128-bit lane alone,
+exactly like their 128-bit forms. tests/test_dsl_differential.py holds them to the CPU, to
+unicorn (128-bit only: it has no AVX) and to `cryptography`.
 """
 
 from __future__ import annotations
 
 MASK64 = (1 << 64) - 1
 MASK128 = (1 << 128) - 1
+MASK256 = (1 << 256) - 1
 
 
 def _gf_mul(a: int, b: int) -> int:
@@ -125,13 +129,79 @@ def pshufd(v: int, imm: int) -> int:
     return sum(d[(imm >> (2 * i)) & 3] << (32 * i) for i in range(4))
 
 
-def lane_shift(v: int, n: int, left: bool) -> int:
-    """PSLLQ/PSRLQ by an immediate: each 64-bit lane shifted alone."""
-    lanes = (v & MASK64, v >> 64)
-    out = [((q << n) if left else (q >> n)) & MASK64 for q in lanes]
-    return out[0] | (out[1] << 64)
+def lane_shift(v: int, n: int, left: bool, bits: int = 128) -> int:
+    """PSLLQ/PSRLQ (VPSLLQ/VPSRLQ for bits=256) by an immediate: each 64-bit lane alone."""
+    out = 0
+    for i in range(bits // 64):
+        q = (v >> (64 * i)) & MASK64
+        out |= (((q << n) if left else (q >> n)) & MASK64) << (64 * i)
+    return out
 
 
 def byte_shift(v: int, n: int, left: bool) -> int:
     """PSLLDQ/PSRLDQ: the whole register shifted by n bytes, zeros shifted in."""
     return ((v << (8 * n)) if left else (v >> (8 * n))) & MASK128
+
+
+# -- 256-bit forms: each 128-bit lane alone -----------------------------------------------------
+
+def lanes(v: int) -> tuple[int, int]:
+    """The two 128-bit lanes of a v256, lane 0 (memory bytes 0..15) first."""
+    return v & MASK128, (v >> 128) & MASK128
+
+
+def join(lo: int, hi: int) -> int:
+    """A v256 from its lanes (vinserti128)."""
+    return (lo & MASK128) | ((hi & MASK128) << 128)
+
+
+def per_lane(fn, *vectors: int, imm: int | None = None) -> int:
+    """A 128-bit instruction's model applied to each lane of its v256 operands (VEX.256)."""
+    out = []
+    for ops in zip(*(lanes(v) for v in vectors)):
+        out.append(fn(*ops) if imm is None else fn(*ops, imm))
+    return join(*out)
+
+
+def vaesenc256(state: int, round_key: int) -> int:
+    return per_lane(aesenc, state, round_key)
+
+
+def vaesenclast256(state: int, round_key: int) -> int:
+    return per_lane(aesenclast, state, round_key)
+
+
+def vpclmulqdq256(a: int, b: int, imm: int) -> int:
+    return per_lane(pclmulqdq, a, b, imm=imm)
+
+
+def vpshufb256(v: int, mask: int) -> int:
+    return per_lane(pshufb, v, mask)
+
+
+def vpshufd256(v: int, imm: int) -> int:
+    return per_lane(pshufd, v, imm=imm)
+
+
+def byte_shift256(v: int, n: int, left: bool) -> int:
+    """VPSLLDQ/VPSRLDQ: each 128-bit lane shifted by n bytes alone (nothing crosses lanes)."""
+    lo, hi = lanes(v)
+    return join(byte_shift(lo, n, left), byte_shift(hi, n, left))
+
+
+def add32(a: int, b: int, bits: int) -> int:
+    """PADDD/VPADDD: each 32-bit lane added alone, wrapping mod 2^32 (no carry between lanes)."""
+    out = 0
+    for i in range(bits // 32):
+        d = (((a >> (32 * i)) & 0xFFFFFFFF) + ((b >> (32 * i)) & 0xFFFFFFFF)) & 0xFFFFFFFF
+        out |= d << (32 * i)
+    return out
+
+
+# -- the staging masks (builtin.py's mask_block, mask8, mask8_256) --------------------------------
+
+def mask(key: int, serial: int, block_id: int) -> int:
+    """M = AESENC(K ^ (id ‖ serial), K): the mask mask_block XORs into a block, for the key K
+    (mm6 low, mm7 high), the serial (mm5) and the block's id (all modulo their widths)."""
+    w = (block_id & MASK64) | ((serial & MASK64) << 64)
+    return aesenc(w ^ key, key)

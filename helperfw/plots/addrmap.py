@@ -31,8 +31,9 @@ from emulate.addrmap import (
     page_summary,
 )
 from helperfw.plots import COLORS, new_figure
+from helperfw.runtime.platform import PAGE_SIZE
 
-PAGE = 4096
+PAGE = PAGE_SIZE  # the granule every range is drawn in
 LOG_WEIGHT = 0.35  # interval height = 1 + LOG_WEIGHT * log2(size / 4 KiB)
 # Sizes are in inches at 72 points per inch, the unit of an SVG: a browser shows the picture
 # at this size, so labels are 10 px.

@@ -20,7 +20,6 @@ from helperfw import (
     v128,
     v128_bsl,
     v128_load,
-    v128_store,
 )
 
 AES256_ROUNDS = 14
@@ -100,12 +99,6 @@ def aes256_block(k: Ptr[Aes256Key], x: v128) -> v128:
     for r in range(1, AES256_ROUNDS):
         x = aesenc(x, k.rk[r])
     return aesenclast(x, k.rk[AES256_ROUNDS])
-
-
-@function
-def aes256_encrypt_block(k: Ptr[Aes256Key], inp: Ptr[u8], out: Ptr[u8]) -> None:
-    """Encrypt the 16 bytes at `inp` into `out` (they may alias)."""
-    v128_store(out, aes256_block(k, v128_load(inp)))
 
 
 @function

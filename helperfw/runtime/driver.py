@@ -6,20 +6,36 @@ and ConOut) and returns EFI_UNSUPPORTED, so OVMF unloads it.
 
 from __future__ import annotations
 
-from helperfw import Array, Ptr, addr, cpuid, efi_call, function, rdmsr, static, u8, u32, u64
+from helperfw import (
+    Array,
+    Ptr,
+    addr,
+    cpuid,
+    efi_call,
+    function,
+    rdmsr,
+    static,
+    struct,
+    u8,
+    u32,
+    u64,
+)
 
 from .aes import Aes256Key, aes256_expand
 from .console import con_hex, con_puts, con_set_conout, text
 from .efi import (
     ALLOCATE_ANY_PAGES,
+    EFI_BOOT_SERVICES_DATA,
     EFI_LOAD_ERROR,
     EFI_SUCCESS,
     EFI_UNSUPPORTED,
+    GUID_SIZE,
     EfiBootServices,
     EfiSystemTable,
     guid_bytes,
 )
 from .gcmsiv import SIV_AUTH, SIV_OK, SivKeys, aad_base, siv_open, siv_seal
+from .gcmsiv_keys import SIV_NONCE_LEN, SIV_TAG_LEN
 from .memops import bytes_eq, wipe
 from .mirror import SetupParams, announce, mirror_setup
 from .pagetables import (
@@ -38,19 +54,25 @@ from .pagetables import (
 from .platform import (
     CPUID_1_ECX_AESNI,
     CPUID_1_ECX_PCLMULQDQ,
+    CPUID_ADDR_SIZE_EAX_PHYS_MASK,
     CPUID_ADDR_SIZE_LEAF,
     CPUID_FEATURES_LEAF,
     CPUID_MAX_EXT_LEAF,
     CPUID_SEV_EAX_SEV,
+    CPUID_SEV_EBX_CBIT_MASK,
+    CPUID_SEV_EBX_REDUCTION_MASK,
+    CPUID_SEV_EBX_REDUCTION_SHIFT,
     CPUID_SEV_LEAF,
     MSR_AMD64_SEV,
     MSR_AMD64_SEV_ENABLED,
+    PAGE_SIZE,
 )
 from .protocol import (
     CAP_GCM_SIV,
     DEFAULT_OPTION,
     DEFAULT_SLOTS,
     DESCRIPTOR_MAGIC,
+    ENVELOPE_AAD_LEN,
     MH_CONFIG_GUID,
     OK,
     PROTOCOL_VERSION,
@@ -58,7 +80,7 @@ from .protocol import (
     ImageDescriptor,
     MhConfig,
 )
-from .secrets import KEY_ENTRY_GUID, find_config_table, secret_find_key
+from .secrets import KEY_ENTRY_GUID, KEY_SIZE, find_config_table, secret_find_key
 from .session import CTX, lane0
 
 
@@ -67,25 +89,43 @@ def _siv_kat() -> bytes:
 
     The expected ciphertext and tag come from an independent implementation (`cryptography`,
     i.e. OpenSSL) at build time; tests/test_gcmsiv.py checks the same code against RFC 8452.
-    Layout: key 32 | nonce 12 | aad 48 | pt 64 | ct 64 | tag 16."""
+    Layout: `SivKnownAnswer`."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
-    key = bytes(range(32))
-    nonce = bytes(range(0xA0, 0xAC))
-    aad = b"MHP2" + bytes(range(4, 48))
-    pt = bytes((7 * i + 3) & 0xFF for i in range(64))
+    key = bytes(range(KEY_SIZE))
+    nonce = bytes(range(0xA0, 0xA0 + SIV_NONCE_LEN))
+    aad = b"MHP2" + bytes(range(4, KAT_AAD_LEN))  # shaped like an envelope's AAD
+    pt = bytes((7 * i + 3) & 0xFF for i in range(KAT_PT_LEN))
     sealed = AESGCMSIV(key).encrypt(nonce, pt, aad)
     return key + nonce + aad + pt + sealed
 
 
-KAT = _siv_kat()
-KAT_DATA = static(Array[u8, len(KAT)], KAT, readonly=True)
-K_KEY, K_IV, K_AAD, K_PT, K_CT, K_TAG = 0, 32, 44, 92, 156, 220
+KAT_AAD_LEN = ENVELOPE_AAD_LEN
+KAT_PT_LEN = 64  # four AES blocks: more than one POLYVAL/CTR step, less than a page
 
-EFI_BOOT_SERVICES_DATA = 4
+
+@struct
+class SivKnownAnswer:
+    """KAT_DATA: the self-test's inputs, then the ciphertext and tag it must produce."""
+
+    key: Array[u8, KEY_SIZE]
+    nonce: Array[u8, SIV_NONCE_LEN]
+    aad: Array[u8, KAT_AAD_LEN]
+    pt: Array[u8, KAT_PT_LEN]
+    ct: Array[u8, KAT_PT_LEN]
+    tag: Array[u8, SIV_TAG_LEN]
+
+
+KAT = _siv_kat()
+assert len(KAT) == SivKnownAnswer.size
+KAT_DATA = static(Array[u8, len(KAT)], KAT, readonly=True)
+K_KEY, K_IV, K_AAD, K_PT, K_CT, K_TAG = (SivKnownAnswer.offset(f) for f in (
+    "key", "nonce", "aad", "pt", "ct", "tag"))
+
 SELFTEST_POOL_PAGES = 8
 SELFTEST_POOL_PA = 0x7F00000000  # pretend mirror GPA of the pool: entries must carry it
 SELFTEST_C_BIT = 47
+SELFTEST_PHYS_BITS = 43
 
 MSG_BANNER = text("MigrationHelper: loaded (protocol v2)\n")
 MSG_PT_OK = text("MigrationHelper: selftest page tables ok\n")
@@ -110,7 +150,7 @@ mh_descriptor = static(ImageDescriptor, ImageDescriptor.build(
     default_option=DEFAULT_OPTION, slots=DEFAULT_SLOTS, capabilities=CAP_GCM_SIV,
     key_entry_guid=guid_bytes(KEY_ENTRY_GUID), config_guid=guid_bytes(MH_CONFIG_GUID),
 ), readonly=True, keep=True)
-G_MH_CONFIG = static(Array[u8, 16], guid_bytes(MH_CONFIG_GUID), readonly=True)
+G_MH_CONFIG = static(Array[u8, GUID_SIZE], guid_bytes(MH_CONFIG_GUID), readonly=True)
 
 
 @function(small=True)
@@ -125,7 +165,8 @@ def selftest_pagetables(pool: u64) -> u32:
     """Build a small mirror address space and walk it back: returns 0 or the failing check."""
     b: PtBuilder
     c = u64(1) << SELFTEST_C_BIT
-    if pt_init(addr(b), pool, SELFTEST_POOL_PA, SELFTEST_POOL_PAGES, SELFTEST_C_BIT, 43) != PT_OK:
+    if pt_init(addr(b), pool, SELFTEST_POOL_PA, SELFTEST_POOL_PAGES, SELFTEST_C_BIT,
+               SELFTEST_PHYS_BITS) != PT_OK:
         return 1
     if pt_map(addr(b), 0x100000, 0x7E00000000, 0x3000, MAP_X | MAP_ENC) != PT_OK:
         return 2
@@ -133,9 +174,9 @@ def selftest_pagetables(pool: u64) -> u32:
         return 3
     if pt_map(addr(b), u64(1) << 32, u64(1) << 32, u64(1) << 31, MAP_W | MAP_ENC) != PT_OK:
         return 4
-    if pt_map(addr(b), 0x600000, 0x600000, 0x1000, MAP_W) != PT_OK:
+    if pt_map(addr(b), 0x600000, 0x600000, PAGE_SIZE, MAP_W) != PT_OK:
         return 5
-    if pt_map(addr(b), 0x700000, 0x700000, 0x1000, MAP_W | MAP_X) == PT_OK:
+    if pt_map(addr(b), 0x700000, 0x700000, PAGE_SIZE, MAP_W | MAP_X) == PT_OK:
         return 6  # W^X must be refused
     if not selftest_check_map(addr(b), 0x101234, 0x7E00001234, c):
         return 7
@@ -150,7 +191,8 @@ def selftest_pagetables(pool: u64) -> u32:
     if pt_lookup(addr(b), 0x800000, addr(bits)) != ~u64(0):
         return 11
     # the tables' own entries must point at the pool's mirror GPA, not at its VA
-    if (Ptr[u64](pool)[0] & ~u64(0xFFF) & ~c & ((u64(1) << 43) - 1)) != SELFTEST_POOL_PA + 0x1000:
+    pa_mask = ~u64(PAGE_SIZE - 1) & ~c & ((u64(1) << SELFTEST_PHYS_BITS) - 1)
+    if (Ptr[u64](pool)[0] & pa_mask) != SELFTEST_POOL_PA + PAGE_SIZE:
         return 12
     return 0
 
@@ -162,30 +204,31 @@ def selftest_aead() -> u32:
     k = addr(KAT_DATA[0])
     kgk: Aes256Key
     rec: SivKeys
-    buf: Array[u8, 64]
-    out: Array[u8, 64]
-    scratch: Array[u8, 64]
-    tag: Array[u8, 16]
+    buf: Array[u8, KAT_PT_LEN]
+    out: Array[u8, KAT_PT_LEN]
+    scratch: Array[u8, KAT_PT_LEN]
+    tag: Array[u8, SIV_TAG_LEN]
     aes256_expand(k + K_KEY, addr(kgk))
-    siv_seal(addr(kgk), k + K_IV, k + K_AAD, 48, aad_base(k + K_PT, k + K_AAD, 48),
-             addr(scratch[0]), addr(buf[0]), 64, addr(tag[0]), addr(rec))
-    if not bytes_eq(addr(buf[0]), k + K_CT, 64):
+    siv_seal(addr(kgk), k + K_IV, k + K_AAD, KAT_AAD_LEN, aad_base(k + K_PT, k + K_AAD,
+                                                                   KAT_AAD_LEN),
+             addr(scratch[0]), addr(buf[0]), KAT_PT_LEN, addr(tag[0]), addr(rec))
+    if not bytes_eq(addr(buf[0]), k + K_CT, KAT_PT_LEN):
         return 1
-    if not bytes_eq(addr(tag[0]), k + K_TAG, 16):
+    if not bytes_eq(addr(tag[0]), k + K_TAG, SIV_TAG_LEN):
         return 2
-    base = aad_base(addr(out[0]), k + K_AAD, 48)
-    if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), base, 64, addr(tag[0]),
-                addr(scratch[0]), addr(rec)) != SIV_OK:
+    base = aad_base(addr(out[0]), k + K_AAD, KAT_AAD_LEN)
+    if siv_open(addr(kgk), k + K_IV, k + K_AAD, KAT_AAD_LEN, addr(buf[0]), base, KAT_PT_LEN,
+                addr(tag[0]), addr(scratch[0]), addr(rec)) != SIV_OK:
         return 3
-    if not bytes_eq(addr(out[0]), k + K_PT, 64):
+    if not bytes_eq(addr(out[0]), k + K_PT, KAT_PT_LEN):
         return 4
-    for i in range(64):
+    for i in range(KAT_PT_LEN):
         out[i] = 0xEE
     buf[17] = buf[17] ^ 4
-    if siv_open(addr(kgk), k + K_IV, k + K_AAD, 48, addr(buf[0]), base, 64, addr(tag[0]),
-                addr(scratch[0]), addr(rec)) != SIV_AUTH:
+    if siv_open(addr(kgk), k + K_IV, k + K_AAD, KAT_AAD_LEN, addr(buf[0]), base, KAT_PT_LEN,
+                addr(tag[0]), addr(scratch[0]), addr(rec)) != SIV_AUTH:
         return 5
-    for i in range(64):
+    for i in range(KAT_PT_LEN):
         if out[i] != 0xEE:
             return 6
     return 0
@@ -204,25 +247,19 @@ def selftest(bs: Ptr[EfiBootServices]) -> bool:
         return False
     g = selftest_aead()
     if g != 0:
-        con_puts(addr(MSG_AEAD_FAIL[0]))
-        con_hex(u64(g))
-        con_puts(addr(MSG_NL[0]))
+        report(addr(MSG_AEAD_FAIL[0]), u64(g))
         return False
     con_puts(addr(MSG_AEAD_OK[0]))
     pool: u64 = 0
     st = efi_call(bs.AllocatePages, ALLOCATE_ANY_PAGES, EFI_BOOT_SERVICES_DATA,
                   SELFTEST_POOL_PAGES, addr(pool))
     if st != 0:
-        con_puts(addr(MSG_ALLOC_FAIL[0]))
-        con_hex(st)
-        con_puts(addr(MSG_NL[0]))
+        report(addr(MSG_ALLOC_FAIL[0]), st)
         return False
     r = selftest_pagetables(pool)
     efi_call(bs.FreePages, pool, SELFTEST_POOL_PAGES)
     if r != 0:
-        con_puts(addr(MSG_PT_FAIL[0]))
-        con_hex(u64(r))
-        con_puts(addr(MSG_NL[0]))
+        report(addr(MSG_PT_FAIL[0]), u64(r))
         return False
     con_puts(addr(MSG_PT_OK[0]))
     return True
@@ -241,7 +278,7 @@ def sev_c_bit() -> u32:
         return 0
     if (rdmsr(MSR_AMD64_SEV) & MSR_AMD64_SEV_ENABLED) == 0:
         return 0
-    return b & 63
+    return b & CPUID_SEV_EBX_CBIT_MASK
 
 
 @function(abi="efi", name="efi_main", small=True)
@@ -260,9 +297,7 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
         con_puts(addr(MSG_NO_SEV[0]))
         con_set_conout(0)
         return EFI_UNSUPPORTED  # not for this guest: OVMF unloads the image
-    con_puts(addr(MSG_SEV[0]))
-    con_hex(u64(cbit))
-    con_puts(addr(MSG_NL[0]))
+    report(addr(MSG_SEV[0]), u64(cbit))
     active = activate(st, cbit)
     con_set_conout(0)
     if not active:
@@ -272,6 +307,7 @@ def efi_main(image_handle: u64, system_table: u64) -> u64:
 
 @function(small=True)
 def report(msg: Ptr[u8], value: u64) -> None:
+    """One log line: `msg`, `value` in hex, a newline."""
     con_puts(msg)
     con_hex(value)
     con_puts(addr(MSG_NL[0]))
@@ -296,13 +332,13 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> bool:
         p.shift_high = Ptr[MhConfig](cfg).shift_high
         p.lanes = Ptr[MhConfig](cfg).lanes
     _a, b, _c, _d = cpuid(CPUID_SEV_LEAF, 0)
-    reduction = (b >> 6) & 63
+    reduction = (b >> CPUID_SEV_EBX_REDUCTION_SHIFT) & CPUID_SEV_EBX_REDUCTION_MASK
     maxphy, _b2, _c2, _d2 = cpuid(CPUID_ADDR_SIZE_LEAF, 0)
     p.c_bit = cbit
-    p.phys_bits = (maxphy & 0xFF) - reduction
+    p.phys_bits = (maxphy & CPUID_ADDR_SIZE_EAX_PHYS_MASK) - reduction
     r = mirror_setup(c, Ptr[EfiBootServices](st.BootServices), addr(p))
     if r != OK:
-        wipe(addr(c.key[0]), 32)
+        wipe(addr(c.key[0]), KEY_SIZE)
         report(addr(MSG_SETUP_FAIL[0]), u64(r))
         return False
     c.have_key = 1

@@ -11,6 +11,8 @@ import uuid
 from helperfw import Array, const, struct, u32, u64
 from helperfw.types import u8
 
+GUID_SIZE = 16  # EFI_GUID: 128 bits, the first three fields little-endian
+
 
 @struct
 class EfiTableHeader:
@@ -89,7 +91,7 @@ class EfiBootServices:
 
 @struct
 class EfiConfigurationTable:
-    VendorGuid: Array[u8, 16]
+    VendorGuid: Array[u8, GUID_SIZE]
     VendorTable: u64
 
 
@@ -115,6 +117,11 @@ EFI_BOOT_SERVICES_SIGNATURE = 0x56524553544F4F42
 ALLOCATE_ANY_PAGES = 0
 ALLOCATE_MAX_ADDRESS = 1
 ALLOCATE_ADDRESS = 2
+EFI_RESERVED_MEMORY_TYPE = 0
+EFI_LOADER_CODE = 1
+EFI_LOADER_DATA = 2
+EFI_BOOT_SERVICES_CODE = 3
+EFI_BOOT_SERVICES_DATA = 4
 EFI_RUNTIME_SERVICES_CODE = 5
 EFI_RUNTIME_SERVICES_DATA = 6
 
@@ -124,6 +131,7 @@ EFI_SUCCESS = const(u64, 0)
 EFI_LOAD_ERROR = const(u64, EFI_ERROR_BIT | 1)
 EFI_INVALID_PARAMETER = const(u64, EFI_ERROR_BIT | 2)
 EFI_UNSUPPORTED = const(u64, EFI_ERROR_BIT | 3)
+EFI_BUFFER_TOO_SMALL = const(u64, EFI_ERROR_BIT | 5)
 EFI_OUT_OF_RESOURCES = const(u64, EFI_ERROR_BIT | 9)
 EFI_NOT_FOUND = const(u64, EFI_ERROR_BIT | 14)
 
@@ -149,11 +157,11 @@ class CcSecretLocation:
 
 @struct(packed=True)
 class SecretTableHeader:
-    Guid: Array[u8, 16]
+    Guid: Array[u8, GUID_SIZE]
     Len: u32  # total length of the area, this header included
 
 
 @struct(packed=True)
 class SecretEntryHeader:
-    Guid: Array[u8, 16]
+    Guid: Array[u8, GUID_SIZE]
     Len: u32  # length of the entry, this 20-byte header included

@@ -33,6 +33,8 @@ from helperfw import (
 
 from .platform import (
     GHCB_CPL,
+    GHCB_MSR_CPUID_REQ,
+    GHCB_MSR_CPUID_RESP,
     GHCB_MSR_INFO_MASK,
     GHCB_PROTOCOL_VERSION,
     GHCB_RAX,
@@ -154,3 +156,19 @@ def hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> u64:
     if g == 0 or (g & GHCB_MSR_INFO_MASK) != 0:
         return HYPERCALL_FAILED
     return ghcb_vmmcall(g, nr, a0, a1, a2)
+
+
+@function(small=True)
+def ghcb_cpuid(leaf: u32, reg: u32) -> u32:
+    """CPUID register `reg` (platform.CPUID_EAX..CPUID_EDX) of `leaf`, subleaf 0, by the GHCB MSR
+    protocol: under SEV-ES the CPUID instruction is a #VC, and the mirror vCPU has neither a #VC
+    handler that serves it nor a GHCB page. The GHCB MSR's value is put back. 0 when the host's
+    answer is not a CPUID response for that register (a feature bit then reads as absent)."""
+    old = rdmsr(MSR_AMD64_SEV_ES_GHCB)
+    wrmsr(MSR_AMD64_SEV_ES_GHCB, (u64(leaf) << 32) | (u64(reg) << 30) | GHCB_MSR_CPUID_REQ)
+    vmgexit()
+    r = rdmsr(MSR_AMD64_SEV_ES_GHCB)
+    wrmsr(MSR_AMD64_SEV_ES_GHCB, old)
+    if (r & GHCB_MSR_INFO_MASK) != GHCB_MSR_CPUID_RESP or ((r >> 30) & 3) != u64(reg):
+        return 0
+    return u32(r >> 32)

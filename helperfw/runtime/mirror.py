@@ -18,6 +18,7 @@ from helperfw import (
     i32,
     rdmsr,
     read_cr3,
+    sizeof,
     static,
     struct,
     symbol_addr,
@@ -35,12 +36,25 @@ from .pagetables import (
     MAP_W,
     MAP_X,
     PT_OK,
+    PTE_NX,
     PTE_PS,
     pt_cr3,
     pt_init,
     pt_map,
 )
-from .platform import KVM_HC_MAP_GPA_RANGE, MSR_AMD64_SEV, PAGE_SIZE
+from .platform import (
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+    MSR_AMD64_SEV,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PML4_SHIFT,
+    PT_ENTRIES,
+    PT_LEVEL_BITS,
+    PTE_P,
+    PTE_PAT_LARGE,
+    PTE_RW,
+)
 from .protocol import (
     BOOTINFO_MAGIC,
     DEFAULT_LANES,
@@ -55,6 +69,7 @@ from .protocol import (
     MAILBOX_BYTES,
     MAILBOX_PAGES,
     MAX_LANES,
+    MAX_REGIONS,
     MH_HC_ANNOUNCE,
     OK,
     OPT_ISOLATED,
@@ -71,7 +86,7 @@ from .session import STACK, STACK_SIZE, HelperCtx, LaneCtx, init_lane, lane0
 from .vcpu import mh_entry
 
 PT_POOL_PAGES = 32  # static tables (~10 pages) plus 1 GiB-page windows up to ~10 TiB
-PT_POOL = static(Array[u8, PT_POOL_PAGES * 4096], align=4096)
+PT_POOL = static(Array[u8, PT_POOL_PAGES * PAGE_SIZE], align=PAGE_SIZE)
 FOUR_GIB = 1 << 32
 CANONICAL_LIMIT = 1 << 47
 LANE_CTX_BYTES = (LaneCtx.size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
@@ -158,7 +173,7 @@ def build_mirror_tables(c: Ptr[HelperCtx], p: Ptr[SetupParams]) -> i32:
     if pt_init(addr(c.pt), pool_va, mirror_of(c, pool_va), PT_POOL_PAGES, p.c_bit,
                p.phys_bits) != PT_OK:
         return E_SETUP_TABLES
-    order: Array[u32, 8]
+    order: Array[u32, MAX_REGIONS]
     n = c.nregions
     for i in range(n):  # insertion sort of region indexes by main GPA
         order[i] = u32(i)
@@ -194,16 +209,16 @@ def split_large(bs: Ptr[EfiBootServices], entry: Ptr[u64], size: u64, amask: u64
         return False
     e = entry[0]
     base = e & amask & ~(size - 1)
-    attrs = e & ~amask & ~u64(0x1000)  # keep C-bit, NX, RW...; drop the large-page PAT bit
-    sub = size >> 9
+    attrs = e & ~amask & ~u64(PTE_PAT_LARGE)  # keep C-bit, NX, RW...; drop the large-page PAT bit
+    sub = size >> PT_LEVEL_BITS
     t = Ptr[u64](page)
-    for i in range(512):
-        if sub == 0x1000:
+    for i in range(PT_ENTRIES):
+        if sub == PAGE_SIZE:
             t[i] = (base + u64(i) * sub) | (attrs & ~u64(PTE_PS))
         else:
             t[i] = (base + u64(i) * sub) | attrs
     # the new table is private memory like every OVMF table: reference it with the C-bit
-    entry[0] = page | (e & ~amask & ~u64(PTE_PS) & ~u64(0x1000) & ~(u64(1) << 63)) | 3
+    entry[0] = page | (e & ~amask & ~u64(PTE_PS) & ~u64(PTE_PAT_LARGE) & ~PTE_NX) | PTE_P | PTE_RW
     return True
 
 
@@ -212,25 +227,25 @@ def guest_clear_cbit(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
                      phys_bits: u32) -> bool:
     """Clear the C-bit of `pages` 4 KiB pages at `va` in the current (identity-mapped) tables,
     splitting large pages as needed, then flush the TLB."""
-    amask = ((u64(1) << u64(phys_bits)) - 1) & ~u64(0xFFF)
+    amask = ((u64(1) << u64(phys_bits)) - 1) & ~u64(PAGE_SIZE - 1)
     for k in range(pages):
         v = va + k * PAGE_SIZE
         table = read_cr3() & amask
-        shift: u64 = 39
+        shift: u64 = PML4_SHIFT
         while True:
-            entry = Ptr[u64](table) + ((v >> shift) & 511)
+            entry = Ptr[u64](table) + ((v >> shift) & (PT_ENTRIES - 1))
             e = entry[0]
-            if (e & 1) == 0:
+            if (e & PTE_P) == 0:
                 return False
-            if shift == 12:
+            if shift == PAGE_SHIFT:
                 entry[0] = e & ~c_mask
                 break
             if (e & PTE_PS) != 0:
-                if shift == 39 or not split_large(bs, entry, u64(1) << shift, amask):
+                if shift == PML4_SHIFT or not split_large(bs, entry, u64(1) << shift, amask):
                     return False
                 e = entry[0]
             table = e & amask
-            shift -= 9
+            shift -= PT_LEVEL_BITS
     write_cr3(read_cr3())
     return True
 
@@ -241,9 +256,9 @@ def share_with_host(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
     if not guest_clear_cbit(bs, va, pages, c_mask, phys_bits):
         return E_SETUP_SHARE
     # tell the host: KVM_HC_MAP_GPA_RANGE(gpa, pages, 4 KiB pages, not encrypted)
-    hypercall(KVM_HC_MAP_GPA_RANGE, va, pages, 0)
+    hypercall(KVM_HC_MAP_GPA_RANGE, va, pages, KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
     p = Ptr[u64](va)
-    for i in range(pages * (PAGE_SIZE // 8)):
+    for i in range(pages * (PAGE_SIZE // sizeof(u64))):
         p[i] = 0  # what was there was ciphertext as seen through C=0
     return OK
 
@@ -346,7 +361,7 @@ def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams
         e = addr(bi.lane_info[i])
         e.mailbox_gpa = lc.mailbox
         e.mailbox_mirror_gpa = mirror_of(c, lc.mailbox)
-        e.rsp = lc.stack_top - 8  # as if mh_entry had been called
+        e.rsp = lc.stack_top - sizeof(u64)  # as if mh_entry had been called
     bi.rsp = bi.lane_info[0].rsp
     bi.mailbox_gpa = mailbox
     bi.mailbox_mirror_gpa = bi.lane_info[0].mailbox_mirror_gpa

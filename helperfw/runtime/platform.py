@@ -15,7 +15,8 @@ PAGE_1G = 1 << 30
 # -- KVM (Linux Documentation/virt/kvm/x86/hypercalls.rst, msr.rst) ---------------------------
 KVM_HC_MAP_GPA_RANGE = 12  # a0 GPA, a1 pages, a2 attributes (below)
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4  # a2 bit 4: the range becomes private
-KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0  # a2 bits 3:0: the unit of a1
+KVM_MAP_GPA_RANGE_PAGE_SZ_MASK = 0xF  # a2 bits 3:0: the unit of a1
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1
 KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 2
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h: an unknown hypercall returns -KVM_ENOSYS
@@ -26,13 +27,15 @@ KVM_MIGRATION_READY = 1  # bit 0 of MSR_KVM_MIGRATION_CONTROL
 # -- AMD SEV (AMD APM vol. 2 §15.34, vol. 3 CPUID Fn8000_001F) ---------------------------------
 CPUID_SEV_LEAF = 0x8000001F  # EAX bit 1 SEV, bit 3 SEV-ES; EBX[5:0] C-bit, EBX[11:6] reduction
 CPUID_SEV_EAX_SEV = 1 << 1
-CPUID_SEV_EAX_SEV_ES = 1 << 3
+CPUID_SEV_EBX_CBIT_MASK = 0x3F  # EBX[5:0]: the C-bit position
+CPUID_SEV_EBX_REDUCTION_SHIFT = 6  # EBX[11:6]: physical-address bits lost to encryption
+CPUID_SEV_EBX_REDUCTION_MASK = 0x3F
 CPUID_ADDR_SIZE_LEAF = 0x80000008  # EAX[7:0] MAXPHYADDR
+CPUID_ADDR_SIZE_EAX_PHYS_MASK = 0xFF
 CPUID_MAX_EXT_LEAF = 0x80000000
 CPUID_FEATURES_LEAF = 1  # ECX bit 25 AES-NI, bit 1 PCLMULQDQ, bit 30 RDRAND
 CPUID_1_ECX_PCLMULQDQ = 1 << 1
 CPUID_1_ECX_AESNI = 1 << 25
-CPUID_1_ECX_RDRAND = 1 << 30
 MSR_AMD64_SEV = 0xC0010131  # SEV_STATUS: bit 0 SEV enabled, bit 1 SEV-ES enabled
 MSR_AMD64_SEV_ENABLED = 1 << 0
 MSR_AMD64_SEV_ES_ENABLED = 1 << 1
@@ -47,6 +50,7 @@ SVM_EXIT_MSR = 0x7C  # RDMSR and WRMSR (EXITINFO1 0 / 1)
 SVM_EXIT_VMMCALL = 0x81
 SVM_EXIT_WBINVD = 0x89
 SVM_EXIT_NPF = 0x400  # nested page fault; under SEV-ES an MMIO/unbacked GPA access is a #VC
+X86_TRAP_UD = 6  # #UD, invalid opcode (e.g. an instruction CPUID promised but the CPU lacks)
 X86_TRAP_VC = 29  # #VC, the SEV-ES VMM communication exception
 
 # -- SEV-ES GHCB (AMD pub. 56421; EDK2 MdePkg/Include/Register/Amd/Ghcb.h; Linux
@@ -60,6 +64,10 @@ GHCB_MSR_CPUID_RESP = 0x005  # [63:32] the value, [31:30] the register asked for
 GHCB_MSR_AP_RESET_HOLD_REQ = 0x006
 GHCB_MSR_AP_RESET_HOLD_RESP = 0x007  # [63:12] non-zero once the vCPU was woken
 GHCB_MSR_TERM_REQ = 0x100  # [15:12] reason set, [23:16] reason code
+GHCB_MSR_TERM_SET_SHIFT = 12
+GHCB_MSR_TERM_SET_MASK = 0xF
+GHCB_MSR_TERM_CODE_SHIFT = 16
+GHCB_MSR_TERM_CODE_MASK = 0xFF
 GHCB_VERSION_MIN = 1
 GHCB_VERSION_MAX = 1  # SEV-ES; version 2 adds SNP's requests
 # The GHCB page (4 KiB, shared): byte offsets of the fields used here.
@@ -103,6 +111,21 @@ IOIO_PORT_SHIFT = 16
 # an injected event (SwExitInfo2 with GHCB_HV_RESP_ISSUE_EXCEPTION): vector | type << 8 | valid
 SVM_EVTINJ_TYPE_EXCEPTION = 3 << 8
 SVM_EVTINJ_VALID = 1 << 31
+SVM_EVTINJ_VECTOR_MASK = 0xFF
+
+# -- AVX state and the wide instructions (Intel SDM vol. 2A "CPUID" leaf 7, vol. 1 §13.3;
+#    AMD APM vol. 3 appendix E) ---------------------------------------------------------------
+CPUID_1_ECX_OSXSAVE = 1 << 27  # CR4.OSXSAVE is set: XGETBV may run (else it is #UD)
+CPUID_1_ECX_AVX = 1 << 28
+CPUID_STD_MAX_LEAF = 0  # EAX: the highest standard leaf
+CPUID_EAX, CPUID_EBX, CPUID_ECX, CPUID_EDX = 0, 1, 2, 3  # a register's index, as GHCB_MSR_CPUID_REQ names it
+CPUID_EXT_FEATURES_LEAF = 7  # subleaf 0
+CPUID_7_EBX_AVX2 = 1 << 5
+CPUID_7_ECX_VAES = 1 << 9
+CPUID_7_ECX_VPCLMULQDQ = 1 << 10
+XCR0 = 0  # XGETBV's ECX: the state components the OS enabled for XSAVE and for use
+XCR0_SSE = 1 << 1  # xmm registers
+XCR0_AVX = 1 << 2  # the upper halves of the ymm registers
 
 # -- QEMU / OVMF ----------------------------------------------------------------------------------
 DEBUG_PORT = 0x402  # QEMU isa-debugcon as OVMF configures it
@@ -114,3 +137,8 @@ PTE_A = 1 << 5
 PTE_D = 1 << 6
 PTE_PS = 1 << 7
 PTE_NX = 1 << 63
+PTE_PAT_LARGE = 1 << 12  # the PAT bit of a 2 MiB / 1 GiB leaf (a 4 KiB leaf has it at bit 7)
+PAGE_SHIFT = 12  # VA bits 11:0: the offset in a 4 KiB page
+PT_LEVEL_BITS = 9  # each level of tables resolves 9 bits of the VA
+PT_ENTRIES = 1 << PT_LEVEL_BITS  # 8-byte entries per 4 KiB table
+PML4_SHIFT = PAGE_SHIFT + 3 * PT_LEVEL_BITS  # VA bits 47:39 index the PML4

@@ -30,7 +30,7 @@ LANE_PAGE_SHIFT = 12  # pages go round-robin: a dirty run of any length spreads 
 # Chosen outside Linux's KVM_HC_* range (which is small integers); see docs/PROTOCOL.md.
 MH_HC_ANNOUNCE = 0x4D480001  # "MH" << 16 | 1
 
-# -- address-space options (SPEC §4) --------------------------------------------------------
+# -- address-space options (docs/PROTOCOL.md) -----------------------------------------------
 # Boot parameter: a UEFI configuration table with this GUID whose VendorTable points at an
 # MhConfig; without it the build's DEFAULT_OPTION applies.
 MH_CONFIG_GUID = "1c3aadd0-dc27-4e59-816d-d1593b66ba29"
@@ -106,7 +106,9 @@ E_DISCARDED = _status(-18, "this helper installed pages in a receiving session t
                            "destination)")
 E_FAULT = _status(-19, "the CPU raised an exception while the helper ran the batch (an "
                        "instruction CPUID promised but the CPU lacks, a #VC, an unmapped page): "
-                       "the session was ended, FaultRecord says where; entry statuses are void")
+                       "the session was ended, FaultRecord says where; entry statuses are void. "
+                       "After a #UD later sessions use the baseline AEAD path (no VAES), "
+                       "whatever CPUID says")
 E_CHANGED = _status(-20, "private memory changed under the helper between a record's tag check "
                          "and its installation (the host wrote back older ciphertext of the "
                          "helper's scratch or of the guest page): the page was zeroed and the "
@@ -334,8 +336,11 @@ class ImageDescriptor:
 
 DESCRIPTOR_MAGIC = 0x5344484D  # "MHDS"
 
+# The mailbox: page 0 BootInfo (+ Control at CONTROL_OFFSET), page 1 the Command, then the slots.
+COMMAND_OFFSET = PAGE_SIZE
+SLOTS_OFFSET = 2 * PAGE_SIZE
 MAILBOX_DATA_PAGES = (DEFAULT_SLOTS * SLOT_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
-MAILBOX_PAGES = 2 + MAILBOX_DATA_PAGES  # boot-info/control, command, slots
+MAILBOX_PAGES = SLOTS_OFFSET // PAGE_SIZE + MAILBOX_DATA_PAGES
 
 # helper session states
 ST_IDLE = 0

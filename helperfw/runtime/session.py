@@ -43,12 +43,22 @@ from helperfw import (
 from helperfw.structs import StructType
 
 from .aes import Aes256Key, aes256_block, aes256_expand, aes256_expand_v
-from .gcmsiv import SIV_CHANGED, SIV_OK, SivKeys, siv_open, siv_seal
+from .gcmsiv import (
+    SIV_CHANGED,
+    SIV_OK,
+    SivKeys,
+    siv_open,
+    siv_open_on,
+    siv_seal,
+    siv_seal_on,
+)
+from .gcmsiv_wide import wide_choose
 from .memops import copy_mem, wipe
 from .pagetables import MAP_ENC, MAP_W, PAGE_1G, PAGE_2M, PT_OK, PtBuilder, pt_init, pt_map
 from .platform import PAGE_SIZE
 from .protocol import (
     CAP_GCM_SIV,
+    COMMAND_OFFSET,
     CONTROL_OFFSET,
     DEFAULT_SLOTS,
     E_ABORTED,
@@ -100,7 +110,9 @@ from .protocol import (
     OP_SEND_END_EPOCH,
     OP_SEND_FINISH,
     PROTOCOL_VERSION,
+    REGION_DATA,
     SLOT_SIZE,
+    SLOTS_OFFSET,
     ST_ABORTED,
     ST_DONE,
     ST_IDLE,
@@ -115,14 +127,18 @@ from .protocol import (
     HelloReply,
     Region,
 )
+from .secrets import KEY_SIZE
 
-SEEN_WORDS = EPOCH_RECORDS_MAX // 64
+WORD_BITS = 64  # `seen` holds one bit per record in u64 words
+SEEN_WORDS = EPOCH_RECORDS_MAX // WORD_BITS
 ADDR_SLOTS = 2 * EPOCH_RECORDS_MAX  # open addressing, never more than half full
 STACK_SIZE = 32768  # each lane's
 RDRAND_TRIES = 32  # draws per random value (each value needs two distinct plausible draws)
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 
 CTX_F_NO_CR3 = 1  # native tests: the page tables are never loaded, do not touch CR3
+NONCE_SLOT = 16  # a record's 12-byte nonce (SIV_NONCE_LEN) on the stack, in a 16-byte slot
+NATIVE_C_BIT = 47  # native tests: the C-bit (and physical address bits) the tables assume
 
 
 @struct
@@ -155,7 +171,7 @@ class LaneCtx:
     rng_last: u64  # the last value accepted from RDRAND (a repeat is refused)
     ram_size: u64
     epoch: u32
-    reserved: u32
+    wide: u32  # the lane's AEAD path (gcmsiv_wide.WIDE_*), chosen when its session starts
     next_seq: u64  # SEND: next seq to assign
     epoch_first: u64  # first seq of the current epoch
     epoch_count: u64  # records sealed/accepted in the current epoch
@@ -168,7 +184,7 @@ class LaneCtx:
     tok: EpochToken  # private copy / draft of a token
     seen: Array[u64, SEEN_WORDS]  # RECV: seqs of the current epoch already accepted
     installed: Array[u64, ADDR_SLOTS]  # RECV: ram_addr | 1 of each page installed this epoch
-    scratch: Array[u8, 4096]  # seal: snapshot of the page; open: plaintext before release
+    scratch: Array[u8, PAGE_SIZE]  # seal: snapshot of the page; open: plaintext before release
 
 
 @struct
@@ -177,7 +193,7 @@ class _Shared:
     0's *_BEGIN (the RAM window's mapping, which only grows, and the published session) and its
     RECV_FINISH (`finished_gen`)."""
 
-    key: Array[u8, 32]  # transport key K from the SEV secret area
+    key: Array[u8, KEY_SIZE]  # transport key K from the SEV secret area
     have_key: u32
     option: u32
     c_bit: u32
@@ -212,8 +228,8 @@ LANE0 = HelperCtx.offset("set_hash")
 assert LANE0 % LaneCtx.align == 0 and all(
     HelperCtx.offset(f) - LANE0 == LaneCtx.offset(f) for f in LaneCtx.fields)
 
-CTX = static(HelperCtx, align=4096)
-STACK = static(Array[u8, STACK_SIZE], align=4096)  # lane 0's
+CTX = static(HelperCtx, align=PAGE_SIZE)
+STACK = static(Array[u8, STACK_SIZE], align=PAGE_SIZE)  # lane 0's
 
 
 @function
@@ -241,7 +257,7 @@ def overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool:
 def make_nonce(out: Ptr[u8], epoch: u32, seq: u64) -> None:
     """nonce = epoch (u32 LE) ‖ seq (u64 LE)."""
     Ptr[u32](out)[0] = epoch
-    Ptr[u64](out + 4)[0] = seq
+    Ptr[u64](out + sizeof(u32))[0] = seq
 
 
 @function
@@ -252,12 +268,12 @@ def lane_seq(c: Ptr[LaneCtx], n: u64) -> u64:
 
 @function
 def mailbox_slot(c: Ptr[LaneCtx], i: u64) -> u64:
-    return c.mailbox + 2 * PAGE_SIZE + i * SLOT_SIZE
+    return c.mailbox + SLOTS_OFFSET + i * SLOT_SIZE
 
 
 @function
 def mailbox_command(c: Ptr[LaneCtx]) -> Ptr[Command]:
-    return Ptr[Command](c.mailbox + PAGE_SIZE)
+    return Ptr[Command](c.mailbox + COMMAND_OFFSET)
 
 
 @function
@@ -268,7 +284,7 @@ def set_entry_status(c: Ptr[LaneCtx], i: u64, status: i32) -> None:
 @function
 def v128_store_bytes(p: Ptr[u8], v: v128) -> None:
     Ptr[u64](p)[0] = v128_lo(v)
-    Ptr[u64](p + 8)[0] = v128_hi(v)
+    Ptr[u64](p)[1] = v128_hi(v)
 
 
 @function
@@ -432,6 +448,7 @@ def start_lane(c: Ptr[LaneCtx], state: u32) -> None:
     c.installed_any = 0
     c.set_hash = v128_make(0, 0)
     clear_epoch_marks(c)
+    c.wide = wide_choose(c.wide, shared(c).sev_status)
     c.state = state
 
 
@@ -552,11 +569,11 @@ def seal_one(c: Ptr[LaneCtx], ram_addr: u64, slot: u64) -> None:
     env.lane = c.lane
     env.seq = seq
     env.challenge = c.challenge
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), c.epoch, seq)
-    siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN, shared(c).ram_base,
-             addr(c.scratch[0]), Ptr[u8](slot + sizeof(Envelope)), PAGE_SIZE, addr(env.tag[0]),
-             addr(c.rec))
+    siv_seal_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
+                shared(c).ram_base, addr(c.scratch[0]), Ptr[u8](slot + sizeof(Envelope)),
+                PAGE_SIZE, addr(env.tag[0]), addr(c.rec))
     copy_mem(Ptr[u8](slot), Ptr[u8](env), sizeof(Envelope))
     count_record(c, ram_addr, seq)
 
@@ -593,7 +610,7 @@ def seal_token(c: Ptr[LaneCtx], magic: u32, epoch: u32, count: u64, first: u64,
     v128_store_bytes(addr(t.set_hash[0]), set_hash)
     t.total_records = c.total
     t.challenge = c.challenge
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), nonce_epoch, lane_seq(c, 0))
     siv_seal(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN, 0, addr(c.scratch[0]),
              addr(c.scratch[0]), 0, addr(t.tag[0]), addr(c.rec))  # no data: no page
@@ -705,11 +722,11 @@ def open_one(c: Ptr[LaneCtx], ram_addr: u64, slot: u64) -> i32:
     slot_i = installed_slot(c, ram_addr)
     if c.installed[slot_i] != 0:
         return E_REPLAY  # this page already came in this epoch (see installed_slot)
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), c.epoch, env.seq)
-    r = siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
-                 Ptr[u8](slot + sizeof(Envelope)), shared(c).ram_base, PAGE_SIZE,
-                 addr(env.tag[0]), addr(c.scratch[0]), addr(c.rec))
+    r = siv_open_on(c.wide, addr(c.ks), addr(nonce[0]), Ptr[u8](env), ENVELOPE_AAD_LEN,
+                    Ptr[u8](slot + sizeof(Envelope)), shared(c).ram_base, PAGE_SIZE,
+                    addr(env.tag[0]), addr(c.scratch[0]), addr(c.rec))
     if r == SIV_CHANGED:
         c.installed_any = 1  # the page was written (and zeroed): one-shot applies
     if r != SIV_OK:
@@ -756,7 +773,7 @@ def open_token(c: Ptr[LaneCtx], magic: u32, nonce_epoch_is_finish: bool) -> i32:
         return E_HEADER
     if t.session_id != c.session_id or t.challenge != c.challenge:
         return E_REPLAY
-    nonce: Array[u8, 16]
+    nonce: Array[u8, NONCE_SLOT]
     make_nonce(addr(nonce[0]), FINISH_EPOCH if nonce_epoch_is_finish else t.epoch,
                lane_seq(c, 0))
     return siv_status(siv_open(addr(c.ks), addr(nonce[0]), Ptr[u8](t), TOKEN_AAD_LEN,
@@ -773,7 +790,7 @@ def op_recv_end_epoch(c: Ptr[LaneCtx]) -> i32:
     if t.epoch != c.epoch:
         return E_REPLAY  # an authentic token of another epoch: a replay, changes nothing
     h0 = Ptr[u64](addr(t.set_hash[0]))[0]
-    h1 = Ptr[u64](addr(t.set_hash[8]))[0]
+    h1 = Ptr[u64](addr(t.set_hash[0]))[1]
     if t.count != c.epoch_count or t.first_seq != c.epoch_first or t.total_records != c.total or \
             h0 != v128_lo(c.set_hash) or h1 != v128_hi(c.set_hash):
         return E_EPOCH
@@ -811,7 +828,7 @@ def op_recv_finish(c: Ptr[LaneCtx]) -> i32:
         return st
     t = addr(c.tok)
     h0 = Ptr[u64](addr(t.set_hash[0]))[0]
-    h1 = Ptr[u64](addr(t.set_hash[8]))[0]
+    h1 = Ptr[u64](addr(t.set_hash[0]))[1]
     if c.poisoned != 0 or c.epoch_count != 0 or t.epoch != c.epoch - 1 or \
             t.count != u64(c.lanes - 1) or t.total_records != c.total or \
             t.first_seq != c.epoch_first or (h0 | h1) != 0:
@@ -970,11 +987,6 @@ def init_lane(h: Ptr[HelperCtx], lane: u32, c: Ptr[LaneCtx], mailbox: u64,
 
 # -- native test entry points (the host plays both sides in-process) ----------------------------
 @function(abi="c")
-def mh_test_ctx_size() -> u64:
-    return sizeof(HelperCtx)
-
-
-@function(abi="c")
 def mh_test_process(c: Ptr[HelperCtx]) -> i32:
     """Lane 0's batch (a one-lane helper: the context is one HelperCtx)."""
     return mh_test_lane_process(lane0(c))
@@ -998,10 +1010,10 @@ def mh_test_lane_init(h: Ptr[HelperCtx], lane: u32, c: Ptr[LaneCtx], mailbox: u6
 def mh_test_ctx_init(c: Ptr[HelperCtx], key: Ptr[u8], mailbox: u64, ram_base: u64, ram_max: u64,
                      pool: u64, pool_pages: u32, self_gpa: u64, self_len: u64) -> i32:
     """Set up a context the way the driver does, with identity 'mirror' addresses (native)."""
-    copy_mem(addr(c.key[0]), key, 32)
+    copy_mem(addr(c.key[0]), key, KEY_SIZE)
     c.have_key = 1
-    c.c_bit = 47
-    c.phys_bits = 47
+    c.c_bit = NATIVE_C_BIT
+    c.phys_bits = NATIVE_C_BIT
     c.option = 1
     c.ram_base = ram_base
     c.ram_max = ram_max
@@ -1011,9 +1023,9 @@ def mh_test_ctx_init(c: Ptr[HelperCtx], key: Ptr[u8], mailbox: u64, ram_base: u6
     c.regions[0].main_gpa = self_gpa
     c.regions[0].length = self_len
     c.regions[0].mirror_gpa = self_gpa
-    c.regions[0].kind = 3
+    c.regions[0].kind = REGION_DATA
     c.flags = CTX_F_NO_CR3
     c.nlanes = 1
     init_lane(c, 0, lane0(c), mailbox, 0)
     c.last_bell = 0
-    return i32(pt_init(addr(c.pt), pool, pool, pool_pages, 47, 47))
+    return i32(pt_init(addr(c.pt), pool, pool, pool_pages, NATIVE_C_BIT, NATIVE_C_BIT))

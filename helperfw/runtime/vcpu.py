@@ -11,7 +11,11 @@ a #VC under SEV-ES, a page the host took away) must not become a triple fault: t
 its own IDT, whose 32 entry stubs (an assembly routine: the CPU's frame needs a fixed-size
 prologue) call `mh_fault`. That records the exception in the mailbox's FaultRecord, ends the
 session (wiping its keys; a receiving session that installed pages discards the helper), marks
-the batch complete with E_FAULT and starts over at `mh_resume` on a fresh stack.
+the batch complete with E_FAULT and starts over at `mh_resume` on a fresh stack. A #UD also
+refuses the wide AEAD path for good (gcmsiv_wide.wide_refuse): the likeliest cause is a host
+whose CPUID promised VAES on a CPU without it, and only later sessions can be spared. Other
+faults say nothing about the wide instructions (a page the host took away faults either path),
+so they leave the path alone: a host cannot demote it with them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from helperfw import (
     vstore,
 )
 
+from .gcmsiv_wide import wide_refuse
+from .platform import X86_TRAP_UD
 from .protocol import (
     CONTROL_OFFSET,
     E_FAULT,
@@ -132,6 +138,8 @@ def mh_fault(f: Ptr[IsrFrame]) -> None:
     vstore(addr(rec.error_code), f.error_code)
     vstore(addr(rec.rip), f.rip - symbol_addr("__image_start"))
     vstore(addr(rec.cr2), read_cr2())
+    if f.vector == X86_TRAP_UD:  # e.g. a wide instruction a lying CPUID promised
+        wide_refuse(addr(c.wide))
     end_session(c, ST_ABORTED)
     ctl = Ptr[Control](c.mailbox + CONTROL_OFFSET)
     vstore(addr(ctl.status), E_FAULT)
