@@ -350,7 +350,7 @@ class Destination:
         st = self.lanes[lane].put_token(op, token)
         if st != 0:
             what = "RECV_END_EPOCH" if op == P.OP_RECV_END_EPOCH else "RECV_FINISH"
-            raise StreamError(f"{what} refused on lane {lane}: {status_name(st)}")
+            raise StreamError(f"{what} refused: {status_name(st)} (lane {lane})")
 
     def _lane(self, lane: int) -> int:
         if not 0 <= lane < len(self.lanes):
