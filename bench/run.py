@@ -18,6 +18,8 @@ Measures, in this order and in one process (except the timed `python build.py` s
    sides' vCPUs at once) for the end-to-end rate and the downtime; then the same private pages
    sealed and opened with 64-page batches vs one page per command, the RFC's granularity
    (bench_migration.protocol_compare).
+4. lanes: helper-side throughput with 1, 2 and 4 lanes, each lane a mirror vCPU on its own
+   host thread (bench_lanes.measure; issue 13).
 
 Prints a summary table, the detailed tables, then one JSON line (the last line of output).
 """
@@ -38,6 +40,7 @@ import helperfw  # noqa: F401  (first: configures llvmlite)
 ensure_paths()
 
 import bench_crypto
+import bench_lanes
 import bench_migration
 import vaes_probe
 
@@ -49,8 +52,10 @@ from ovmf_glue.pe import package_pe
 IMAGE_GOAL = 32 * 1024
 RFC_EXITS_PER_PAGE = 1.0  # one synchronous command (round trip) per 4 KiB page, per side
 PROFILES = {  # quick: a smoke run in about a minute; full: the figures in docs/PERFORMANCE.md
-    "quick": {"pages": 300, "rounds": 8, "mem": 32 << 20, "proto_pages": 128, "build_reps": 1},
-    "full": {"pages": 2000, "rounds": 30, "mem": 64 << 20, "proto_pages": 512, "build_reps": 3},
+    "quick": {"pages": 300, "rounds": 8, "mem": 32 << 20, "proto_pages": 128, "build_reps": 1,
+              "lane_pages": 512, "lane_rounds": 1},
+    "full": {"pages": 2000, "rounds": 30, "mem": 64 << 20, "proto_pages": 512, "build_reps": 3,
+             "lane_pages": 2048, "lane_rounds": 2},
 }
 
 
@@ -157,6 +162,10 @@ def main() -> None:
     c = bench_crypto.run(prof["pages"], prof["rounds"])
     probe = vaes_probe.run(prof["rounds"], prof["pages"])
     runs, proto, cmp = measure_migration(prof, options, args.cbit)
+    lanes = bench_lanes.measure(MigrationParams(mem=prof["mem"], option=options[0],
+                                                cbit=args.cbit), prof["lane_pages"],
+                                prof["lane_rounds"])
+    sat = bench_lanes.saturation(c["helper_seal_loop"], c["helper_open_loop"])
     total = time.perf_counter() - t0
 
     mach = machine()
@@ -183,11 +192,17 @@ def main() -> None:
                 f"same helper, same pages, batched vs the RFC's one page per command "
                 f"(emulated cost of one exit: {cmp['emulated_cost_per_exit_ms']} ms)"))
     print()
+    print(bench_lanes.report(lanes))
+    print()
+    print(bench_lanes.saturation_report(sat, 4096 / c["helper_seal_loop"],
+                                        4096 / c["helper_open_loop"]))
+    print()
     print(f"image {b['image_bytes']} bytes (.text {b['text_bytes']}), goal < {IMAGE_GOAL}; "
           f"reproducible in-process: {b['reproducible']}; sha256 {b['sha256'][:16]}...; "
           f"whole run {total:.0f} s")
     print(json_line("issue8", profile="quick" if args.quick else "full", machine=mach,
                     crypto=c, probe=probe, migration=runs, protocol=proto, protocol_vs_rfc=cmp, build=b,
+                    lanes=lanes, lanes_to_saturate=sat,
                     total_s=round(total, 1)))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from unicorn import UcError
 
 from emulate.host import Mirror
-from emulate.machine import Exit
+from emulate.machine import Exit, VCpu
 from emulate.memctl import MemoryController
 from helperfw.runtime import protocol as P
 
@@ -92,11 +92,14 @@ class HelperChannel:
     steps it is made of (`ring`, `run`, `completion`) are public for hosts that misbehave
     (tests run a batch with an instruction budget or preempted, and inspect what came back)."""
 
-    def __init__(self, mc: MemoryController, mirror: Mirror) -> None:
+    def __init__(self, mc: MemoryController, mirror: Mirror, *, lane: int = 0,
+                 vcpu: VCpu | None = None, mailbox_hpa: int | None = None) -> None:
+        """Lane 0 by default; another lane (emulate/lanes.py) brings its vCPU and mailbox."""
         self.mc = mc
         self.mirror = mirror
-        self.vcpu = mirror.vcpu
-        self.mb = mirror.mailbox_hpa
+        self.lane = lane
+        self.vcpu = mirror.vcpu if vcpu is None else vcpu
+        self.mb = mirror.mailbox_hpa if mailbox_hpa is None else mailbox_hpa
         self.cmd_hpa = self.mb + P.COMMAND_OFFSET
         self.slot_hpa = self.mb + P.SLOTS_OFFSET
         self.slots = int(mirror.info.bootinfo.slots)  # type: ignore[attr-defined]
@@ -199,11 +202,11 @@ class HelperChannel:
         self._ok(P.OP_HELLO, self.batch(P.OP_HELLO))
         return self.reply()
 
-    def send_begin(self, ram_size: int, challenge: int) -> int:
-        """Open a sending session bound to the destination's challenge; returns the session id
-        the source helper drew."""
+    def send_begin(self, ram_size: int, challenge: int, lanes: int = 1) -> int:
+        """Open a sending session of `lanes` lanes bound to the destination's challenge;
+        returns the session id the source helper drew."""
         self._ok(P.OP_SEND_BEGIN, self.batch(P.OP_SEND_BEGIN, ram_size=ram_size,
-                                             challenge=challenge))
+                                             challenge=challenge, count=lanes))
         self.session_id = int(self.reply().session_id)
         return self.session_id
 
@@ -220,12 +223,18 @@ class HelperChannel:
         self._ok(op, self.batch(op))
         return self.mc.host_read(self.slot_hpa, P.EpochToken.size)
 
-    def recv_begin(self, ram_size: int) -> int:
-        """Open a receiving session; returns the challenge the destination helper drew, which
-        the host carries back to the source (QEMU's return path)."""
+    def recv_begin(self, ram_size: int, lanes: int = 1) -> int:
+        """Open a receiving session of `lanes` lanes; returns the challenge the destination
+        helper drew, which the host carries back to the source (QEMU's return path)."""
         self.session_id = 0
-        self._ok(P.OP_RECV_BEGIN, self.batch(P.OP_RECV_BEGIN, ram_size=ram_size))
+        self._ok(P.OP_RECV_BEGIN, self.batch(P.OP_RECV_BEGIN, ram_size=ram_size, count=lanes))
         return int(self.reply().challenge)
+
+    def join(self, challenge: int) -> None:
+        """Lanes > 0: join the session lane 0 published under `challenge` (its session id, on
+        the source, comes back in the reply)."""
+        self._ok(P.OP_JOIN, self.batch(P.OP_JOIN, challenge=challenge))
+        self.session_id = int(self.reply().session_id)
 
     def bind(self, session_id: int) -> None:
         """The session id (from the stream) that RECV-family commands name; the helper binds

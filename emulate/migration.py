@@ -43,6 +43,7 @@ from construct import Container
 from emulate import guest as G
 from emulate import workload
 from emulate.host import Host, default_layout
+from emulate.lanes import LaneWorkers, lane_channels, run_lanes, split_by_lane
 from emulate.mailbox import HelperChannel, status_name
 from emulate.memctl import PAGE
 from emulate.seeds import Seeds, transport_key
@@ -112,6 +113,7 @@ class MigrationParams:
     transport_key: bytes | None = None  # None: derived from `seed` (emulate.seeds)
     verify: bool = True
     sev_es: bool = False  # SEV-ES guest: no register access; the guest parks its vCPU (docs/PROTOCOL.md, "SEV-ES launch")
+    lanes: int = 1  # mirror vCPUs per helper, each driven from its own host thread (issue 13)
 
     @property
     def key(self) -> bytes:
@@ -216,7 +218,13 @@ class Source:
         self.mirror = self.host.create_mirror()
         self.ch = HelperChannel(self.host.mc, self.mirror)
         self.ch.hello()
+        self.lanes = lane_channels(self.host.mc, self.mirror, p.lanes, self.ch)
         self.skip = _page_set(self.host.helper_ram_ranges())
+
+    @property
+    def exits(self) -> int:
+        """Exits of every lane's mirror vCPU."""
+        return sum(c.exits for c in self.lanes)
 
     def _start_guest(self) -> None:
         h, p = self.host, self.p
@@ -298,6 +306,8 @@ class Destination:
         self.mirror = self.host.create_mirror()
         self.ch = HelperChannel(self.host.mc, self.mirror)
         self.ch.hello()
+        self.lanes = lane_channels(self.host.mc, self.mirror, p.lanes, self.ch)
+        self._workers = LaneWorkers(1)  # receive() puts one thread per lane here
         self.skip = _page_set(self.host.helper_ram_ranges())
         self.cpu: dict[str, int] | None = None
         self.ap_jump_table: int | None = None  # SEV-ES: where the parked guest resumes
@@ -311,15 +321,47 @@ class Destination:
     def open_session(self, ram_size: int) -> int:
         """RECV_BEGIN before the source starts: the helper draws the challenge the source's
         session must bind (the host carries it back to the source, as on QEMU's return path)."""
-        self.challenge = self.ch.recv_begin(ram_size)
+        self.challenge = self.ch.recv_begin(ram_size, len(self.lanes))
+        for c in self.lanes[1:]:
+            c.join(self.challenge)
         return self.challenge
 
+    @property
+    def exits(self) -> int:
+        return sum(c.exits for c in self.lanes)
+
     def receive(self, inp: BinaryIO) -> None:
-        """Apply the stream, each record through the handler of its kind (`_RECEIVERS`)."""
+        """Apply the stream, each record through the handler of its kind (`_RECEIVERS`); each
+        lane's records and tokens run on its own thread (in stream order per lane)."""
+        self._workers = LaneWorkers(len(self.lanes))
+        try:
+            self._receive(inp)
+            self._workers.drain()
+        finally:
+            self._workers.close()
+
+    def _recv_records(self, lane: int, addrs: list[int], records: list[bytes]) -> None:
+        st = self.lanes[lane].recv(addrs, records)
+        bad = [(hex(a), status_name(s)) for a, s in zip(addrs, st, strict=True) if s != 0]
+        if bad:
+            raise StreamError(f"destination helper refused {len(bad)} records: {bad[:4]}")
+
+    def _token(self, lane: int, op: int, token: bytes) -> None:
+        st = self.lanes[lane].put_token(op, token)
+        if st != 0:
+            what = "RECV_END_EPOCH" if op == P.OP_RECV_END_EPOCH else "RECV_FINISH"
+            raise StreamError(f"{what} refused: {status_name(st)} (lane {lane})")
+
+    def _lane(self, lane: int) -> int:
+        if not 0 <= lane < len(self.lanes):
+            raise StreamError(f"stream names lane {lane}; this session has {len(self.lanes)}")
+        return lane
+
+    def _receive(self, inp: BinaryIO) -> None:
         for rec in read_stream(inp):
             started = self.timeline.now()
             self._RECEIVERS[rec.kind](self, rec.body)
-            self.timeline.received(rec.kind, rec.body, started, self.ch.exits)
+            self.timeline.received(rec.kind, rec.body, started, self.exits)
 
     def _on_session(self, b: Container) -> None:
         """The source's session must fit this host (option, C-bit, RAM blocks, where the helper
@@ -337,7 +379,11 @@ class Destination:
         if b.challenge != self.challenge:
             raise StreamError(f"stream bound to challenge {b.challenge:#x}, this "
                               f"destination's session drew {self.challenge:#x}")
-        ch.bind(b.session_id)
+        if b.lanes != len(self.lanes):
+            raise StreamError(f"stream of {b.lanes} lanes, this destination's session has "
+                              f"{len(self.lanes)}")
+        for c in self.lanes:
+            c.bind(b.session_id)
         self.session_id = b.session_id
 
     def _on_shared_list(self, b: Container) -> None:
@@ -351,26 +397,32 @@ class Destination:
         self.counts["shared"] += len(b.pages)
 
     def _on_private_pages(self, b: Container) -> None:
-        """Sealed pages: only the destination helper can install them; any refusal ends it."""
+        """Sealed pages: only the destination helper can install them, on the lane the stream
+        names (the helper refuses another lane's pages); any refusal ends it."""
         addrs = [pg.ram_addr for pg in b.pages]
         for a in addrs:
             self._check_target(a)
-        st = self.ch.recv(addrs, [pg.record for pg in b.pages])
-        bad = [(hex(a), status_name(s)) for a, s in zip(addrs, st, strict=True) if s != 0]
-        if bad:
-            raise StreamError(f"destination helper refused {len(bad)} records: {bad[:4]}")
+        lane = self._lane(b.lane)
+        self._workers.submit(lane, functools.partial(self._recv_records, lane, addrs,
+                                                     [bytes(pg.record) for pg in b.pages]))
         self.counts["private"] += len(addrs)
 
     def _on_epoch_token(self, b: Container) -> None:
-        st = self.ch.put_token(P.OP_RECV_END_EPOCH, b.token)
-        if st != 0:
-            raise StreamError(f"RECV_END_EPOCH refused: {status_name(st)}")
+        lane = self._lane(b.lane)
+        self._workers.submit(lane, functools.partial(self._token, lane, P.OP_RECV_END_EPOCH,
+                                                     bytes(b.token)))
         self.counts["epochs"] += 1
 
     def _on_finish(self, b: Container) -> None:
-        st = self.ch.put_token(P.OP_RECV_FINISH, b.token)
-        if st != 0:
-            raise StreamError(f"RECV_FINISH refused: {status_name(st)}")
+        """Lanes 1.. finish on their threads; lane 0 checks every lane, so it goes last, once
+        they all have."""
+        lane = self._lane(b.lane)
+        if lane:
+            self._workers.submit(lane, functools.partial(self._token, lane, P.OP_RECV_FINISH,
+                                                         bytes(b.token)))
+            return
+        self._workers.drain()
+        self._token(0, P.OP_RECV_FINISH, bytes(b.token))
         self.finished = True
         self.finished_at = self.timeline.event(FINISHED)
 
@@ -447,6 +499,7 @@ class Migration:
         """Send `addrs` (shared raw, private sealed in batches); the guest runs between batches
         if `guest_runs`. Returns (private, shared) counts."""
         h, ch, p = self.src.host, self.src.ch, self.p
+        lanes = self.src.lanes
         priv = [a for a in addrs if not h.shared.is_shared(a)]
         shared = [a for a in addrs if h.shared.is_shared(a)]
         for i in range(0, len(shared), ch.slots):
@@ -455,32 +508,43 @@ class Migration:
             w.put_shared([(a, h.read_raw(a)) for a in chunk])
             self.timeline.batch(SOURCE, SHARED, len(chunk), started)
             self.progress("pages", len(chunk))
-        for batches, i in enumerate(range(0, len(priv), ch.slots), 1):
-            chunk = priv[i : i + ch.slots]
-            if self._epoch_count + len(chunk) > p.epoch_records:
+        parts = split_by_lane(priv, len(lanes))
+        waves = max(-(-len(part) // ch.slots) for part in parts) if priv else 0
+        for batches in range(1, waves + 1):  # a wave: one batch per lane, the lanes at once
+            lo = (batches - 1) * ch.slots
+            chunks = [part[lo : lo + ch.slots] for part in parts]
+            if self._epoch_count + max(len(c) for c in chunks) > p.epoch_records:
                 self._end_epoch(w)
             started = self.timeline.now()
-            w.put_private(chunk, ch.send(chunk))
-            self.timeline.batch(SOURCE, PRIVATE, len(chunk), started)
-            self._epoch_count += len(chunk)
-            self.progress("pages", len(chunk))
+            recs = run_lanes([functools.partial(c.send, chunk) if chunk else list
+                              for c, chunk in zip(lanes, chunks, strict=True)])
+            for lane, (chunk, r) in enumerate(zip(chunks, recs, strict=True)):
+                if chunk:
+                    w.put_private(chunk, r, lane)
+                    self.timeline.batch(SOURCE, PRIVATE, len(chunk), started)
+            self._epoch_count += max(len(c) for c in chunks)
+            self.progress("pages", sum(len(c) for c in chunks))
             if guest_runs and batches % p.slice_every == 0:
                 self.src.run_guest(p.guest_slice)
                 self._slices += 1
         return len(priv), len(shared)
 
     def _end_epoch(self, w: StreamWriter) -> None:
-        w.put_epoch_token(self.src.ch.token(P.OP_SEND_END_EPOCH))
-        self._epoch_count = 0
+        """Epochs are global: every lane ends it and sends its own token."""
+        for lane, c in enumerate(self.src.lanes):
+            w.put_epoch_token(c.token(P.OP_SEND_END_EPOCH), lane)
+        self._epoch_count = 0  # the fullest lane's records in the epoch
 
     def _source(self, w: StreamWriter) -> None:
         src, p = self.src, self.p
         h = src.host
         ram_size = self.window()
-        sid = src.ch.send_begin(ram_size, self.challenge)
+        sid = src.ch.send_begin(ram_size, self.challenge, len(src.lanes))
+        for c in src.lanes[1:]:
+            c.join(self.challenge)
         self.session_id = sid
         w.write(SESSION, session_id=sid, challenge=self.challenge, option=p.option,
-                c_bit=p.cbit, ram_size=ram_size,
+                c_bit=p.cbit, ram_size=ram_size, lanes=len(src.lanes),
                 page_size=PAGE, protocol=P.PROTOCOL_VERSION.value,
                 blocks=[{"name": b.name, "offset": b.offset, "size": b.size} for b in h.blocks],
                 helper_ranges=[{"ram_addr": a, "length": n} for a, n in h.helper_ram_ranges()])
@@ -513,12 +577,13 @@ class Migration:
             w.write(VCPU_PARKED, ap_jump_table=h.vm.ghcb.ap_jump_table)
         else:
             w.write(CPU_STATE, **src.cpu_state())
-        w.write(FINISH, token=src.ch.token(P.OP_SEND_FINISH))
+        for lane in [*range(1, len(src.lanes)), 0]:  # lane 0's last: it checks the others
+            w.write(FINISH, lane=lane, token=src.lanes[lane].token(P.OP_SEND_FINISH))
         self.rounds.append(RoundStats(rnd, len(dirty), npriv, nshared, 0, 0,
                                       time.perf_counter() - t0, final=True))
         w.end()
         self.timeline.event(SOURCE_END)
-        self.timeline.close(SOURCE, src.ch.exits, self._guest_exits())
+        self.timeline.close(SOURCE, src.exits, self._guest_exits())
         self.progress("done", 0)
 
     def _round(self, w: StreamWriter, rnd: int, todo: list[int], *, final: bool) -> tuple[int, int]:
@@ -527,7 +592,7 @@ class Migration:
         Returns (private, shared) pages sent."""
         src = self.src
         self.progress("round", len(todo))
-        self.timeline.round(SOURCE, rnd, final, src.ch.exits, self._guest_exits())
+        self.timeline.round(SOURCE, rnd, final, src.exits, self._guest_exits())
         w.write(SHARED_LIST, ranges=[{"ram_addr": a, "length": n}
                                      for a, n in src.host.shared.ranges()])
         w.write(ROUND, round=rnd, pages=len(todo), final=int(final))
@@ -577,7 +642,7 @@ class Migration:
             raise ValueError(f"unknown transport {kind!r} (memory, file:PATH, tcp[:HOST:PORT])")
         seconds = time.perf_counter() - t0
         res = MigrationResult(self.p, self.rounds, w.private_pages, w.shared_pages, w.bytes,
-                              w.records, w.epochs, self.src.ch.exits - 1, self.dst.ch.exits - 1,
+                              w.records, w.epochs, self.src.exits - 1, self.dst.exits - 1,
                               seconds, self.session_id, self.challenge)
         res.guest_exits = self._guest_exits()
         res.timeline = self.timeline

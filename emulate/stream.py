@@ -37,6 +37,7 @@ from construct import (
     Bytes,
     Const,
     ConstructError,
+    Default,
     Int8ul,
     Int16ul,
     Int32ul,
@@ -49,7 +50,7 @@ from construct import (
 from helperfw.runtime import protocol as P
 
 STREAM_MAGIC = b"MHMS"
-STREAM_VERSION = 2  # follows the helper's protocol: v2 records, challenge in SESSION
+STREAM_VERSION = 3  # v2 records, challenge in SESSION; 3: lanes (records and tokens tagged)
 PAGE = P.PAGE_SIZE
 RECORD_SIZE = P.SLOT_SIZE  # envelope + ciphertext
 TOKEN_SIZE = P.EpochToken.size
@@ -75,6 +76,7 @@ BODIES = {
         "session_id" / Int64ul, "challenge" / Int64ul, "option" / Int32ul, "c_bit" / Int32ul,
         "ram_size" / Int64ul,
         "page_size" / Int32ul, "protocol" / Int32ul,
+        "lanes" / Default(Int8ul, 1),  # the session's lanes (docs/PROTOCOL.md, "Lanes")
         "blocks" / PrefixedArray(Int8ul, Block),
         "helper_ranges" / PrefixedArray(Int16ul, Range),
     ),
@@ -82,10 +84,10 @@ BODIES = {
     ROUND: Struct("round" / Int32ul, "pages" / Int64ul, "final" / Int8ul),
     SHARED_PAGES: Struct("pages" / PrefixedArray(Int16ul, Struct(
         "ram_addr" / Int64ul, "data" / Bytes(PAGE)))),
-    PRIVATE_PAGES: Struct("pages" / PrefixedArray(Int16ul, Struct(
+    PRIVATE_PAGES: Struct("lane" / Default(Int8ul, 0), "pages" / PrefixedArray(Int16ul, Struct(
         "ram_addr" / Int64ul, "record" / Bytes(RECORD_SIZE)))),
-    EPOCH_TOKEN: Struct("token" / Bytes(TOKEN_SIZE)),
-    FINISH: Struct("token" / Bytes(TOKEN_SIZE)),
+    EPOCH_TOKEN: Struct("lane" / Default(Int8ul, 0), "token" / Bytes(TOKEN_SIZE)),
+    FINISH: Struct("lane" / Default(Int8ul, 0), "token" / Bytes(TOKEN_SIZE)),  # lane 0's last
     CPU_STATE: Struct(*(name / Int64ul for name in GPRS)),
     VCPU_PARKED: Struct("ap_jump_table" / Int64ul),
     END: Struct("records" / Int64ul, "private_pages" / Int64ul, "shared_pages" / Int64ul,
@@ -131,17 +133,17 @@ class StreamWriter:
         self.records += 1
 
     # typed helpers -----------------------------------------------------------------------------
-    def put_private(self, ram_addrs: list[int], records: list[bytes]) -> None:
-        self.write(PRIVATE_PAGES, pages=[{"ram_addr": a, "record": r}
-                                         for a, r in zip(ram_addrs, records, strict=True)])
+    def put_private(self, ram_addrs: list[int], records: list[bytes], lane: int = 0) -> None:
+        self.write(PRIVATE_PAGES, lane=lane, pages=[
+            {"ram_addr": a, "record": r} for a, r in zip(ram_addrs, records, strict=True)])
         self.private_pages += len(records)
 
     def put_shared(self, pages: list[tuple[int, bytes]]) -> None:
         self.write(SHARED_PAGES, pages=[{"ram_addr": a, "data": d} for a, d in pages])
         self.shared_pages += len(pages)
 
-    def put_epoch_token(self, token: bytes) -> None:
-        self.write(EPOCH_TOKEN, token=token)
+    def put_epoch_token(self, token: bytes, lane: int = 0) -> None:
+        self.write(EPOCH_TOKEN, lane=lane, token=token)
         self.epochs += 1
 
     def end(self) -> None:

@@ -395,13 +395,14 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
     layout = default_layout(args.mem)
     p = MigrationParams(mem=args.mem, option=option, cbit=args.cbit, seed=args.seed,
                         image=args.image, transport=args.transport, max_rounds=args.max_rounds,
-                        converge_pages=args.converge, sev_es=args.sev_es)
+                        converge_pages=args.converge, sev_es=args.sev_es, lanes=args.lanes)
     blocks = ", ".join(f"{b.name} {_mib(b.size)} " + (f"@ GPA {b.gpa:#x}" if b.gpa is not None
                                                         else "unplugged")
                        for b in layout)
     platform = "SEV-ES" if args.sev_es else "SEV"
     print(f"migrate: {_mib(args.mem)} {platform} guest ({blocks}); option {args.option}, C-bit "
-          f"{args.cbit}, transport {args.transport}, seed {args.seed}", file=out)
+          f"{args.cbit}, transport {args.transport}, seed {args.seed}, lanes {args.lanes}",
+          file=out)
     print(f"helper: {args.image}", file=out)
     bar = None if args.no_progress else tqdm(total=0, unit="page", desc="booting",
                                             file=sys.stderr, dynamic_ncols=True)
@@ -535,6 +536,8 @@ def register_migrate(subparsers: argparse._SubParsersAction) -> None:  # type: i
                    help="stop-and-copy once a round leaves at most this many dirty pages")
     p.add_argument("--sev-es", action="store_true",
                    help="SEV-ES guests: registers hidden from the host, the guest parks its vCPU")
+    p.add_argument("--lanes", type=_int_at_least(1), default=1,
+                   help="mirror vCPUs per helper, each driven by its own host thread (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report", type=Path, metavar="PATH.html|PATH.svg",
                    help="write a report with charts (needs the 'plot' extra)")

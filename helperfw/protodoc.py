@@ -119,20 +119,24 @@ stream from this section alone (`tests/session_host.py` and `tests/hostile_commo
   a helper whose memory the host rolled back may seal two inputs under one nonce, which reveals
   only whether they were equal.
 * **Page record** (`Envelope` + 4096 bytes of ciphertext): magic `MHP2` ({env_magic:#010x}),
-  flags 0, reserved 0; nonce = `epoch (u32 LE) ‖ seq (u64 LE)`; AAD = envelope bytes
-  0x00–0x{env_aad_last:02X}; plaintext = the page. The first epoch is {first_epoch}; epochs
-  count up by one per closed epoch. `seq` starts at {first_seq} in each session and increases
-  by one per record, across epochs, never reused. The challenge field repeats the
-  destination's challenge.
+  flags 0, `lane` = the lane that sealed it; nonce = `epoch (u32 LE) ‖ seq (u64 LE)`; AAD =
+  envelope bytes 0x00–0x{env_aad_last:02X}; plaintext = the page. The first epoch is
+  {first_epoch}; epochs count up by one per closed epoch. Each lane has its own seq space:
+  lane `l`'s seqs are `(l << {lane_shift}) | n`, `n` starting at {first_seq} in each session
+  and increasing by one per record of the lane, across epochs, never reused (with one lane:
+  {first_seq}, {first_seq} + 1, ...). The challenge field repeats the destination's
+  challenge.
 * **Epoch token** (`EpochToken`, magic `MHE2` = {tok_magic:#010x}): seals the epoch it closes:
   `count` = records sealed in the epoch, `first_seq` = the epoch's first seq (its records carry
   `[first_seq, first_seq + count)`), `set_hash` = XOR over the epoch's records of
   `AES256_Ka(ram_addr (u64 LE) ‖ seq (u64 LE))`, `total_records` = records sealed in the
-  session so far, epoch included. Empty plaintext, AAD = bytes 0x00–0x{tok_aad_last:02X},
-  nonce = `epoch ‖ 0` (no record has seq 0). An epoch holds at most {epoch_max} records.
+  session so far, epoch included, all counted per lane (each lane seals its own token). Empty
+  plaintext, AAD = bytes 0x00–0x{tok_aad_last:02X}, nonce = `epoch ‖ (lane << {lane_shift})`
+  (no record's seq has `n` = 0). An epoch holds at most {epoch_max} records per lane.
 * **Finish token** (same layout, magic `MHF2` = {fin_magic:#010x}): `epoch` = the last closed
-  epoch (0 if none), `count` = 0, `first_seq` = the seq the next record would have had,
-  `set_hash` = 0, `total_records` = records in the session; nonce = `{finish_epoch:#x} ‖ 0`.
+  epoch (0 if none), `count` = the session's lanes − 1, `first_seq` = the seq the lane's next
+  record would have had, `set_hash` = 0, `total_records` = records of the lane in the session;
+  nonce = `{finish_epoch:#x} ‖ (lane << {lane_shift})`.
 * **Accepting a record** (destination): session id and challenge match the session, epoch is
   the current one, seq lies in the epoch's window and was not seen, no record of the same
   `ram_addr` was installed earlier in the epoch, the entry's `ram_addr` equals the envelope's,
@@ -145,6 +149,55 @@ stream from this section alone (`tests/session_host.py` and `tests/hostile_commo
 * **Fail closed**: once a receiving session has refused anything (a record entry, a token, a
   `RECV*` batch), it is poisoned and `RECV_FINISH` can never succeed. An honest host never
   causes a refusal.
+"""
+
+
+LANES = """\
+## Lanes
+
+The helper serves `BootInfo.lanes` mirror vCPUs ("lanes"), fixed at driver load
+(`MhConfig.lanes`, 0 = {default_lanes}, at most {max_lanes}). Lane `l` has its own mailbox
+(`BootInfo.lane_info[l].mailbox_gpa`; the mailboxes are contiguous, {mailbox_pages} pages
+each, lane `l`'s right after lane `l − 1`'s), its own stack (the host starts lane `l`'s vCPU
+with `rsp = lane_info[l].rsp`, the same `rip` and `cr3`; the stack tells the helper which
+lane it serves) and its own private state. Lane 0's fields repeat BootInfo's single-lane
+fields, so a one-lane host needs nothing else.
+
+* **Begin and JOIN.** `SEND_BEGIN` and `RECV_BEGIN` run on lane 0 only (`E_LANE` elsewhere);
+  `Command.count` is the number of lanes the session uses (0 or 1: lane 0 alone; more than
+  `BootInfo.lanes` is `E_BAD_COUNT`). Lane 0 then **publishes** the session in its private
+  memory: it makes the publication's generation odd, writes state, lanes, session id,
+  challenge and window size, and writes the generation, now even, **last**. Lanes
+  1 … count − 1 then take `OP_JOIN` (op {op_join}) with `Command.challenge` = the session's
+  challenge: the lane reads the generation, the fields, and the generation again, and joins
+  only if both reads are the same even, non-zero value and the challenge matches; otherwise
+  `E_UNPUBLISHED` (nothing begun, a publication under way, the session ended, another
+  challenge). `E_LANE` for JOIN on lane 0 or on a lane ≥ count; `E_BAD_STATE` for a lane in a
+  session, or joining the same publication twice. The reply (slot 0 of the lane's mailbox) is
+  the `HelloReply`. A source lane derives `K_s`, `K_a` itself; a destination lane binds the
+  session id from its first `RECV`-family command, like lane 0.
+* **Page ownership.** Page `ram_addr` belongs to lane `(ram_addr >> {lane_page_shift}) mod
+  lanes` (round robin by page, so any dirty run spreads over every lane). A lane refuses a page
+  of another lane with `E_LANE`, on the source (SEND) and on the destination (RECV); a record
+  whose envelope names another lane is `E_HEADER`. No page, seq, seen-bitmap bit or install
+  table entry is ever shared by two lanes, so lanes run in parallel with no lock or atomic
+  operation while pages move.
+* **Key and nonces.** All lanes use the session's one `K_s` and `K_a`; the lane number is the
+  top byte of every seq (`seq = (lane << {lane_shift}) | n`) and of every token's nonce, so no
+  two lanes ever use the same nonce, and a lane's record or token does not verify on another
+  lane (the destination checks the seq lies in its own lane's window).
+* **Epochs stay global.** The host ends epoch `e` on every lane (`*_END_EPOCH`), each lane
+  emitting and checking its own token; every lane of a session closes the same number of
+  epochs. `SEND_FINISH` runs on every lane. On the destination the host runs `RECV_FINISH` on
+  lanes 1 … count − 1 first, then on lane 0, which checks its own finish token and then every
+  other lane: each lane of the session must be `DONE` by its own finish token in this very
+  publication (generation), with the same session id, challenge and epoch count and no
+  refusal; a lane outside the session must hold no pages of an unfinished session. Anything
+  else — a lane missing, incomplete, poisoned, or from another session — is `E_INCOMPLETE` and
+  poisons the session. The finish token's `count` (lanes − 1) binds the source's lane count to
+  the destination's.
+* **One-shot, per helper.** Installs count per lane: once any lane installed a page of a
+  receiving session that did not finish, every later `*_BEGIN` on lane 0 is `E_DISCARDED`.
 """
 
 
@@ -271,7 +324,12 @@ def generate() -> str:
             version=P.PROTOCOL_VERSION.value, rdrand_tries=RDRAND_TRIES,
             env_magic=P.ENVELOPE_MAGIC, tok_magic=P.TOKEN_MAGIC, fin_magic=P.FINISH_MAGIC,
             env_aad_last=P.ENVELOPE_AAD_LEN - 1, tok_aad_last=P.TOKEN_AAD_LEN - 1,
-            first_epoch=P.FIRST_EPOCH, first_seq=P.FIRST_SEQ, finish_epoch=P.FINISH_EPOCH),
+            first_epoch=P.FIRST_EPOCH, first_seq=P.FIRST_SEQ, finish_epoch=P.FINISH_EPOCH,
+            lane_shift=P.LANE_SHIFT),
+        LANES.format(
+            default_lanes=P.DEFAULT_LANES, max_lanes=P.MAX_LANES,
+            mailbox_pages=P.MAILBOX_PAGES, op_join=P.OP_JOIN,
+            lane_page_shift=P.LANE_PAGE_SHIFT, lane_shift=P.LANE_SHIFT),
         SEV_ES_LAUNCH.format(
             vc=platform.X86_TRAP_VC, ghcb_msr=platform.MSR_AMD64_SEV_ES_GHCB,
             cpuid=platform.SVM_EXIT_CPUID, ioio=platform.SVM_EXIT_IOIO,

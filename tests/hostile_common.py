@@ -43,24 +43,26 @@ class Forger:
 
     def record(self, ram_addr: int, plaintext: bytes, *, epoch: int, seq: int,
                magic: int = P.ENVELOPE_MAGIC, flags: int = 0, sid: int | None = None,
-               reserved: int = 0, challenge: int | None = None,
+               lane: int = 0, challenge: int | None = None,
                nonce: tuple[int, int] | None = None) -> bytes:
         sid = self.sid if sid is None else sid
         ch = self.challenge if challenge is None else challenge
-        aad = _ENV.pack(magic, flags, ram_addr, sid, epoch, reserved, seq, ch)
+        aad = _ENV.pack(magic, flags, ram_addr, sid, epoch, lane, seq, ch)
         ne, ns = nonce or (epoch, seq)
         ct = self.aead.encrypt(struct.pack("<IQ", ne, ns), plaintext, aad)
         return aad + ct[-16:] + ct[:-16]
 
     def token(self, *, epoch: int, count: int, first_seq: int, set_hash: bytes, total: int,
               magic: int = P.TOKEN_MAGIC, sid: int | None = None, challenge: int | None = None,
-              nonce_epoch: int | None = None) -> bytes:
+              nonce_epoch: int | None = None, lane: int = 0) -> bytes:
+        """Lane `lane`'s token: its nonce's seq half is lane << LANE_SHIFT."""
         sid = self.sid if sid is None else sid
         ch = self.challenge if challenge is None else challenge
         aad = _TOK.pack(magic, epoch, sid, count, first_seq, set_hash, total, ch)
         if nonce_epoch is None:
             nonce_epoch = FINISH_EPOCH if magic == P.FINISH_MAGIC else epoch
-        return aad + self.aead.encrypt(struct.pack("<IQ", nonce_epoch, 0), b"", aad)
+        return aad + self.aead.encrypt(struct.pack("<IQ", nonce_epoch, lane << P.LANE_SHIFT), b"",
+                                         aad)
 
     def open(self, record: bytes) -> bytes | None:
         """The plaintext of a record, or None if it does not verify under this session."""

@@ -7,7 +7,7 @@ Generator: a seeded host that mixes well-formed traffic with mutations, so the f
 the first validation into every op's deep paths. It mints *authentic* records and tokens with
 the transport key (tests.hostile_common.Forger): fresh valid records, authentic records wrong in
 exactly one checked way (stale epoch, seq outside the window or already seen, another session id
-or challenge, re-addressed, a non-zero flags/reserved/magic), replays of records and tokens the
+or challenge, re-addressed, a non-zero flags/lane/magic), replays of records and tokens the
 helper itself produced, bit flips, random and truncated bytes; genuine epoch and finish tokens
 with any one bit flipped (a field or the tag) or re-sealed with one field changed; counts,
 ram_addrs, flags, window sizes, challenges and op codes drawn from boundary values and random
@@ -489,7 +489,7 @@ class Fuzzer:
         elif how == 5:
             kw["challenge"] = rng.choice(self.challenges)
         elif how == 6:
-            kw[rng.choice(["flags", "reserved", "magic"])] = rng.choice(
+            kw[rng.choice(["flags", "lane", "magic"])] = rng.choice(
                 [1 << rng.randrange(32), rng.getrandbits(32)])
         elif m.seen:  # a seq this epoch already accepted, for another page
             kw["seq"] = rng.choice(sorted(m.seen))

@@ -7,7 +7,7 @@ count and per-entry statuses it must publish; the exact bytes of every record, t
 HelloReply it writes (except the RDRAND values, which it takes from the helper's reply); and
 exactly which guest pages a RECV installs, with which plaintext. It holds the transport key, so
 it can tell apart refusals a keyless host can only observe in aggregate: an authentic record
-with a wrong session_id, reserved field or duplicated seq, a token whose count, first seq,
+with a wrong session_id, lane field or duplicated seq, a token whose count, first seq,
 total, set-hash or epoch is wrong but whose tag is right.
 
 The model is exact while it is *in sync* with the helper's private state. A host that rolls
@@ -410,8 +410,8 @@ class HelperModel:
 
     def open_record(self, ram_addr: int, slot: bytes) -> tuple[int, bytes | None]:
         """The destination's decision on one record for `ram_addr` (and its plaintext)."""
-        magic, flags, env_addr, sid, epoch, reserved, seq, challenge = ENV.unpack_from(slot)
-        if magic != P.ENVELOPE_MAGIC or flags or reserved:
+        magic, flags, env_addr, sid, epoch, lane, seq, challenge = ENV.unpack_from(slot)
+        if magic != P.ENVELOPE_MAGIC or flags or lane:  # the model is lane 0 of one lane
             return ST["E_HEADER"], None
         if env_addr != ram_addr:
             return ST["E_HEADER"], None

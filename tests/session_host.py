@@ -32,7 +32,8 @@ _IMAGE: NativeImage | None = None
 def image() -> NativeImage:
     global _IMAGE
     if _IMAGE is None:
-        _IMAGE = NativeImage(build([S.mh_test_process, S.mh_test_ctx_init]).image)
+        _IMAGE = NativeImage(build([S.mh_test_process, S.mh_test_ctx_init,
+                                    S.mh_test_lane_process, S.mh_test_lane_init]).image)
     return _IMAGE
 
 
@@ -58,9 +59,11 @@ def set_hash(key: bytes, session_id: int, challenge: int, records: list[tuple[in
 
 
 class NativeHelper:
-    """One helper instance: private context, mailbox and a RAM window of `ram_pages` pages."""
+    """One helper instance: private context, mailbox and a RAM window of `ram_pages` pages;
+    with `lanes` > 1 also lanes 1.. (each its own LaneCtx and mailbox, as the driver sets up)."""
 
-    def __init__(self, key: bytes, ram_pages: int = 64, self_pages: tuple[int, int] = (0, 0)):
+    def __init__(self, key: bytes, ram_pages: int = 64, self_pages: tuple[int, int] = (0, 0),
+                 lanes: int = 1):
         self.img = image()
         self._ctx_raw, self.ctx = _aligned(S.HelperCtx.size)
         self._mb_raw, self.mailbox = _aligned(P.MAILBOX_PAGES * PAGE)
@@ -72,8 +75,18 @@ class NativeHelper:
                           self.ram, 1 << 40, self.pool, 32, self_pages[0] * PAGE,
                           self_pages[1] * PAGE, restype=ctypes.c_int32)
         assert r == 0
-        self.bell = 0
         self.session_id = 0  # the session RECV-family commands name
+        self.lane_ctx = [self.ctx + S.LANE0]
+        self.mailboxes = [self.mailbox]
+        self.bells = [0] * lanes
+        self._keep: list[ctypes.Array] = []
+        for lane in range(1, lanes):
+            raw_c, lc = _aligned(S.LaneCtx.size)
+            raw_m, mb = _aligned(P.MAILBOX_PAGES * PAGE)
+            self._keep += [raw_c, raw_m]
+            self.img.call("mh_test_lane_init", self.ctx, lane, lc, mb, restype=None)
+            self.lane_ctx.append(lc)
+            self.mailboxes.append(mb)
 
     # -- raw memory -------------------------------------------------------------------------
     def read(self, addr: int, n: int) -> bytes:
@@ -88,12 +101,17 @@ class NativeHelper:
     def set_page(self, ram_addr: int, data: bytes) -> None:
         self.write(self.ram + ram_addr, data)
 
-    def slot(self, i: int) -> int:
-        return self.mailbox + P.SLOTS_OFFSET + i * P.SLOT_SIZE
+    def slot(self, i: int, lane: int = 0) -> int:
+        return self.mailboxes[lane] + P.SLOTS_OFFSET + i * P.SLOT_SIZE
+
+    @property
+    def bell(self) -> int:
+        return self.bells[0]
 
     # -- the doorbell ------------------------------------------------------------------------
-    def command(self, op: int, entries=(), **fields) -> tuple[int, list[int]]:
-        """Write Command (RECV-family ops name self.session_id unless given), ring, process."""
+    def command(self, op: int, entries=(), lane: int = 0, **fields) -> tuple[int, list[int]]:
+        """Write lane `lane`'s Command (RECV-family ops name self.session_id unless given),
+        ring its doorbell, process the batch on its context."""
         ents = [{"ram_addr": a, "flags": f, "status": 0} for a, f in entries]
         count = fields.pop("count", len(ents))
         if op in (P.OP_RECV, P.OP_RECV_END_EPOCH, P.OP_RECV_FINISH):
@@ -102,50 +120,78 @@ class NativeHelper:
                   "ram_size": 0, "challenge": 0, **fields}
         ents += [{"ram_addr": 0, "flags": 0, "status": 0}] * (P.MAX_SLOTS - len(ents))
         raw = P.Command.build(op=op, count=count, entries=ents, **fields)
-        self.write(self.mailbox + P.COMMAND_OFFSET, raw)
-        self.bell += 1
-        self.write(self.mailbox + P.CONTROL_OFFSET, struct.pack("<Q", self.bell))
-        status = self.img.call("mh_test_process", self.ctx, restype=ctypes.c_int32)
-        ctl = P.Control.parse(self.read(self.mailbox + P.CONTROL_OFFSET, P.Control.size))
-        assert ctl.completed == self.bell and ctl.status == status
-        cmd = P.Command.parse(self.read(self.mailbox + P.COMMAND_OFFSET, P.Command.size))
+        mb = self.mailboxes[lane]
+        self.write(mb + P.COMMAND_OFFSET, raw)
+        self.bells[lane] += 1
+        self.write(mb + P.CONTROL_OFFSET, struct.pack("<Q", self.bells[lane]))
+        status = self.img.call("mh_test_lane_process", self.lane_ctx[lane],
+                               restype=ctypes.c_int32)
+        ctl = P.Control.parse(self.read(mb + P.CONTROL_OFFSET, P.Control.size))
+        assert ctl.completed == self.bells[lane] and ctl.status == status
+        cmd = P.Command.parse(self.read(mb + P.COMMAND_OFFSET, P.Command.size))
         return status, [cmd.entries[i].status for i in range(len(entries))]
 
-    def reply(self) -> P.HelloReply:
-        return P.HelloReply.parse(self.read(self.slot(0), P.HelloReply.size))
+    def reply(self, lane: int = 0) -> P.HelloReply:
+        return P.HelloReply.parse(self.read(self.slot(0, lane), P.HelloReply.size))
+
+    def join(self, lane: int, challenge: int) -> int:
+        """JOIN on lane `lane`: the session lane 0 published under `challenge`."""
+        return self.command(P.OP_JOIN, lane=lane, challenge=challenge)[0]
+
+    def lane_state(self, lane: int, name: str) -> int:
+        """A field of lane `lane`'s private LaneCtx (what a test may inspect or roll back)."""
+        off = S.LaneCtx.offset(name)
+        return int.from_bytes(self.read(self.lane_ctx[lane] + off, 8), "little")
+
+    def lane_snapshot(self, lane: int) -> bytes:
+        """Lane `lane`'s whole private state (a host's snapshot of its pages)."""
+        return self.read(self.lane_ctx[lane], S.LaneCtx.size)
+
+    def lane_restore(self, lane: int, saved: bytes) -> None:
+        self.write(self.lane_ctx[lane], saved)
 
     # -- source side -------------------------------------------------------------------------
-    def send_begin(self, challenge: int) -> int:
-        st, _ = self.command(P.OP_SEND_BEGIN, ram_size=self.ram_size, challenge=challenge)
+    def send_begin(self, challenge: int, lanes: int = 1) -> int:
+        """SEND_BEGIN on lane 0 for `lanes` lanes, then JOIN on lanes 1.."""
+        st, _ = self.command(P.OP_SEND_BEGIN, ram_size=self.ram_size, challenge=challenge,
+                             count=lanes)
         assert st == 0, st
         self.session_id = self.reply().session_id
+        for lane in range(1, lanes):
+            st = self.join(lane, challenge)
+            assert st == 0, (lane, st)
         return self.session_id
 
-    def send(self, ram_addrs: list[int]) -> tuple[list[int], list[bytes]]:
-        st, statuses = self.command(P.OP_SEND, [(a, 0) for a in ram_addrs])
+    def send(self, ram_addrs: list[int], lane: int = 0) -> tuple[list[int], list[bytes]]:
+        st, statuses = self.command(P.OP_SEND, [(a, 0) for a in ram_addrs], lane=lane)
         assert st == 0
-        return statuses, [self.read(self.slot(i), P.SLOT_SIZE) for i in range(len(ram_addrs))]
+        return statuses, [self.read(self.slot(i, lane), P.SLOT_SIZE)
+                          for i in range(len(ram_addrs))]
 
-    def token(self, op: int) -> tuple[int, bytes]:
-        st, _ = self.command(op)
-        return st, self.read(self.slot(0), P.EpochToken.size)
+    def token(self, op: int, lane: int = 0) -> tuple[int, bytes]:
+        st, _ = self.command(op, lane=lane)
+        return st, self.read(self.slot(0, lane), P.EpochToken.size)
 
     # -- destination side --------------------------------------------------------------------
-    def recv_begin(self) -> tuple[int, int]:
-        """(status, challenge)."""
-        st = self.command(P.OP_RECV_BEGIN, ram_size=self.ram_size)[0]
-        return st, (self.reply().challenge if st == 0 else 0)
+    def recv_begin(self, lanes: int = 1) -> tuple[int, int]:
+        """(status, challenge): RECV_BEGIN on lane 0 for `lanes` lanes, then JOIN on the rest."""
+        st = self.command(P.OP_RECV_BEGIN, ram_size=self.ram_size, count=lanes)[0]
+        ch = self.reply().challenge if st == 0 else 0
+        for lane in range(1, lanes if st == 0 else 1):
+            j = self.join(lane, ch)
+            assert j == 0, (lane, j)
+        return st, ch
 
-    def recv(self, records: list[tuple[int, bytes]]) -> list[int]:
+    def recv(self, records: list[tuple[int, bytes]], lane: int = 0) -> list[int]:
         for i, (_, rec) in enumerate(records):
-            self.write(self.slot(i), rec)
-        st, statuses = self.command(P.OP_RECV, [(a, 0) for a, _ in records])
+            self.write(self.slot(i, lane), rec)
+        st, statuses = self.command(P.OP_RECV, [(a, 0) for a, _ in records], lane=lane)
         assert st == 0, st
         return statuses
 
-    def put_token(self, op: int, token: bytes) -> int:
-        self.write(self.slot(0), token)
-        return self.command(op)[0]
+    def put_token(self, op: int, token: bytes, lane: int = 0) -> int:
+        self.write(self.slot(0, lane), token)
+        return self.command(op, lane=lane)[0]
 
 
 def open_record(key: bytes, session_id: int, challenge: int,

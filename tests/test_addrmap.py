@@ -65,18 +65,33 @@ def covered(spans: list[Span]) -> list[tuple[int, int]]:
     return out
 
 
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, e in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((a, e))
+    return out
+
+
 def test_regions_match_bootinfo(booted) -> None:
+    """Every region at its place (a kind may have several: the lanes' data is a second data
+    region)."""
     m, bi, _mirror, _host = booted
     regions = list(bi.regions)[: bi.nregions]
     assert {r.kind for r in regions} == set(PERMS)
     for r in regions:
         name = REGION_KINDS[r.kind][0]
-        length = page_up(r.length)
-        assert covered([s for s in m.gpa if s.kind == name]) == [(r.mirror_gpa,
-                                                                  r.mirror_gpa + length)]
+        same = [x for x in regions if x.kind == r.kind]
+        assert covered([s for s in m.gpa if s.kind == name]) == _merged(
+            [(x.mirror_gpa, x.mirror_gpa + page_up(x.length)) for x in same])
         va = [s for s in m.va if s.kind == name]
-        assert covered(va) == [(r.main_gpa, r.main_gpa + length)]
+        assert covered(va) == _merged([(x.main_gpa, x.main_gpa + page_up(x.length))
+                                       for x in same])
         for s in va:
+            if not r.main_gpa <= s.start < r.main_gpa + page_up(r.length):
+                continue  # another region of the kind
             assert s.gpa == r.mirror_gpa + (s.start - r.main_gpa)
             assert (s.writable, s.executable, s.encrypted) == PERMS[r.kind]
             assert s.backed

@@ -73,7 +73,8 @@ def test_image_loads_and_announces(sev_es: bool, cbit: int) -> None:
     assert {e.request for e in exits} >= {"CPUID", "IOIO", "VMMCALL"}
     calls = [e.inputs for e in exits if e.request == "VMMCALL"]
     mailbox = info.bootinfo.mailbox_gpa
-    assert {"rax": KVM_HC_MAP_GPA_RANGE, "rbx": mailbox, "rcx": P.MAILBOX_PAGES,
+    assert {"rax": KVM_HC_MAP_GPA_RANGE, "rbx": mailbox,
+            "rcx": P.MAILBOX_PAGES * info.bootinfo.lanes,
             "rdx": 0}.items() <= calls[-2].items()
     assert {"rax": P.MH_HC_ANNOUNCE, "rbx": info.bootinfo_gpa,
             "rcx": P.PROTOCOL_VERSION.value}.items() <= calls[-1].items()

@@ -302,7 +302,7 @@ def attack(src: SourceRun, other_session: SourceRun, other_key: SourceRun, kind:
     if kind.startswith("bitflip-"):
         off = {"bitflip-envelope-seq": 0x20, "bitflip-envelope-epoch": 0x18,
                "bitflip-ciphertext": 64 + 1234, "bitflip-tag": 0x30 + 7,
-                      "bitflip-magic": 0, "bitflip-reserved": 0x1C, "bitflip-challenge": 0x28}[kind]
+                      "bitflip-magic": 0, "bitflip-lane": 0x1C, "bitflip-challenge": 0x28}[kind]
         return _replace(items, lambda a, r: r == e2[3][1],
                         lambda a, r: (a, flip(r, off, 3))), None
     if kind == "splice-other-session":  # same key, the source's other session
@@ -335,7 +335,7 @@ ATTACKS = ["replay-older-version", "replay-token", "drop-record", "drop-last-epo
            "truncate-stream-bytes", "truncate-record", "duplicate-instead",
            "reorder-across-epochs", "readdress-entry", "readdress-envelope",
            "bitflip-envelope-seq", "bitflip-envelope-epoch", "bitflip-ciphertext", "bitflip-tag",
-           "bitflip-magic", "bitflip-reserved", "bitflip-challenge", "splice-other-session",
+           "bitflip-magic", "bitflip-lane", "bitflip-challenge", "splice-other-session",
            "splice-other-session-relabelled", "splice-other-key", "splice-token-other-session",
            "splice-finish-other-session", "forged-token-counts"]
 

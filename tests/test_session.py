@@ -69,7 +69,7 @@ def test_sealed_pages_open_with_cryptography_and_migrate(pair):
     for a, rec in zip(addrs, records, strict=False):
         env, pt = open_record(KEY, sid, ch, rec)
         assert pt == pages[a] and env.ram_addr == a and env.session_id == sid
-        assert (env.magic, env.flags, env.epoch, env.reserved, env.challenge) == (
+        assert (env.magic, env.flags, env.epoch, env.lane, env.challenge) == (
             P.ENVELOPE_MAGIC, 0, P.FIRST_EPOCH, 0, ch)
         seqs.append(env.seq)
         assert pages[a] not in rec  # ciphertext, not plaintext, in shared memory
@@ -118,7 +118,7 @@ def test_attacks_are_refused_and_leave_memory_untouched(pair):
     assert dst.recv([(a0, flip(r0, 0x30))]) == [st("E_AUTH")]
     assert dst.recv([(a0, flip(r0, 0x18 + 3))]) == [st("E_REPLAY")]  # epoch field changed
     assert dst.recv([(a0, flip(r0, 0x28))]) == [st("E_REPLAY")]  # challenge changed
-    assert dst.recv([(a0, flip(r0, 0x1C))]) == [st("E_HEADER")]  # reserved field
+    assert dst.recv([(a0, flip(r0, 0x1C))]) == [st("E_HEADER")]  # lane field (one-lane session: only lane 0)
     assert dst.recv([(a0, flip(r0, 0x20))]) == [st("E_AUTH")]  # seq changed (inside window)
     assert dst.page(a0) == before
     # re-addressed: the host asks to install the record somewhere else

@@ -81,7 +81,7 @@ from .protocol import (
     MhConfig,
 )
 from .secrets import KEY_ENTRY_GUID, KEY_SIZE, find_config_table, secret_find_key
-from .session import CTX
+from .session import CTX, lane0
 
 
 def _siv_kat() -> bytes:
@@ -325,10 +325,12 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> bool:
     p: SetupParams
     p.option = DEFAULT_OPTION
     p.shift_high = 0
+    p.lanes = 0
     cfg = find_config_table(st, addr(G_MH_CONFIG[0]))
     if cfg != 0:
         p.option = Ptr[MhConfig](cfg).option
         p.shift_high = Ptr[MhConfig](cfg).shift_high
+        p.lanes = Ptr[MhConfig](cfg).lanes
     _a, b, _c, _d = cpuid(CPUID_SEV_LEAF, 0)
     reduction = (b >> CPUID_SEV_EBX_REDUCTION_SHIFT) & CPUID_SEV_EBX_REDUCTION_MASK
     maxphy, _b2, _c2, _d2 = cpuid(CPUID_ADDR_SIZE_LEAF, 0)
@@ -342,7 +344,7 @@ def activate(st: Ptr[EfiSystemTable], cbit: u32) -> bool:
     c.have_key = 1
     c.state = ST_IDLE
     report(addr(MSG_ACTIVE[0]), u64(p.option))
-    report(addr(MSG_BOOTINFO[0]), c.mailbox)
+    report(addr(MSG_BOOTINFO[0]), lane0(c).mailbox)
     ack = announce(c)
     if ack != 0:
         report(addr(MSG_NO_ACK[0]), ack)

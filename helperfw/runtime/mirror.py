@@ -30,6 +30,7 @@ from helperfw import (
 
 from .efi import ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, EfiBootServices
 from .ghcb import hypercall
+from .memops import wipe
 from .pagetables import (
     MAP_ENC,
     MAP_W,
@@ -56,14 +57,18 @@ from .platform import (
 )
 from .protocol import (
     BOOTINFO_MAGIC,
+    DEFAULT_LANES,
     DEFAULT_SLOTS,
     E_BAD_ARG,
     E_SETUP_ALLOC,
     E_SETUP_HIGH_REGION,
+    E_SETUP_LANES,
     E_SETUP_OPTION,
     E_SETUP_SHARE,
     E_SETUP_TABLES,
+    MAILBOX_BYTES,
     MAILBOX_PAGES,
+    MAX_LANES,
     MAX_REGIONS,
     MH_HC_ANNOUNCE,
     OK,
@@ -77,13 +82,15 @@ from .protocol import (
     REGION_RODATA,
     BootInfo,
 )
-from .session import STACK, STACK_SIZE, HelperCtx
+from .session import STACK, STACK_SIZE, HelperCtx, LaneCtx, init_lane, lane0
 from .vcpu import mh_entry
 
 PT_POOL_PAGES = 32  # static tables (~10 pages) plus 1 GiB-page windows up to ~10 TiB
 PT_POOL = static(Array[u8, PT_POOL_PAGES * PAGE_SIZE], align=PAGE_SIZE)
 FOUR_GIB = 1 << 32
 CANONICAL_LIMIT = 1 << 47
+LANE_CTX_BYTES = (LaneCtx.size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+LANE_BYTES = LANE_CTX_BYTES + STACK_SIZE  # a lane > 0: its LaneCtx, then its stack
 
 
 
@@ -93,6 +100,7 @@ class SetupParams:
     shift_high: u32  # shift option: RAM at 2^(phys_bits-1) instead of 4 GiB
     c_bit: u32
     phys_bits: u32  # MAXPHYADDR minus the SEV reduction
+    lanes: u32  # 1..MAX_LANES
 
 
 @function(small=True)
@@ -257,31 +265,68 @@ def share_with_host(bs: Ptr[EfiBootServices], va: u64, pages: u64, c_mask: u64,
 
 # -- the whole set-up ------------------------------------------------------------------------------
 @function(small=True)
+def alloc_below_4g(bs: Ptr[EfiBootServices], pages: u64) -> u64:
+    """Runtime-services data below 4 GiB (the shift option maps only the low 4 GiB), or 0."""
+    a: u64 = FOUR_GIB - 1
+    if efi_call(bs.AllocatePages, ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, pages,
+                addr(a)) != 0:
+        return 0
+    return a
+
+
+@function(small=True)
+def setup_lanes(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], mailbox: u64, n: u32) -> i32:
+    """Lane 0 lives in CTX with the .bss STACK; lanes 1..n-1 get one allocation (each a
+    LaneCtx and a stack, zeroed), a region of the helper's own. Every lane gets its mailbox:
+    lane l's follows lane l-1's."""
+    c.nlanes = n
+    init_lane(c, 0, lane0(c), mailbox, u64(addr(STACK[0])) + STACK_SIZE)
+    if n == 1:
+        return OK
+    size = u64(n - 1) * LANE_BYTES
+    mem = alloc_below_4g(bs, size // PAGE_SIZE)
+    if mem == 0:
+        return E_SETUP_ALLOC
+    wipe(Ptr[u8](mem), size)
+    for i in range(1, n):
+        base = mem + u64(i - 1) * LANE_BYTES
+        init_lane(c, u32(i), Ptr[LaneCtx](base), mailbox + u64(i) * MAILBOX_BYTES,
+                  base + LANE_BYTES)
+    add_region(c, mem, size, REGION_DATA)
+    return OK
+
+
+@function(small=True)
 def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams]) -> i32:
-    mailbox: u64 = FOUR_GIB - 1
-    if efi_call(bs.AllocatePages, ALLOCATE_MAX_ADDRESS, EFI_RUNTIME_SERVICES_DATA, MAILBOX_PAGES,
-                addr(mailbox)) != 0:
+    n = p.lanes
+    if n == 0:
+        n = DEFAULT_LANES
+    if n > MAX_LANES:
+        return E_SETUP_LANES
+    mailbox = alloc_below_4g(bs, u64(n) * MAILBOX_PAGES)
+    if mailbox == 0:
         return E_SETUP_ALLOC
     c_mask = u64(1) << u64(p.c_bit)
-    st = share_with_host(bs, mailbox, MAILBOX_PAGES, c_mask, p.phys_bits)
+    st = share_with_host(bs, mailbox, u64(n) * MAILBOX_PAGES, c_mask, p.phys_bits)  # all lanes'
     if st != OK:
         return st
     c.option = p.option
     c.c_bit = p.c_bit
     c.phys_bits = p.phys_bits
-    c.mailbox = mailbox
     c.slots = DEFAULT_SLOTS
     c.nregions = 0
     c.window_mapped = 0
     c.flags = 0
-    c.last_bell = 0
     add_region(c, symbol_addr("__text_start"), symbol_addr("__text_end") -
                symbol_addr("__text_start"), REGION_CODE)
     add_region(c, symbol_addr("__rodata_start"), symbol_addr("__rodata_end") -
                symbol_addr("__rodata_start"), REGION_RODATA)
     add_region(c, symbol_addr("__data_start"), symbol_addr("__image_end") -
                symbol_addr("__data_start"), REGION_DATA)
-    add_region(c, mailbox, MAILBOX_PAGES * PAGE_SIZE, REGION_MAILBOX)
+    st = setup_lanes(c, bs, mailbox, n)
+    if st != OK:
+        return st
+    add_region(c, mailbox, u64(n) * MAILBOX_BYTES, REGION_MAILBOX)
     st = place_regions(c, p)
     if st != OK:
         return st
@@ -297,9 +342,6 @@ def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams
     bi.c_bit = p.c_bit
     bi.entry_rip = func_addr(mh_entry)
     bi.cr3 = pt_cr3(addr(c.pt))
-    bi.rsp = u64(addr(STACK[0])) + STACK_SIZE - sizeof(u64)  # as if mh_entry had been called
-    bi.mailbox_gpa = mailbox
-    bi.mailbox_mirror_gpa = mirror_of(c, mailbox)
     bi.mailbox_pages = MAILBOX_PAGES
     bi.slots = c.slots
     bi.ram_base = c.ram_base
@@ -313,6 +355,16 @@ def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams
         d.mirror_gpa = s.mirror_gpa
         d.kind = s.kind
         d.flags = s.flags
+    bi.lanes = n
+    for i in range(n):
+        lc = Ptr[LaneCtx](c.lane_ctx[i])
+        e = addr(bi.lane_info[i])
+        e.mailbox_gpa = lc.mailbox
+        e.mailbox_mirror_gpa = mirror_of(c, lc.mailbox)
+        e.rsp = lc.stack_top - sizeof(u64)  # as if mh_entry had been called
+    bi.rsp = bi.lane_info[0].rsp
+    bi.mailbox_gpa = mailbox
+    bi.mailbox_mirror_gpa = bi.lane_info[0].mailbox_mirror_gpa
     c.sev_status = u32(rdmsr(MSR_AMD64_SEV))
     bi.sev_status = c.sev_status
     bi.active = 1
@@ -321,5 +373,5 @@ def mirror_setup(c: Ptr[HelperCtx], bs: Ptr[EfiBootServices], p: Ptr[SetupParams
 
 @function(small=True)
 def announce(c: Ptr[HelperCtx]) -> u64:
-    return hypercall(MH_HC_ANNOUNCE, c.mailbox, u64(PROTOCOL_VERSION), 0)
+    return hypercall(MH_HC_ANNOUNCE, lane0(c).mailbox, u64(PROTOCOL_VERSION), 0)
 

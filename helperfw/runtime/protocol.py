@@ -16,6 +16,16 @@ DEFAULT_SLOTS = 64
 MAX_SLOTS = 64
 MAX_REGIONS = 8
 
+# -- lanes: several mirror vCPUs serving one session (docs/PROTOCOL.md, "Lanes") --------------
+# The driver serves MhConfig.lanes lanes (0: DEFAULT_LANES), fixed at load; each has its own
+# mailbox, stack and private state. A session uses the first `Command.count` of them (*_BEGIN;
+# 0 means 1). Page ram_addr belongs to lane (ram_addr >> LANE_PAGE_SHIFT) mod lanes, and lane l's
+# seqs are (l << LANE_SHIFT) | n: no two lanes ever use the same nonce under the one K_s.
+MAX_LANES = 16
+DEFAULT_LANES = 4
+LANE_SHIFT = 56  # a seq's top byte is its lane
+LANE_PAGE_SHIFT = 12  # pages go round-robin: a dirty run of any length spreads over every lane
+
 # This project's hypercall announcing the boot-info page: a0 = its GPA, a1 = PROTOCOL_VERSION.
 # Chosen outside Linux's KVM_HC_* range (which is small integers); see docs/PROTOCOL.md.
 MH_HC_ANNOUNCE = 0x4D480001  # "MH" << 16 | 1
@@ -37,6 +47,8 @@ class MhConfig:
 
     option: u32  # OPT_*
     shift_high: u32  # shift only: RAM_BASE = 2^(MAXPHYADDR - reduction - 1) instead of 4 GiB
+    lanes: u32  # lanes (mirror vCPUs) the driver serves: 0 = DEFAULT_LANES, at most MAX_LANES
+    reserved: u32  # 0
 
 # Region kinds in the boot-info block: what the host must map (tuples) or copy (isolated).
 REGION_CODE = 1  # image .text: mapped RX
@@ -55,6 +67,7 @@ OP_RECV = 7
 OP_RECV_END_EPOCH = 8
 OP_RECV_FINISH = 9
 OP_ABORT = 10
+OP_JOIN = 11  # lanes > 0: join the session lane 0 published (docs/PROTOCOL.md, "Lanes")
 
 # -- status codes: every value the helper can return, one table ------------------------------
 _MEANING: dict[int, tuple[str, bool]] = {}  # value -> (meaning, seen by the host)
@@ -86,7 +99,7 @@ E_RNG = _status(-12, "RDRAND failed or returned an implausible value (0, all one
 E_VERSION = _status(-13, "unsupported protocol version")
 E_BAD_ARG = _status(-14, "invalid argument (window size, flags, reserved fields, challenge)")
 E_ABORTED = _status(-15, "session aborted; only HELLO and BEGIN are accepted")
-E_HEADER = _status(-16, "malformed envelope or token header (magic, flags, reserved, address)")
+E_HEADER = _status(-16, "malformed envelope or token header (magic, flags, lane, address)")
 E_EXHAUSTED = _status(-17, "sequence space or epoch window exhausted")
 E_DISCARDED = _status(-18, "this helper installed pages in a receiving session that ended "
                            "without RECV_FINISH: it refuses every new session (one-shot "
@@ -100,6 +113,12 @@ E_CHANGED = _status(-20, "private memory changed under the helper between a reco
                          "and its installation (the host wrote back older ciphertext of the "
                          "helper's scratch or of the guest page): the page was zeroed and the "
                          "session poisoned")
+E_LANE = _status(-21, "not this lane's: the page belongs to another lane of the session (lane = "
+                       "(ram_addr >> 12) mod lanes), or the op is not for this lane (*_BEGIN on "
+                       "lane 0 only, JOIN on the others only, a lane beyond the session's count)")
+E_UNPUBLISHED = _status(-22, "JOIN: lane 0 has no session published (none begun, its "
+                             "publication under way, or ended) or it is bound to another "
+                             "challenge than Command.challenge")
 # firmware-internal: returned inside the image and reported on the console at driver load
 E_SETUP_OPTION = _status(-100, "driver load: unknown address-space option", wire=False)
 E_SETUP_HIGH_REGION = _status(-101, "driver load, shift: a region lies above 4 GiB", wire=False)
@@ -108,6 +127,7 @@ E_SETUP_TABLES = _status(-102, "driver load: page-table pool exhausted or a mapp
 E_SETUP_ALLOC = _status(-103, "driver load: AllocatePages failed", wire=False)
 E_SETUP_SHARE = _status(-104, "driver load: the guest's own page tables could not be changed",
                         wire=False)
+E_SETUP_LANES = _status(-105, "driver load: MhConfig.lanes above MAX_LANES", wire=False)
 PT_E_WX = _status(-201, "page tables: a mapping both writable and executable", wire=False)
 PT_E_ALIGN = _status(-202, "page tables: va/pa/size not 4 KiB aligned, or va not canonical",
                      wire=False)
@@ -144,29 +164,31 @@ TOKEN_AAD_LEN = 0x40  # the token bytes a token's tag covers
 @struct
 class Envelope:
     """Precedes each sealed page. AES-256-GCM-SIV under K_s, nonce = epoch (u32 LE) ‖ seq (u64
-    LE), AAD = bytes 0x00–0x2F, plaintext = the 4096-byte page."""
+    LE), AAD = bytes 0x00–0x2F, plaintext = the 4096-byte page. `lane` is the lane that sealed
+    it, also the seq's top byte."""
 
     magic: u32  # ENVELOPE_MAGIC
     flags: u32  # 0
     ram_addr: u64  # where the page belongs (QEMU ram_addr_t)
     session_id: u64  # the source helper's RDRAND session id
     epoch: u32  # FIRST_EPOCH, then +1 per closed epoch
-    reserved: u32  # 0
-    seq: u64  # per session: FIRST_SEQ, then +1 per record, never reused
+    lane: u32  # the lane that sealed it (0 with one lane)
+    seq: u64  # per lane and session: (lane << LANE_SHIFT) | n, n = FIRST_SEQ, FIRST_SEQ + 1...
     challenge: u64  # the destination's RDRAND challenge this session is bound to
     tag: Array[u8, 16]
 
 
 @struct
 class EpochToken:
-    """Ends an epoch (magic MHE2) or the session (magic MHF2): AES-256-GCM-SIV under K_s with an
-    empty plaintext, AAD = bytes 0x00–0x3F, nonce = epoch ‖ 0 (MHE2) or FINISH_EPOCH ‖ 0 (MHF2);
-    seq 0 is never a record's, so no record shares a token's nonce."""
+    """Ends a lane's epoch (magic MHE2) or its session (magic MHF2): AES-256-GCM-SIV under K_s
+    with an empty plaintext, AAD = bytes 0x00–0x3F, nonce = epoch ‖ (lane << 56) (MHE2) or
+    FINISH_EPOCH ‖ (lane << 56) (MHF2); no record has a seq whose low 56 bits are 0, so no record
+    shares a token's nonce, and no lane another lane's."""
 
     magic: u32
     epoch: u32  # MHE2: the epoch it closes; MHF2: the last closed epoch (0 if none)
     session_id: u64
-    count: u64  # MHE2: records sealed in the epoch; MHF2: 0
+    count: u64  # MHE2: records the lane sealed in the epoch; MHF2: the session's lanes - 1
     first_seq: u64  # MHE2: seq of the epoch's first record; MHF2: the seq the next record would
     #                 have had. The epoch's records carry seqs [first_seq, first_seq + count).
     set_hash: Array[u8, 16]  # MHE2: XOR over the epoch's records of AES256_Ka(ram_addr ‖ seq); MHF2: 0
@@ -189,6 +211,15 @@ class Region:
 
 
 @struct
+class LaneEntry:
+    """Where lane l's mirror vCPU starts and finds its mailbox (entry RIP and CR3 are shared)."""
+
+    mailbox_gpa: u64  # main-VM GPA of the lane's mailbox (page 0: Control at CONTROL_OFFSET)
+    mailbox_mirror_gpa: u64
+    rsp: u64  # the lane's initial stack pointer (mirror VA): it also tells the helper the lane
+
+
+@struct
 class BootInfo:
     """Page 0 of the mailbox, filled at driver load and announced with MH_HC_ANNOUNCE."""
 
@@ -208,8 +239,9 @@ class BootInfo:
     nregions: u32
     active: u32  # 0: no SEV or no key: the helper stays inactive
     sev_status: u32  # MSR_AMD64_SEV as the driver read it: bit 0 SEV, bit 1 SEV-ES
-    reserved: u32
+    lanes: u32  # lanes the helper serves (fixed at load); lane_info[0] repeats the fields above
     regions: Array[Region, MAX_REGIONS]
+    lane_info: Array[LaneEntry, MAX_LANES]
 
 
 BOOTINFO_MAGIC = 0x4942484D  # "MHBI"
@@ -260,13 +292,14 @@ class Command:
     """Page 1 of the mailbox. The helper copies it whole into private memory before reading."""
 
     op: u32
-    count: u32
+    count: u32  # entries; *_BEGIN: the lanes the session uses (0 or 1: lane 0 alone)
     session_id: u64  # RECV, RECV_END_EPOCH, RECV_FINISH: the source's session id (the first
     #                  binds the receiving session to it)
     epoch: u32  # unused: 0
     version: u32  # HELLO and *_BEGIN: the host's protocol version
     ram_size: u64  # *_BEGIN: RAM window size in bytes
-    challenge: u64  # SEND_BEGIN: the destination's challenge (from its RECV_BEGIN)
+    challenge: u64  # SEND_BEGIN: the destination's challenge (from its RECV_BEGIN); JOIN: the
+    #                 challenge of the session lane 0 published
     entries: Array[Entry, MAX_SLOTS]
 
 
@@ -316,5 +349,6 @@ ST_RECEIVING = 2
 ST_DONE = 3
 ST_ABORTED = 4
 
-WIRE_STRUCTS = [ImageDescriptor, MhConfig, Region, BootInfo, Control, FaultRecord, Entry,
-                Command, HelloReply, Envelope, EpochToken]
+WIRE_STRUCTS = [ImageDescriptor, MhConfig, Region, LaneEntry, BootInfo, Control, FaultRecord,
+                Entry, Command, HelloReply, Envelope, EpochToken]
+MAILBOX_BYTES = MAILBOX_PAGES * PAGE_SIZE  # one lane's mailbox; lane l's follows lane l-1's

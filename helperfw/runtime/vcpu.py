@@ -55,7 +55,7 @@ from .protocol import (
     Control,
     FaultRecord,
 )
-from .session import CTX, STACK, STACK_SIZE, HelperCtx, end_session, process_batch, rng64
+from .session import CTX, STACK_SIZE, LaneCtx, end_session, lane_ctx, process_batch, rng64
 
 VECTORS = 32  # the architectural exceptions
 STUB_SIZE = 16  # bytes per entry stub (`.balign 16`): gate v points at table + 16 v
@@ -97,11 +97,40 @@ IDT = static(Array[IdtGate, VECTORS], align=16)
 IDTR = static(Idtr, align=16)
 
 
+@function(small=True)
+def lane_at(sp: u64) -> Ptr[LaneCtx]:
+    """The lane whose stack holds sp. Every lane's vCPU starts on its own stack (BootInfo's lane
+    entry), so the stack says which lane's mailbox and state the code serves; 0 if none (a
+    host that started a vCPU elsewhere gets nothing served)."""
+    h = addr(CTX)
+    for i in range(h.nlanes):
+        c = lane_ctx(h, u32(i))
+        if sp < c.stack_top and c.stack_top - sp <= STACK_SIZE:
+            return c
+    return Ptr[LaneCtx](0)
+
+
+@function
+def this_lane() -> Ptr[LaneCtx]:
+    """The running vCPU's lane, from where its stack is."""
+    here: u64 = 0
+    return lane_at(u64(addr(here)))
+
+
+@function
+def stranded() -> None:
+    """No lane owns this stack: exit and never serve anything."""
+    while True:
+        park()
+
+
 @function(abi="c", small=True)
 def mh_fault(f: Ptr[IsrFrame]) -> None:
-    """Called by the entry stubs on the interrupted stack; never returns."""
+    """Called by the entry stubs on the interrupted stack (the lane's own); never returns."""
     clear_scratch_regs()
-    c = addr(CTX)
+    c = lane_at(u64(f))
+    if u64(c) == 0:
+        stranded()
     rec = Ptr[FaultRecord](c.mailbox + FAULT_OFFSET)
     c.faults += 1
     vstore(addr(rec.count), c.faults)
@@ -119,7 +148,7 @@ def mh_fault(f: Ptr[IsrFrame]) -> None:
     mfence()
     vstore(addr(ctl.completed), c.cur_bell)
     c.last_bell = c.cur_bell
-    resume_at(u64(addr(STACK[0])) + STACK_SIZE - 8, func_addr(mh_resume))
+    resume_at(c.stack_top - 8, func_addr(mh_resume))
 
 
 def _isr_text() -> str:
@@ -159,7 +188,7 @@ def install_idt() -> None:
 
 
 @function(small=True)
-def draw_mask_key(c: Ptr[HelperCtx]) -> None:
+def draw_mask_key(c: Ptr[LaneCtx]) -> None:
     """A fresh staging-mask key for this vCPU run (gcmsiv: what a record stages in memory is
     masked with it). It lives only in mm6:mm7, which no compiled code touches and which the
     exits keep: under SEV-ES the host can neither read nor roll it back. Without RDRAND it is
@@ -176,9 +205,12 @@ def park() -> None:
 
 @function(abi="c", name="mh_entry")
 def mh_entry() -> None:
-    """The mirror vCPU starts here (RIP from BootInfo) and never returns: each HLT hands the
-    batch back to the host, which re-enters after the HLT with the next doorbell."""
-    c = addr(CTX)
+    """Every lane's mirror vCPU starts here (RIP from BootInfo, RSP from its lane entry) and
+    never returns: each HLT hands the batch back to the host, which re-enters after the HLT
+    with the next doorbell of the lane's mailbox."""
+    c = this_lane()
+    if u64(c) == 0:
+        stranded()
     install_idt()
     draw_mask_key(c)
     while True:
@@ -188,8 +220,11 @@ def mh_entry() -> None:
 
 @function(abi="c")
 def mh_resume() -> None:
-    """Where mh_fault continues: the faulted batch is already completed, so exit first."""
-    c = addr(CTX)
+    """Where mh_fault continues (on the lane's fresh stack): the faulted batch is already
+    completed, so exit first."""
+    c = this_lane()
+    if u64(c) == 0:
+        stranded()
     install_idt()
     draw_mask_key(c)
     while True:
