@@ -200,6 +200,8 @@ class HelperModel:
         if op == P.OP_ABORT:
             self._end(P.ST_ABORTED)
             return OK
+        if op == P.OP_JOIN:  # the model is lane 0, which creates sessions and never joins
+            return ST["E_LANE"]
         if self.state == P.ST_ABORTED and op not in (P.OP_SEND_BEGIN, P.OP_RECV_BEGIN):
             return ST["E_ABORTED"]
         handler = {P.OP_SEND_BEGIN: self._send_begin, P.OP_SEND: self._send,

@@ -106,7 +106,12 @@ class NativeHelper:
 
     @property
     def bell(self) -> int:
+        """Lane 0's doorbell (tests that ring by hand set it)."""
         return self.bells[0]
+
+    @bell.setter
+    def bell(self, value: int) -> None:
+        self.bells[0] = value
 
     # -- the doorbell ------------------------------------------------------------------------
     def command(self, op: int, entries=(), lane: int = 0, **fields) -> tuple[int, list[int]]:

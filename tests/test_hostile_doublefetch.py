@@ -164,7 +164,7 @@ def test_every_op_reads_shared_memory_once(option):
         (PAGES[0], f.record(PAGES[0], plain, epoch=1, seq=1), "OK"),
         (PAGES[1], good, "OK"),
         (PAGES[2], bytes(bad_tag), "E_AUTH"),
-        (PAGES[3], f.record(PAGES[3], plain, epoch=1, seq=4, reserved=1), "E_HEADER"),
+        (PAGES[3], f.record(PAGES[3], plain, epoch=1, seq=4, lane=1), "E_HEADER"),
         (PAGES[4], f.record(PAGES[5], plain, epoch=1, seq=5), "E_HEADER"),
         (PAGES[6], f.record(PAGES[6], plain, epoch=1, seq=6, sid=SID + 1), "E_REPLAY"),
         (PAGES[7], f.record(PAGES[7], plain, epoch=2, seq=7), "E_REPLAY"),

@@ -6,7 +6,7 @@ must hold in the layouts it guards even where the built image's layouts never re
 * a destination that *finished* a session is not discarded by anything after it (an ABORT in
   DONE, a next session that installs nothing and ends), while one that installed and did not
   finish is (test_session.py::test_one_shot_destination);
-* envelope fields left in the private copy by a refused record (non-zero flags, reserved) are
+* envelope fields left in the private copy by a refused record (non-zero flags, another lane) are
   never sealed into the next session's records;
 * a refused entry keeps its own status when the epoch is also full;
 * the per-epoch tables, replayed by the host after a session finished, do not reach the next
@@ -65,13 +65,13 @@ def test_a_finished_destination_is_not_discarded_afterwards():
 
 def test_refused_envelope_fields_are_never_sealed():
     """The envelope copy is reused for every record; a source session after a refused record
-    (flags and reserved non-zero) seals exactly the documented envelope: flags 0, reserved 0."""
+    (flags non-zero, another lane) seals exactly the documented envelope: flags 0, its own lane 0."""
     h = NativeHelper(KEY)
     status, ch = h.recv_begin()
     assert status == 0
     h.session_id = SID
     f = Forger(KEY, SID, ch)
-    bad = f.record(PAGE, bytes(PAGE), epoch=1, seq=1, flags=0xF1A6, reserved=0x5E5E)
+    bad = f.record(PAGE, bytes(PAGE), epoch=1, seq=1, flags=0xF1A6, lane=0x5E)
     assert h.recv([(PAGE, bad)]) == [ST["E_HEADER"]]
     assert h.command(P.OP_ABORT)[0] == 0  # nothing installed: not discarded
     sid = h.send_begin(0xC4A1)
@@ -79,7 +79,7 @@ def test_refused_envelope_fields_are_never_sealed():
     assert statuses == [0, 0]
     for rec in recs:
         env, _ = open_record(KEY, sid, 0xC4A1, rec)
-        assert (env.flags, env.reserved) == (0, 0)
+        assert (env.flags, env.lane) == (0, 0)
 
 
 def test_refused_entries_keep_their_status_in_a_full_epoch():

@@ -12,8 +12,7 @@ Secrets are recomputed outside the helper (tests/hostile_secrets.py) and searche
 whole data region the running helper uses (context, stack, page-table pool, statics; for
 `isolated` its mirror-only copy), on all three options.
 
-The dead part of the stack is checked separately: it does hold such secrets today (a finding,
-see the strict xfail below and docs/SECURITY.md). A poisoned session does not end by itself (RECV_FINISH can never succeed, but the host may go on
+The dead part of the stack is checked separately (vcpu.park wipes it before every HLT). A poisoned session does not end by itself (RECV_FINISH can never succeed, but the host may go on
 feeding it); it ends with ABORT or the next RECV_BEGIN, which then returns E_DISCARDED if it had
 installed pages. A fault inside a batch ends the session in the helper's own exception handler
 (vcpu.mh_fault): tested with a page-table rewind that makes the RAM window fault.
@@ -209,7 +208,7 @@ def _emu_session(h: MirrorHost, path: str, rng: random.Random) -> SessionSecrets
         elif path == "recv-abort":
             assert h.command(P.OP_ABORT).status == 0
         else:
-            bad = f.record(pages[0], plains[pages[0]], epoch=1, seq=99, reserved=1)
+            bad = f.record(pages[0], plains[pages[0]], epoch=1, seq=99, lane=1)
             r = h.command(P.OP_RECV, [(pages[0], 0)], session_id=SID, slots={0: bad})
             assert r.entry_status == [ST["E_HEADER"]]  # poisoned, pages installed: discarded
             if path == "recv-poisoned-discarded":
@@ -238,14 +237,11 @@ def test_session_secrets_are_wiped(booted, path):
     _check(sec.find(mem), _where(h, base))
 
 
-@pytest.mark.xfail(strict=True, raises=SecretsLeft,
-                   reason="finding (open): dead stack frames keep K_1's key schedule "
-                   "(spilled by the key expansion), the last record's H and the last 16-128 "
-                   "bytes of the last page; vcpu.park clears registers before HLT, not the "
-                   "stack; the fix is to wipe the dead part of STACK there (runtime)")
 @pytest.mark.parametrize("path", PATHS)
 def test_session_secrets_are_wiped_from_the_stack(booted, path):
-    """The stack below the run loop's frame is dead between batches: no secret there either."""
+    """The stack below the run loop's frame is dead between batches: no secret there either
+    (vcpu.park wipes it before HLT; without that it kept K_1's key schedule, spilled by the key
+    expansion, the last record's H and the last bytes of the last page)."""
     h, saved = booted
     h.restore(saved)
     sec = _emu_session(h, path, random.Random(SEED))
@@ -283,12 +279,21 @@ def test_session_secrets_are_wiped_after_a_fault():
 
 # -- what the host can put back: private pages replayed, then the session ends ------------------
 def _instructions(h: MirrorHost, cmd: bytes, slots: dict[int, bytes]) -> int:
-    """Instructions the helper runs for this batch (measured on a copy of the machine)."""
+    """Instructions the helper runs for this batch before it wipes its dead stack (measured on
+    a copy of the machine): the wipe's `rep stos` is the batch's only instruction that unicorn
+    steps through at one address, and its iterations would outnumber the record's work."""
     from unicorn import UC_HOOK_CODE
 
     saved = h.save()
-    n = [0]
-    hook = h.vcpu.uc.hook_add(UC_HOOK_CODE, lambda *_: n.__setitem__(0, n[0] + 1))
+    n, last, wiping = [0], [-1], [False]
+
+    def count(_uc, address, _size, _data) -> None:
+        wiping[0] = wiping[0] or address == last[0]
+        last[0] = address
+        if not wiping[0]:
+            n[0] += 1
+
+    hook = h.vcpu.uc.hook_add(UC_HOOK_CODE, count)
     try:
         assert h.batch(cmd, slots).exit.reason == "hlt"
     finally:

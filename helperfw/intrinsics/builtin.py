@@ -258,6 +258,15 @@ def clear_scratch_regs(em: Emitter) -> None:
     em.asm(VOID, text, clobbers, [])
 
 
+@intrinsic("(base: u64, size: u64)", group=PLATFORM, evaluate=ask_env(idle=True),
+           doc="zero the dead part of the stack, from base (8-aligned) up to the current RSP, "
+               "if RSP lies within size bytes above base (rep stosq: the wipe needs no stack)")
+def wipe_stack_below(em: Emitter, base: ir.Value, size: ir.Value) -> None:
+    em.asm(VOID, "movq %rsp, %rcx\n\tsubq $0, %rcx\n\tcmpq $1, %rcx\n\tja 1f\n\t"
+                 "shrq $$3, %rcx\n\tmovq $0, %rdi\n\txorl %eax, %eax\n\trep stosq\n1:",
+           "r,r,~{rax},~{rcx},~{rdi},~{flags},~{dirflag},~{memory}", [base, size])
+
+
 @intrinsic("(lo: u64, hi: u64)", group=PLATFORM, evaluate=ask_env(),
            doc="set the 128-bit staging-mask key (mm6:mm7; compiled code never uses MMX) and "
                "restart the serial (mm5 = 0)")

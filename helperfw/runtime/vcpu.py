@@ -43,6 +43,7 @@ from helperfw import (
     u32,
     u64,
     vstore,
+    wipe_stack_below,
 )
 
 from .gcmsiv_wide import wide_refuse
@@ -121,7 +122,8 @@ def this_lane() -> Ptr[LaneCtx]:
 def stranded() -> None:
     """No lane owns this stack: exit and never serve anything."""
     while True:
-        park()
+        clear_scratch_regs()
+        hlt()
 
 
 @function(abi="c", small=True)
@@ -197,8 +199,11 @@ def draw_mask_key(c: Ptr[LaneCtx]) -> None:
 
 
 @function
-def park() -> None:
-    """Hand the batch back: nothing of it stays in a register, then HLT (an automatic exit)."""
+def park(c: Ptr[LaneCtx]) -> None:
+    """Hand the batch back: nothing of it stays on the dead part of the lane's stack (key
+    schedules and page bytes that the batch's calls spilled there) or in a register, then HLT
+    (an automatic exit)."""
+    wipe_stack_below(c.stack_top - STACK_SIZE, STACK_SIZE)
     clear_scratch_regs()
     hlt()
 
@@ -215,7 +220,7 @@ def mh_entry() -> None:
     draw_mask_key(c)
     while True:
         process_batch(c)
-        park()
+        park(c)
 
 
 @function(abi="c")
@@ -228,6 +233,6 @@ def mh_resume() -> None:
     install_idt()
     draw_mask_key(c)
     while True:
-        park()
+        park(c)
         process_batch(c)
 
