@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from helperfw.runtime import protocol as P
-from tests.session_host import session_keys
+from tests.session_host import session_keys, set_hash
 
 PAGE = P.PAGE_SIZE
 ST = {name: val for name, (val, _doc) in P.STATUS.items()}
@@ -122,3 +122,15 @@ class LeakScanner:
                     if data[off:off + 16] in self.blocks:
                         hits.append(off)
         return sorted(hits)
+
+
+def finish_epoch_one(dst, key: bytes, f: Forger, pages: list[int]) -> None:
+    """Close epoch 1 of a destination that received `pages` at seqs 1.. and finish the session,
+    with the tokens `f` forges (it holds the session's keys): both must be accepted."""
+    n = len(pages)
+    tok = f.token(epoch=1, count=n, first_seq=1, total=n,
+                  set_hash=set_hash(key, f.sid, f.challenge, [(a, 1 + i) for i, a in enumerate(pages)]))
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
+    fin = f.token(epoch=1, count=0, first_seq=1 + n, total=n, set_hash=bytes(16),
+                  magic=P.FINISH_MAGIC)
+    assert dst.put_token(P.OP_RECV_FINISH, fin) == 0

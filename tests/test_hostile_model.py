@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from helperfw.runtime import protocol as P
 from helperfw.runtime import session as S
 from tests import hostile_fuzz as F
-from tests.hostile_common import ST, Forger, name
+from tests.hostile_common import ST, Forger, finish_epoch_one, name
 from tests.session_host import PAGE, NativeHelper, session_keys, set_hash
 
 KEY = bytes(range(140, 172))
@@ -132,13 +132,7 @@ def test_the_window_grows_after_a_finished_session():
         batch = [(a, f.record(a, bytes(PAGE), epoch=1, seq=1 + base + i))
                  for i, a in enumerate(pages[base:base + P.MAX_SLOTS])]
         assert dst.recv(batch) == [0] * len(batch)
-    n = len(pages)
-    tok = f.token(epoch=1, count=n, first_seq=1, total=n,
-                  set_hash=set_hash(KEY, sid, ch, [(a, 1 + i) for i, a in enumerate(pages)]))
-    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
-    fin = f.token(epoch=1, count=0, first_seq=1 + n, total=n, set_hash=bytes(16),
-                  magic=P.FINISH_MAGIC)
-    assert dst.put_token(P.OP_RECV_FINISH, fin) == 0
+    finish_epoch_one(dst, KEY, f, pages)
     status = dst.command(P.OP_RECV_BEGIN, ram_size=4 * first)[0]
     assert status == 0, name(status)
     f2 = Forger(KEY, sid, dst.reply().challenge)

@@ -26,7 +26,7 @@ import struct
 
 from helperfw.runtime import protocol as P
 from helperfw.runtime import session as S
-from tests.hostile_common import ST, Forger, name
+from tests.hostile_common import ST, Forger, finish_epoch_one, name
 from tests.session_host import PAGE, NativeHelper, open_record, set_hash
 
 KEY = bytes(range(180, 212))
@@ -41,13 +41,7 @@ def _finish_one_session(dst: NativeHelper, pages: list[int]) -> None:
     f = Forger(KEY, SID, ch)
     recs = [(a, f.record(a, bytes([i]) * PAGE, epoch=1, seq=1 + i)) for i, a in enumerate(pages)]
     assert dst.recv(recs) == [0] * len(pages)
-    n = len(pages)
-    tok = f.token(epoch=1, count=n, first_seq=1, total=n,
-                  set_hash=set_hash(KEY, SID, ch, [(a, 1 + i) for i, a in enumerate(pages)]))
-    assert dst.put_token(P.OP_RECV_END_EPOCH, tok) == 0
-    fin = f.token(epoch=1, count=0, first_seq=1 + n, total=n, set_hash=bytes(16),
-                  magic=P.FINISH_MAGIC)
-    assert dst.put_token(P.OP_RECV_FINISH, fin) == 0
+    finish_epoch_one(dst, KEY, f, pages)
 
 
 def test_a_finished_destination_is_not_discarded_afterwards():

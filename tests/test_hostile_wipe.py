@@ -58,10 +58,11 @@ def _ctx_field(off: int) -> str:
 
 
 # -- natively: the session code itself ------------------------------------------------------------
-def _native_session(path: str, rng: random.Random):
-    """Run `path` on native helpers; return (the helper whose session ended, its secrets)."""
+def _sealed(n: int, rng: random.Random):
+    """Native source and destination in one session; the source sealed n random pages in epoch
+    1. Returns (src, dst, the session's secrets, the pages, their records)."""
     src, dst = NativeHelper(KEY), NativeHelper(KEY)
-    addrs = [i * PAGE for i in range(1, 7)]
+    addrs = [i * PAGE for i in range(1, n + 1)]
     for a in addrs:
         src.set_page(a, rng.randbytes(PAGE))
     status, ch = dst.recv_begin()
@@ -74,6 +75,12 @@ def _native_session(path: str, rng: random.Random):
     for i, a in enumerate(addrs):
         sec.add_record(1, P.FIRST_SEQ + i)
         sec.add_plaintext(f"page {a:#x}", src.page(a))
+    return src, dst, sec, addrs, recs
+
+
+def _native_session(path: str, rng: random.Random):
+    """Run `path` on native helpers; return (the helper whose session ended, its secrets)."""
+    src, dst, sec, addrs, recs = _sealed(6, rng)
     if path.startswith("send"):
         if path == "send-finish":
             assert src.token(P.OP_SEND_END_EPOCH)[0] == 0
@@ -109,20 +116,7 @@ def _live(h: NativeHelper, sec: SessionSecrets) -> None:
 def test_native_each_batch_wipes_its_record_keys_and_plaintext():
     """Between batches of a live session: no record key, no page plaintext, on either side."""
     rng = random.Random(SEED + 1)
-    src, dst = NativeHelper(KEY), NativeHelper(KEY)
-    addrs = [i * PAGE for i in range(1, 5)]
-    for a in addrs:
-        src.set_page(a, rng.randbytes(PAGE))
-    status, ch = dst.recv_begin()
-    assert status == 0
-    sid = src.send_begin(ch)
-    dst.session_id = sid
-    sec = SessionSecrets(KEY, sid, ch)
-    statuses, recs = src.send(addrs)
-    assert statuses == [0] * len(addrs)
-    for i, a in enumerate(addrs):
-        sec.add_record(1, P.FIRST_SEQ + i)
-        sec.add_plaintext(f"page {a:#x}", src.page(a))
+    src, dst, sec, addrs, recs = _sealed(4, rng)
     _live(src, sec)
     assert dst.recv(list(zip(addrs, recs, strict=True))) == [0] * len(addrs)
     _live(dst, sec)

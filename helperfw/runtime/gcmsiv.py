@@ -486,6 +486,19 @@ def mh_test_siv_open(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64, c
     return u64(r)
 
 
+@function
+def _rewind_keys(key: Ptr[u8], nonce: Ptr[u8], k: Ptr[SivKeys], path: u32, mkey: Ptr[u64],
+                 serial: u64) -> None:
+    """A rewind test's record keys and mask state: the mask key `mkey`, `serial` records
+    counted in mm5 (mask_next), the record keys for `nonce` on `path`."""
+    kgk: Aes256Key
+    aes256_expand(key, addr(kgk))
+    mask_key(mkey[0], mkey[1])
+    for i in range(serial):
+        mask_next()
+    siv_derive(addr(kgk), nonce, k, u32(path == WIDE_ON))
+
+
 @function(abi="c")
 def mh_test_siv_open_rewound(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len: u64,
                              ct: Ptr[u8], out: Ptr[u8], n: u64, tag: Ptr[u8], scratch: Ptr[u8],
@@ -496,13 +509,8 @@ def mh_test_siv_open_rewound(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len
     scratch there. `serial` records are opened before (mask_next), so that record's serial can
     be this one's. SIV_AUTH if the tag did not match (nothing is copied). `check` 0 copies out
     without comparing the hash (the code without that defence: a test's control)."""
-    kgk: Aes256Key
     k: SivKeys
-    aes256_expand(key, addr(kgk))
-    mask_key(mkey[0], mkey[1])
-    for i in range(serial):
-        mask_next()
-    siv_derive(addr(kgk), nonce, addr(k), u32(path == WIDE_ON))
+    _rewind_keys(key, nonce, addr(k), path, mkey, serial)
     t = v128_load(tag)
     s = _absorb_bind(addr(k), aad, aad_len, aad_base(out, aad, aad_len))
     s = _ctr(addr(k), t, ct, scratch, n, s, True)
@@ -528,13 +536,8 @@ def mh_test_siv_seal_rewound(key: Ptr[u8], nonce: Ptr[u8], aad: Ptr[u8], aad_len
     over the stage, which the CTR pass then encrypts. The record's serial is `serial` (1: a
     wrapper's one record; 2: the record after it, as after a context rollback, which cannot
     reach mm5)."""
-    kgk: Aes256Key
     k: SivKeys
-    aes256_expand(key, addr(kgk))
-    mask_key(mkey[0], mkey[1])
-    for i in range(serial):
-        mask_next()
-    siv_derive(addr(kgk), nonce, addr(k), u32(path == WIDE_ON))
+    _rewind_keys(key, nonce, addr(k), path, mkey, serial)
     s = _absorb_bind(addr(k), aad, aad_len, aad_base(pt, aad, aad_len))
     s = _copy_absorb(addr(k), s, stage, n, False)
     t = _tag(addr(k), s, nonce, aad_len, n)
