@@ -1,4 +1,4 @@
-"""Helper-side throughput with 1, 2 and 4 lanes in the emulator (issue 13).
+"""Helper-side throughput with 1, 2 and 4 lanes in the emulator.
 
     python bench/bench_lanes.py [--pages 2048] [--mem MiB]
 

@@ -19,7 +19,7 @@ Measures, in this order and in one process (except the timed `python build.py` s
    sealed and opened with 64-page batches vs one page per command, the RFC's granularity
    (bench_migration.protocol_compare).
 4. lanes: helper-side throughput with 1, 2 and 4 lanes, each lane a mirror vCPU on its own
-   host thread (bench_lanes.measure; issue 13).
+   host thread (bench_lanes.measure).
 
 Prints a summary table, the detailed tables, then one JSON line (the last line of output).
 """

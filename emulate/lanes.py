@@ -1,4 +1,4 @@
-"""Parallel lanes on the emulated host (issue 13, docs/PROTOCOL.md "Lanes").
+"""Parallel lanes on the emulated host (docs/PROTOCOL.md "Lanes").
 
 The helper serves BootInfo.lanes mirror vCPUs. The host gives lane l its own vCPU in the mirror
 VM (same entry RIP and CR3, the lane's RSP from BootInfo.lane_info) and drives its mailbox with

@@ -113,7 +113,7 @@ class MigrationParams:
     transport_key: bytes | None = None  # None: derived from `seed` (emulate.seeds)
     verify: bool = True
     sev_es: bool = False  # SEV-ES guest: no register access; the guest parks its vCPU (docs/PROTOCOL.md, "SEV-ES launch")
-    lanes: int = 1  # mirror vCPUs per helper, each driven from its own host thread (issue 13)
+    lanes: int = 1  # mirror vCPUs per helper, each driven from its own host thread (emulate/lanes.py)
 
     @property
     def key(self) -> bytes:

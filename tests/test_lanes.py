@@ -1,4 +1,4 @@
-"""Parallel lanes (issue 13), native: several lanes serve one session, each with its own mailbox,
+"""Parallel lanes, native: several lanes serve one session, each with its own mailbox,
 seq space, seen-bitmap, install table and tokens; lane 0 begins, publishes and finishes the
 session, the others JOIN it. The hostile cases: a record moved to another lane, a lane's token
 replayed on another lane, a lane that never finishes, a lane rolled back in memory, a JOIN of a

@@ -1,4 +1,4 @@
-"""Parallel lanes in the emulator (issue 13): the shipped image serves several mirror vCPUs,
+"""Parallel lanes in the emulator: the shipped image serves several mirror vCPUs,
 each driven from its own host thread; pages split by the documented rule migrate in two
 epochs and the destination finishes only when every lane did. SEV and SEV-ES, 1 and 2 lanes."""
 
