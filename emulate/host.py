@@ -244,6 +244,11 @@ class Host:
             self.uefi.report_shared_ghcb()
 
     # ---- address conversions ------------------------------------------------------------------
+    @property
+    def vcpu(self) -> VCpu:
+        """The main VM's vCPU (the one its firmware boots on and the guest program runs on)."""
+        return self.uefi.vcpu
+
     def block(self, name: str) -> RamBlock:
         return next(b for b in self.blocks if b.name == name)
 

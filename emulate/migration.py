@@ -249,7 +249,7 @@ class Source:
                                      G.GR_DIRTY, 16)]
         self.guest = G.load(h, workload_image(), regions, hot_va=hot.va, hot_pages=hot.pages,
                             seed=p.seed)
-        ex = h.uefi.vcpu.run(budget=None)
+        ex = h.vcpu.run(budget=None)
         if ex.reason != "stop" or not h.migration_control:
             raise RuntimeError(f"guest set-up did not reach MSR_KVM_MIGRATION_CONTROL: {ex}")
         cfg = G.read_cfg(h, self.guest)
@@ -259,7 +259,7 @@ class Source:
         h.unplug(vmem)  # from now on no GPA reaches it; it is still migrated by ram_addr
 
     def run_guest(self, budget: int) -> None:
-        ex = self.host.uefi.vcpu.run(budget)
+        ex = self.host.vcpu.run(budget)
         if ex.reason not in ("budget", "stop"):
             raise RuntimeError(f"source guest stopped: {ex}")
 
@@ -279,14 +279,14 @@ class Source:
         return sorted(out)
 
     def cpu_state(self) -> dict[str, int]:
-        v = self.host.uefi.vcpu
+        v = self.host.vcpu
         return {r: v.get("eflags" if r == "rflags" else r) for r in GPRS}
 
     def park_guest(self, budget: int = 2_000_000) -> None:
         """SEV-ES: ask the guest to park and run its vCPU until it waits in the AP reset hold
         (its registers are then in private pages the dirty log has seen)."""
         G.request_park(self.host, self.guest)
-        ex = self.host.uefi.vcpu.run(budget)
+        ex = self.host.vcpu.run(budget)
         if ex.reason != "reset_hold":
             raise RuntimeError(f"source guest did not park: {ex}")
 
@@ -458,7 +458,7 @@ class Destination:
         """Start the guest's vCPU from the migrated state; True if it runs on without a fault.
         SEV-ES: the host can only wake the vCPU waiting in the firmware's AP reset hold, which
         enters the guest's AP jump table (the GPA the source host learned, KVM state)."""
-        v = self.host.uefi.vcpu
+        v = self.host.vcpu
         if self.host.vm.sev_es:
             if self.ap_jump_table is None:
                 return False
