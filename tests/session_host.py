@@ -208,3 +208,20 @@ def open_record(key: bytes, session_id: int, challenge: int,
     pt = AESGCMSIV(ks).decrypt(nonce, record[64:64 + PAGE] + bytes(env.tag),
                                record[:P.ENVELOPE_AAD_LEN])
     return env, pt
+
+
+def sealed_pair(key: bytes, n: int, rng) -> tuple[NativeHelper, NativeHelper, int, int,
+                                                  list[int], list[bytes]]:
+    """A native source and destination in one session, the source having sealed n random pages
+    (ram_addr PAGE.. n*PAGE) in epoch 1: (src, dst, session id, challenge, pages, records)."""
+    src, dst = NativeHelper(key), NativeHelper(key)
+    addrs = [i * PAGE for i in range(1, n + 1)]
+    for a in addrs:
+        src.set_page(a, rng.randbytes(PAGE))
+    status, ch = dst.recv_begin()
+    assert status == 0
+    sid = src.send_begin(ch)
+    dst.session_id = sid
+    statuses, recs = src.send(addrs)
+    assert statuses == [0] * n
+    return src, dst, sid, ch, addrs, recs

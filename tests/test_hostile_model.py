@@ -38,7 +38,7 @@ from helperfw.runtime import protocol as P
 from helperfw.runtime import session as S
 from tests import hostile_fuzz as F
 from tests.hostile_common import ST, Forger, finish_epoch_one, name
-from tests.session_host import PAGE, NativeHelper, session_keys, set_hash
+from tests.session_host import PAGE, NativeHelper, sealed_pair, session_keys, set_hash
 
 KEY = bytes(range(140, 172))
 SEED = 7016
@@ -174,15 +174,7 @@ def session():
     """A source and a destination in one session; the destination received epoch 1's
     records. Returns (src, dst, forger, records, epoch-1 token)."""
     rng = random.Random(SEED)
-    src, dst = NativeHelper(KEY), NativeHelper(KEY)
-    addrs = [i * PAGE for i in range(1, 9)]
-    for a in addrs:
-        src.set_page(a, rng.randbytes(PAGE))
-    status, ch = dst.recv_begin()
-    assert status == 0
-    sid = src.send_begin(ch)
-    dst.session_id = sid
-    _, recs = src.send(addrs)
+    src, dst, sid, ch, addrs, recs = sealed_pair(KEY, 8, rng)
     ok, tok = src.token(P.OP_SEND_END_EPOCH)
     assert ok == 0
     assert dst.recv(list(zip(addrs, recs, strict=True))) == [0] * len(addrs)

@@ -32,7 +32,7 @@ from helperfw.runtime.gcmsiv import SivKeys
 from tests.hostile_common import ST, Forger, name
 from tests.hostile_secrets import SessionSecrets
 from tests.mirror_host import KEY, PAGE, RAM, MirrorHost, pack_command
-from tests.session_host import NativeHelper
+from tests.session_host import NativeHelper, sealed_pair
 
 SEED = 7017
 OPTIONS = [P.OPT_SHIFT, P.OPT_TUPLES, P.OPT_ISOLATED]
@@ -61,17 +61,8 @@ def _ctx_field(off: int) -> str:
 def _sealed(n: int, rng: random.Random):
     """Native source and destination in one session; the source sealed n random pages in epoch
     1. Returns (src, dst, the session's secrets, the pages, their records)."""
-    src, dst = NativeHelper(KEY), NativeHelper(KEY)
-    addrs = [i * PAGE for i in range(1, n + 1)]
-    for a in addrs:
-        src.set_page(a, rng.randbytes(PAGE))
-    status, ch = dst.recv_begin()
-    assert status == 0
-    sid = src.send_begin(ch)
-    dst.session_id = sid
+    src, dst, sid, ch, addrs, recs = sealed_pair(KEY, n, rng)
     sec = SessionSecrets(KEY, sid, ch)
-    statuses, recs = src.send(addrs)
-    assert statuses == [0] * len(addrs)
     for i, a in enumerate(addrs):
         sec.add_record(1, P.FIRST_SEQ + i)
         sec.add_plaintext(f"page {a:#x}", src.page(a))

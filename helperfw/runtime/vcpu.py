@@ -208,16 +208,24 @@ def park(c: Ptr[LaneCtx]) -> None:
     hlt()
 
 
-@function(abi="c", name="mh_entry")
-def mh_entry() -> None:
-    """Every lane's mirror vCPU starts here (RIP from BootInfo, RSP from its lane entry) and
-    never returns: each HLT hands the batch back to the host, which re-enters after the HLT
-    with the next doorbell of the lane's mailbox."""
+@function
+def start_vcpu() -> Ptr[LaneCtx]:
+    """A vCPU's start, fresh or after a fault: its lane (from its stack; none: stranded), its
+    own IDT and a fresh mask key."""
     c = this_lane()
     if u64(c) == 0:
         stranded()
     install_idt()
     draw_mask_key(c)
+    return c
+
+
+@function(abi="c", name="mh_entry")
+def mh_entry() -> None:
+    """Every lane's mirror vCPU starts here (RIP from BootInfo, RSP from its lane entry) and
+    never returns: each HLT hands the batch back to the host, which re-enters after the HLT
+    with the next doorbell of the lane's mailbox."""
+    c = start_vcpu()
     while True:
         process_batch(c)
         park(c)
@@ -227,11 +235,7 @@ def mh_entry() -> None:
 def mh_resume() -> None:
     """Where mh_fault continues (on the lane's fresh stack): the faulted batch is already
     completed, so exit first."""
-    c = this_lane()
-    if u64(c) == 0:
-        stranded()
-    install_idt()
-    draw_mask_key(c)
+    c = start_vcpu()
     while True:
         park(c)
         process_batch(c)
