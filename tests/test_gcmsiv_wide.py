@@ -271,7 +271,9 @@ def _fault(vector: int) -> tuple[Interpreter, int]:
     it = Interpreter(env=FaultPlatform())
     it.memory.map(MAILBOX, bytearray(4 * PAGE))
     ctx = it.static_addr(S.CTX)
-    for field, size, value in (("mailbox", 8, MAILBOX), ("wide", 4, WIDE_ON.value),
+    # one lane, lane 0 in CTX, whose stack holds the frame (mh_fault finds its lane from it)
+    it.call(S.init_lane, ctx, 0, ctx + S.LANE0, MAILBOX, 0x20000 + PAGE)
+    for field, size, value in (("nlanes", 4, 1), ("wide", 4, WIDE_ON.value),
                                ("state", 4, P.ST_SENDING), ("cur_bell", 8, 5)):
         it.memory.write(ctx + S.HelperCtx.offset(field), value.to_bytes(size, "little"))
     frame = it.memory.map(0x20000, bytearray(vcpu.IsrFrame.size))
