@@ -46,7 +46,7 @@ from tests.hostile_common import LeakScanner
 from tests.session_host import open_record, session_keys
 
 SEED = 20261125
-MEM = 64 << 20
+MEM = 32 << 20  # 8192 pages: several rounds, epochs and batches per round, and a quick matrix
 
 MATRIX = [  # (option, C-bit, transport)
     (P.OPT_SHIFT, 47, "memory"),
