@@ -165,7 +165,8 @@ def _read_exact(inp: BinaryIO, n: int) -> bytes:
 
 
 def read_stream(inp: BinaryIO) -> Iterator[Record]:
-    """Yield records up to and including END, checking the header, framing, totals and CRC."""
+    """Yield records up to and including END, checking the header, framing, totals and CRC.
+    Nothing after END is read: the stream ends there (a socket may stay open after it)."""
     crc = 0
     head = _read_exact(inp, Header.sizeof())
     try:

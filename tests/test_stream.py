@@ -10,7 +10,7 @@ import random
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from emulate import stream as S
@@ -75,8 +75,11 @@ FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
 def test_any_change_to_a_valid_stream_is_refused(data):
     """Flipping any bits of any byte, cutting the stream anywhere or inserting bytes anywhere:
     the reader refuses with StreamError (header, framing, END totals or CRC), never accepts,
-    never fails another way."""
-    raw = bytearray(valid_stream())
+    never fails another way. An insertion that leaves the whole valid stream in front (bytes
+    equal to END's last ones, inserted just before them) only appends to it: the reader stops
+    at END by design (the transport ends there), so such a case is not a change of the stream."""
+    orig = valid_stream()
+    raw = bytearray(orig)
     kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
     at = data.draw(st.integers(0, len(raw) - 1))
     if kind == "flip":
@@ -85,6 +88,7 @@ def test_any_change_to_a_valid_stream_is_refused(data):
         del raw[at:]
     else:
         raw[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+        assume(not raw.startswith(orig))
     with pytest.raises(S.StreamError):
         read_all(bytes(raw))
 
