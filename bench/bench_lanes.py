@@ -1,12 +1,15 @@
 """Helper-side throughput with 1, 2 and 4 lanes in the emulator.
 
-    python bench/bench_lanes.py [--pages 2048] [--mem MiB]
+    python bench/bench_lanes.py [--pages 2048] [--mem MiB] [--e2e] [--check]
 
 One source guest is booted once; its private pages are sealed by 1, 2 and 4 lanes (each lane
 its own mirror vCPU and thread, pages split by the documented rule), and a fresh destination
 per lane count opens them, again one thread per lane. Timed: the SEND batches (source) and the
 RECV batches (destination), each side alone, best of `rounds`; what the host does between
 batches (stream, epochs) is not helper time. Exits per page count every batch's HLT.
+`--e2e` adds whole live migrations (TCP loopback, both sides at once) with 1 and 2 lanes.
+`--check` exits non-zero unless 2 lanes reach SPEEDUP_GOAL x 1 lane on both sides and the
+exits per page stay at or below 1/32 (CI runs it after the tests: a ratio measured in one run).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from helperfw.runtime import protocol as P
 
 TWO_MIB = 2 << 20
 LANE_COUNTS = (1, 2, 4)
+SPEEDUP_GOAL = 1.6  # 2 lanes vs 1, each side
+EXITS_GOAL = 1 / 32  # mirror exits per page, per side
+E2E_GOAL = 5000  # pages/s end to end with 2 lanes (the lanes issue's target)
 LINKS_GBIT = (25, 100, 400)
 RECORD_BYTES = P.SLOT_SIZE  # a private page on the wire: Envelope + 4096 bytes of ciphertext
 
@@ -91,6 +97,44 @@ def measure(p: MigrationParams, pages: int, rounds: int = 2) -> list[dict]:
     return rows
 
 
+def e2e(p: MigrationParams, lanes_list: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """Whole live migrations over TCP loopback (both sides' lanes at once), one per lane count:
+    end-to-end pages/s (SEND_BEGIN to RECV_FINISH) and exits per page per side."""
+    from dataclasses import replace
+
+    from emulate.migration import Migration
+
+    rows = []
+    for n in lanes_list:
+        r = Migration(replace(p, lanes=n, transport="tcp")).run()
+        if r.verification is None or not r.verification.ok:
+            raise RuntimeError(f"{n}-lane migration failed: {r.verification}")
+        rows.append({"lanes": n, "pages": r.pages, "seconds": round(r.seconds, 2),
+                     "pages_per_s": round(r.pages_per_s),
+                     "exits_per_page_per_side": round(r.exits_per_page / 2, 4)})
+    return rows
+
+
+def e2e_report(rows: list[dict]) -> str:
+    return table(["lanes", "pages", "s", "pages/s", "exits/page/side"],
+                 [[r["lanes"], r["pages"], r["seconds"], r["pages_per_s"],
+                   r["exits_per_page_per_side"]] for r in rows],
+                 f"end-to-end live migration, TCP loopback (goal with 2 lanes: {E2E_GOAL} pages/s)")
+
+
+def check(rows: list[dict]) -> list[str]:
+    """What misses the goals: 2 lanes >= SPEEDUP_GOAL x 1 lane (source and destination), exits
+    per page <= EXITS_GOAL for every lane count."""
+    out = []
+    two = next(r for r in rows if r["lanes"] == 2)
+    for side in ("src", "dst"):
+        if two[f"{side}_speedup"] < SPEEDUP_GOAL:
+            out.append(f"{side}: 2 lanes {two[f'{side}_speedup']}x 1 lane < {SPEEDUP_GOAL}x")
+    out += [f"{r['lanes']} lanes: {r['exits_per_page']} exits/page > 1/32" for r in rows
+            if r["exits_per_page"] > EXITS_GOAL]
+    return out
+
+
 def saturation(seal_mb_s: float, open_mb_s: float) -> list[dict]:
     """Lanes (one core each) that saturate each link, from the measured native per-page cost
     of seal and open (MB/s of 4 KiB plaintext): a link of G Gbit/s carries G/8e-9 /
@@ -129,11 +173,20 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=2048)
     ap.add_argument("--mem", type=int, default=32, help="guest MiB")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--e2e", action="store_true", help="also whole migrations, 1 and 2 lanes")
+    ap.add_argument("--check", action="store_true",
+                    help=f"fail unless 2 lanes >= {SPEEDUP_GOAL}x 1 lane, exits/page <= 1/32")
     args = ap.parse_args()
-    rows = measure(MigrationParams(mem=args.mem << 20, option=P.OPT_SHIFT), args.pages,
-                   args.rounds)
+    p = MigrationParams(mem=args.mem << 20, option=P.OPT_SHIFT)
+    rows = measure(p, args.pages, args.rounds)
     print(report(rows))
-    print(json_line("lanes", lanes=rows))
+    ends = e2e(p) if args.e2e else []
+    if ends:
+        print(e2e_report(ends))
+    missed = check(rows)
+    print(json_line("lanes", lanes=rows, e2e=ends, missed=missed))
+    if args.check and missed:
+        raise SystemExit("lane goals missed: " + "; ".join(missed))
 
 
 if __name__ == "__main__":

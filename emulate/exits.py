@@ -68,7 +68,8 @@ NATIVE_MSRS = frozenset({
 VMMCALL = b"\x0f\x01\xd9"  # AMD APM vol. 3
 VMGEXIT = b"\xf3" + VMMCALL  # `rep vmmcall`; a VMMCALL outside SEV-ES guests
 # Opcodes the scan hooks (after optional REX/0x66 prefixes); the decode then names the kind.
-SCAN_OPCODES = (b"\xf4", b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2", b"\x0f\xc7", b"\x0f\x09")
+SCAN_OPCODES = (b"\xf4", b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2", b"\x0f\xc7", b"\x0f\x09",
+                b"\x0f\x22", b"\x0f\x01")  # the last two: MOV to CRn, INVLPG (TLB flushes)
 RDRAND_OPCODE = b"\x0f\xc7"  # 0F C7 /6 with a register operand (ModRM mod=11, reg=6)
 # IN/OUT (imm8 and DX forms, an optional 0x66 for 16 bits), scanned for SEV-ES VMs only. Not
 # INS/OUTS: their opcodes (0x6C-0x6F) are frequent bytes of other instructions, and nothing
@@ -381,6 +382,9 @@ class Intercepts:
     def _on_code(self, uc: object, addr: int, size: int, _ud: object) -> None:
         insn = self.decode(addr)
         kind = MNEMONIC_KIND.get(insn.mnemonic)
+        if kind == "wrmsr" or insn.mnemonic == "invlpg" or (
+                insn.mnemonic == "mov" and insn.op_str.startswith("cr")):
+            self.vcpu.tlb.forget()  # the CPU flushes its TLB (EFER.NXE, CR0.WP may change too)
         if kind is None and self.scan_io and insn.mnemonic in IO_MNEMONICS:
             kind = "io"
         if kind is not None:

@@ -342,7 +342,7 @@ class VCpu:
         self._hlt_at: int | None = None
         self._long_mode(rip, cr3, rsp)
         vm.vcpus.append(self)
-        self.mc.register_flush(self.flush_tlb, self._mark_code_dirty)
+        self.mc.register_flush(self._refill_views, self._mark_code_dirty)
 
     def _long_mode(self, rip: int, cr3: int, rsp: int) -> None:
         r = self.regs
@@ -383,6 +383,7 @@ class VCpu:
     def restore_state(self, state: object) -> None:
         self._host_access("state", "restore")
         self.uc.context_restore(state)  # type: ignore[arg-type]
+        self.flush_tlb()  # CR3, CR0, CR4 and EFER come back too
 
     def sipi(self) -> None:
         """Wake a vCPU waiting in the AP reset hold (INIT-SIPI under SEV-ES): "start this vCPU
@@ -415,6 +416,12 @@ class VCpu:
         self.tlb.write_virt(va, data)
 
     def flush_tlb(self) -> None:
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.tlb.forget()
+
+    def _refill_views(self) -> None:
+        """A page changed its view (memory controller): every TLB entry must be filled again,
+        where the fill makes each page's view, but no translation changed."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def _mark_code_dirty(self) -> None:

@@ -93,7 +93,22 @@ def workload_image() -> LinkedImage:
 
 
 Progress = Callable[[str, int], None]
-"""progress(event, n): ("round", pages in the round), ("pages", pages just sent), ("done", 0)."""
+"""progress(event, n): ("round", pages in the round), ("pages", pages just sent), ("done", 0);
+with several lanes also, per lane L, (lane_event(L, "round"), the lane's private pages in the
+round) and (lane_event(L, "pages"), its pages just sealed)."""
+
+
+def lane_event(lane: int, what: str) -> str:
+    """A per-lane progress event's name: "lane<L>:<what>"."""
+    return f"lane{lane}:{what}"
+
+
+def parse_lane_event(event: str) -> tuple[int, str] | None:
+    """(lane, what) of a lane_event name, else None."""
+    if not event.startswith("lane") or ":" not in event:
+        return None
+    lane, what = event[4:].split(":", 1)
+    return (int(lane), what) if lane.isdigit() else None
 
 
 @dataclass
@@ -509,9 +524,13 @@ class Migration:
             self.timeline.batch(SOURCE, SHARED, len(chunk), started)
             self.progress("pages", len(chunk))
         parts = split_by_lane(priv, len(lanes))
+        if len(lanes) > 1:
+            for lane, part in enumerate(parts):
+                self.progress(lane_event(lane, "round"), len(part))
         waves = max(-(-len(part) // ch.slots) for part in parts) if priv else 0
-        for batches in range(1, waves + 1):  # a wave: one batch per lane, the lanes at once
-            lo = (batches - 1) * ch.slots
+        batches = 0  # helper batches (all lanes) since the guest last ran
+        for wave in range(waves):  # a wave: one batch per lane, the lanes at once
+            lo = wave * ch.slots
             chunks = [part[lo : lo + ch.slots] for part in parts]
             if self._epoch_count + max(len(c) for c in chunks) > p.epoch_records:
                 self._end_epoch(w)
@@ -524,7 +543,13 @@ class Migration:
                     self.timeline.batch(SOURCE, PRIVATE, len(chunk), started)
             self._epoch_count += max(len(c) for c in chunks)
             self.progress("pages", sum(len(c) for c in chunks))
-            if guest_runs and batches % p.slice_every == 0:
+            if len(lanes) > 1:
+                for lane, chunk in enumerate(chunks):
+                    if chunk:
+                        self.progress(lane_event(lane, "pages"), len(chunk))
+            batches += sum(1 for c in chunks if c)
+            while guest_runs and batches >= p.slice_every:  # as often per page as with 1 lane
+                batches -= p.slice_every
                 self.src.run_guest(p.guest_slice)
                 self._slices += 1
         return len(priv), len(shared)

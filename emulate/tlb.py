@@ -10,6 +10,14 @@ pending page fault the run loop reports.
 Two more jobs ride on the fill: fetched pages are passed to the vCPU's intercept scanner (which
 hooks the instructions that exit), and the VM may narrow the permissions (KVM's dirty-log write
 protection). The park page (PARK_VA → a page of HLT bytes) lets an exit handler end a run at once.
+
+Kept translations: unicorn's TLB is small and direct-mapped, so a batch's 64 guest pages evict
+the slots, stack and code of the last batch, and each refill was a Python walk holding the GIL
+(the one serial part of several lanes). Like a CPU's TLB, the walks' results are kept per CR3
+(large leaves once for their whole span) until the TLB is flushed: by the emulator (`forget`
+from every VCpu.flush_tlb: page-state changes, memslots, dirty-log re-arming, replayed memory)
+or by the guest (MOV to CR0/CR3/CR4, INVLPG, WRMSR: the intercept scanner hooks them). A kept
+translation still has its page's view made and its permissions narrowed on every fill.
 """
 
 from __future__ import annotations
@@ -26,9 +34,19 @@ from unicorn import (
     UC_PROT_WRITE,
     Uc,
 )
+from unicorn.x86_const import UC_X86_REG_CR3
 
-from emulate.memctl import PAGE
-from emulate.mmu import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, Translation, walk
+from emulate.memctl import PAGE, RAW
+from emulate.mmu import (
+    ACCESS_FETCH,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    PAGE_1G,
+    PAGE_2M,
+    PageFault,
+    Translation,
+    walk,
+)
 
 if TYPE_CHECKING:
     from emulate.machine import VCpu
@@ -39,6 +57,7 @@ if TYPE_CHECKING:
 PARK_VA = 0xFFFF_FFFF_FFFF_E000
 UNTIL_VA = PARK_VA + PAGE
 HLT = b"\xf4"
+KEPT_SIZES = (PAGE_2M, PAGE, PAGE_1G)  # most fills are in the 2 MiB-mapped RAM window
 
 
 class Tlb:
@@ -49,6 +68,8 @@ class Tlb:
         self.vm = vcpu.vm
         self.mc = vcpu.vm.mc
         self.fills = 0
+        self.walks = 0  # fills that needed a page walk (no kept translation)
+        self._kept: dict[tuple[int, str, int, int], Translation] = {}
         self.pending_pf: PageFault | None = None  # the first failed walk of the current run
         uc = vcpu.uc
         self.park_hpa = self.mc.size  # one page just above DRAM, private to this Uc
@@ -61,7 +82,10 @@ class Tlb:
         if hpa is None:
             raise PageFault(gpa, ACCESS_READ, 0, f"page-table GPA {gpa:#x} not in any memslot",
                             gpa_missing=gpa)
-        return int.from_bytes(self.mc.guest_read(hpa, 8, self.vm.key_id, encrypted), "little")
+        mc = self.mc
+        if mc.state[hpa // PAGE] == (self.vm.key_id if encrypted else RAW):  # the usual case
+            return int.from_bytes(mc.mem[hpa : hpa + 8], "little")
+        return int.from_bytes(mc.guest_read(hpa, 8, self.vm.key_id, encrypted), "little")
 
     def translate(self, va: int, access: str = ACCESS_READ) -> tuple[Translation, int]:
         """(translation, hpa) for `va` with the vCPU's CR3; raises PageFault."""
@@ -93,8 +117,34 @@ class Tlb:
             self.vm.note_write(hpa, ln)
             pos += ln
 
+    def forget(self) -> None:
+        """Drop the kept translations (a TLB flush)."""
+        self._kept.clear()
+
+    def _kept_translation(self, cr3: int, va: int, access: str) -> tuple[Translation, int] | None:
+        for size in KEPT_SIZES:
+            t = self._kept.get((cr3, access, size, va // size))
+            if t is not None:
+                gpa = t.gpa + va % size
+                hpa = self.vm.gpa_to_hpa(gpa)
+                return None if hpa is None else (t, hpa)
+        return None
+
+    def _walk_and_keep(self, cr3: int, va: int, access: str) -> tuple[Translation, int]:
+        self.walks += 1
+        t = walk(self._read_qword, cr3, va, access, self.vm.layout)
+        hpa = self.vm.gpa_to_hpa(t.gpa)
+        if hpa is None:
+            raise PageFault(va, access, 0, f"GPA {t.gpa:#x} not in any memslot",
+                            gpa_missing=t.gpa)
+        size = t.page_size
+        base = Translation(t.gpa - va % size, t.encrypted, t.writable, t.executable, size)
+        self._kept[(cr3, access, size, va // size)] = base
+        return t, hpa
+
     def on_fill(self, uc: Uc, va: int, kind: int, entry: object, _ud: object) -> bool:
-        """UC_HOOK_TLB_FILL: walk, convert the page's view, set paddr/perms (False: #PF)."""
+        """UC_HOOK_TLB_FILL: walk (or a kept translation), convert the page's view, set
+        paddr/perms (False: #PF)."""
         self.fills += 1
         page_va = va & ~(PAGE - 1)
         if page_va == PARK_VA:
@@ -102,12 +152,16 @@ class Tlb:
             return True
         access = ACCESS_FETCH if kind == UC_MEM_FETCH else (
             ACCESS_WRITE if kind == UC_MEM_WRITE else ACCESS_READ)
-        try:
-            t, hpa = self.translate(va, access)
-        except PageFault as pf:
-            if self.pending_pf is None:
-                self.pending_pf = pf
-            return False
+        cr3 = uc.reg_read(UC_X86_REG_CR3)
+        found = self._kept_translation(cr3, va, access)
+        if found is None:
+            try:
+                found = self._walk_and_keep(cr3, va, access)
+            except PageFault as pf:
+                if self.pending_pf is None:
+                    self.pending_pf = pf
+                return False
+        t, hpa = found
         page_hpa = hpa & ~(PAGE - 1)
         self.mc.make_state(page_hpa, PAGE, self.vm.key_id, t.encrypted)
         perms = UC_PROT_READ | (UC_PROT_WRITE if t.writable else 0) | (

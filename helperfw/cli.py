@@ -383,7 +383,7 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
     from tqdm import tqdm
 
     from emulate.host import default_layout
-    from emulate.migration import MigrationParams, migrate
+    from emulate.migration import MigrationParams, migrate, parse_lane_event
 
     check_image(args.image)
     if args.report is not None:
@@ -406,10 +406,22 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
     print(f"helper: {args.image}", file=out)
     bar = None if args.no_progress else tqdm(total=0, unit="page", desc="booting",
                                             file=sys.stderr, dynamic_ncols=True)
+    # with several lanes, one bar per lane under the overall one: its private pages per round
+    lane_bars = [] if bar is None or args.lanes == 1 else [
+        tqdm(total=0, unit="page", desc=f"  lane {i}", position=i + 1, leave=False,
+             file=sys.stderr, dynamic_ncols=True) for i in range(args.lanes)]
     rounds = [0]
 
     def progress(event: str, n: int) -> None:
         if bar is None:
+            return
+        lane = parse_lane_event(event)
+        if lane is not None:
+            b = lane_bars[lane[0]]
+            if lane[1] == "round":
+                b.reset(total=n)
+            else:
+                b.update(n)
             return
         if event == "round":
             rounds[0] += 1
@@ -425,8 +437,8 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
         with _emulator_errors("migration failed"):
             res = migrate(p, progress)
     finally:
-        if bar is not None:
-            bar.close()
+        for b in [*lane_bars, *([bar] if bar is not None else [])]:
+            b.close()
     for r in res.rounds:
         kind = "stop-and-copy" if r.final else "pre-copy"
         print(f"round {r.round} ({kind}): {r.pages} pages ({r.private} private, {r.shared} "

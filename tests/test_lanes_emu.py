@@ -111,20 +111,3 @@ def test_join_during_publication_is_refused_in_the_image() -> None:
     ctl = struct.unpack_from("<QQi", h.mc.host_read(h.mb + P.CONTROL_OFFSET, 20))
     assert ctl[1:] == (h.bell, 0)
     assert join() == 0
-
-
-@pytest.mark.parametrize(("sev_es", "transport"), [(False, "tcp"), (True, "memory")],
-                         ids=["sev-tcp", "sev-es-memory"])
-def test_live_migration_with_two_lanes(sev_es: bool, transport: str) -> None:
-    """The whole live migration (pre-copy rounds with the guest running, stop-and-copy,
-    resume) with 2 lanes: the dirty pages split by lane, the stream tags every record and
-    token with its lane, the destination finishes and resumes the guest."""
-    from emulate.migration import Migration
-
-    p = MigrationParams(mem=32 << 20, option=P.OPT_TUPLES, sev_es=sev_es, image=efi_path(),
-                        seed=1303, transport=transport, lanes=2)
-    m = Migration(p)
-    res = m.run()
-    assert res.verification is not None and res.verification.ok, res.verification
-    assert all(c.exits > 1 for c in m.src.lanes + m.dst.lanes)  # every lane did batches
-    assert res.exits_per_page / 2 <= 1 / 32  # per side

@@ -1,8 +1,8 @@
 """End-to-end live migration under emulation, with the built MigrationHelper.efi on both sides.
 
-Matrix: every option (shift, tuples, isolated) × C-bit 47 and 51, each with 64 MiB of guest RAM
-(pc.ram 48 MiB, a DIMM of 8 MiB at 4 GiB, an unplugged virtio-mem block of 8 MiB), the three
-transports spread over the matrix. The guest keeps dirtying memory between helper batches, so
+Matrix: every option (shift, tuples, isolated) × C-bit 47 and 51, each with 32 MiB of guest RAM
+(pc.ram, a DIMM at 4 GiB, an unplugged virtio-mem block), the three transports spread over the
+matrix, each with 1 lane and with 2 lanes (two mirror vCPUs per side, one thread each). The guest keeps dirtying memory between helper batches, so
 every run has at least two pre-copy rounds before stop-and-copy (isolated/C-bit 51 also splits
 round 1 into several helper epochs). Success: destination private
 memory (C=1, its own key) equals the source's page for page, shared pages equal raw, private
@@ -32,6 +32,7 @@ from emulate import stream as S
 from emulate.attacker import HostHands
 from emulate.ghcb import GhcbHost
 from emulate.host import Host
+from emulate.lanes import split_by_lane
 from emulate.machine import VCpu
 from emulate.memctl import PAGE
 from emulate.migration import (
@@ -72,13 +73,31 @@ def params(image: Path, option: int, cbit: int, transport: str, tmp: Path, *, me
                            transport=transport)
 
 
+LANES = (1, 2)
+
+
+def check_exits(res, m: Migration, lanes: int) -> None:
+    """One mirror exit per batch of up to 64 pages (+ begin/epoch/finish ops); with lanes, each
+    lane's last batch of a round may be short: at most 1/32 per side, every lane used."""
+    assert res.src_exits == res.dst_exits
+    if lanes == 1:
+        assert 1 / 64 <= res.exits_per_page / 2 < 1 / 60
+    else:
+        assert 1 / 64 <= res.exits_per_page / 2 <= 1 / 32
+        assert len(m.src.lanes) == len(m.dst.lanes) == lanes
+        assert all(c.exits > 1 for c in m.src.lanes + m.dst.lanes), "every lane did batches"
+
+
+@pytest.mark.parametrize("lanes", LANES, ids=[f"lanes{n}" for n in LANES])
 @pytest.mark.parametrize(("option", "cbit", "transport"), MATRIX,
                          ids=[f"{P.OPTION_NAMES[o]}-c{c}-{t}" for o, c, t in MATRIX])
-def test_live_migration(image, tmp_path, option, cbit, transport):
-    print("seed", SEED, "option", P.OPTION_NAMES[option], "cbit", cbit, "transport", transport)
+def test_live_migration(image, tmp_path, option, cbit, transport, lanes):
+    print("seed", SEED, "option", P.OPTION_NAMES[option], "cbit", cbit, "transport", transport,
+          "lanes", lanes)
     p = params(image, option, cbit, transport, tmp_path)
+    p.lanes = lanes
     if option == P.OPT_ISOLATED and cbit == 51:
-        p.epoch_records = 4096  # round 1 spans several helper epochs
+        p.epoch_records = 4096 // lanes  # round 1 spans several helper epochs
     m = Migration(p)
     res = m.run()
     v = res.verification
@@ -93,12 +112,15 @@ def test_live_migration(image, tmp_path, option, cbit, transport):
     assert pre[0].pages == ram_pages - v.skipped_pages
     assert all(r.guest_touches > 0 for r in pre)
     assert all(a.dirty_after == b.pages for a, b in zip(res.rounds, res.rounds[1:]))
-    # one mirror exit per batch of up to 64 pages (+ begin/epoch/finish ops)
-    assert res.src_exits == res.dst_exits
-    assert 1 / 64 <= res.exits_per_page / 2 < 1 / 60
+    check_exits(res, m, lanes)
     assert dst.counts["epochs"] == res.epochs
-    want_epochs = len(res.rounds) - 1 + -(-pre[0].private // p.epoch_records)
-    assert res.epochs == want_epochs, "one epoch per round, round 1 split at epoch_records"
+    # one epoch per round, round 1 split when its fullest lane passes epoch_records; every
+    # lane ends every epoch with its own token
+    fullest = pre[0].private if lanes == 1 else max(
+        len(part) for part in split_by_lane(
+            [a for a in src.host.pages() if a not in src.skip and not src.host.shared.is_shared(a)],
+            lanes))
+    assert res.epochs == lanes * (len(res.rounds) - 1 + -(-fullest // p.epoch_records))
     assert res.bytes_on_wire > res.private_pages * P.SLOT_SIZE
     assert res.guest_exits > sum(r.dirty_after for r in pre) // 2  # write-protection faults
     if transport == "tcp":  # concurrent: the downtime is stop-and-copy plus the catch-up
@@ -124,7 +146,8 @@ ES_MATRIX = [  # (option, C-bit, transport), all SEV-ES
     (P.OPT_ISOLATED, 47, "file"),
     (P.OPT_ISOLATED, 51, "tcp"),
 ]
-LEAK_SCAN = (P.OPT_SHIFT, 47)  # the SEV-ES case that scans at every exit
+LEAK_SCAN = (P.OPT_SHIFT, 47, 2)  # the SEV-ES case that scans at every exit (every lane's
+#                                   mailbox among the pages scanned)
 SAMPLE_EVERY = 32  # private pages whose plaintext it looks for: one in SAMPLE_EVERY (a bigger
 #                    set of blocks makes every scan slower: cache misses)
 ES_SHARED_EXTRA = 3  # the firmware's GHCB, the workload's GHCB and its control page
@@ -188,8 +211,12 @@ class ExitLeakScan:
             return
         hpas = [host.ram_hpa(ra) for start, n in host.shared.ranges()
                 for ra in range(start, start + n, PAGE)]
-        if host.mirror is not None:
-            hpas += [host.mirror.mailbox_hpa + i * PAGE for i in range(P.MAILBOX_PAGES)]
+        if host.mirror is not None:  # every lane's mailbox
+            mirror = host.mirror
+            for lane in range(int(mirror.info.bootinfo.lanes)):
+                gpa = int(mirror.info.bootinfo.lane_info[lane].mailbox_mirror_gpa)
+                base = mirror.vm.gpa_to_hpa(gpa)
+                hpas += [base + i * PAGE for i in range(P.MAILBOX_PAGES)]
         if ghcb_gpa:
             hpas.append(v.vm.gpa_to_hpa(ghcb_gpa))
         for hpa in hpas:
@@ -202,13 +229,15 @@ class ExitLeakScan:
                 self.hits.append(f"{host.name} hpa {hpa:#x}+{off:#x} at exit {self.exits}")
 
 
+@pytest.mark.parametrize("lanes", LANES, ids=[f"lanes{n}" for n in LANES])
 @pytest.mark.parametrize(("option", "cbit", "transport"), ES_MATRIX,
                          ids=[f"sev-es-{P.OPTION_NAMES[o]}-c{c}-{t}" for o, c, t in ES_MATRIX])
-def test_live_migration_sev_es(image, tmp_path, monkeypatch, option, cbit, transport):
-    print("seed", SEED, "SEV-ES option", P.OPTION_NAMES[option], "cbit", cbit, transport)
+def test_live_migration_sev_es(image, tmp_path, monkeypatch, option, cbit, transport, lanes):
+    print("seed", SEED, "SEV-ES option", P.OPTION_NAMES[option], "cbit", cbit, transport,
+          "lanes", lanes)
     p = params(image, option, cbit, transport, tmp_path, mem=ES_MEM)
-    p.sev_es = True
-    scan = ExitLeakScan(monkeypatch, p.key) if (option, cbit) == LEAK_SCAN else None
+    p.sev_es, p.lanes = True, lanes
+    scan = ExitLeakScan(monkeypatch, p.key) if (option, cbit, lanes) == LEAK_SCAN else None
     m = Migration(p)
     if scan is not None:
         src_send = m.src.ch.send
@@ -228,6 +257,7 @@ def test_live_migration_sev_es(image, tmp_path, monkeypatch, option, cbit, trans
     pre = [r for r in res.rounds if not r.final]
     assert len(pre) >= 2 and res.rounds[-1].final
     assert all(a.dirty_after == b.pages for a, b in zip(res.rounds, res.rounds[1:]))
+    check_exits(res, m, lanes)
     # the guest parked on the source, came back once on the destination, and runs there
     assert src.host.uefi.vcpu.hold is not None, "the source vCPU stays in the AP reset hold"
     src_cfg, dst_cfg = G.read_cfg(src.host, src.guest), G.read_cfg(dst.host, src.guest)
