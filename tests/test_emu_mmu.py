@@ -177,6 +177,43 @@ def test_fetch_from_nx_and_npf() -> None:
         assert ex.fault.cr2 == target and ex.fault.access == access
 
 
+@pytest.mark.parametrize("flush", ["mov-cr3", "invlpg"])
+def test_a_remap_is_seen_after_the_guests_tlb_flush(flush: str) -> None:
+    """The fill hook keeps walked translations as a TLB does (emulate/tlb.py): a guest that
+    points a PTE at another page and flushes (MOV to CR3, INVLPG) reads the new page at once;
+    the kept translation of the old one is dropped with unicorn's own entries."""
+    vm = VM(MemoryController(8 << 20), cpuid=CpuidModel(cbit=47))
+    g = FlatGuest(vm, ram_size=8 << 20)
+    old = g.place(b"\x11" * 4096, writable=True, executable=False)
+    new = g.place(b"\x22" * 4096, writable=True, executable=False)
+    va = 0x40_0000_0000
+    g.map(va, old, 4096, writable=False, executable=False)
+    table, cm = g.pt.root, vm.layout.c_mask
+    for shift in (39, 30, 21):
+        table = vm.read_u64(table + ((va >> shift) & 0x1FF) * 8) & vm.layout.addr_mask & ~cm
+    pte = table + ((va >> 12) & 0x1FF) * 8
+    g.map(table, table, 4096, writable=True, executable=False)  # the guest may write its PT
+    entry = vm.read_u64(pte)
+    assert entry & vm.layout.addr_mask & ~cm == old
+    do_flush = {"mov-cr3": "movq %cr3, %rcx\nmovq %rcx, %cr3", "invlpg": "invlpg (%rdi)"}[flush]
+    code = assemble(f"""
+        movabs ${va}, %rdi
+        movq (%rdi), %rax
+        movabs ${pte}, %rsi
+        movabs ${entry - old + new}, %rdx
+        movq %rdx, (%rsi)
+        {do_flush}
+        hlt
+        movq (%rdi), %rbx
+        hlt
+    """)
+    v = g.vcpu(g.place(code))
+    assert v.run().reason == "hlt" and v.get("rax") == 0x1111111111111111
+    assert v.run().reason == "hlt"  # a second run: kept translations outlive runs
+    assert v.get("rbx") == 0x2222222222222222, "the old page through a dropped translation"
+    assert v.tlb.walks >= 2
+
+
 # ---- differential test against unicorn's walker -------------------------------------------
 RAM = 8 << 20
 CODE_GPA = 0x10000
