@@ -288,6 +288,39 @@ def test_in_place(siv: Siv) -> None:
         assert ok == gcmsiv.SIV_OK and bytes(data)[:n] == pt
 
 
+GUARD = 32  # bytes after each output buffer that must stay as they were
+
+
+def _guarded(data: bytes | int) -> ctypes.Array:
+    """A buffer with GUARD bytes of 0x5A after its n bytes."""
+    n = data if isinstance(data, int) else len(data)
+    b = buf(bytes(data if not isinstance(data, int) else n) + b"\x5a" * GUARD)
+    return b
+
+
+def _untouched_after(b: ctypes.Array, n: int) -> bool:
+    return bytes(b)[n : n + GUARD] == b"\x5a" * GUARD
+
+
+@pytest.mark.parametrize("n", [*range(0, 50), 127, 129, 143, 255, 4079, 4095, 4096])
+def test_every_write_stays_inside_its_buffer(siv: Siv, n: int) -> None:
+    """Seal's stage, ciphertext and tag, open's output and scratch: nothing is written past the
+    n bytes (or the 16-byte tag), whatever the length of the last partial block."""
+    rng = random.Random(n)
+    key, nonce, pt, aad = rng.randbytes(32), rng.randbytes(12), rng.randbytes(n), rng.randbytes(48)
+    k, i, a, p = buf(key), buf(nonce), buf(aad), buf(pt)
+    stage, c, t = _guarded(n), _guarded(n), _guarded(16)
+    siv.img.call("mh_test_siv_seal", A(k), A(i), A(a), len(aad), A(p), A(stage), A(c), n, A(t),
+                 siv.path, A(siv.mkey))
+    assert bytes(c)[:n] + bytes(t)[:16] == AESGCMSIV(key).encrypt(nonce, pt, aad)
+    assert _untouched_after(stage, n) and _untouched_after(c, n) and _untouched_after(t, 16)
+    out, scratch, ct, tag = _guarded(n), _guarded(n), buf(bytes(c)[:n]), buf(bytes(t)[:16])
+    r = siv.img.call("mh_test_siv_open", A(k), A(i), A(a), len(aad), A(ct), A(out), n, A(tag),
+                     A(scratch), siv.path, A(siv.mkey))
+    assert r == gcmsiv.SIV_OK and bytes(out)[:n] == pt
+    assert _untouched_after(out, n) and _untouched_after(scratch, n)
+
+
 def test_layouts() -> None:
     assert aes.Aes256Key.size == 15 * 16
     assert gcmsiv.SivKeys.size == (15 + 16 + 16 + 1) * 16  # + the path flag, padded

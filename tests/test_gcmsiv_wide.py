@@ -396,6 +396,39 @@ def test_the_emulated_mirror_chooses_and_survives_a_lie(sev_es: bool, host_says:
     assert [forger.open(r) for r in records] == list(pages.values())
 
 
+CPUID_SHAPES = [  # (what the host's CPUID says on top of the full lie, the path expected)
+    ("everything, max leaf exactly 7", {"max_leaf": 7}, WIDE_ON),
+    ("max leaf 6: no leaf 7", {"max_leaf": 6}, WIDE_OFF),
+    ("no OSXSAVE", {"leaf1_clear": PF.CPUID_1_ECX_OSXSAVE}, WIDE_OFF),
+    ("no AVX", {"leaf1_clear": PF.CPUID_1_ECX_AVX}, WIDE_OFF),
+    ("no AVX2, FSGSBASE (EBX bit 0) instead", {"leaf7_ebx": 1}, WIDE_OFF),
+    ("no VAES", {"leaf7_ecx_clear": PF.CPUID_7_ECX_VAES}, WIDE_OFF),
+    ("no VPCLMULQDQ", {"leaf7_ecx_clear": PF.CPUID_7_ECX_VPCLMULQDQ}, WIDE_OFF),
+]
+
+
+def test_the_emulated_choice_needs_every_feature() -> None:
+    """One mirror, one session per CPUID shape (each a lie on top of unicorn, XCR0 played with
+    the AVX state on): the helper takes the wide path only when every bit it checks is there,
+    and leaf 7 only when the maximum standard leaf reaches it."""
+    host, ch = _boot(False)
+    _cpu_with_avx_state(host, ch)
+    c = ch.mirror.vm.cpuid
+    for i, (what, shape, want) in enumerate(CPUID_SHAPES):
+        c.overrides.clear()
+        _lie_about_cpuid(c)
+        a, b, ecx, d = c.query(PF.CPUID_STD_MAX_LEAF, 0)
+        c.overrides[(PF.CPUID_STD_MAX_LEAF, 0)] = (shape.get("max_leaf", max(a, 7)), b, ecx, d)
+        a, b, ecx, d = c.query(PF.CPUID_FEATURES_LEAF, 0)
+        c.overrides[(PF.CPUID_FEATURES_LEAF, 0)] = (a, b, ecx & ~shape.get("leaf1_clear", 0), d)
+        c.overrides[(PF.CPUID_EXT_FEATURES_LEAF, 0)] = (
+            0, shape.get("leaf7_ebx", PF.CPUID_7_EBX_AVX2),
+            ALL_LEAF7_ECX & ~shape.get("leaf7_ecx_clear", 0), 0)
+        ch.send_begin(32 << 20, 0xC0DE00 + i)
+        assert _ctx_wide_of(host) == want.value, what
+        ch.abort()
+
+
 # -- both paths on the interpreter (any host: the wide intrinsics and the masks are modelled) ---
 
 @pytest.mark.parametrize("path", [WIDE_OFF.value, WIDE_ON.value], ids=["base", "wide"])

@@ -18,6 +18,8 @@ from helperfw.runtime import pagetables as P
 POOL_PAGES = 64
 TiB = 1 << 40
 GiB = 1 << 30
+MiB = 1 << 20
+W = P.MAP_W
 SEED = 1234
 
 
@@ -143,8 +145,15 @@ def test_shift_window_at_4gib_uses_large_pages(img, layout):
     # above 2^47 the size bound alone would wrap (2^47 - va): only the va bound refuses it
     (((1 << 47) + 0x1000, 0x100000, 0x1000, P.MAP_W), P.PT_E_ALIGN.value),
     (((1 << 47) - 0x1000, 0x100000, 0x2000, P.MAP_W), P.PT_E_ALIGN.value),  # runs past 2^47
+    # an empty range is refused for where it starts: the size bounds alone would let it pass
+    ((1 << 47, 0x100000, 0, P.MAP_W), P.PT_E_ALIGN.value),
+    ((0x100000, 1 << 43, 0, P.MAP_W), P.PT_E_RANGE.value),
+    # above the limit, limit - pa wraps: only the pa bound refuses it
+    ((0x100000, (1 << 43) + 0x1000, 0x1000, P.MAP_W), P.PT_E_RANGE.value),
+    ((0x100000, (1 << 43) - 0x1000, 0x2000, P.MAP_W), P.PT_E_RANGE.value),  # runs past it
 ], ids=["wx", "unaligned", "noncanonical", "phys-range", "above-canonical",
-        "across-canonical"])
+        "across-canonical", "noncanonical-empty", "phys-limit-empty", "above-phys-limit",
+        "across-phys-limit"])
 def test_refusals(img, spec, status):
     t = Tables(img, LAYOUTS[0], pool_pa=0x7000000, specs=[spec])
     assert t.status == status
@@ -154,9 +163,101 @@ def test_overlap_and_pool_exhaustion(img):
     t = Tables(img, LAYOUTS[0], 0x7000000,
                [(0x200000, 0x200000, 0x200000, P.MAP_W), (0x201000, 0x9000000, 0x1000, P.MAP_W)])
     assert t.status == P.PT_E_OVERLAP.value
-    # 4 KiB pages spread 1 GiB apart need a PD and a PT each: the 64-page pool runs out
+    # 4 KiB pages spread 1 GiB apart need a PD and a PT each: the 64-page pool runs out. The
+    # PML4, the PDPT and 2 x 31 pages hold the first 31; the 32nd finds no page for its PD and
+    # leaves no entry behind (leaves() follows only references into the pool)
     specs = [(i * GiB, i * GiB, 0x1000, P.MAP_W) for i in range(40)]
-    assert Tables(img, LAYOUTS[0], 0x7000000, specs).status == P.PT_E_POOL.value
+    t = Tables(img, LAYOUTS[0], 0x7000000, specs)
+    assert t.status == P.PT_E_POOL.value
+    assert _mapped(t) == [(i * GiB, 0x1000, i * GiB) for i in range(31)]
+    # ... and one whose PT finds no page: the PD's entry for it stays empty
+    specs = [(i * GiB, i * GiB, 0x1000, P.MAP_W) for i in range(31)] + \
+        [(30 * GiB + 2 * MiB, 0x1000, 0x1000, P.MAP_W)]
+    t = Tables(img, LAYOUTS[0], 0x7000000, specs)
+    assert t.status == P.PT_E_POOL.value
+    assert _mapped(t) == [(i * GiB, 0x1000, i * GiB) for i in range(31)]
+
+
+def _mapped(t: Tables):
+    """The leaves as (va, size, pa)."""
+    return [(va, size, e & t.layout.addr_mask) for va, size, e in t.leaves()]
+
+
+def _pages(va: int, pa: int, n: int, size: int):
+    return [(va + i * size, size, pa + i * size) for i in range(n)]
+
+
+@pytest.mark.parametrize("spec, leaves", [
+    ((2 * MiB, 4 * MiB, 2 * MiB), [(2 * MiB, 2 * MiB, 4 * MiB)]),
+    ((2 * MiB, 4 * MiB, 2 * MiB - 0x1000), _pages(2 * MiB, 4 * MiB, 511, 0x1000)),
+    ((2 * MiB, 4 * MiB, 2 * MiB + 0x1000), [(2 * MiB, 2 * MiB, 4 * MiB),
+                                            (4 * MiB, 0x1000, 6 * MiB)]),
+    ((2 * MiB, 4 * MiB + 0x1000, 2 * MiB), _pages(2 * MiB, 4 * MiB + 0x1000, 512, 0x1000)),
+    ((2 * MiB + 0x1000, 4 * MiB, 2 * MiB), _pages(2 * MiB + 0x1000, 4 * MiB, 512, 0x1000)),
+    # 4 KiB pages up to the first 2 MiB boundary, then a 2 MiB page, then the 4 KiB rest
+    ((2 * MiB + 0x1000, 4 * MiB + 0x1000, 4 * MiB),
+     _pages(2 * MiB + 0x1000, 4 * MiB + 0x1000, 511, 0x1000) +
+     [(4 * MiB, 2 * MiB, 6 * MiB), (6 * MiB, 0x1000, 8 * MiB)]),
+    ((GiB, 2 * GiB, GiB), [(GiB, GiB, 2 * GiB)]),
+    ((GiB, 2 * GiB + 2 * MiB, GiB), _pages(GiB, 2 * GiB + 2 * MiB, 512, 2 * MiB)),
+    ((GiB + 2 * MiB, 2 * GiB, GiB), _pages(GiB + 2 * MiB, 2 * GiB, 512, 2 * MiB)),
+    ((GiB, 2 * GiB, GiB - 2 * MiB), _pages(GiB, 2 * GiB, 511, 2 * MiB)),
+    ((GiB, 2 * GiB, GiB - 0x1000), _pages(GiB, 2 * GiB, 511, 2 * MiB) +
+     _pages(2 * GiB - 2 * MiB, 3 * GiB - 2 * MiB, 511, 0x1000)),
+    ((GiB, 2 * GiB, GiB + 0x1000), [(GiB, GiB, 2 * GiB), (2 * GiB, 0x1000, 3 * GiB)]),
+], ids=["2m", "2m-4k", "2m+4k", "2m-pa-4k-aligned", "2m-va-4k-aligned", "4k-2m-4k",
+        "1g", "1g-pa-2m-aligned", "1g-va-2m-aligned", "1g-2m", "1g-4k", "1g+4k"])
+def test_leaves_are_as_large_as_alignment_and_size_allow(img, spec, leaves):
+    """The exact leaves for ranges around the 2 MiB and 1 GiB sizes and alignments: a leaf of
+    a size needs va, pa and the remaining size all to allow it; the walk agrees."""
+    va, pa, size = spec
+    t = Tables(img, LAYOUTS[0], 0x7000000, [(va, pa, size, W)])
+    assert t.status == P.PT_OK
+    assert _mapped(t) == leaves
+    for off in (0, 0x1234, size // 2 + 0x567, size - 1):
+        assert t.walk(va + off).gpa == pa + off
+
+
+@pytest.mark.parametrize("specs, kept", [
+    ([(GiB, GiB, GiB, 0), (GiB, 2 * GiB, GiB, W)], [(GiB, GiB, GiB)]),  # 1 GiB over 1 GiB
+    ([(GiB, GiB, 0x1000, W), (GiB, 2 * GiB, GiB, W)], [(GiB, 0x1000, GiB)]),  # over a PD
+    ([(2 * MiB, 2 * MiB, 2 * MiB, 0), (2 * MiB, 4 * MiB, 2 * MiB, W)],
+     [(2 * MiB, 2 * MiB, 2 * MiB)]),  # 2 MiB over 2 MiB
+    ([(2 * MiB, 2 * MiB, 0x1000, W), (2 * MiB, 4 * MiB, 2 * MiB, W)],
+     [(2 * MiB, 0x1000, 2 * MiB)]),  # 2 MiB over a PT
+    ([(0x1000, 0x1000, 0x1000, 0), (0x1000, 0x5000, 0x1000, W)],
+     [(0x1000, 0x1000, 0x1000)]),  # 4 KiB over 4 KiB
+    ([(0x1000, 0x1000, 0x2000, W), (0, 0x5000, 0x2000, W)],
+     [(0x1000, 0x1000, 0x1000), (0x2000, 0x1000, 0x2000)]),  # the second page overlaps
+    ([(GiB, GiB, GiB, W), (GiB + 0x1000, 0x9000000, 0x1000, W)], [(GiB, GiB, GiB)]),
+    ([(GiB, GiB, GiB, W), (GiB + 2 * MiB, 2 * MiB, 2 * MiB, W)], [(GiB, GiB, GiB)]),
+], ids=["1g-1g", "1g-table", "2m-2m", "2m-table", "4k-4k", "4k-second-page", "4k-in-1g",
+        "2m-in-1g"])
+def test_overlaps_are_refused(img, specs, kept):
+    """Mapping over anything present (a leaf, read-only or not, or a table) is PT_E_OVERLAP,
+    and the first mapping stays as it was (the pages before the overlap, if any, stay too:
+    the builder does not roll back)."""
+    t = Tables(img, LAYOUTS[0], 0x7000000, specs)
+    assert t.status == P.PT_E_OVERLAP.value
+    got = _mapped(t)
+    assert [x for x in got if x in kept] == kept
+    va2, pa2, size2, _ = specs[1]
+    assert all(va2 <= va < va2 + size2 and pa == pa2 + va - va2
+               for va, _, pa in got if (va, _, pa) not in kept)
+
+
+@pytest.mark.parametrize("spec", [
+    ((1 << 47) - 0x1000, 0x100000, 0x1000, W),  # ends exactly at 2^47
+    ((1 << 47) - GiB, GiB, GiB, W),
+    (0x100000, (1 << 43) - 0x1000, 0x1000, W),  # ends exactly at the physical limit
+    (0x100000, (1 << 43) - 2 * MiB, 2 * MiB, W),
+], ids=["va-4k", "va-1g", "pa-4k", "pa-2m"])
+def test_ranges_ending_exactly_at_the_limits_are_mapped(img, spec):
+    va, pa, size, _ = spec
+    t = Tables(img, LAYOUTS[0], 0x7000000, [spec])
+    assert t.status == P.PT_OK
+    assert sum(s for _, s, _ in t.leaves()) == size
+    assert t.walk(va + size - 1).gpa == pa + size - 1
 
 
 def _build(img: NativeImage, pool_va: int, pool_pa: int, pool_pages: int, cbit: int,
@@ -180,18 +281,36 @@ def test_pool_parameters_are_checked(img):
     assert _build(img, va + 8, 0x7000000, 4, 47, 43) == align
     assert _build(img, va, 0x7000008, 4, 47, 43) == align
     assert _build(img, va, 0x7000000, 4, 40, 43) == rng  # C-bit below bit 43
+    assert _build(img, va, 0x7000000, 4, 42, 43) == rng  # the field's top bit
+    assert _build(img, va, 0x7000000, 4, 43, 43) == ok  # the first bit above it (as natively)
     assert _build(img, va, (1 << 43) - 4 * 4096, 4, 47, 43) == ok  # ends at the limit
     assert _build(img, va, (1 << 43) - 3 * 4096, 4, 47, 43) == rng  # one page past it
 
 
 def test_pool_pages_are_counted_exactly(img):
     """One 4 KiB page at va 0 needs exactly four table pages (PML4, PDPT, PD, PT): a pool of
-    four suffices, a pool of three runs out."""
-    raw = (ctypes.c_uint8 * (5 * 4096))()
+    four suffices, a pool of three (two, one) runs out. Either way the builder writes nothing
+    outside the pool's pages it used, and a table whose next level found no page keeps its
+    entry empty: pages 0..n-1 are a chain of entry 0s, the last one all zero."""
+    raw = (ctypes.c_uint8 * (6 * 4096))()
     va = (ctypes.addressof(raw) + 4095) & ~4095
     spec = [(0, 0x100000, 0x1000, P.MAP_W)]
-    assert _build(img, va, 0x7000000, 4, 47, 43, spec) == P.PT_OK
-    assert _build(img, va, 0x7000000, 3, 47, 43, spec) == P.PT_E_POOL.value
+    pool_pa = 0x7000000
+    table_bits = (1 << 47) | P.PTE_P | P.PTE_RW | P.PTE_A
+    for n in (4, 3, 2, 1):
+        ctypes.memset(va, 0xA5, 5 * 4096)
+        status = _build(img, va, pool_pa, n, 47, 43, spec)
+        assert status == (P.PT_OK if n == 4 else P.PT_E_POOL.value)
+        want = b""
+        for k in range(n):  # page k: PML4, PDPT, PD, PT
+            page = [0] * 512
+            if k < n - 1:  # the next level's table, page k + 1
+                page[0] = (pool_pa + (k + 1) * 4096) | table_bits
+            elif k == 3:  # the PT: the leaf (no n < 4 gets this far)
+                page[0] = 0x100000 | P.PTE_P | P.PTE_RW | P.PTE_A | P.PTE_D | P.PTE_NX.value
+            want += b"".join(x.to_bytes(8, "little") for x in page)
+        want += b"\xa5" * (5 * 4096 - len(want))  # the rest of the pool and the page after it
+        assert ctypes.string_at(va, 5 * 4096) == want, n
 
 
 def test_a_read_only_large_page_is_not_split(img):
@@ -200,6 +319,24 @@ def test_a_read_only_large_page_is_not_split(img):
     t = Tables(img, LAYOUTS[0], 0x7000000,
                [(0x200000, 0x200000, 0x200000, 0), (0x201000, 0x9000000, 0x1000, P.MAP_W)])
     assert t.status == P.PT_E_OVERLAP.value
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"cbit{lay.cbit}")
+def test_lookup_inside_each_leaf_size(img, layout):
+    """pt_lookup's address inside a 4 KiB, a 2 MiB and a 1 GiB leaf whose va and pa differ in
+    the bit just above the leaf (12, 21, 30), at offsets that are not multiples of the next
+    smaller page: the leaf's frame plus the offset inside the leaf, as the walk has it."""
+    specs = [(0x1000, 0x2000, 0x1000, W), (2 * MiB, 4 * MiB, 2 * MiB, 0),
+             (GiB, 2 * GiB, GiB, W | P.MAP_ENC)]
+    t = Tables(img, layout, 0x7000000, specs)
+    assert t.status == P.PT_OK
+    assert [s for _, s, _ in t.leaves()] == [0x1000, 2 * MiB, GiB]
+    bits = ctypes.c_uint64()
+    for va, pa, size, _ in specs:
+        for off in [o for o in (0, 0x123, 0xFF8, 0x1F_F123, 0x3FFF_F123, size - 1) if o < size]:
+            got = img.call("mh_test_pt_lookup", ctypes.addressof(t.b), va + off,
+                           ctypes.addressof(bits), restype=ctypes.c_uint64)
+            assert got == pa + off == t.walk(va + off).gpa, (hex(va + off), hex(got))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"cbit{lay.cbit}")

@@ -81,6 +81,9 @@ GROUPS: tuple[Group, ...] = (
     # helper's own handler (E_FAULT, FaultRecord), no register left to the host at an exit
     Group("emu-sev-es", ("tests/test_emu_sev_es_image.py",), _firmware, True,
           frozenset({"ghcb", "vcpu"})),
+    # the path choice in the image: CPUID shapes, a CPUID lie (#UD, the path refused for good)
+    Group("emu-wide", ("tests/test_gcmsiv_wide.py", "-k", "emulated"), _firmware, True,
+          frozenset({"gcmsiv_wide", "gcmsiv"})),
     Group("emu-boot", ("tests/test_emu_helper_image.py", "tests/test_mirror.py"), _firmware, True),
     Group("emu-doublefetch", ("tests/test_hostile_doublefetch.py", "-k", "not planted"),
           _firmware, True,
