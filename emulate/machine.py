@@ -342,7 +342,7 @@ class VCpu:
         self._hlt_at: int | None = None
         self._long_mode(rip, cr3, rsp)
         vm.vcpus.append(self)
-        self.mc.register_flush(self._refill_views, self._mark_code_dirty)
+        self.mc.register_flush(self._refill_views, self._mark_code_dirty, self.flush_tlb)
 
     def _long_mode(self, rip: int, cr3: int, rsp: int) -> None:
         r = self.regs

@@ -58,6 +58,11 @@ class MemoryController:
         # Pages some vCPU mapped executable: only byte changes there can make translated code
         # stale, so only they trigger a TB flush (mailbox and data writes stay cheap).
         self.exec_pages: set[int] = set()
+        # Pages some vCPU's walk read page-table entries from: the TLB fill hook keeps walked
+        # translations (emulate/tlb.py), and bytes changed there behind the guest's back (the
+        # host, who may also flush the guest's TLB whenever it likes) drop them all.
+        self.table_pages: set[int] = set()
+        self._forgetters: list[Callable[[], None]] = []
         self.conversions = 0
 
     # ---- keys -----------------------------------------------------------------------------
@@ -71,12 +76,16 @@ class MemoryController:
         return kid
 
     def register_flush(self, flush_tlb: Callable[[], None],
-                       invalidate_code: Callable[[], None] | None = None) -> None:
+                       invalidate_code: Callable[[], None] | None = None,
+                       forget_translations: Callable[[], None] | None = None) -> None:
         """Called by each vCPU: flush_tlb on every page state change; invalidate_code (deferred
-        TB flush) when bytes change behind the guest's back (host writes, Python guest writes)."""
+        TB flush) when bytes change behind the guest's back (host writes, Python guest writes);
+        forget_translations when such bytes are page-table entries a walk read."""
         self._flushers.append(flush_tlb)
         if invalidate_code is not None:
             self._code_invalidators.append(invalidate_code)
+        if forget_translations is not None:
+            self._forgetters.append(forget_translations)
 
     # ---- crypto ---------------------------------------------------------------------------
     def _xts(self, kid: int, hpa: int, data: bytes, encrypt: bool) -> bytes:
@@ -127,9 +136,13 @@ class MemoryController:
 
     def _bytes_changed(self, hpa: int, n: int) -> None:
         """Bytes of [hpa, hpa+n) changed behind unicorn's back: drop translated code if any of
-        those pages was ever mapped executable."""
-        if any(page in self.exec_pages for page, _, _ in _pages(hpa, n)):
+        those pages was ever mapped executable, kept translations if any held page tables."""
+        pages = [page for page, _, _ in _pages(hpa, n)]
+        if any(page in self.exec_pages for page in pages):
             self._invalidate_code()
+        if any(page in self.table_pages for page in pages):
+            for f in self._forgetters:
+                f()
 
     # ---- guest-context access (what a VM with key `kid` sees through a C=0/C=1 mapping) ----
     def guest_read(self, hpa: int, n: int, kid: int, encrypted: bool) -> bytes:

@@ -15,9 +15,11 @@ Kept translations: unicorn's TLB is small and direct-mapped, so a batch's 64 gue
 the slots, stack and code of the last batch, and each refill was a Python walk holding the GIL
 (the one serial part of several lanes). Like a CPU's TLB, the walks' results are kept per CR3
 (large leaves once for their whole span) until the TLB is flushed: by the emulator (`forget`
-from every VCpu.flush_tlb: page-state changes, memslots, dirty-log re-arming, replayed memory)
-or by the guest (MOV to CR0/CR3/CR4, INVLPG, WRMSR: the intercept scanner hooks them). A kept
-translation still has its page's view made and its permissions narrowed on every fill.
+from every VCpu.flush_tlb: memslots, dirty-log re-arming, a restored machine), by the host
+writing a page a walk read entries from (it could flush the guest's TLB too: a replayed page
+table takes effect at once), or by the guest (MOV to CR0/CR3/CR4, INVLPG, WRMSR: the intercept
+scanner hooks them). A page-state change only refills unicorn's entries: a kept translation
+still has its page's view made and its permissions narrowed on every fill.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Tlb:
             raise PageFault(gpa, ACCESS_READ, 0, f"page-table GPA {gpa:#x} not in any memslot",
                             gpa_missing=gpa)
         mc = self.mc
+        mc.table_pages.add(hpa & ~(PAGE - 1))
         if mc.state[hpa // PAGE] == (self.vm.key_id if encrypted else RAW):  # the usual case
             return int.from_bytes(mc.mem[hpa : hpa + 8], "little")
         return int.from_bytes(mc.guest_read(hpa, 8, self.vm.key_id, encrypted), "little")

@@ -214,6 +214,27 @@ def test_a_remap_is_seen_after_the_guests_tlb_flush(flush: str) -> None:
     assert v.tlb.walks >= 2
 
 
+def test_a_host_write_to_a_page_table_drops_kept_translations() -> None:
+    """The host rewrites a PTE between runs (a host may also flush the guest's TLB whenever it
+    likes, so a replayed or forged table takes effect at once): the next run walks again."""
+    vm = VM(MemoryController(8 << 20), cpuid=CpuidModel(cbit=47))
+    g = FlatGuest(vm, ram_size=8 << 20)
+    old = g.place(b"\x11" * 4096, writable=True, executable=False)
+    new = g.place(b"\x22" * 4096, writable=True, executable=False)
+    va = 0x40_0000_0000
+    g.map(va, old, 4096, writable=False, executable=False)
+    table, cm = g.pt.root, vm.layout.c_mask
+    for shift in (39, 30, 21):
+        table = vm.read_u64(table + ((va >> shift) & 0x1FF) * 8) & vm.layout.addr_mask & ~cm
+    pte = table + ((va >> 12) & 0x1FF) * 8
+    v = g.vcpu(g.place(assemble(f"movabs ${va}, %rdi\nmovq (%rdi), %rax\nhlt\n"
+                                f"movq (%rdi), %rbx\nhlt")))
+    assert v.run().reason == "hlt" and v.get("rax") == 0x1111111111111111
+    entry = vm.read_u64(pte)
+    vm.write_u64(pte, entry - old + new)  # through the VM's view, as a host with the key would
+    assert v.run().reason == "hlt" and v.get("rbx") == 0x2222222222222222
+
+
 # ---- differential test against unicorn's walker -------------------------------------------
 RAM = 8 << 20
 CODE_GPA = 0x10000
