@@ -69,7 +69,7 @@ GROUPS: tuple[Group, ...] = (
     Group("secrets", ("tests/test_secrets.py",), _secrets, False),
     Group("pagetables", ("tests/test_pagetables.py",), _pagetables, False),
     Group("aead", ("tests/test_gcmsiv.py", "tests/test_gcmsiv_wide.py"), _aead, False),
-    Group("session", ("tests/test_hostile_model.py", "tests/test_session.py",
+    Group("session", ("tests/test_hostile_model.py", "tests/test_session.py", "tests/test_lanes.py",
                       "tests/test_hostile_state.py",
                       "tests/test_hostile_wipe.py::test_native_session_secrets_are_wiped",
                       "tests/test_hostile_wipe.py::test_native_each_batch_wipes_its_record_keys_and_plaintext",
