@@ -273,8 +273,8 @@ def test_address_validation_and_states(pair):
     src, _dst, _pages = pair
     assert src.command(P.OP_SEND, [(0, 0)])[0] == st("E_BAD_STATE")
     assert src.command(P.OP_RECV_FINISH)[0] == st("E_BAD_STATE")
-    assert src.command(P.OP_SEND_BEGIN, ram_size=3 * PAGE, challenge=1)[0] == st("E_BAD_ARG")
-    assert src.command(P.OP_SEND_BEGIN, ram_size=1 << 41, challenge=1)[0] == st("E_BAD_ARG")
+    for bad in (3 * PAGE, 0, (2 << 20) + 1, (2 << 20) + (1 << 20), 1 << 41):  # 2 MiB granules
+        assert src.command(P.OP_SEND_BEGIN, ram_size=bad, challenge=1)[0] == st("E_BAD_ARG"), bad
     src.send_begin(0x1234)
     statuses, _ = src.send([0x123, src.ram_size, 60 * PAGE, 61 * PAGE, 62 * PAGE])
     assert statuses == [st("E_RANGE"), st("E_RANGE"), st("E_SELF"), st("E_SELF"), 0]
