@@ -71,6 +71,9 @@ VMGEXIT = b"\xf3" + VMMCALL  # `rep vmmcall`; a VMMCALL outside SEV-ES guests
 SCAN_OPCODES = (b"\xf4", b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2", b"\x0f\xc7", b"\x0f\x09",
                 b"\x0f\x22", b"\x0f\x01")  # the last two: MOV to CRn, INVLPG (TLB flushes)
 RDRAND_OPCODE = b"\x0f\xc7"  # 0F C7 /6 with a register operand (ModRM mod=11, reg=6)
+# opcode -> (ModRM mod == 11, ModRM reg or None): what the ModRM of a candidate must be
+MODRM_RULES: dict[bytes, tuple[bool, int | None]] = {
+    RDRAND_OPCODE: (True, 6), b"\x0f\x22": (True, None), b"\x0f\x01": (False, 7)}
 # IN/OUT (imm8 and DX forms, an optional 0x66 for 16 bits), scanned for SEV-ES VMs only. Not
 # INS/OUTS: their opcodes (0x6C-0x6F) are frequent bytes of other instructions, and nothing
 # here uses string I/O; under SEV-ES one ends the run with an error instead of a #VC.
@@ -303,6 +306,20 @@ def scan_io_candidates(code: bytes) -> set[int]:
     return cands
 
 
+def _modrm_fits(pat: bytes, code: bytes, i: int) -> bool:
+    """The ModRM byte after a two-byte opcode that needs one: RDRAND (0F C7 /6, a register),
+    MOV to CRn (0F 22, a register), INVLPG (0F 01 /7, a memory operand). Fewer false
+    candidates: each is a code hook, and unicorn checks every code hook at each instruction of
+    a run with an instruction budget."""
+    if pat not in MODRM_RULES:
+        return True
+    if i + 2 >= len(code):
+        return False
+    m = code[i + 2]
+    register, reg = MODRM_RULES[pat]
+    return (m & 0xC0 == 0xC0) == register and (reg is None or (m >> 3) & 7 == reg)
+
+
 def scan_candidates(code: bytes) -> set[int]:
     """Offsets in `code` where an intercepted instruction may start: each opcode of
     SCAN_OPCODES and up to two REX/0x66 prefix bytes before it. A false candidate is harmless:
@@ -311,7 +328,7 @@ def scan_candidates(code: bytes) -> set[int]:
     for pat in SCAN_OPCODES:
         i = code.find(pat)
         while i >= 0:
-            if pat != RDRAND_OPCODE or (i + 2 < len(code) and (code[i + 2] & 0xF8) == 0xF0):
+            if _modrm_fits(pat, code, i):
                 cands.add(i)
                 j = i - 1
                 while j >= max(i - 2, 0) and (0x40 <= code[j] <= 0x4F or code[j] == 0x66):

@@ -41,7 +41,7 @@ LONG = os.environ.get("MH_FUZZ_LONG") == "1"
 NATIVE_SEEDS = (70010, 70011)
 NATIVE_PER_WORKER = 500_000 if LONG else 50_000
 EMU_SEED = 70020
-EMU_COMMANDS = 6_000 if LONG else 300
+EMU_COMMANDS = 6_000 if LONG else 200
 
 
 def replay_cmd(target: str, seed: int, n: int, option: str | None = None) -> str:
