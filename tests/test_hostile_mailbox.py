@@ -2,13 +2,13 @@
 
 Every CI run drives 100,000 fuzzed commands through the compiled session code natively (two
 worker processes of 50,000, guarded buffers; see tests/hostile_fuzz.py for the generator and
-every invariant) and 3 × 600 through the built .efi in its mirror VM, one run per address-space
+every invariant) and 3 × 200 through the built .efi in its mirror VM, one run per address-space
 option (faults, instruction budget and DRAM write tracking come from the emulator).
-MH_FUZZ_LONG=1 multiplies both by ten.
+MH_FUZZ_LONG=1 runs ten times the native count and 3 × 6,000 in the mirror VM.
 
 Where each invariant is checked:
 
-| invariant | native (100k) | emulator (1.8k) |
+| invariant | native (100k) | emulator (600) |
 |---|---|---|
 | never faults | SIGSEGV/SIGBUS kills the worker (reported with the command index) | every batch must end in HLT: no #PF/#GP/#UD/NPF |
 | instruction budget | - (no instruction count natively) | `BATCH_BUDGET` = 5M per batch (worst measured: 3.86M, a refused maximal window with C-bit 51) |
