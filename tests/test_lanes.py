@@ -269,3 +269,27 @@ def test_join_refuses_a_half_made_or_stale_publication():
     assert h.command(P.OP_SEND_FINISH)[0] == 0  # lane 0's session ends: withdrawn
     assert h.command(P.OP_ABORT, lane=1)[0] == 0
     assert h.join(1, 5) == st("E_UNPUBLISHED")
+
+
+def test_lane_0s_end_withdraws_the_publication():
+    """Only lane 0's session end withdraws it: a lane that never joined cannot join a session
+    lane 0 finished or aborted, while the lanes that did join are still in it."""
+    for end in (P.OP_SEND_FINISH, P.OP_ABORT):
+        h = NativeHelper(KEY, self_pages=(60, 2), lanes=3)
+        assert h.command(P.OP_SEND_BEGIN, ram_size=h.ram_size, challenge=5, count=3)[0] == 0
+        assert h.join(1, 5) == 0
+        assert h.command(end)[0] == 0
+        assert h.join(2, 5) == st("E_UNPUBLISHED"), end
+
+
+def test_a_lane_that_aborts_after_installing_discards_the_destination(pair):
+    """Lane 1 installs a page, then aborts while lane 0's session is still live: that lane's
+    pages belong to a session that can never finish, so the destination is discarded at once
+    (lane 0's next *_BEGIN answers E_DISCARDED, not just E_BAD_STATE for its live session)."""
+    src, dst, pages = pair
+    begin(src, dst)
+    recs, _tok = seal_epoch(src, sorted(pages)[:24])[1]
+    assert dst.recv(recs[:1], 1) == [0]
+    assert dst.command(P.OP_ABORT, lane=1)[0] == 0
+    assert dst.command(P.OP_RECV_BEGIN, ram_size=dst.ram_size, count=LANES)[0] == \
+        st("E_DISCARDED")

@@ -84,6 +84,8 @@ GROUPS: tuple[Group, ...] = (
     # the path choice in the image: CPUID shapes, a CPUID lie (#UD, the path refused for good)
     Group("emu-wide", ("tests/test_gcmsiv_wide.py", "-k", "emulated"), _firmware, True,
           frozenset({"gcmsiv_wide", "gcmsiv", "session"})),
+    # lanes in the image: publication preempted half-way, JOIN, lanes side by side
+    Group("emu-lanes", ("tests/test_lanes_emu.py",), _firmware, True, frozenset({"session"})),
     Group("emu-boot", ("tests/test_emu_helper_image.py", "tests/test_mirror.py"), _firmware, True),
     Group("emu-doublefetch", ("tests/test_hostile_doublefetch.py", "-k", "not planted"),
           _firmware, True,
