@@ -177,21 +177,30 @@ def test_fetch_from_nx_and_npf() -> None:
         assert ex.fault.cr2 == target and ex.fault.access == access
 
 
+REMAP_VA = 0x40_0000_0000
+
+
+def _remap_guest():
+    """A guest with REMAP_VA mapped read-only to a page of 0x11 bytes, a page of 0x22 bytes
+    beside it, and the GPA of REMAP_VA's PTE: (vm, guest, old, new, pte, page table GPA)."""
+    vm = VM(MemoryController(8 << 20), cpuid=CpuidModel(cbit=47))
+    g = FlatGuest(vm, ram_size=8 << 20)
+    old = g.place(b"\x11" * 4096, writable=True, executable=False)
+    new = g.place(b"\x22" * 4096, writable=True, executable=False)
+    g.map(REMAP_VA, old, 4096, writable=False, executable=False)
+    table, cm = g.pt.root, vm.layout.c_mask
+    for shift in (39, 30, 21):
+        table = vm.read_u64(table + ((REMAP_VA >> shift) & 0x1FF) * 8) & vm.layout.addr_mask & ~cm
+    return vm, g, old, new, table + ((REMAP_VA >> 12) & 0x1FF) * 8, table
+
+
 @pytest.mark.parametrize("flush", ["mov-cr3", "invlpg"])
 def test_a_remap_is_seen_after_the_guests_tlb_flush(flush: str) -> None:
     """The fill hook keeps walked translations as a TLB does (emulate/tlb.py): a guest that
     points a PTE at another page and flushes (MOV to CR3, INVLPG) reads the new page at once;
     the kept translation of the old one is dropped with unicorn's own entries."""
-    vm = VM(MemoryController(8 << 20), cpuid=CpuidModel(cbit=47))
-    g = FlatGuest(vm, ram_size=8 << 20)
-    old = g.place(b"\x11" * 4096, writable=True, executable=False)
-    new = g.place(b"\x22" * 4096, writable=True, executable=False)
-    va = 0x40_0000_0000
-    g.map(va, old, 4096, writable=False, executable=False)
-    table, cm = g.pt.root, vm.layout.c_mask
-    for shift in (39, 30, 21):
-        table = vm.read_u64(table + ((va >> shift) & 0x1FF) * 8) & vm.layout.addr_mask & ~cm
-    pte = table + ((va >> 12) & 0x1FF) * 8
+    vm, g, old, new, pte, table = _remap_guest()
+    va, cm = REMAP_VA, vm.layout.c_mask
     g.map(table, table, 4096, writable=True, executable=False)  # the guest may write its PT
     entry = vm.read_u64(pte)
     assert entry & vm.layout.addr_mask & ~cm == old
@@ -217,16 +226,8 @@ def test_a_remap_is_seen_after_the_guests_tlb_flush(flush: str) -> None:
 def test_a_host_write_to_a_page_table_drops_kept_translations() -> None:
     """The host rewrites a PTE between runs (a host may also flush the guest's TLB whenever it
     likes, so a replayed or forged table takes effect at once): the next run walks again."""
-    vm = VM(MemoryController(8 << 20), cpuid=CpuidModel(cbit=47))
-    g = FlatGuest(vm, ram_size=8 << 20)
-    old = g.place(b"\x11" * 4096, writable=True, executable=False)
-    new = g.place(b"\x22" * 4096, writable=True, executable=False)
-    va = 0x40_0000_0000
-    g.map(va, old, 4096, writable=False, executable=False)
-    table, cm = g.pt.root, vm.layout.c_mask
-    for shift in (39, 30, 21):
-        table = vm.read_u64(table + ((va >> shift) & 0x1FF) * 8) & vm.layout.addr_mask & ~cm
-    pte = table + ((va >> 12) & 0x1FF) * 8
+    vm, g, old, new, pte, _table = _remap_guest()
+    va = REMAP_VA
     v = g.vcpu(g.place(assemble(f"movabs ${va}, %rdi\nmovq (%rdi), %rax\nhlt\n"
                                 f"movq (%rdi), %rbx\nhlt")))
     assert v.run().reason == "hlt" and v.get("rax") == 0x1111111111111111

@@ -16,7 +16,7 @@ carries VCPU_PARKED, not CPU_STATE) and resumes on the destination from its AP j
 of them scans, at every exit of every vCPU on both hosts (every VMGEXIT included), the GHCB,
 the mailbox and all shared memory for the transport key, the session keys and the guest's
 private plaintext.
-Runtime: about 1.5 minutes on the 2-core machine for the SEV matrix (64 MiB runs take 9-15 s
+Runtime: about 1.5 minutes on the 2-core machine for the SEV matrix (32 MiB runs take 8-12 s
 each), about as much again for SEV-ES.
 """
 
