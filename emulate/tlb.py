@@ -90,9 +90,11 @@ class Tlb:
             return int.from_bytes(mc.mem[hpa : hpa + 8], "little")
         return int.from_bytes(mc.guest_read(hpa, 8, self.vm.key_id, encrypted), "little")
 
-    def translate(self, va: int, access: str = ACCESS_READ) -> tuple[Translation, int]:
-        """(translation, hpa) for `va` with the vCPU's CR3; raises PageFault."""
-        t = walk(self._read_qword, self.vcpu.regs["cr3"], va, access, self.vm.layout)
+    def translate(self, va: int, access: str = ACCESS_READ,
+                  cr3: int | None = None) -> tuple[Translation, int]:
+        """(translation, hpa) for `va` with `cr3` (default: the vCPU's); raises PageFault."""
+        cr3 = self.vcpu.regs["cr3"] if cr3 is None else cr3
+        t = walk(self._read_qword, cr3, va, access, self.vm.layout)
         hpa = self.vm.gpa_to_hpa(t.gpa)
         if hpa is None:
             raise PageFault(va, access, 0, f"GPA {t.gpa:#x} not in any memslot",
@@ -135,11 +137,7 @@ class Tlb:
 
     def _walk_and_keep(self, cr3: int, va: int, access: str) -> tuple[Translation, int]:
         self.walks += 1
-        t = walk(self._read_qword, cr3, va, access, self.vm.layout)
-        hpa = self.vm.gpa_to_hpa(t.gpa)
-        if hpa is None:
-            raise PageFault(va, access, 0, f"GPA {t.gpa:#x} not in any memslot",
-                            gpa_missing=t.gpa)
+        t, hpa = self.translate(va, access, cr3)
         size = t.page_size
         base = Translation(t.gpa - va % size, t.encrypted, t.writable, t.executable, size)
         self._kept[(cr3, access, size, va // size)] = base
