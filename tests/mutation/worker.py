@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-PYTEST_ARGS = ("-x", "-q", "--no-header", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
-               "-p", "no:benchmark", "-W", "ignore::pytest.PytestAssertRewriteWarning")
+PYTEST_ARGS = ("-x", "-q", "-n", "0", "--no-header", "-p", "no:cacheprovider",
+               "-p", "no:hypothesispytest", "-p", "no:benchmark", "-W", "ignore::pytest.PytestAssertRewriteWarning")
 EXIT_INVALID = 97  # the mutant does not compile as DSL
 
 
