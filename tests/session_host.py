@@ -145,8 +145,13 @@ class NativeHelper:
 
     def lane_state(self, lane: int, name: str) -> int:
         """A field of lane `lane`'s private LaneCtx (what a test may inspect or roll back)."""
-        off = S.LaneCtx.offset(name)
-        return int.from_bytes(self.read(self.lane_ctx[lane] + off, 8), "little")
+        f = S.LaneCtx.fields[name]
+        return int.from_bytes(self.read(self.lane_ctx[lane] + f.offset, f.type.size), "little")
+
+    def set_lane_state(self, lane: int, name: str, value: int) -> None:
+        """Overwrite one field of lane `lane`'s LaneCtx (a white-box test of one check)."""
+        f = S.LaneCtx.fields[name]
+        self.write(self.lane_ctx[lane] + f.offset, value.to_bytes(f.type.size, "little"))
 
     def lane_snapshot(self, lane: int) -> bytes:
         """Lane `lane`'s whole private state (a host's snapshot of its pages)."""

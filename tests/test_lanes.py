@@ -272,12 +272,15 @@ def test_join_refuses_a_half_made_or_stale_publication():
 
 
 def test_lane_0s_end_withdraws_the_publication():
-    """Only lane 0's session end withdraws it: a lane that never joined cannot join a session
-    lane 0 finished or aborted, while the lanes that did join are still in it."""
+    """Only lane 0's session end withdraws it: after lane 1's end lane 2 still joins; after
+    lane 0's, no lane can join the session (lane 1 is still in it, its own way)."""
     for end in (P.OP_SEND_FINISH, P.OP_ABORT):
         h = NativeHelper(KEY, self_pages=(60, 2), lanes=3)
         assert h.command(P.OP_SEND_BEGIN, ram_size=h.ram_size, challenge=5, count=3)[0] == 0
         assert h.join(1, 5) == 0
+        assert h.command(end, lane=1)[0] == 0  # another lane's end withdraws nothing
+        assert h.join(2, 5) == 0
+        assert h.command(P.OP_ABORT, lane=2)[0] == 0
         assert h.command(end)[0] == 0
         assert h.join(2, 5) == st("E_UNPUBLISHED"), end
 
@@ -291,5 +294,6 @@ def test_a_lane_that_aborts_after_installing_discards_the_destination(pair):
     recs, _tok = seal_epoch(src, sorted(pages)[:24])[1]
     assert dst.recv(recs[:1], 1) == [0]
     assert dst.command(P.OP_ABORT, lane=1)[0] == 0
+    assert dst.lane_state(1, "discarded") == 1  # the lane's own one-shot mark, at its end
     assert dst.command(P.OP_RECV_BEGIN, ram_size=dst.ram_size, count=LANES)[0] == \
         st("E_DISCARDED")

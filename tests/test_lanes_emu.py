@@ -1,6 +1,8 @@
 """Parallel lanes in the emulator: the shipped image serves several mirror vCPUs,
 each driven from its own host thread; pages split by the documented rule migrate in two
-epochs and the destination finishes only when every lane did. SEV and SEV-ES, 1 and 2 lanes."""
+epochs and the destination finishes only when every lane did. SEV and SEV-ES, 1 and 2 lanes.
+The publication and the cross-lane checks as compiled: read hooks count what each vCPU reads of
+the publication and of other lanes' state, and a JOIN races lane 0's next publication."""
 
 from __future__ import annotations
 
@@ -110,4 +112,142 @@ def test_join_during_publication_is_refused_in_the_image() -> None:
     assert h.vcpu.run(5_000_000).reason == "hlt"  # lane 0 finishes its SEND_BEGIN
     ctl = struct.unpack_from("<QQi", h.mc.host_read(h.mb + P.CONTROL_OFFSET, 20))
     assert ctl[1:] == (h.bell, 0)
+    assert join() == 0
+
+
+class _Reads:
+    """How often one vCPU read each byte of the helper's VA range [va, va+n) (one page)."""
+
+    def __init__(self, vcpu, va: int, n: int) -> None:
+        from unicorn import UC_HOOK_MEM_READ
+
+        _, hpa = vcpu.translate(va)
+        assert hpa // 4096 == (hpa + n - 1) // 4096
+        self.counts = [0] * n
+
+        def on_read(_uc, _acc, a: int, size: int, _val, _ud) -> None:
+            for b in range(max(a, hpa), min(a + size, hpa + n)):
+                self.counts[b - hpa] += 1
+
+        vcpu.uc.hook_add(UC_HOOK_MEM_READ, on_read, None, hpa, hpa + n - 1)
+
+    def of(self, off: int, size: int) -> set[int]:
+        return set(self.counts[off:off + size])
+
+    def reset(self) -> None:
+        self.counts = [0] * len(self.counts)
+
+
+def _ctx_va(chan) -> int:
+    """The helper's HelperCtx (the image's CTX) as its vCPUs address it."""
+    from tests.mirror_host import symbols
+
+    sym = symbols()
+    return int(chan.mirror.info.bootinfo.entry_rip) - sym["mh_entry"] + sym["CTX"]
+
+
+def test_cross_lane_state_is_read_once() -> None:
+    """The publication's seqlock and the cross-lane checks as compiled: a JOIN reads the
+    generation twice and each published field once (a second read could see the next
+    publication); lane 0's *_BEGIN and RECV_FINISH read each field of another lane's state at
+    most once, and the fields RECV_FINISH checks exactly once (that lane may run meanwhile:
+    what is checked must be what is used). While pages move nothing crosses lanes: no lane
+    reads the publication, lane 0 reads no other lane. Read hooks on every vCPU, 3 lanes."""
+    import struct
+
+    from helperfw.runtime.session import HelperCtx, LaneCtx
+
+    n = 3
+    p = MigrationParams(mem=32 << 20, option=P.OPT_SHIFT, image=efi_path(), seed=1303)
+    src, dst = Source(p), Destination(p)
+    sh = src.host
+    sc = lane_channels(sh.mc, src.mirror, n, first=src.ch)
+    dc = lane_channels(dst.host.mc, dst.mirror, n, first=dst.ch)
+    pub = HelperCtx.offset("pub_gen")
+    pub_len = HelperCtx.offset("pub_ram_size") + 8 - pub
+    head = LaneCtx.offset("ks")  # every field lane 0 reads of another lane lies before the keys
+
+    def watch(chans):
+        ctx = _ctx_va(chans[0])
+        v0 = chans[0].vcpu
+        lane_vas = struct.unpack(f"<{n}Q", v0.read_virt(ctx + HelperCtx.offset("lane_ctx"), 8 * n))
+        others = [_Reads(v0, va, head) for va in lane_vas[1:]]
+        pubs = [_Reads(c.vcpu, ctx + pub, pub_len) for c in chans[1:]]
+        return others, pubs
+
+    s_others, s_pubs = watch(sc)
+    d_others, d_pubs = watch(dc)
+    gen = (0, 8)
+    fields = [(HelperCtx.offset(f) - pub, 8 if f in ("pub_session_id", "pub_challenge",
+                                                     "pub_ram_size") else 4)
+              for f in ("pub_state", "pub_lanes", "pub_session_id", "pub_challenge",
+                        "pub_ram_size")]
+    assert sum(s for _, s in fields) + 8 == pub_len
+    begin_lanes(sc, dc, -(-sh.ram_size // TWO_MIB) * TWO_MIB)
+    for r in s_pubs + d_pubs:  # one JOIN each
+        assert r.of(*gen) == {2} and all(r.of(*f) == {1} for f in fields), r.counts
+    for r in s_others + d_others:  # lane 0's *_BEGIN: lanes_clean
+        assert max(r.counts) == 1 and r.of(LaneCtx.offset("gen"), 8) == {1}, r.counts
+    for r in s_others + d_others + s_pubs + d_pubs:
+        r.reset()
+
+    pages = [a for a in sh.pages() if a not in src.skip and not sh.shared.is_shared(a)][:48]
+    parts = split_by_lane(pages, n)
+    for i in range(n):
+        recs = sc[i].send(parts[i])
+        tok = sc[i].token(P.OP_SEND_END_EPOCH)
+        assert dc[i].recv(parts[i], recs) == [0] * len(parts[i])
+        assert dc[i].put_token(P.OP_RECV_END_EPOCH, tok) == 0
+    fins = [c.token(P.OP_SEND_FINISH) for c in sc]
+    for i in range(1, n):
+        assert dc[i].put_token(P.OP_RECV_FINISH, fins[i]) == 0
+    assert all(max(r.counts) == 0 for r in s_others + d_others + s_pubs + d_pubs)
+    assert dc[0].put_token(P.OP_RECV_FINISH, fins[0]) == 0
+    checked = [(LaneCtx.offset(f), LaneCtx.fields[f].type.size)
+               for f in ("state", "gen", "session_id", "challenge", "epoch", "poisoned")]
+    for r in d_others:
+        assert max(r.counts) == 1 and all(r.of(*f) == {1} for f in checked), r.counts
+
+
+def test_a_publication_completed_during_the_copy_is_refused() -> None:
+    """Lane 0 ends its session and publishes the next while lane 1's JOIN copies the fields
+    (between the JOIN's two reads of the generation, both even): the copy may mix two sessions,
+    so the JOIN answers E_UNPUBLISHED; tried again, it joins the new one."""
+    import struct
+
+    from helperfw.runtime.session import HelperCtx
+    from tests.mirror_host import MirrorHost, pack_command
+
+    h = MirrorHost(47, P.OPT_SHIFT, seed=1304)
+    bi = h.bi
+    e1 = bi.lane_info[1]
+    lane1 = h.mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=e1.rsp)
+    mb1 = h.vm.gpa_to_hpa(e1.mailbox_gpa)
+    challenge = 0xC4A1_0000_0000_0014
+    res = h.batch(pack_command(P.OP_SEND_BEGIN, count=2, ram_size=32 << 20, challenge=challenge))
+    assert res.status == 0
+    ctx = h.symbol_gpa("CTX")  # = the helper's VA
+    gen_va = ctx + HelperCtx.offset("pub_gen")
+    gen = struct.unpack("<Q", lane1.read_virt(gen_va, 8))[0]
+    _, state_hpa = lane1.translate(ctx + HelperCtx.offset("pub_state"))
+    from unicorn import UC_HOOK_MEM_READ
+
+    def republish(_uc, _acc, _a, _size, _val, _ud) -> None:
+        if struct.unpack("<Q", lane1.read_virt(gen_va, 8))[0] == gen:
+            lane1.write_virt(gen_va, struct.pack("<Q", gen + 2))
+
+    hook = lane1.uc.hook_add(UC_HOOK_MEM_READ, republish, None, state_hpa, state_hpa + 3)
+
+    def join() -> int:
+        h.mc.host_write(mb1 + 4096, pack_command(P.OP_JOIN, challenge=challenge))
+        bell = struct.unpack("<Q", h.mc.host_read(mb1 + P.CONTROL_OFFSET, 8))[0] + 1
+        h.mc.host_write(mb1 + P.CONTROL_OFFSET, struct.pack("<Q", bell))
+        assert lane1.run(5_000_000).reason == "hlt"
+        completed, status = struct.unpack_from("<Qi", h.mc.host_read(mb1 + P.CONTROL_OFFSET + 8,
+                                                                     12))
+        assert completed == bell
+        return status
+
+    assert join() == P.STATUS["E_UNPUBLISHED"][0]
+    lane1.uc.hook_del(hook)
     assert join() == 0

@@ -70,9 +70,12 @@ GROUPS: tuple[Group, ...] = (
     Group("pagetables", ("tests/test_pagetables.py",), _pagetables, False),
     Group("aead", ("tests/test_gcmsiv.py", "tests/test_gcmsiv_wide.py"), _aead, False),
     Group("session", ("tests/test_hostile_model.py", "tests/test_session.py", "tests/test_lanes.py",
-                      "tests/test_hostile_state.py",
+                      "tests/test_lanes_checks.py", "tests/test_hostile_state.py",
                       "tests/test_hostile_wipe.py::test_native_session_secrets_are_wiped",
                       "tests/test_hostile_wipe.py::test_native_each_batch_wipes_its_record_keys_and_plaintext",
+                      "tests/test_hostile_wipe.py::test_native_session_end_wipes_a_written_back_scratch",
+                      # sessions choose their AEAD path (runs on a VAES/VPCLMULQDQ host only)
+                      "tests/test_gcmsiv_wide.py::test_forced_baseline_and_wide_sessions_interoperate",
                       "tests/test_hostile_stream.py::test_two_versions_of_a_page_in_one_epoch_native",
                       "tests/test_hostile_addrspace.py::test_window_overlapping_a_region_is_refused_native",
                       "-k", "not planted"),
