@@ -764,3 +764,28 @@ def test_destination_rewound_before_the_open_installs_where_the_envelope_says(de
     got = dest.guest_page(yr.ram_addr)
     misplaced = [b for b in range(0, PAGE, 16) if got[b:b + 16] == xr.plain[b:b + 16]]
     assert not misplaced, f"{len(misplaced)} blocks of page X landed at Y"
+
+
+def test_a_first_record_changed_at_the_copy_out_discards_the_destination(dest, stream):
+    """The host writes noise over the scratch page's DRAM at the copy-out of the session's very
+    first record (after its tag verified). The copy's hash catches it: the page is zeroed and
+    the entry refused with E_CHANGED. Zeroing wrote guest memory, so the one-shot rule applies
+    although nothing was installed before: the next RECV_BEGIN is refused for good."""
+    dest.restore(dest.saved)
+    rec = stream.epochs[0][0]
+    scratch = dest.private_hpas(dest.symbol_gpa("CTX") + HelperCtx.offset("scratch"), PAGE)
+    cmd = _cmd(P.OP_RECV, [rec.ram_addr], session_id=stream.sid)
+    at = instructions_before_write(dest, cmd, {0: rec.raw}, dest.vm.gpa_to_hpa(rec.ram_addr))
+    noise = random.Random(SEED + 7).randbytes(PAGE)
+
+    first = (dest.symbol_gpa("CTX") + HelperCtx.offset("scratch")) % PAGE
+
+    def scribble(*_) -> None:  # the scratch's bytes only (its pages hold other fields too)
+        dest.hands.write(scratch[0] + first, noise[first:])
+        if first:
+            dest.hands.write(scratch[1], noise[:first])
+
+    r = dest.batch(cmd, {0: rec.raw}, preempt=[(at, scribble)])
+    assert r.status == 0 and name(r.entry_status[0]) == "E_CHANGED"
+    assert dest.guest_page(rec.ram_addr) == bytes(PAGE)
+    assert name(dest.command(P.OP_RECV_BEGIN, ram_size=RAM).status) == "E_DISCARDED"

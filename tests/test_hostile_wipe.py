@@ -104,13 +104,34 @@ def _live(h: NativeHelper, sec: SessionSecrets) -> None:
     assert left and all(n.startswith(("K_s", "K_a")) for n in left), sorted(left)[:4]
 
 
+def _scratch(h: NativeHelper) -> bytes:
+    return h.read(h.ctx + S.HelperCtx.offset("scratch"), PAGE)
+
+
 def test_native_each_batch_wipes_its_record_keys_and_plaintext():
-    """Between batches of a live session: no record key, no page plaintext, on either side."""
+    """Between batches of a live session: no record key, no page plaintext, on either side, and
+    the scratch page (the last page, masked) is zero."""
     rng = random.Random(SEED + 1)
     src, dst, sec, addrs, recs = _sealed(4, rng)
     _live(src, sec)
+    assert _scratch(src) == bytes(PAGE)
     assert dst.recv(list(zip(addrs, recs, strict=True))) == [0] * len(addrs)
     _live(dst, sec)
+    assert _scratch(dst) == bytes(PAGE)
+
+
+@pytest.mark.parametrize("side", ["send", "recv"])
+def test_native_session_end_wipes_a_written_back_scratch(side):
+    """The host writes an older scratch page back between batches (memory replay): the
+    session's end wipes it again rather than trusting each batch to have left it zero."""
+    src, dst, _sec, addrs, recs = _sealed(2, random.Random(SEED + 2))
+    h = src
+    if side == "recv":
+        assert dst.recv(list(zip(addrs, recs, strict=True))) == [0, 0]
+        h = dst
+    h.write(h.ctx + S.HelperCtx.offset("scratch"), random.Random(SEED).randbytes(PAGE))
+    assert h.command(P.OP_ABORT)[0] == 0
+    assert _scratch(h) == bytes(PAGE)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -288,7 +288,7 @@ def test_address_validation_and_states(pair):
     assert src.command(P.OP_ABORT)[0] == 0
     assert src.command(P.OP_SEND, [(0, 0)])[0] == st("E_ABORTED")
     # the window is mapped now, so only the size check itself can refuse a bad size
-    for bad in ((2 << 20) + 1, (2 << 20) + PAGE):
+    for bad in (1, (2 << 20) + 1, (2 << 20) + PAGE):  # 1: inside the mapped window
         assert src.command(P.OP_SEND_BEGIN, ram_size=bad, challenge=1)[0] == st("E_BAD_ARG"), bad
     assert src.send_begin(0x1234) != 0  # a new session after abort
 
