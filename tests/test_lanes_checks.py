@@ -298,3 +298,21 @@ def test_lanes_outside_the_session_with_finished_pages_do_not_matter():
             fin0 = fins2[0]
         assert dst.put_token(P.OP_RECV_FINISH, fin0, 0) == (st("E_INCOMPLETE") if discarded
                                                              else 0), discarded
+
+
+def test_a_lane_that_left_an_abandoned_session_empty_does_not_matter():
+    """Lane 2 joined session 1 and aborted it without installing anything; session 1 never
+    finished. Session 2 (lanes 0-1) finishes: only installs, a discard or a live RECEIVING
+    state outside the session count, not the mere generation of a lane's last session."""
+    src, dst, addrs = helpers(3)
+    assert dst.recv_begin(3)[0] == 0
+    for lane in (2, 1):
+        assert dst.command(P.OP_ABORT, lane=lane)[0] == 0
+    status, ch = dst.recv_begin(2)
+    assert status == 0
+    dst.session_id = src.send_begin(ch, 2)
+    deliver(dst, seal_epoch(src, addrs[:12], 2))
+    fins = finish_tokens(src, 2)
+    assert dst.put_token(P.OP_RECV_FINISH, fins[1], 1) == 0
+    assert dst.lane_state(2, "gen") != dst.lane_state(0, "gen")
+    assert dst.put_token(P.OP_RECV_FINISH, fins[0], 0) == 0

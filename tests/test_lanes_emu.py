@@ -116,13 +116,15 @@ def test_join_during_publication_is_refused_in_the_image() -> None:
 
 
 class _Reads:
-    """How often one vCPU read each byte of the helper's VA range [va, va+n) (one page)."""
+    """How often one vCPU read each byte of the helper's VA range [va, va+n) (one page), or of
+    DRAM [hpa, hpa+n)."""
 
-    def __init__(self, vcpu, va: int, n: int) -> None:
+    def __init__(self, vcpu, va: int, n: int, *, hpa: int | None = None) -> None:
         from unicorn import UC_HOOK_MEM_READ
 
-        _, hpa = vcpu.translate(va)
-        assert hpa // 4096 == (hpa + n - 1) // 4096
+        if hpa is None:
+            _, hpa = vcpu.translate(va)
+            assert hpa // 4096 == (hpa + n - 1) // 4096
         self.counts = [0] * n
 
         def on_read(_uc, _acc, a: int, size: int, _val, _ud) -> None:
@@ -173,10 +175,12 @@ def test_cross_lane_state_is_read_once() -> None:
         lane_vas = struct.unpack(f"<{n}Q", v0.read_virt(ctx + HelperCtx.offset("lane_ctx"), 8 * n))
         others = [_Reads(v0, va, head) for va in lane_vas[1:]]
         pubs = [_Reads(c.vcpu, ctx + pub, pub_len) for c in chans[1:]]
-        return others, pubs
+        cmds = [_Reads(c.vcpu, 0, P.Command.size, hpa=c.mb + P.COMMAND_OFFSET)
+                for c in chans[1:]]
+        return others, pubs, cmds
 
-    s_others, s_pubs = watch(sc)
-    d_others, d_pubs = watch(dc)
+    s_others, s_pubs, s_cmds = watch(sc)
+    d_others, d_pubs, d_cmds = watch(dc)
     gen = (0, 8)
     fields = [(HelperCtx.offset(f) - pub, 8 if f in ("pub_session_id", "pub_challenge",
                                                      "pub_ram_size") else 4)
@@ -186,6 +190,8 @@ def test_cross_lane_state_is_read_once() -> None:
     begin_lanes(sc, dc, -(-sh.ram_size // TWO_MIB) * TWO_MIB)
     for r in s_pubs + d_pubs:  # one JOIN each
         assert r.of(*gen) == {2} and all(r.of(*f) == {1} for f in fields), r.counts
+    for r in s_cmds + d_cmds:  # the JOIN's command (and the destination's binding RECV)
+        assert max(r.counts) == 1, r.counts
     for r in s_others + d_others:  # lane 0's *_BEGIN: lanes_clean
         assert max(r.counts) == 1 and r.of(LaneCtx.offset("gen"), 8) == {1}, r.counts
     for r in s_others + d_others + s_pubs + d_pubs:
