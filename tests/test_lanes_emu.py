@@ -214,6 +214,37 @@ def test_cross_lane_state_is_read_once() -> None:
     for r in d_others:
         assert max(r.counts) == 1 and all(r.of(*f) == {1} for f in checked), r.counts
 
+    # session 2 on lanes 0-1: every lane holds installs now (lane 2's of the finished session
+    # 1), so lanes_clean and lanes_finished read the generations they compare, and lane 2 is
+    # outside the session
+    def once(rs) -> None:
+        assert all(max(r.counts) <= 1 for r in rs), [r.counts for r in rs]
+        for r in rs:
+            r.reset()
+
+    for r in d_others:
+        r.reset()
+    begin_lanes(sc[:2], dc[:2], -(-sh.ram_size // TWO_MIB) * TWO_MIB)
+    once(d_others)
+    parts = split_by_lane(pages, 2)
+    recs = [sc[i].send(parts[i]) for i in range(2)]
+    toks = [sc[i].token(P.OP_SEND_END_EPOCH) for i in range(2)]
+    assert dc[1].recv(parts[1], recs[1]) == [0] * len(parts[1])
+    # a stray SEND_BEGIN while lane 1 holds installs of the live session: refused, not discarded
+    stray = dc[0].batch(P.OP_SEND_BEGIN, ram_size=32 << 20, challenge=5, count=2)
+    assert stray.status == P.STATUS["E_BAD_STATE"][0]
+    once(d_others)
+    assert dc[0].recv(parts[0], recs[0]) == [0] * len(parts[0])
+    for i in range(2):
+        assert dc[i].put_token(P.OP_RECV_END_EPOCH, toks[i]) == 0
+    fins = [c.token(P.OP_SEND_FINISH) for c in sc[:2]]
+    assert dc[1].put_token(P.OP_RECV_FINISH, fins[1]) == 0
+    for r in d_others:
+        r.reset()
+    assert dc[0].put_token(P.OP_RECV_FINISH, fins[0]) == 0
+    assert d_others[1].of(LaneCtx.offset("state"), 4) == {1}  # lane 2, outside the session
+    once(d_others)
+
 
 def test_a_publication_completed_during_the_copy_is_refused() -> None:
     """Lane 0 ends its session and publishes the next while lane 1's JOIN copies the fields
