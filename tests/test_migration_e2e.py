@@ -2,8 +2,7 @@
 
 Matrix: every option (shift, tuples, isolated) × C-bit 47 and 51, each with 32 MiB of guest RAM
 (pc.ram, a DIMM at 4 GiB, an unplugged virtio-mem block), the three transports spread over the
-matrix, each with 1 lane, and three rows per platform also with 2 lanes (two mirror vCPUs
-per side, one thread each). The guest keeps dirtying memory between helper batches, so
+matrix, each with 1 lane and with 2 lanes (two mirror vCPUs per side, one thread each). The guest keeps dirtying memory between helper batches, so
 every run has at least two pre-copy rounds before stop-and-copy (isolated/C-bit 51 also splits
 round 1 into several helper epochs). Success: destination private
 memory (C=1, its own key) equals the source's page for page, shared pages equal raw, private
@@ -74,17 +73,13 @@ def params(image: Path, option: int, cbit: int, transport: str, tmp: Path, *, me
                            transport=transport)
 
 
-# Every row runs with 1 lane; three rows per platform also with 2 lanes, together every
-# option, both C-bits and every transport (the SEV-ES shift/47 one with the leak scan over
-# every lane's mailbox). All 24 rows take 95 s more on two workers than these 18, more than
-# the suite's 10-minute budget leaves; tests/test_lanes_emu.py drives lanes directly.
-TWO_LANES = {(P.OPT_SHIFT, 47, "memory"), (P.OPT_TUPLES, 51, "file"), (P.OPT_ISOLATED, 51, "tcp")}
-ES_TWO_LANES = {(P.OPT_SHIFT, 47, "memory"), (P.OPT_TUPLES, 47, "tcp"),
-                (P.OPT_ISOLATED, 51, "tcp")}
+# Every row runs with 1 lane and with 2 lanes (the SEV-ES shift/47 2-lane row with the leak
+# scan over every lane's mailbox); tests/test_lanes_emu.py drives lanes directly.
+LANE_COUNTS = (1, 2)
 
 
-def with_lanes(matrix, two):
-    return [(*row, 1) for row in matrix] + [(*row, 2) for row in matrix if row in two]
+def with_lanes(matrix):
+    return [(*row, n) for n in LANE_COUNTS for row in matrix]
 
 
 def check_exits(res, m: Migration, lanes: int) -> None:
@@ -99,9 +94,9 @@ def check_exits(res, m: Migration, lanes: int) -> None:
         assert all(c.exits > 1 for c in m.src.lanes + m.dst.lanes), "every lane did batches"
 
 
-@pytest.mark.parametrize(("option", "cbit", "transport", "lanes"), with_lanes(MATRIX, TWO_LANES),
+@pytest.mark.parametrize(("option", "cbit", "transport", "lanes"), with_lanes(MATRIX),
                          ids=[f"{P.OPTION_NAMES[o]}-c{c}-{t}-lanes{n}"
-                              for o, c, t, n in with_lanes(MATRIX, TWO_LANES)])
+                              for o, c, t, n in with_lanes(MATRIX)])
 def test_live_migration(image, tmp_path, option, cbit, transport, lanes):
     print("seed", SEED, "option", P.OPTION_NAMES[option], "cbit", cbit, "transport", transport,
           "lanes", lanes)
@@ -241,9 +236,9 @@ class ExitLeakScan:
 
 
 @pytest.mark.parametrize(("option", "cbit", "transport", "lanes"),
-                         with_lanes(ES_MATRIX, ES_TWO_LANES),
+                         with_lanes(ES_MATRIX),
                          ids=[f"sev-es-{P.OPTION_NAMES[o]}-c{c}-{t}-lanes{n}"
-                              for o, c, t, n in with_lanes(ES_MATRIX, ES_TWO_LANES)])
+                              for o, c, t, n in with_lanes(ES_MATRIX)])
 def test_live_migration_sev_es(image, tmp_path, monkeypatch, option, cbit, transport, lanes):
     print("seed", SEED, "SEV-ES option", P.OPTION_NAMES[option], "cbit", cbit, transport,
           "lanes", lanes)
