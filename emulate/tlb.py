@@ -24,6 +24,7 @@ still has its page's view made and its permissions narrowed on every fill.
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING
 
 from unicorn import (
@@ -36,6 +37,7 @@ from unicorn import (
     UC_PROT_WRITE,
     Uc,
 )
+from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import UC_X86_REG_CR3
 
 from emulate.memctl import PAGE, RAW
@@ -71,6 +73,8 @@ class Tlb:
         self.mc = vcpu.vm.mc
         self.fills = 0
         self.walks = 0  # fills that needed a page walk (no kept translation)
+        self._cr3 = ctypes.c_uint64()
+        self._cr3_ref = ctypes.byref(self._cr3)
         self._kept: dict[tuple[int, str, int, int], Translation] = {}
         self.pending_pf: PageFault | None = None  # the first failed walk of the current run
         uc = vcpu.uc
@@ -153,7 +157,10 @@ class Tlb:
             return True
         access = ACCESS_FETCH if kind == UC_MEM_FETCH else (
             ACCESS_WRITE if kind == UC_MEM_WRITE else ACCESS_READ)
-        cr3 = uc.reg_read(UC_X86_REG_CR3)
+        # the fill runs with the GIL held, so lanes wait on it: CR3 through unicorn's C call
+        # (Uc.reg_read's Python dispatch was a third of a fill), the view only if it changes
+        uclib.uc_reg_read(uc._uch, UC_X86_REG_CR3, self._cr3_ref)
+        cr3 = self._cr3.value
         found = self._kept_translation(cr3, va, access)
         if found is None:
             try:
@@ -164,7 +171,8 @@ class Tlb:
                 return False
         t, hpa = found
         page_hpa = hpa & ~(PAGE - 1)
-        self.mc.make_state(page_hpa, PAGE, self.vm.key_id, t.encrypted)
+        if not self.mc.page_view_ready(page_hpa, self.vm.key_id, t.encrypted):
+            self.mc.make_state(page_hpa, PAGE, self.vm.key_id, t.encrypted)
         perms = UC_PROT_READ | (UC_PROT_WRITE if t.writable else 0) | (
             UC_PROT_EXEC if t.executable else 0)
         if t.executable:
