@@ -61,6 +61,29 @@ def test_lanes_migrate_in_parallel(sev_es: bool, lanes: int) -> None:
     assert sealing_exits / len(pages) <= 1 / 32 + 2 * lanes / len(pages)
 
 
+def _lane1(h):
+    """A vCPU for lane 1 of MirrorHost h's helper, and lane 1's mailbox (HPA)."""
+    bi = h.bi
+    e1 = bi.lane_info[1]
+    return (h.mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=e1.rsp),
+            h.vm.gpa_to_hpa(e1.mailbox_gpa))
+
+
+def _join(h, vcpu, mb: int, challenge: int) -> int:
+    """JOIN on the lane whose vCPU and mailbox these are: ring, run to HLT, its status."""
+    import struct
+
+    from tests.mirror_host import pack_command
+
+    h.mc.host_write(mb + P.COMMAND_OFFSET, pack_command(P.OP_JOIN, challenge=challenge))
+    bell = struct.unpack("<Q", h.mc.host_read(mb + P.CONTROL_OFFSET, 8))[0] + 1
+    h.mc.host_write(mb + P.CONTROL_OFFSET, struct.pack("<Q", bell))
+    assert vcpu.run(5_000_000).reason == "hlt"
+    completed, status = struct.unpack_from("<Qi", h.mc.host_read(mb + P.CONTROL_OFFSET + 8, 12))
+    assert completed == bell
+    return status
+
+
 def test_join_during_publication_is_refused_in_the_image() -> None:
     """Lane 0's SEND_BEGIN stopped right after it wrote the publication's last field (the
     generation still odd: every field is right, the generation not yet); lane 1's vCPU runs
@@ -74,11 +97,8 @@ def test_join_during_publication_is_refused_in_the_image() -> None:
     from tests.mirror_host import PAGE, MirrorHost, pack_command
 
     h = MirrorHost(47, P.OPT_SHIFT, seed=1302)
-    bi = h.bi
-    assert bi.lanes == P.DEFAULT_LANES
-    e1 = bi.lane_info[1]
-    lane1 = h.mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=e1.rsp)
-    mb1 = h.vm.gpa_to_hpa(e1.mailbox_gpa)
+    assert h.bi.lanes == P.DEFAULT_LANES
+    lane1, mb1 = _lane1(h)
     off = HelperCtx.offset("pub_ram_size")
     last_hpa = h.symbol_hpas("CTX")[off // PAGE] + off % PAGE
     stopped = []
@@ -97,22 +117,12 @@ def test_join_during_publication_is_refused_in_the_image() -> None:
     ex = h.vcpu.run(5_000_000)
     assert stopped and ex.reason != "hlt"  # lane 0 is mid-publication
 
-    def join() -> int:
-        h.mc.host_write(mb1 + PAGE, pack_command(P.OP_JOIN, challenge=challenge))
-        bell = struct.unpack("<Q", h.mc.host_read(mb1 + P.CONTROL_OFFSET, 8))[0] + 1
-        h.mc.host_write(mb1 + P.CONTROL_OFFSET, struct.pack("<Q", bell))
-        assert lane1.run(5_000_000).reason == "hlt"
-        completed, status = struct.unpack_from("<Qi", h.mc.host_read(mb1 + P.CONTROL_OFFSET + 8,
-                                                                     12))
-        assert completed == bell
-        return status
-
-    assert join() == P.STATUS["E_UNPUBLISHED"][0]
+    assert _join(h, lane1, mb1, challenge) == P.STATUS["E_UNPUBLISHED"][0]
     h.remove_hook(hook)
     assert h.vcpu.run(5_000_000).reason == "hlt"  # lane 0 finishes its SEND_BEGIN
     ctl = struct.unpack_from("<QQi", h.mc.host_read(h.mb + P.CONTROL_OFFSET, 20))
     assert ctl[1:] == (h.bell, 0)
-    assert join() == 0
+    assert _join(h, lane1, mb1, challenge) == 0
 
 
 class _Reads:
@@ -256,10 +266,7 @@ def test_a_publication_completed_during_the_copy_is_refused() -> None:
     from tests.mirror_host import MirrorHost, pack_command
 
     h = MirrorHost(47, P.OPT_SHIFT, seed=1304)
-    bi = h.bi
-    e1 = bi.lane_info[1]
-    lane1 = h.mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=e1.rsp)
-    mb1 = h.vm.gpa_to_hpa(e1.mailbox_gpa)
+    lane1, mb1 = _lane1(h)
     challenge = 0xC4A1_0000_0000_0014
     res = h.batch(pack_command(P.OP_SEND_BEGIN, count=2, ram_size=32 << 20, challenge=challenge))
     assert res.status == 0
@@ -275,16 +282,6 @@ def test_a_publication_completed_during_the_copy_is_refused() -> None:
 
     hook = lane1.uc.hook_add(UC_HOOK_MEM_READ, republish, None, state_hpa, state_hpa + 3)
 
-    def join() -> int:
-        h.mc.host_write(mb1 + 4096, pack_command(P.OP_JOIN, challenge=challenge))
-        bell = struct.unpack("<Q", h.mc.host_read(mb1 + P.CONTROL_OFFSET, 8))[0] + 1
-        h.mc.host_write(mb1 + P.CONTROL_OFFSET, struct.pack("<Q", bell))
-        assert lane1.run(5_000_000).reason == "hlt"
-        completed, status = struct.unpack_from("<Qi", h.mc.host_read(mb1 + P.CONTROL_OFFSET + 8,
-                                                                     12))
-        assert completed == bell
-        return status
-
-    assert join() == P.STATUS["E_UNPUBLISHED"][0]
+    assert _join(h, lane1, mb1, challenge) == P.STATUS["E_UNPUBLISHED"][0]
     lane1.uc.hook_del(hook)
-    assert join() == 0
+    assert _join(h, lane1, mb1, challenge) == 0
