@@ -51,13 +51,17 @@ def _seal(chans, batches) -> tuple[float, list]:
     return time.perf_counter() - t, recs
 
 
+def _recv(ch: HelperChannel, batch: list[int], recs: list[bytes]) -> None:
+    bad = [s for s in ch.recv(batch, recs) if s != 0]
+    if bad:
+        raise RuntimeError(f"lane {ch.lane}: RECV refused {len(bad)} pages")
+
+
 def _open(chans, batches, recs) -> float:
     def lane(i: int):
         def work() -> None:
             for b, r in zip(batches[i], recs[i], strict=True):
-                bad = [s for s in chans[i].recv(b, r) if s != 0]
-                if bad:
-                    raise RuntimeError(f"lane {i}: RECV refused {len(bad)} pages")
+                _recv(chans[i], b, r)
         return work
     t = time.perf_counter()
     L.run_lanes([lane(i) for i in range(len(chans))])
@@ -143,6 +147,19 @@ def e2e_report(rows: list[dict]) -> str:
                  f"end-to-end live migration, TCP loopback (goal with 2 lanes: {E2E_GOAL} pages/s)")
 
 
+def _alternate(steps: int, alone, both) -> tuple[float, float]:
+    """alone(k) and both(k) in turn for every step k: the seconds each took in all."""
+    t_alone = t_both = 0.0
+    for k in range(steps):
+        t0 = time.perf_counter()
+        alone(k)
+        t1 = time.perf_counter()
+        both(k)
+        t_alone += t1 - t0
+        t_both += time.perf_counter() - t1
+    return t_alone, t_both
+
+
 def speedup(p: MigrationParams, pages: int, reps: int = 6) -> dict:
     """2 lanes vs 1, each side, measured side by side: in one 2-lane session, batches of lane 0
     alone (1 lane) alternate with steps of lanes 0 and 1 in parallel (2 lanes), every 25-50
@@ -163,41 +180,37 @@ def speedup(p: MigrationParams, pages: int, reps: int = 6) -> dict:
     own = [part[:pages // 2] for part in L.split_by_lane(private, 2)]
     b0, b1 = _batches(sc, own)
     steps = min(len(b0) // 2, len(b1))
+    alone = sum(len(b0[2 * k]) for k in range(steps))  # pages per rep, lane 0 alone
+    both = sum(len(b0[2 * k + 1]) + len(b1[k]) for k in range(steps))  # lanes 0 and 1 at once
+    recs0: dict[int, list[bytes]] = {}
+    recs1: dict[int, list[bytes]] = {}
+
+    def seal_alone(k: int) -> None:
+        recs0[2 * k] = sc[0].send(b0[2 * k])
+
+    def seal_both(k: int) -> None:
+        recs0[2 * k + 1], recs1[k] = L.run_lanes([lambda: sc[0].send(b0[2 * k + 1]),
+                                                  lambda: sc[1].send(b1[k])])
+
+    def open_alone(k: int) -> None:
+        _recv(dc[0], b0[2 * k], recs0[2 * k])
+
+    def open_both(k: int) -> None:
+        L.run_lanes([lambda: _recv(dc[0], b0[2 * k + 1], recs0[2 * k + 1]),
+                     lambda: _recv(dc[1], b1[k], recs1[k])])
+
     ratios: dict[str, list[float]] = {"src": [], "dst": []}
     for _ in range(reps):
-        t = {"src": [0.0, 0.0], "dst": [0.0, 0.0]}  # [1 lane, 2 lanes]
-        n = [0, 0]
-        recs0: list[list[bytes]] = []
-        recs1: list[list[bytes]] = []
         _cold(sc)
-        for k in range(steps):
-            a, b, c = b0[2 * k], b0[2 * k + 1], b1[k]
-            t0 = time.perf_counter()
-            recs0.append(sc[0].send(a))
-            t1 = time.perf_counter()
-            r_b, r_c = L.run_lanes([lambda b=b: sc[0].send(b), lambda c=c: sc[1].send(c)])
-            t["src"][0] += t1 - t0
-            t["src"][1] += time.perf_counter() - t1
-            recs0.append(r_b)
-            recs1.append(r_c)
-            n[0] += len(a)
-            n[1] += len(b) + len(c)
+        t_alone, t_both = _alternate(steps, seal_alone, seal_both)
+        ratios["src"].append((both / t_both) / (alone / t_alone))
         toks = [ch.token(P.OP_SEND_END_EPOCH) for ch in sc]
         _cold(dc)
-        for k in range(steps):
-            a, b, c = b0[2 * k], b0[2 * k + 1], b1[k]
-            t0 = time.perf_counter()
-            dc[0].recv(a, recs0[2 * k])
-            t1 = time.perf_counter()
-            r_b, r_c = recs0[2 * k + 1], recs1[k]
-            L.run_lanes([lambda b=b, r=r_b: dc[0].recv(b, r), lambda c=c, r=r_c: dc[1].recv(c, r)])
-            t["dst"][0] += t1 - t0
-            t["dst"][1] += time.perf_counter() - t1
-        for ch, tok in zip(dc, toks, strict=True):
+        t_alone, t_both = _alternate(steps, open_alone, open_both)
+        ratios["dst"].append((both / t_both) / (alone / t_alone))
+        for ch, tok in zip(dc, toks, strict=True):  # the pages may come again next rep
             if ch.put_token(P.OP_RECV_END_EPOCH, tok) != 0:
-                raise RuntimeError("a lane refused its epoch token")
-        for side, got in ratios.items():
-            got.append((n[1] / t[side][1]) / (n[0] / t[side][0]))
+                raise RuntimeError(f"lane {ch.lane} refused its epoch token")
     return {f"{side}_{how}": round(f(r), 2) for side, r in ratios.items()
             for how, f in (("best", max), ("median", statistics.median))} | {"reps": reps}
 
