@@ -78,11 +78,16 @@ def finish_tokens(src: NativeHelper, lanes: int = LANES) -> list[bytes]:
     return toks
 
 
+def deliver_lane(dst: NativeHelper, lane: int, recs, tok: bytes) -> None:
+    """One lane's records and epoch token, as seal_epoch made them."""
+    if recs:
+        assert dst.recv(recs, lane) == [0] * len(recs)
+    assert dst.put_token(P.OP_RECV_END_EPOCH, tok, lane) == 0
+
+
 def deliver(dst: NativeHelper, epoch) -> None:
     for lane, (recs, tok) in enumerate(epoch):
-        if recs:
-            assert dst.recv(recs, lane) == [0] * len(recs)
-        assert dst.put_token(P.OP_RECV_END_EPOCH, tok, lane) == 0
+        deliver_lane(dst, lane, recs, tok)
 
 
 def finish(dst: NativeHelper, fins: list[bytes]) -> int:

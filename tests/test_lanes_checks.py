@@ -16,7 +16,16 @@ import pytest
 
 from helperfw.runtime import protocol as P
 from tests.session_host import PAGE, NativeHelper
-from tests.test_lanes import KEY, begin, deliver, finish_tokens, lane_of, seal_epoch, st
+from tests.test_lanes import (
+    KEY,
+    begin,
+    deliver,
+    deliver_lane,
+    finish_tokens,
+    lane_of,
+    seal_epoch,
+    st,
+)
 
 NPAGES = 24
 
@@ -30,13 +39,6 @@ def helpers(lanes: int = 3, seed: int = 1401) -> tuple[NativeHelper, NativeHelpe
     for a in addrs:
         src.set_page(a, rng.randbytes(PAGE))
     return src, dst, addrs
-
-
-def deliver_lane(dst: NativeHelper, lane: int, recs, tok: bytes) -> None:
-    """One lane's records and epoch token, as seal_epoch made them."""
-    if recs:
-        assert dst.recv(recs, lane) == [0] * len(recs)
-    assert dst.put_token(P.OP_RECV_END_EPOCH, tok, lane) == 0
 
 
 def send_begin(h: NativeHelper, challenge: int, lanes: int = 2) -> int:
@@ -235,6 +237,14 @@ def test_a_lane_bound_to_another_source_session_fails_the_session():
     assert dst.put_token(P.OP_RECV_FINISH, fins[0], 0) == st("E_INCOMPLETE")
 
 
+def _second_source(src: NativeHelper, addrs: list[int]) -> NativeHelper:
+    """Another 3-lane source helper holding src's pages (a second source session)."""
+    src2 = NativeHelper(KEY, self_pages=(60, 2), lanes=3)
+    for a in addrs:
+        src2.set_page(a, src.page(a))
+    return src2
+
+
 def _stale_lane_2(dst: NativeHelper, src: NativeHelper, addrs: list[int], install: bool):
     """Session 1 on all 3 lanes; lane 1 aborts and lane 0 starts session 2 on lanes 0-1 while
     lane 2 stays in session 1 (`install`: and then takes in its session-1 records and finish
@@ -251,9 +261,7 @@ def _stale_lane_2(dst: NativeHelper, src: NativeHelper, addrs: list[int], instal
         dst.session_id = sid1
         deliver_lane(dst, 2, *e1[2])
         assert dst.put_token(P.OP_RECV_FINISH, fins1[2], 2) == 0
-    src2 = NativeHelper(KEY, self_pages=(60, 2), lanes=3)
-    for a in addrs:
-        src2.set_page(a, src.page(a))
+    src2 = _second_source(src, addrs)
     dst.session_id = src2.send_begin(ch2, 2)
     deliver(dst, seal_epoch(src2, addrs[:12], 2))
     fins2 = finish_tokens(src2, 2)
@@ -283,21 +291,16 @@ def test_lanes_outside_the_session_with_finished_pages_do_not_matter():
     fins = finish_tokens(src, 3)
     for lane in (1, 2, 0):
         assert dst.put_token(P.OP_RECV_FINISH, fins[lane], lane) == 0
-    for discarded in (0, 1):
-        if discarded:
-            dst, fin0 = finished_but_lane_0()
-            dst.set_lane_state(2, "discarded", 1)
-        else:
-            src2 = NativeHelper(KEY, self_pages=(60, 2), lanes=3)
-            for a in addrs:
-                src2.set_page(a, src.page(a))
-            begin(src2, dst, 2)
-            deliver(dst, seal_epoch(src2, addrs[:12], 2))
-            fins2 = finish_tokens(src2, 2)
-            assert dst.put_token(P.OP_RECV_FINISH, fins2[1], 1) == 0
-            fin0 = fins2[0]
-        assert dst.put_token(P.OP_RECV_FINISH, fin0, 0) == (st("E_INCOMPLETE") if discarded
-                                                             else 0), discarded
+    src2 = _second_source(src, addrs)
+    begin(src2, dst, 2)
+    deliver(dst, seal_epoch(src2, addrs[:12], 2))
+    fins2 = finish_tokens(src2, 2)
+    assert dst.put_token(P.OP_RECV_FINISH, fins2[1], 1) == 0
+    assert dst.put_token(P.OP_RECV_FINISH, fins2[0], 0) == 0
+
+    dst, fin0 = finished_but_lane_0()
+    dst.set_lane_state(2, "discarded", 1)
+    assert dst.put_token(P.OP_RECV_FINISH, fin0, 0) == st("E_INCOMPLETE")
 
 
 def test_a_lane_that_left_an_abandoned_session_empty_does_not_matter():

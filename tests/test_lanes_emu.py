@@ -11,7 +11,7 @@ import pytest
 from emulate.lanes import begin_lanes, lane_channels, lane_of, run_lanes, split_by_lane
 from emulate.migration import Destination, MigrationParams, Source
 from helperfw.runtime import protocol as P
-from tests.mirror_host import efi_path
+from tests.mirror_host import PAGE, ReadCounter, efi_path
 
 PAGES = 320
 TWO_MIB = 2 << 20
@@ -61,27 +61,9 @@ def test_lanes_migrate_in_parallel(sev_es: bool, lanes: int) -> None:
     assert sealing_exits / len(pages) <= 1 / 32 + 2 * lanes / len(pages)
 
 
-def _lane1(h):
-    """A vCPU for lane 1 of MirrorHost h's helper, and lane 1's mailbox (HPA)."""
-    bi = h.bi
-    e1 = bi.lane_info[1]
-    return (h.mirror.create_vcpu(rip=bi.entry_rip, cr3=bi.cr3, rsp=e1.rsp),
-            h.vm.gpa_to_hpa(e1.mailbox_gpa))
-
-
-def _join(h, vcpu, mb: int, challenge: int) -> int:
-    """JOIN on the lane whose vCPU and mailbox these are: ring, run to HLT, its status."""
-    import struct
-
-    from tests.mirror_host import pack_command
-
-    h.mc.host_write(mb + P.COMMAND_OFFSET, pack_command(P.OP_JOIN, challenge=challenge))
-    bell = struct.unpack("<Q", h.mc.host_read(mb + P.CONTROL_OFFSET, 8))[0] + 1
-    h.mc.host_write(mb + P.CONTROL_OFFSET, struct.pack("<Q", bell))
-    assert vcpu.run(5_000_000).reason == "hlt"
-    completed, status = struct.unpack_from("<Qi", h.mc.host_read(mb + P.CONTROL_OFFSET + 8, 12))
-    assert completed == bell
-    return status
+def _join(lane, challenge: int) -> int:
+    """JOIN on this lane's channel: its status."""
+    return lane.batch(P.OP_JOIN, challenge=challenge).status
 
 
 def test_join_during_publication_is_refused_in_the_image() -> None:
@@ -94,11 +76,11 @@ def test_join_during_publication_is_refused_in_the_image() -> None:
     from unicorn import UC_HOOK_MEM_WRITE
 
     from helperfw.runtime.session import HelperCtx
-    from tests.mirror_host import PAGE, MirrorHost, pack_command
+    from tests.mirror_host import MirrorHost, pack_command
 
     h = MirrorHost(47, P.OPT_SHIFT, seed=1302)
     assert h.bi.lanes == P.DEFAULT_LANES
-    lane1, mb1 = _lane1(h)
+    lane1 = lane_channels(h.mc, h.ch.mirror, 2, first=h.ch)[1]
     off = HelperCtx.offset("pub_ram_size")
     last_hpa = h.symbol_hpas("CTX")[off // PAGE] + off % PAGE
     stopped = []
@@ -117,37 +99,39 @@ def test_join_during_publication_is_refused_in_the_image() -> None:
     ex = h.vcpu.run(5_000_000)
     assert stopped and ex.reason != "hlt"  # lane 0 is mid-publication
 
-    assert _join(h, lane1, mb1, challenge) == P.STATUS["E_UNPUBLISHED"][0]
+    assert _join(lane1, challenge) == P.STATUS["E_UNPUBLISHED"][0]
     h.remove_hook(hook)
     assert h.vcpu.run(5_000_000).reason == "hlt"  # lane 0 finishes its SEND_BEGIN
     ctl = struct.unpack_from("<QQi", h.mc.host_read(h.mb + P.CONTROL_OFFSET, 20))
     assert ctl[1:] == (h.bell, 0)
-    assert _join(h, lane1, mb1, challenge) == 0
+    assert _join(lane1, challenge) == 0
 
 
 class _Reads:
     """How often one vCPU read each byte of the helper's VA range [va, va+n) (one page), or of
-    DRAM [hpa, hpa+n)."""
+    DRAM [hpa, hpa+n): a ReadCounter on that vCPU."""
 
     def __init__(self, vcpu, va: int, n: int, *, hpa: int | None = None) -> None:
         from unicorn import UC_HOOK_MEM_READ
 
         if hpa is None:
             _, hpa = vcpu.translate(va)
-            assert hpa // 4096 == (hpa + n - 1) // 4096
-        self.counts = [0] * n
+        assert hpa // PAGE == (hpa + n - 1) // PAGE
+        self.lo, self.n = hpa, n
+        self.rc = ReadCounter(hpa, hpa + n)
+        vcpu.uc.hook_add(UC_HOOK_MEM_READ, lambda _uc, _acc, a, size, _v, _ud: self.rc(a, size),
+                         None, hpa, hpa + n - 1)
 
-        def on_read(_uc, _acc, a: int, size: int, _val, _ud) -> None:
-            for b in range(max(a, hpa), min(a + size, hpa + n)):
-                self.counts[b - hpa] += 1
-
-        vcpu.uc.hook_add(UC_HOOK_MEM_READ, on_read, None, hpa, hpa + n - 1)
+    @property
+    def counts(self) -> list[int]:
+        page = self.rc.pages.get(self.lo & ~(PAGE - 1), bytes(PAGE))
+        return list(page[self.lo % PAGE:self.lo % PAGE + self.n])
 
     def of(self, off: int, size: int) -> set[int]:
         return set(self.counts[off:off + size])
 
     def reset(self) -> None:
-        self.counts = [0] * len(self.counts)
+        self.rc.reset()
 
 
 def _ctx_va(chan) -> int:
@@ -266,22 +250,22 @@ def test_a_publication_completed_during_the_copy_is_refused() -> None:
     from tests.mirror_host import MirrorHost, pack_command
 
     h = MirrorHost(47, P.OPT_SHIFT, seed=1304)
-    lane1, mb1 = _lane1(h)
+    lane1 = lane_channels(h.mc, h.ch.mirror, 2, first=h.ch)[1]
     challenge = 0xC4A1_0000_0000_0014
     res = h.batch(pack_command(P.OP_SEND_BEGIN, count=2, ram_size=32 << 20, challenge=challenge))
     assert res.status == 0
     ctx = h.symbol_gpa("CTX")  # = the helper's VA
     gen_va = ctx + HelperCtx.offset("pub_gen")
-    gen = struct.unpack("<Q", lane1.read_virt(gen_va, 8))[0]
-    _, state_hpa = lane1.translate(ctx + HelperCtx.offset("pub_state"))
+    gen = struct.unpack("<Q", lane1.vcpu.read_virt(gen_va, 8))[0]
+    _, state_hpa = lane1.vcpu.translate(ctx + HelperCtx.offset("pub_state"))
     from unicorn import UC_HOOK_MEM_READ
 
     def republish(_uc, _acc, _a, _size, _val, _ud) -> None:
-        if struct.unpack("<Q", lane1.read_virt(gen_va, 8))[0] == gen:
-            lane1.write_virt(gen_va, struct.pack("<Q", gen + 2))
+        if struct.unpack("<Q", lane1.vcpu.read_virt(gen_va, 8))[0] == gen:
+            lane1.vcpu.write_virt(gen_va, struct.pack("<Q", gen + 2))
 
-    hook = lane1.uc.hook_add(UC_HOOK_MEM_READ, republish, None, state_hpa, state_hpa + 3)
+    hook = lane1.vcpu.uc.hook_add(UC_HOOK_MEM_READ, republish, None, state_hpa, state_hpa + 3)
 
-    assert _join(h, lane1, mb1, challenge) == P.STATUS["E_UNPUBLISHED"][0]
-    lane1.uc.hook_del(hook)
-    assert _join(h, lane1, mb1, challenge) == 0
+    assert _join(lane1, challenge) == P.STATUS["E_UNPUBLISHED"][0]
+    lane1.vcpu.uc.hook_del(hook)
+    assert _join(lane1, challenge) == 0
